@@ -1,0 +1,101 @@
+"""Shared benchmark harness: providers timed interleaved in one process, medians with p20/p80,
+effective bandwidth, and the machine description written next to the numbers.
+
+Two traps measured on these machines shape it: glibc's allocator returns multi-MiB blocks to the
+OS after every free (``ensure_allocator_env`` re-executes the script with thresholds that keep
+them, the same for every provider), and separate processes differ by 20-50% (so providers are
+compared inside one process, round-robin).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
+
+
+def ensure_allocator_env() -> None:
+    """Re-execute this script with the allocator settings when they are not in effect."""
+    if any(os.environ.get(k) != v for k, v in ALLOCATOR_ENV.items()):
+        os.environ.update(ALLOCATOR_ENV)
+        os.execv(sys.executable, [sys.executable, *sys.argv])
+
+
+@dataclass
+class Timing:
+    samples_ms: list[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples_ms)
+
+    def quantile(self, q: float) -> float:
+        s = sorted(self.samples_ms)
+        return s[min(len(s) - 1, int(q * len(s)))]
+
+
+def measure(providers: dict[str, Callable[[], object]], rounds: int, reps: int, warmup: int = 3) -> dict[str, Timing]:
+    """Time each provider ``rounds * reps`` times, interleaving providers round by round."""
+    for fn in providers.values():
+        for _ in range(warmup):
+            fn()
+    out = {name: Timing() for name in providers}
+    names = list(providers)
+    for r in range(rounds):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for name in order:
+            fn = providers[name]
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                fn()
+                out[name].samples_ms.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+def copy_bandwidth_gbs(mib: int = 256, reps: int = 20) -> float:
+    """Measured DRAM copy bandwidth (bytes read + written per second) with torch's copy."""
+    src = torch.randn(mib * 2**20 // 4)
+    dst = torch.empty_like(src)
+    timing = measure({"copy": lambda: dst.copy_(src)}, rounds=1, reps=reps)
+    return 2 * src.numel() * 4 / (timing["copy"].median * 1e-3) / 1e9
+
+
+def machine_description() -> dict[str, str]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu": f"{cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, "
+               f"capability {torch.backends.cpu.get_cpu_capability()}",
+        "torch": torch.__version__,
+        "commit": commit,
+    }
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def fmt_ms(t: Timing) -> str:
+    return f"{t.median:.3f} ({t.quantile(0.2):.3f}–{t.quantile(0.8):.3f})"

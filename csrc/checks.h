@@ -1,0 +1,80 @@
+#pragma once
+
+// Argument checks shared by every backend of the C++ ops. Messages name the op, the argument and
+// the offending value; the Python backends (invkernels/_validation.py) use the same wording.
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <string>
+
+#include "kernels/coupling.h"
+
+namespace invk {
+
+#define INVK_CHECK(cond, op, ...) TORCH_CHECK_VALUE(cond, op, ": ", __VA_ARGS__)
+
+inline ScaleKind parse_scale(const char* op, c10::string_view scale, double clamp) {
+  if (scale == "exp") {
+    INVK_CHECK(std::isfinite(clamp) && clamp > 0, op,
+               "clamp should be positive and finite for scale='exp', got ", clamp);
+    return ScaleKind::Exp;
+  }
+  INVK_CHECK(scale == "sigmoid", op, "scale should be 'exp' or 'sigmoid', got '", std::string(scale), "'");
+  return ScaleKind::Sigmoid;
+}
+
+// Validates x ([B, C, *spatial]) and the subnet output h and returns the coupling geometry.
+inline CouplingShape check_coupling(const char* op, const at::Tensor& x, const at::Tensor& h, bool affine,
+                                    const char* x_name = "x") {
+  INVK_CHECK(at::isFloatingType(x.scalar_type()), op, x_name, " should be a floating-point tensor, got ",
+             x.scalar_type());
+  INVK_CHECK(x.dim() >= 2, op, x_name, " should be at least 2-D (B, C, ...), got ", x.dim(), "-D");
+  const int64_t channels = x.size(1);
+  INVK_CHECK(channels >= 2, op, x_name, " should have at least 2 channels to split, got C=", channels);
+  INVK_CHECK(h.scalar_type() == x.scalar_type(), op, x_name, " and h should have the same dtype, got ", x_name, " ",
+             x.scalar_type(), " and h ", h.scalar_type());
+  INVK_CHECK(h.device() == x.device(), op, x_name, " and h should be on the same device, got ", x_name, " on ",
+             x.device(), " and h on ", h.device());
+  INVK_CHECK(h.dim() == x.dim(), op, "h should have the same number of dimensions as ", x_name, " (", x.dim(),
+             "), got ", h.dim());
+  INVK_CHECK(h.size(0) == x.size(0), op, "h should have the batch size of ", x_name, " (", x.size(0), "), got ",
+             h.size(0));
+  INVK_CHECK(h.sizes().slice(2) == x.sizes().slice(2), op, "h should have the spatial shape of ", x_name, " ",
+             x.sizes().slice(2), ", got ", h.sizes().slice(2));
+  CouplingShape shape{};
+  shape.batch = x.size(0);
+  shape.channels = channels;
+  shape.c1 = channels / 2;
+  shape.c2 = channels - shape.c1;
+  shape.spatial = x.numel() / std::max<int64_t>(int64_t{1}, shape.batch * channels);
+  if (shape.batch == 0) {
+    shape.spatial = 1;
+    for (int64_t d = 2; d < x.dim(); ++d) shape.spatial *= x.size(d);
+  }
+  const int64_t want = affine ? 2 * shape.c2 : shape.c2;
+  INVK_CHECK(h.size(1) == want, op, "h should have ", (affine ? "2 * (C - C // 2)" : "C - C // 2"), " = ", want,
+             " channels for ", x_name, " with C=", channels, ", got ", h.size(1));
+  return shape;
+}
+
+inline void check_grad(const char* op, const at::Tensor& grad, const at::Tensor& like, const char* name,
+                       const char* like_name) {
+  INVK_CHECK(grad.sizes() == like.sizes(), op, name, " should have the shape of ", like_name, " ", like.sizes(),
+             ", got ", grad.sizes());
+  INVK_CHECK(grad.scalar_type() == like.scalar_type(), op, name, " should have the dtype of ", like_name, " (",
+             like.scalar_type(), "), got ", grad.scalar_type());
+  INVK_CHECK(grad.device() == like.device(), op, name, " should be on the device of ", like_name, " (",
+             like.device(), "), got ", grad.device());
+}
+
+inline void check_grad_logdet(const char* op, const at::Tensor& grad_logdet, const at::Tensor& x) {
+  INVK_CHECK(grad_logdet.dim() == 1 && grad_logdet.size(0) == x.size(0), op,
+             "grad_logdet should have shape [", x.size(0), "], got ", grad_logdet.sizes());
+  INVK_CHECK(grad_logdet.scalar_type() == x.scalar_type(), op, "grad_logdet should have the dtype of x (",
+             x.scalar_type(), "), got ", grad_logdet.scalar_type());
+  INVK_CHECK(grad_logdet.device() == x.device(), op, "grad_logdet should be on the device of x (", x.device(),
+             "), got ", grad_logdet.device());
+}
+
+}  // namespace invk

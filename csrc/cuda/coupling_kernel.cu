@@ -1,0 +1,255 @@
+// CUDA backend of the affine and additive coupling ops (docs/ops/coupling.md).
+//
+// The per-element math and the index arithmetic are the shared functions of
+// csrc/kernels/coupling.h that the CPU backend runs and tests. Each thread block transforms
+// kChunk elements of one sample's transformed half and writes one partial log-det (block
+// reduction with CUB, no atomics); the partial sums are added per sample in a fixed order.
+// The passthrough half is a strided device-to-device copy.
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cub/block/block_reduce.cuh>
+
+#include "../checks.h"
+#include "../kernels/coupling.h"
+
+namespace invk::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int64_t kChunk = 4096;
+constexpr int64_t kMaxBlocks = 65535;
+
+template <typename scalar_t>
+using acc_t = at::opmath_type<scalar_t>;
+
+int grid_for(int64_t tiles) { return static_cast<int>(std::max<int64_t>(1, std::min(tiles, kMaxBlocks))); }
+
+// Copies the passthrough half (x[:, :c1]) of every sample.
+void copy_passthrough(const at::Tensor& src, at::Tensor& dst, const CouplingShape& sh, cudaStream_t stream) {
+  if (sh.batch == 0 || sh.n1() == 0) return;
+  const size_t es = src.element_size();
+  C10_CUDA_CHECK(cudaMemcpy2DAsync(dst.data_ptr(), sh.x_stride() * es, src.data_ptr(), sh.x_stride() * es,
+                                   sh.n1() * es, sh.batch, cudaMemcpyDeviceToDevice, stream));
+}
+
+// in, out: [B, C, S]; h: [B, 2 * C2, S]; partial: [B * chunks] log-det partial sums.
+template <typename scalar_t, ScaleKind K, bool Inverse>
+__global__ void affine_apply_kernel(const scalar_t* __restrict__ in, const scalar_t* __restrict__ h,
+                                    scalar_t* __restrict__ out, acc_t<scalar_t>* __restrict__ partial,
+                                    CouplingShape sh, int64_t chunks, ScaleParams<acc_t<scalar_t>> p) {
+  using A = acc_t<scalar_t>;
+  using Reduce = cub::BlockReduce<A, kThreads>;
+  __shared__ typename Reduce::TempStorage tmp;
+  const int64_t n2 = sh.n2();
+  for (int64_t tile = blockIdx.x; tile < sh.batch * chunks; tile += gridDim.x) {
+    const int64_t b = tile / chunks;
+    const int64_t start = (tile % chunks) * kChunk;
+    const int64_t stop = min(start + kChunk, n2);
+    const scalar_t* x2 = in + sh.x2_offset(b);
+    const scalar_t* hs = h + sh.affine_scale_offset(b);
+    const scalar_t* t = h + sh.affine_shift_offset(b);
+    scalar_t* y2 = out + sh.x2_offset(b);
+    A local = 0;
+    for (int64_t i = start + threadIdx.x; i < stop; i += kThreads) {
+      A L;
+      const A v = Inverse ? affine_inverse<K, A>(A(x2[i]), A(hs[i]), A(t[i]), p, L)
+                          : affine_forward<K, A>(A(x2[i]), A(hs[i]), A(t[i]), p, L);
+      y2[i] = static_cast<scalar_t>(v);
+      local += L;
+    }
+    const A total = Reduce(tmp).Sum(local);
+    if (threadIdx.x == 0) partial[tile] = Inverse ? -total : total;
+    __syncthreads();
+  }
+}
+
+// g, x, gin: [B, C, S]; h, gh: [B, 2 * C2, S]; gl: [B]. Transformed half only.
+template <typename scalar_t, ScaleKind K, bool Reverse>
+__global__ void affine_backward_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ gl,
+                                       const scalar_t* __restrict__ x, const scalar_t* __restrict__ h,
+                                       scalar_t* __restrict__ gin, scalar_t* __restrict__ gh, CouplingShape sh,
+                                       ScaleParams<acc_t<scalar_t>> p) {
+  using A = acc_t<scalar_t>;
+  const int64_t n2 = sh.n2();
+  const int64_t total = sh.batch * n2;
+  for (int64_t idx = blockIdx.x * int64_t{kThreads} + threadIdx.x; idx < total;
+       idx += int64_t{gridDim.x} * kThreads) {
+    const int64_t b = idx / n2, i = idx % n2;
+    const int64_t xo = sh.x2_offset(b) + i, so = sh.affine_scale_offset(b) + i, to = sh.affine_shift_offset(b) + i;
+    A g_in, g_hs, g_t;
+    affine_backward<K, Reverse, A>(A(g[xo]), A(gl[b]), A(x[xo]), A(h[so]), p, g_in, g_hs, g_t);
+    gin[xo] = static_cast<scalar_t>(g_in);
+    gh[so] = static_cast<scalar_t>(g_hs);
+    gh[to] = static_cast<scalar_t>(g_t);
+  }
+}
+
+// in, out: [B, C, S]; t: [B, C2, S]. Transformed half only.
+template <typename scalar_t, bool Inverse>
+__global__ void additive_apply_kernel(const scalar_t* __restrict__ in, const scalar_t* __restrict__ t,
+                                      scalar_t* __restrict__ out, CouplingShape sh) {
+  using A = acc_t<scalar_t>;
+  const int64_t n2 = sh.n2();
+  const int64_t total = sh.batch * n2;
+  for (int64_t idx = blockIdx.x * int64_t{kThreads} + threadIdx.x; idx < total;
+       idx += int64_t{gridDim.x} * kThreads) {
+    const int64_t b = idx / n2, i = idx % n2;
+    const int64_t xo = sh.x2_offset(b) + i, to = sh.additive_shift_offset(b) + i;
+    const A a = A(in[xo]), s = A(t[to]);
+    out[xo] = static_cast<scalar_t>(Inverse ? additive_inverse<A>(a, s) : additive_forward<A>(a, s));
+  }
+}
+
+// g, gin: [B, C, S]; gh: [B, C2, S].
+template <typename scalar_t>
+__global__ void additive_backward_kernel(const scalar_t* __restrict__ g, scalar_t* __restrict__ gin,
+                                         scalar_t* __restrict__ gh, CouplingShape sh, bool reverse) {
+  const int64_t n2 = sh.n2();
+  const int64_t total = sh.batch * n2;
+  for (int64_t idx = blockIdx.x * int64_t{kThreads} + threadIdx.x; idx < total;
+       idx += int64_t{gridDim.x} * kThreads) {
+    const int64_t b = idx / n2, i = idx % n2;
+    const int64_t xo = sh.x2_offset(b) + i;
+    const scalar_t v = g[xo];
+    gin[xo] = v;
+    gh[sh.additive_shift_offset(b) + i] = reverse ? static_cast<scalar_t>(-v) : v;
+  }
+}
+
+template <typename F>
+void dispatch_scale(ScaleKind kind, const F& f) {
+  if (kind == ScaleKind::Exp) {
+    f(std::integral_constant<ScaleKind, ScaleKind::Exp>{});
+  } else {
+    f(std::integral_constant<ScaleKind, ScaleKind::Sigmoid>{});
+  }
+}
+
+template <bool Inverse>
+std::tuple<at::Tensor, at::Tensor> affine_coupling(const at::Tensor& in_, const at::Tensor& h_,
+                                                   c10::string_view scale, double clamp) {
+  constexpr const char* op = Inverse ? "affine_coupling_inv" : "affine_coupling_fwd";
+  const ScaleKind kind = parse_scale(op, scale, clamp);
+  const CouplingShape sh = check_coupling(op, in_, h_, /*affine=*/true, Inverse ? "y" : "x");
+  const c10::cuda::CUDAGuard guard(in_.device());
+  const at::Tensor in = in_.contiguous(), h = h_.contiguous();
+  at::Tensor out = at::empty(in.sizes(), in.options());
+  const int64_t chunks = num_chunks(sh.n2(), kChunk);
+  if (sh.batch == 0) return {out, at::empty({0}, in.options())};
+  const auto acc_type = at::toOpMathType(in.scalar_type());
+  at::Tensor partial = at::zeros({sh.batch, chunks}, in.options().dtype(acc_type));
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  copy_passthrough(in, out, sh, stream);
+  if (chunks > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.scalar_type(), op, [&] {
+      using A = acc_t<scalar_t>;
+      const ScaleParams<A> p{A(clamp), A(1.0 / clamp)};
+      dispatch_scale(kind, [&](auto k) {
+        affine_apply_kernel<scalar_t, decltype(k)::value, Inverse>
+            <<<grid_for(sh.batch * chunks), kThreads, 0, stream>>>(
+                in.const_data_ptr<scalar_t>(), h.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
+                partial.mutable_data_ptr<A>(), sh, chunks, p);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+  }
+  return {out, partial.sum(1).to(in.scalar_type())};
+}
+
+std::tuple<at::Tensor, at::Tensor> affine_coupling_bwd(const at::Tensor& g_, const at::Tensor& gl_,
+                                                       const at::Tensor& x_, const at::Tensor& h_,
+                                                       c10::string_view scale, double clamp, bool reverse) {
+  constexpr const char* op = "affine_coupling_bwd";
+  const ScaleKind kind = parse_scale(op, scale, clamp);
+  const CouplingShape sh = check_coupling(op, x_, h_, /*affine=*/true);
+  check_grad(op, g_, x_, "grad_out", "x");
+  check_grad_logdet(op, gl_, x_);
+  const c10::cuda::CUDAGuard guard(x_.device());
+  const at::Tensor g = g_.contiguous(), gl = gl_.contiguous(), x = x_.contiguous(), h = h_.contiguous();
+  at::Tensor gin = at::empty(x.sizes(), x.options());
+  at::Tensor gh = at::empty(h.sizes(), h.options());
+  const int64_t total = sh.batch * sh.n2();
+  if (total == 0) {
+    gin.copy_(g);
+    return {gin, gh};
+  }
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  copy_passthrough(g, gin, sh, stream);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), op, [&] {
+    using A = acc_t<scalar_t>;
+    const ScaleParams<A> p{A(clamp), A(1.0 / clamp)};
+    dispatch_scale(kind, [&](auto k) {
+      const int grid = grid_for((total + kThreads - 1) / kThreads);
+      const auto launch = [&](auto rev) {
+        affine_backward_kernel<scalar_t, decltype(k)::value, decltype(rev)::value><<<grid, kThreads, 0, stream>>>(
+            g.const_data_ptr<scalar_t>(), gl.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+            h.const_data_ptr<scalar_t>(), gin.mutable_data_ptr<scalar_t>(), gh.mutable_data_ptr<scalar_t>(), sh, p);
+      };
+      if (reverse) {
+        launch(std::true_type{});
+      } else {
+        launch(std::false_type{});
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return {gin, gh};
+}
+
+template <bool Inverse>
+at::Tensor additive_coupling(const at::Tensor& in_, const at::Tensor& h_) {
+  constexpr const char* op = Inverse ? "additive_coupling_inv" : "additive_coupling_fwd";
+  const CouplingShape sh = check_coupling(op, in_, h_, /*affine=*/false, Inverse ? "y" : "x");
+  const c10::cuda::CUDAGuard guard(in_.device());
+  const at::Tensor in = in_.contiguous(), h = h_.contiguous();
+  at::Tensor out = at::empty(in.sizes(), in.options());
+  const int64_t total = sh.batch * sh.n2();
+  if (total == 0) return out;
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  copy_passthrough(in, out, sh, stream);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.scalar_type(), op, [&] {
+    additive_apply_kernel<scalar_t, Inverse><<<grid_for((total + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+        in.const_data_ptr<scalar_t>(), h.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), sh);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> additive_coupling_bwd(const at::Tensor& g_, const at::Tensor& h, bool reverse) {
+  constexpr const char* op = "additive_coupling_bwd";
+  const CouplingShape sh = check_coupling(op, g_, h, /*affine=*/false, "grad_out");
+  const c10::cuda::CUDAGuard guard(g_.device());
+  const at::Tensor g = g_.contiguous();
+  at::Tensor gin = at::empty(g.sizes(), g.options());
+  at::Tensor gh = at::empty(h.sizes(), h.options().memory_format(at::MemoryFormat::Contiguous));
+  const int64_t total = sh.batch * sh.n2();
+  if (total == 0) return {gin, gh};
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  copy_passthrough(g, gin, sh, stream);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g.scalar_type(), op, [&] {
+    additive_backward_kernel<scalar_t><<<grid_for((total + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+        g.const_data_ptr<scalar_t>(), gin.mutable_data_ptr<scalar_t>(), gh.mutable_data_ptr<scalar_t>(), sh,
+        reverse);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {gin, gh};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(invkernels, CUDA, m) {
+  m.impl("affine_coupling_fwd", &affine_coupling<false>);
+  m.impl("affine_coupling_inv", &affine_coupling<true>);
+  m.impl("affine_coupling_bwd", &affine_coupling_bwd);
+  m.impl("additive_coupling_fwd", &additive_coupling<false>);
+  m.impl("additive_coupling_inv", &additive_coupling<true>);
+  m.impl("additive_coupling_bwd", &additive_coupling_bwd);
+}
+
+}  // namespace invk::cuda

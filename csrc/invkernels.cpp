@@ -1,0 +1,41 @@
+// The one place where the schemas of torch.ops.invkernels are defined, plus the pybind11 module
+// invkernels._C that reports how the extension was built. Kernels live in csrc/cpu and csrc/cuda
+// and register with TORCH_LIBRARY_IMPL only; tensor ops are never bound through pybind11.
+
+#include <torch/extension.h>
+#include <torch/library.h>
+#include <torch/version.h>
+
+#include <string>
+
+#ifndef INVK_CUDA_ARCHS
+#define INVK_CUDA_ARCHS ""
+#endif
+
+TORCH_LIBRARY(invkernels, m) {
+  // Coupling layers: docs/ops/coupling.md.
+  m.def("affine_coupling_fwd(Tensor x, Tensor h, str scale, float clamp) -> (Tensor y, Tensor logdet)");
+  m.def("affine_coupling_inv(Tensor y, Tensor h, str scale, float clamp) -> (Tensor x, Tensor logdet)");
+  m.def(
+      "affine_coupling_bwd(Tensor grad_out, Tensor grad_logdet, Tensor x, Tensor h, str scale, float clamp, "
+      "bool reverse) -> (Tensor grad_in, Tensor grad_h)");
+  m.def("additive_coupling_fwd(Tensor x, Tensor h) -> Tensor");
+  m.def("additive_coupling_inv(Tensor y, Tensor h) -> Tensor");
+  m.def("additive_coupling_bwd(Tensor grad_out, Tensor h, bool reverse) -> (Tensor grad_in, Tensor grad_h)");
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "invkernels C++ extension: op schemas and build information";
+  m.def("build_info", []() {
+    pybind11::dict info;
+#ifdef INVK_WITH_CUDA
+    info["cuda"] = true;
+#else
+    info["cuda"] = false;
+#endif
+    info["cuda_archs"] = std::string(INVK_CUDA_ARCHS);
+    info["torch_version_built"] = std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR) +
+                                  "." + std::to_string(TORCH_VERSION_PATCH);
+    return info;
+  });
+}

@@ -1,0 +1,114 @@
+#pragma once
+
+#include <stdint.h>
+
+#include "macros.h"
+#include "scalar_math.h"
+
+// Shared math and indexing of the affine and additive coupling kernels (CPU and CUDA).
+// Formulas and conventions: docs/ops/coupling.md.
+
+namespace invk {
+
+enum class ScaleKind : int { Exp = 0, Sigmoid = 1 };
+
+// Geometry of a coupling input x: [batch, channels, spatial] contiguous, split into the
+// conditioning half (c1 channels) and the transformed half (c2 channels).
+struct CouplingShape {
+  int64_t batch;
+  int64_t channels;
+  int64_t c1;
+  int64_t c2;
+  int64_t spatial;
+
+  INVK_HOST_DEVICE int64_t n1() const { return c1 * spatial; }  // passthrough elements per sample
+  INVK_HOST_DEVICE int64_t n2() const { return c2 * spatial; }  // transformed elements per sample
+  INVK_HOST_DEVICE int64_t x_stride() const { return channels * spatial; }
+  INVK_HOST_DEVICE int64_t x1_offset(int64_t b) const { return b * x_stride(); }
+  INVK_HOST_DEVICE int64_t x2_offset(int64_t b) const { return b * x_stride() + n1(); }
+  // Affine h: [batch, 2 * c2, spatial] = (raw log-scale, shift).
+  INVK_HOST_DEVICE int64_t affine_scale_offset(int64_t b) const { return b * 2 * n2(); }
+  INVK_HOST_DEVICE int64_t affine_shift_offset(int64_t b) const { return b * 2 * n2() + n2(); }
+  // Additive h: [batch, c2, spatial] = shift.
+  INVK_HOST_DEVICE int64_t additive_shift_offset(int64_t b) const { return b * n2(); }
+};
+
+// The transformed half of each sample is processed in fixed-size chunks; each chunk writes one
+// partial log-det sum, and the partial sums of a sample are added in chunk order, so the result
+// is the same for every thread count.
+INVK_HOST_DEVICE int64_t num_chunks(int64_t n, int64_t chunk) { return (n + chunk - 1) / chunk; }
+
+template <typename T>
+struct ScaleParams {
+  T clamp;
+  T inv_clamp;
+};
+
+// L = log-scale of the raw value h.
+template <ScaleKind K, typename T, typename M = MathOps<T>>
+INVK_HOST_DEVICE T log_scale(T h, const ScaleParams<T>& p) {
+  if constexpr (K == ScaleKind::Exp) {
+    return p.clamp * M::tanh(h * p.inv_clamp);
+  } else {
+    const T z = h + M::splat(2);
+    return M::min(z, M::splat(0)) - M::log1p(M::exp(M::splat(0) - M::abs(z)));
+  }
+}
+
+// L and dL/dh together.
+template <ScaleKind K, typename T, typename M = MathOps<T>>
+INVK_HOST_DEVICE void log_scale_with_grad(T h, const ScaleParams<T>& p, T& L, T& dL) {
+  if constexpr (K == ScaleKind::Exp) {
+    const T th = M::tanh(h * p.inv_clamp);
+    L = p.clamp * th;
+    dL = M::splat(1) - th * th;
+  } else {
+    // dL/dh = sigmoid(-z) = exp(log sigmoid(-z)), with log sigmoid(-z) sharing log1p(exp(-|z|)).
+    const T z = h + M::splat(2);
+    const T lp = M::log1p(M::exp(M::splat(0) - M::abs(z)));
+    L = M::min(z, M::splat(0)) - lp;
+    dL = M::exp(M::min(M::splat(0) - z, M::splat(0)) - lp);
+  }
+}
+
+// y2 = x2 * exp(L) + t; L returned for the log-det.
+template <ScaleKind K, typename T, typename M = MathOps<T>>
+INVK_HOST_DEVICE T affine_forward(T x2, T hs, T t, const ScaleParams<T>& p, T& L) {
+  L = log_scale<K, T, M>(hs, p);
+  return x2 * M::exp(L) + t;
+}
+
+// x2 = (y2 - t) * exp(-L): a product, never a division by the scale.
+template <ScaleKind K, typename T, typename M = MathOps<T>>
+INVK_HOST_DEVICE T affine_inverse(T y2, T hs, T t, const ScaleParams<T>& p, T& L) {
+  L = log_scale<K, T, M>(hs, p);
+  return (y2 - t) * M::exp(M::splat(0) - L);
+}
+
+// VJP of the transformed half. x2 is the data-side value: the forward's input (Reverse = false)
+// or the inverse's output (Reverse = true). g is the gradient of the op's output, gl the gradient
+// of its log-det for this sample.
+template <ScaleKind K, bool Reverse, typename T, typename M = MathOps<T>>
+INVK_HOST_DEVICE void affine_backward(T g, T gl, T x2, T hs, const ScaleParams<T>& p, T& g_in,
+                                      T& g_hs, T& g_t) {
+  T L, dL;
+  log_scale_with_grad<K, T, M>(hs, p, L, dL);
+  if constexpr (!Reverse) {
+    const T s = M::exp(L);
+    g_in = g * s;
+    g_t = g;
+    g_hs = (g_in * x2 + gl) * dL;
+  } else {
+    g_in = g * M::exp(M::splat(0) - L);
+    g_t = M::splat(0) - g_in;
+    g_hs = M::splat(0) - (g * x2 + gl) * dL;
+  }
+}
+
+template <typename T>
+INVK_HOST_DEVICE T additive_forward(T x2, T t) { return x2 + t; }
+
+template <typename T>
+INVK_HOST_DEVICE T additive_inverse(T y2, T t) { return y2 - t; }
+
+}  // namespace invk

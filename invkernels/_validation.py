@@ -1,0 +1,65 @@
+"""Argument checks shared by the Python backends (Triton, reference).
+
+The C++ backend performs the same checks in csrc/checks.h with the same wording, so a user sees
+one message for one mistake whichever backend runs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+SCALES = ("exp", "sigmoid")
+
+
+def _fail(op: str, message: str) -> None:
+    raise ValueError(f"{op}: {message}")
+
+
+def check_scale(op: str, scale: str, clamp: float) -> None:
+    if scale not in SCALES:
+        _fail(op, f"scale should be 'exp' or 'sigmoid', got {scale!r}")
+    if scale == "exp" and not (math.isfinite(clamp) and clamp > 0):
+        _fail(op, f"clamp should be positive and finite for scale='exp', got {clamp}")
+
+
+def split_channels(channels: int) -> tuple[int, int]:
+    """Channels of the conditioning half and of the transformed half."""
+    c1 = channels // 2
+    return c1, channels - c1
+
+
+def check_coupling(op: str, x: torch.Tensor, h: torch.Tensor, affine: bool, x_name: str = "x") -> None:
+    """Validate a coupling input ``x`` ([B, C, *spatial]) and subnet output ``h``."""
+    if not x.is_floating_point():
+        _fail(op, f"{x_name} should be a floating-point tensor, got {x.dtype}")
+    if x.dim() < 2:
+        _fail(op, f"{x_name} should be at least 2-D (B, C, ...), got {x.dim()}-D")
+    channels = x.shape[1]
+    if channels < 2:
+        _fail(op, f"{x_name} should have at least 2 channels to split, got C={channels}")
+    if h.dtype != x.dtype:
+        _fail(op, f"{x_name} and h should have the same dtype, got {x_name} {x.dtype} and h {h.dtype}")
+    if h.device != x.device:
+        _fail(op, f"{x_name} and h should be on the same device, got {x_name} on {x.device} and h on {h.device}")
+    if h.dim() != x.dim():
+        _fail(op, f"h should have the same number of dimensions as {x_name} ({x.dim()}), got {h.dim()}")
+    if h.shape[0] != x.shape[0]:
+        _fail(op, f"h should have the batch size of {x_name} ({x.shape[0]}), got {h.shape[0]}")
+    if h.shape[2:] != x.shape[2:]:
+        _fail(op, f"h should have the spatial shape of {x_name} {list(x.shape[2:])}, got {list(h.shape[2:])}")
+    _, c2 = split_channels(channels)
+    want = 2 * c2 if affine else c2
+    if h.shape[1] != want:
+        formula = "2 * (C - C // 2)" if affine else "C - C // 2"
+        _fail(op, f"h should have {formula} = {want} channels for {x_name} with C={channels}, got {h.shape[1]}")
+
+
+def check_grad(op: str, grad: torch.Tensor, like: torch.Tensor, name: str, like_name: str) -> None:
+    if grad.shape != like.shape:
+        _fail(op, f"{name} should have the shape of {like_name} {list(like.shape)}, got {list(grad.shape)}")
+    if grad.dtype != like.dtype:
+        _fail(op, f"{name} should have the dtype of {like_name} ({like.dtype}), got {grad.dtype}")
+    if grad.device != like.device:
+        _fail(op, f"{name} should be on the device of {like_name} ({like.device}), got {grad.device}")

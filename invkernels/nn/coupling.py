@@ -1,0 +1,141 @@
+"""Affine and additive coupling layers (RealNVP / Glow / NICE) on the fused coupling ops.
+
+``x`` is split into ``x1 = x[:, :C // 2]`` (passed through, fed to the subnet) and
+``x2 = x[:, C // 2:]`` (transformed). Math: docs/ops/coupling.md.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from invkernels import _backend, _validation
+from invkernels.nn.subnets import SubnetFactory, conv_subnet, mlp_subnet
+from invkernels.ops import coupling as F
+
+_SUBNET_DIMS = {"mlp": 2, "conv": 4}
+
+
+class _Coupling(nn.Module):
+    def __init__(self, channels: int, subnet: str | SubnetFactory, hidden: int | None, context_channels: int,
+                 h_per_channel: int, backend: str | None):
+        super().__init__()
+        name = type(self).__name__
+        if not isinstance(channels, int) or channels < 2:
+            raise ValueError(f"{name}: channels should be an integer >= 2, got {channels!r}")
+        if not isinstance(context_channels, int) or context_channels < 0:
+            raise ValueError(f"{name}: context_channels should be an integer >= 0, got {context_channels!r}")
+        if backend is not None:
+            F.prepare(_backend.check_backend(backend))
+        if isinstance(subnet, str):
+            if subnet not in _SUBNET_DIMS:
+                raise ValueError(f"{name}: subnet should be 'mlp', 'conv' or a factory(in, out), got {subnet!r}")
+            kwargs = {} if hidden is None else {"hidden": hidden}
+            factory = (mlp_subnet if subnet == "mlp" else conv_subnet)(**kwargs)
+        elif callable(subnet):
+            if hidden is not None:
+                raise ValueError(f"{name}: hidden applies to subnet='mlp' or 'conv' only, got a factory and "
+                                 f"hidden={hidden!r}")
+            factory = subnet
+        else:
+            raise ValueError(f"{name}: subnet should be 'mlp', 'conv' or a factory(in, out), got {subnet!r}")
+        self.channels = channels
+        self.c1, self.c2 = _validation.split_channels(channels)
+        self.context_channels = context_channels
+        self.backend = backend
+        self._input_dim = _SUBNET_DIMS.get(getattr(factory, "kind", None))
+        self.subnet = factory(self.c1 + context_channels, h_per_channel * self.c2)
+
+    def _check_input(self, x: torch.Tensor, x_name: str) -> None:
+        name = type(self).__name__
+        if x.dim() < 2 or x.shape[1] != self.channels:
+            raise ValueError(f"{name}: {x_name} should have shape [B, {self.channels}, ...], got {list(x.shape)}")
+        if self._input_dim is not None and x.dim() != self._input_dim:
+            kind = "mlp" if self._input_dim == 2 else "conv"
+            other = "conv" if kind == "mlp" else "mlp"
+            raise ValueError(f"{name}: subnet='{kind}' expects {self._input_dim}-D inputs, got {x_name} with "
+                             f"{x.dim()} dims; use subnet='{other}' or a factory")
+
+    def _h(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        name = type(self).__name__
+        x1 = x[:, : self.c1]
+        if self.context_channels:
+            if context is None:
+                raise ValueError(f"{name}: context is required (context_channels={self.context_channels})")
+            if context.shape[0] != x.shape[0] or context.shape[1] != self.context_channels or \
+                    context.shape[2:] != x.shape[2:]:
+                raise ValueError(
+                    f"{name}: context should have shape {[x.shape[0], self.context_channels, *x.shape[2:]]}, "
+                    f"got {list(context.shape)}")
+            x1 = torch.cat([x1, context], dim=1)
+        elif context is not None:
+            raise ValueError(f"{name}: context was given but the layer was built with context_channels=0")
+        return self.subnet(x1)
+
+    def extra_repr(self) -> str:
+        extra = f", context_channels={self.context_channels}" if self.context_channels else ""
+        return f"channels={self.channels}, split=({self.c1}, {self.c2}){extra}"
+
+
+class AffineCoupling(_Coupling):
+    """Affine coupling ``y2 = x2 * s(hs) + t`` with ``(hs, t) = subnet([x1, context])``.
+
+    Args:
+        channels: number of channels ``C`` (``>= 2``; odd ``C`` transforms ``C - C // 2``).
+        subnet: ``"mlp"`` (for ``[B, C]`` inputs), ``"conv"`` (for ``[B, C, H, W]``) or a factory
+            ``(in_channels, out_channels) -> nn.Module``.
+        hidden: width of the ``"mlp"`` / ``"conv"`` subnet (defaults 256 / 128).
+        scale: ``"exp"`` (``s = exp(clamp * tanh(hs / clamp))``, default) or ``"sigmoid"``
+            (Glow, ``s = sigmoid(hs + 2)``).
+        clamp: soft-clamp bound of ``"exp"``: ``s`` stays in ``[exp(-clamp), exp(clamp)]``.
+        context_channels: channels of the optional ``context=`` concatenated to the subnet input.
+        backend: ``"cpp"``, ``"triton"``, ``"reference"`` or None for ``invkernels.get_backend()``.
+
+    ``forward(x, context=None) -> (y, logdet)``; ``inverse(y, context=None) -> x``.
+    """
+
+    def __init__(self, channels: int, subnet: str | SubnetFactory = "mlp", *, hidden: int | None = None,
+                 scale: str = "exp", clamp: float = 2.0, context_channels: int = 0, backend: str | None = None):
+        if scale not in _validation.SCALES:
+            raise ValueError(f"AffineCoupling: scale should be 'exp' or 'sigmoid', got {scale!r}")
+        if not (isinstance(clamp, (int, float)) and math.isfinite(clamp) and clamp > 0):
+            raise ValueError(f"AffineCoupling: clamp should be a positive finite number, got {clamp!r}")
+        super().__init__(channels, subnet, hidden, context_channels, 2, backend)
+        self.scale = scale
+        self.clamp = float(clamp)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        self._check_input(x, "x")
+        return F.affine_coupling_fwd(x, self._h(x, context), self.scale, self.clamp, backend=self.backend)
+
+    def inverse(self, y: torch.Tensor, context: torch.Tensor | None = None, return_logdet: bool = False):
+        self._check_input(y, "y")
+        x, logdet = F.affine_coupling_inv(y, self._h(y, context), self.scale, self.clamp, backend=self.backend)
+        return (x, logdet) if return_logdet else x
+
+    def extra_repr(self) -> str:
+        clamp = f", clamp={self.clamp}" if self.scale == "exp" else ""
+        return f"{super().extra_repr()}, scale={self.scale!r}{clamp}"
+
+
+class AdditiveCoupling(_Coupling):
+    """Additive (NICE) coupling ``y2 = x2 + t`` with ``t = subnet([x1, context])``; log-det 0.
+
+    Arguments as :class:`AffineCoupling`, without ``scale`` and ``clamp``.
+    """
+
+    def __init__(self, channels: int, subnet: str | SubnetFactory = "mlp", *, hidden: int | None = None,
+                 context_channels: int = 0, backend: str | None = None):
+        super().__init__(channels, subnet, hidden, context_channels, 1, backend)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        self._check_input(x, "x")
+        y = F.additive_coupling_fwd(x, self._h(x, context), backend=self.backend)
+        return y, x.new_zeros(x.shape[0])
+
+    def inverse(self, y: torch.Tensor, context: torch.Tensor | None = None, return_logdet: bool = False):
+        self._check_input(y, "y")
+        x = F.additive_coupling_inv(y, self._h(y, context), backend=self.backend)
+        return (x, y.new_zeros(y.shape[0])) if return_logdet else x

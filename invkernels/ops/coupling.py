@@ -1,0 +1,217 @@
+"""Functional affine and additive coupling: backend choice, autograd and fake implementations.
+
+The C++ ops (``torch.ops.invkernels.affine_coupling_fwd`` ...) and their Triton twins
+(``..._triton``) share one autograd formula, registered here for both: the forward saves its
+input ``x`` and the subnet output ``h``; the inverse saves its output ``x`` and ``h``; backward
+is the registered ``*_bwd`` op. Math: docs/ops/coupling.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from invkernels import _backend, _validation
+from invkernels.reference import coupling as reference
+
+_OPS = (
+    "affine_coupling_fwd",
+    "affine_coupling_inv",
+    "affine_coupling_bwd",
+    "additive_coupling_fwd",
+    "additive_coupling_inv",
+    "additive_coupling_bwd",
+)
+
+
+@dataclass(frozen=True)
+class CouplingOps:
+    """One backend's six coupling ops."""
+
+    affine_fwd: Callable
+    affine_inv: Callable
+    affine_bwd: Callable
+    additive_fwd: Callable
+    additive_inv: Callable
+    additive_bwd: Callable
+
+
+def _contiguous_like(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device)
+
+
+def _register_fakes() -> None:
+    """Shape functions of the C++ ops, for torch.compile and meta tensors."""
+
+    @torch.library.register_fake("invkernels::affine_coupling_fwd")
+    def _(x, h, scale, clamp):
+        _validation.check_scale("affine_coupling_fwd", scale, clamp)
+        _validation.check_coupling("affine_coupling_fwd", x, h, affine=True)
+        return _contiguous_like(x), x.new_empty(x.shape[0])
+
+    @torch.library.register_fake("invkernels::affine_coupling_inv")
+    def _(y, h, scale, clamp):
+        _validation.check_scale("affine_coupling_inv", scale, clamp)
+        _validation.check_coupling("affine_coupling_inv", y, h, affine=True, x_name="y")
+        return _contiguous_like(y), y.new_empty(y.shape[0])
+
+    @torch.library.register_fake("invkernels::affine_coupling_bwd")
+    def _(grad_out, grad_logdet, x, h, scale, clamp, reverse):
+        _validation.check_scale("affine_coupling_bwd", scale, clamp)
+        _validation.check_coupling("affine_coupling_bwd", x, h, affine=True)
+        _validation.check_grad("affine_coupling_bwd", grad_out, x, "grad_out", "x")
+        if grad_logdet.shape != (x.shape[0],):
+            raise ValueError(f"affine_coupling_bwd: grad_logdet should have shape [{x.shape[0]}], "
+                             f"got {list(grad_logdet.shape)}")
+        return _contiguous_like(x), _contiguous_like(h)
+
+    @torch.library.register_fake("invkernels::additive_coupling_fwd")
+    def _(x, h):
+        _validation.check_coupling("additive_coupling_fwd", x, h, affine=False)
+        return _contiguous_like(x)
+
+    @torch.library.register_fake("invkernels::additive_coupling_inv")
+    def _(y, h):
+        _validation.check_coupling("additive_coupling_inv", y, h, affine=False, x_name="y")
+        return _contiguous_like(y)
+
+    @torch.library.register_fake("invkernels::additive_coupling_bwd")
+    def _(grad_out, h, reverse):
+        _validation.check_coupling("additive_coupling_bwd", grad_out, h, affine=False, x_name="grad_out")
+        return _contiguous_like(grad_out), _contiguous_like(h)
+
+
+def _register_autograd(suffix: str, ops: CouplingOps) -> None:
+    def name(op: str) -> str:
+        return f"invkernels::{op}{suffix}"
+
+    def save_affine(ctx, x, h, scale, clamp):
+        ctx.save_for_backward(x, h)
+        ctx.scale, ctx.clamp = scale, clamp
+
+    def affine_grads(ctx, grad_out, grad_logdet, reverse):
+        if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+            return None, None, None, None
+        x, h = ctx.saved_tensors
+        grad_in, grad_h = ops.affine_bwd(grad_out, grad_logdet, x, h, ctx.scale, ctx.clamp, reverse)
+        return (grad_in if ctx.needs_input_grad[0] else None, grad_h if ctx.needs_input_grad[1] else None,
+                None, None)
+
+    torch.library.register_autograd(
+        name("affine_coupling_fwd"),
+        lambda ctx, grad_y, grad_logdet: affine_grads(ctx, grad_y, grad_logdet, False),
+        setup_context=lambda ctx, inputs, output: save_affine(ctx, inputs[0], *inputs[1:]))
+    torch.library.register_autograd(
+        name("affine_coupling_inv"),
+        lambda ctx, grad_x, grad_logdet: affine_grads(ctx, grad_x, grad_logdet, True),
+        setup_context=lambda ctx, inputs, output: save_affine(ctx, output[0], *inputs[1:]))
+
+    def save_additive(ctx, inputs, output):
+        ctx.save_for_backward(inputs[1])
+
+    def additive_grads(ctx, grad_out, reverse):
+        (h,) = ctx.saved_tensors
+        grad_in, grad_h = ops.additive_bwd(grad_out, h, reverse)
+        return grad_in if ctx.needs_input_grad[0] else None, grad_h if ctx.needs_input_grad[1] else None
+
+    torch.library.register_autograd(
+        name("additive_coupling_fwd"), lambda ctx, g: additive_grads(ctx, g, False), setup_context=save_additive)
+    torch.library.register_autograd(
+        name("additive_coupling_inv"), lambda ctx, g: additive_grads(ctx, g, True), setup_context=save_additive)
+
+
+def _bind(suffix: str) -> CouplingOps:
+    ns = torch.ops.invkernels
+    return CouplingOps(*(getattr(ns, op + suffix).default for op in _OPS))
+
+
+_registered: dict[str, CouplingOps] = {}
+
+
+def cpp_ops() -> CouplingOps:
+    """The C++ ops (CPU and CUDA kernels), with autograd and fake implementations registered."""
+    if "cpp" not in _registered:
+        from invkernels import _extension  # noqa: PLC0415
+
+        _extension.load()
+        _register_fakes()
+        ops = _bind("")
+        _register_autograd("", ops)
+        _registered["cpp"] = ops
+    return _registered["cpp"]
+
+
+def triton_ops() -> CouplingOps:
+    """The Triton ops, with autograd registered (imports triton on first use)."""
+    if "triton" not in _registered:
+        import invkernels.triton.coupling  # noqa: F401, PLC0415
+
+        ops = _bind("_triton")
+        _register_autograd("_triton", ops)
+        _registered["triton"] = ops
+    return _registered["triton"]
+
+
+def prepare(backend: str) -> None:
+    """Register ``backend``'s ops now, so later (possibly compiled) calls only look them up."""
+    if backend == "cpp":
+        cpp_ops()
+    elif backend == "triton":
+        triton_ops()
+
+
+def _ops_for(backend: str | None, x: torch.Tensor) -> CouplingOps | None:
+    """The ops of the chosen backend; None means the pure-PyTorch reference."""
+    name = _backend.resolve(backend)
+    if name == "reference" or (name == "cpp" and x.device.type not in ("cpu", "cuda")):
+        return None
+    ops = _registered.get(name)
+    return ops if ops is not None else (triton_ops() if name == "triton" else cpp_ops())
+
+
+def affine_coupling_fwd(x: torch.Tensor, h: torch.Tensor, scale: str = "exp", clamp: float = 2.0, *,
+                        backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused affine coupling: ``y = [x1, x2 * exp(L(hs)) + t]`` and ``logdet = Σ L(hs)`` per sample.
+
+    Args:
+        x: ``[B, C, *spatial]`` input; ``x1 = x[:, :C // 2]`` passes through.
+        h: subnet output ``[B, 2 * (C - C // 2), *spatial]``: raw log-scale then shift.
+        scale: ``"exp"`` (soft-clamped, ``L = clamp * tanh(hs / clamp)``) or ``"sigmoid"``
+            (Glow, ``L = log sigmoid(hs + 2)``).
+        clamp: soft-clamp bound of ``"exp"``.
+        backend: ``"cpp"``, ``"triton"``, ``"reference"`` or None for ``invkernels.get_backend()``.
+
+    Returns:
+        ``(y, logdet)`` with ``y`` shaped like ``x`` and ``logdet`` of shape ``[B]``.
+    """
+    ops = _ops_for(backend, x)
+    if ops is None:
+        return reference.affine_coupling_fwd(x, h, scale, clamp)
+    return ops.affine_fwd(x, h, scale, clamp)
+
+
+def affine_coupling_inv(y: torch.Tensor, h: torch.Tensor, scale: str = "exp", clamp: float = 2.0, *,
+                        backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`affine_coupling_fwd`: ``(x, -logdet)`` from ``y`` and the same ``h``."""
+    ops = _ops_for(backend, y)
+    if ops is None:
+        return reference.affine_coupling_inv(y, h, scale, clamp)
+    return ops.affine_inv(y, h, scale, clamp)
+
+
+def additive_coupling_fwd(x: torch.Tensor, h: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """Fused additive coupling ``y = [x1, x2 + h]`` with ``h`` of ``C - C // 2`` channels (log-det 0)."""
+    ops = _ops_for(backend, x)
+    if ops is None:
+        return reference.additive_coupling_fwd(x, h)
+    return ops.additive_fwd(x, h)
+
+
+def additive_coupling_inv(y: torch.Tensor, h: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """Inverse of :func:`additive_coupling_fwd`: ``x = [y1, y2 - h]``."""
+    ops = _ops_for(backend, y)
+    if ops is None:
+        return reference.additive_coupling_inv(y, h)
+    return ops.additive_inv(y, h)

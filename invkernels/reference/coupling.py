@@ -1,0 +1,61 @@
+"""Pure-PyTorch coupling layers: the test oracle (run in float64) and the eager baseline.
+
+Written as a user would write them with plain tensor ops (chunk, tanh, exp, cat, sum), so
+autograd provides the backward pass. Formulas: docs/ops/coupling.md.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from invkernels._validation import check_coupling, check_scale, split_channels
+
+
+def log_scale(hs: torch.Tensor, scale: str = "exp", clamp: float = 2.0) -> torch.Tensor:
+    """Log of the coupling scale for the raw subnet output ``hs``."""
+    if scale == "exp":
+        return clamp * torch.tanh(hs / clamp)
+    return F.logsigmoid(hs + 2.0)
+
+
+def _sum_per_sample(v: torch.Tensor) -> torch.Tensor:
+    return v.flatten(1).sum(dim=1)
+
+
+def affine_coupling_fwd(x: torch.Tensor, h: torch.Tensor, scale: str = "exp", clamp: float = 2.0):
+    """``(y, logdet)`` of the affine coupling forward."""
+    check_scale("affine_coupling_fwd", scale, clamp)
+    check_coupling("affine_coupling_fwd", x, h, affine=True)
+    c1, _ = split_channels(x.shape[1])
+    x1, x2 = x[:, :c1], x[:, c1:]
+    hs, t = h.chunk(2, dim=1)
+    log_s = log_scale(hs, scale, clamp)
+    y = torch.cat([x1, x2 * torch.exp(log_s) + t], dim=1)
+    return y, _sum_per_sample(log_s)
+
+
+def affine_coupling_inv(y: torch.Tensor, h: torch.Tensor, scale: str = "exp", clamp: float = 2.0):
+    """``(x, logdet_inv)`` of the affine coupling inverse; ``logdet_inv = -logdet``."""
+    check_scale("affine_coupling_inv", scale, clamp)
+    check_coupling("affine_coupling_inv", y, h, affine=True, x_name="y")
+    c1, _ = split_channels(y.shape[1])
+    y1, y2 = y[:, :c1], y[:, c1:]
+    hs, t = h.chunk(2, dim=1)
+    log_s = log_scale(hs, scale, clamp)
+    x = torch.cat([y1, (y2 - t) * torch.exp(-log_s)], dim=1)
+    return x, -_sum_per_sample(log_s)
+
+
+def additive_coupling_fwd(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """``y`` of the additive coupling forward (its log-det is 0)."""
+    check_coupling("additive_coupling_fwd", x, h, affine=False)
+    c1, _ = split_channels(x.shape[1])
+    return torch.cat([x[:, :c1], x[:, c1:] + h], dim=1)
+
+
+def additive_coupling_inv(y: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """``x`` of the additive coupling inverse."""
+    check_coupling("additive_coupling_inv", y, h, affine=False, x_name="y")
+    c1, _ = split_channels(y.shape[1])
+    return torch.cat([y[:, :c1], y[:, c1:] - h], dim=1)

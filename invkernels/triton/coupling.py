@@ -1,0 +1,663 @@
+"""Triton kernels, launchers and ops of the affine and additive coupling layers.
+
+Formulas, layout and op schemas: docs/ops/coupling.md. Per sample ``b`` the contiguous input is
+viewed as ``[C, S]`` and split into the passthrough half ``x1`` (``C1 = C // 2`` channels,
+``N1 = C1 * S`` elements, at offset ``b * C * S``) and the transformed half ``x2`` (``C2 = C - C1``
+channels, ``N2 = C2 * S`` elements, at offset ``b * C * S + N1``). The affine subnet output ``h``
+holds the raw log-scale ``hs`` (at ``b * 2 * N2``) and the shift ``t`` (at ``b * 2 * N2 + N2``);
+the additive one holds ``t`` alone (at ``b * N2``).
+
+Scale functions (``SCALE`` constexpr; ``c`` is the clamp, ``z = hs + 2``)::
+
+    exp:      L = c * tanh(hs / c)                  L' = 1 - tanh(hs / c)^2
+    sigmoid:  L = min(z, 0) - log1p(exp(-|z|))      L' = sigmoid(-z)
+
+Forward, inverse and log-determinant (the Jacobian is block lower-triangular with identity on
+``x1`` and ``diag(exp(L))`` on ``x2``)::
+
+    forward:  y1 = x1,  y2 = x2 * exp(L) + t,      logdet[b]     =  sum_{c,s} L
+    inverse:  x1 = y1,  x2 = (y2 - t) * exp(-L),   logdet_inv[b] = -sum_{c,s} L
+
+The inverse multiplies by ``exp(-L)`` (``1 + exp(-z)`` for the sigmoid scale) and never divides.
+
+Vector-Jacobian products, with ``g = (g1, g2)`` the gradient of the op's output and
+``gl = grad_logdet[b]``; ``x2`` is always the data-side value::
+
+    forward VJP (reverse=False, x the forward's input):
+        dx1 = g1,  dx2 = g2 * exp(L),   dt = g2,    dhs =  (g2 * x2 * exp(L) + gl) * L'
+    inverse VJP (reverse=True, x the inverse's output, since dx2/dhs = -x2 * L'):
+        dy1 = g1,  dy2 = g2 * exp(-L),  dt = -dy2,  dhs = -(g2 * x2 + gl) * L'
+    additive:  y2 = x2 + t,  x2 = y2 - t,  logdet 0;  VJP: d_in = g,  dt = +g2 (fwd) or -g2 (inv)
+
+Numerics. Elementwise math runs in float32 for float16/bfloat16/float32 inputs and in float64 for
+float64 inputs; results are stored in the input dtype. ``tanh`` and ``log1p`` are built from
+``exp``/``log`` because ``tl.math`` has neither and ``libdevice.tanh`` does not run under
+``TRITON_INTERPRET=1``: ``tanh(u) = sign(u) * (1 - e) / (1 + e)`` with ``e = exp(-2|u|)`` never
+overflows, maps +-inf to +-1 and keeps NaN; its error is a few ulps of 1 in absolute terms, which
+is the accuracy ``L``, ``exp(L)`` and the log-det sums need. ``L' = 4e / (1 + e)^2`` is the same
+quantity as ``1 - tanh^2`` without its cancellation for large ``|u|``. ``log1p(e)`` for ``e`` in
+``(0, 1]`` is ``log(1 + e)``, again accurate to an ulp of 1 in absolute terms.
+
+Each program handles a tile of ``ROWS`` samples by ``BLOCK`` elements of the transformed half and
+the matching elements of the passthrough half (``N1 <= N2``, so the tiles of the transformed half
+cover it). The affine forward and inverse kernels write one partial log-det per sample and tile
+into a ``[B, NBLK]`` buffer, in the compute dtype; torch adds the partials of a sample in a fixed
+order, so the log-det is deterministic (no atomics).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import struct
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from invkernels._validation import check_coupling, check_grad, check_scale, split_channels
+
+__all__ = [
+    "additive_coupling_backward",
+    "additive_coupling_bwd",
+    "additive_coupling_forward",
+    "additive_coupling_fwd",
+    "additive_coupling_inv",
+    "additive_coupling_inverse",
+    "affine_coupling_backward",
+    "affine_coupling_bwd",
+    "affine_coupling_forward",
+    "affine_coupling_fwd",
+    "affine_coupling_inv",
+    "affine_coupling_inverse",
+]
+
+
+@triton.jit
+def _tile(B, N2, NBLK, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    # Program pid covers samples rows (ROWS of them) and elements cols (BLOCK of them) of the
+    # transformed half; 64-bit indices, so offsets past 2^31 elements do not wrap.
+    pid = tl.program_id(0).to(tl.int64)
+    col_blk = pid % NBLK
+    rows = (pid // NBLK) * ROWS + tl.arange(0, ROWS)
+    cols = col_blk * BLOCK + tl.arange(0, BLOCK)
+    row_ok = rows < B
+    mask2 = row_ok[:, None] & (cols < N2)[None, :]
+    return rows, cols, col_blk, row_ok, mask2
+
+
+@triton.jit
+def _copy_passthrough(src_ptr, dst_ptr, sample_off, cols, row_ok, N1):
+    # src_ptr, dst_ptr: [B, C, S] contiguous; copies the first N1 elements of each sample.
+    mask1 = row_ok[:, None] & (cols < N1)[None, :]
+    offs = sample_off + cols[None, :]
+    tl.store(dst_ptr + offs, tl.load(src_ptr + offs, mask=mask1), mask=mask1)
+
+
+@triton.jit
+def _scale_terms(hs, c, SCALE: tl.constexpr):
+    # (L, L') of the raw log-scale hs; c is the clamp in the compute dtype (unused for sigmoid).
+    if SCALE == "exp":
+        u = hs / c
+        e = tl.exp(-2.0 * tl.abs(u))
+        th = (1.0 - e) / (1.0 + e)
+        th = tl.where(u < 0.0, -th, th)
+        log_s = c * th
+        dlog_s = 4.0 * e / ((1.0 + e) * (1.0 + e))
+    else:
+        z = hs + 2.0
+        lp = tl.log(1.0 + tl.exp(-tl.abs(z)))
+        log_s = tl.where(z < 0.0, z, 0.0) - lp
+        dlog_s = tl.exp(tl.where(z > 0.0, -z, 0.0) - lp)
+    return log_s, dlog_s
+
+
+@triton.jit
+def _inverse_scale(hs, log_s, SCALE: tl.constexpr):
+    # exp(-L); for the sigmoid scale the equal 1 + exp(-z), which does not round through L.
+    if SCALE == "exp":
+        inv_s = tl.exp(-log_s)
+    else:
+        inv_s = 1.0 + tl.exp(-(hs + 2.0))
+    return inv_s
+
+
+@triton.jit(do_not_specialize=["clamp_hi", "clamp_lo"])
+def _affine_coupling_fwd_kernel(
+    in_ptr,  # [B, C, S] contiguous: x (x1 = first N1 elements of a sample, x2 = next N2)
+    h_ptr,  # [B, 2 * C2, S] contiguous: hs = first N2 elements of a sample, t = next N2
+    out_ptr,  # [B, C, S] contiguous: y
+    partial_ptr,  # [B, NBLK] compute dtype: sum of L over the tile's part of each sample
+    B,
+    N1,
+    N2,
+    NBLK,
+    clamp_hi,
+    clamp_lo,
+    SCALE: tl.constexpr,
+    ACC: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    rows, cols, col_blk, row_ok, mask2 = _tile(B, N2, NBLK, ROWS, BLOCK)
+    x_off = rows[:, None] * (N1 + N2)
+    h_off = rows[:, None] * (2 * N2) + cols[None, :]
+    _copy_passthrough(in_ptr, out_ptr, x_off, cols, row_ok, N1)
+    c = tl.cast(clamp_hi, ACC) + tl.cast(clamp_lo, ACC)
+    x2 = tl.load(in_ptr + x_off + N1 + cols[None, :], mask=mask2, other=0.0).to(ACC)
+    hs = tl.load(h_ptr + h_off, mask=mask2, other=0.0).to(ACC)
+    t = tl.load(h_ptr + h_off + N2, mask=mask2, other=0.0).to(ACC)
+    log_s, _ = _scale_terms(hs, c, SCALE)
+    y2 = x2 * tl.exp(log_s) + t
+    tl.store(out_ptr + x_off + N1 + cols[None, :], y2.to(out_ptr.dtype.element_ty), mask=mask2)
+    # Masked lanes hold L(0), which is not 0 for the sigmoid scale: zero them before summing.
+    part = tl.sum(tl.where(mask2, log_s, 0.0), axis=1)
+    tl.store(partial_ptr + rows * NBLK + col_blk, part, mask=row_ok)
+
+
+@triton.jit(do_not_specialize=["clamp_hi", "clamp_lo"])
+def _affine_coupling_inv_kernel(
+    in_ptr,  # [B, C, S] contiguous: y (y1 = first N1 elements of a sample, y2 = next N2)
+    h_ptr,  # [B, 2 * C2, S] contiguous: hs = first N2 elements of a sample, t = next N2
+    out_ptr,  # [B, C, S] contiguous: x
+    partial_ptr,  # [B, NBLK] compute dtype: sum of -L over the tile's part of each sample
+    B,
+    N1,
+    N2,
+    NBLK,
+    clamp_hi,
+    clamp_lo,
+    SCALE: tl.constexpr,
+    ACC: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    rows, cols, col_blk, row_ok, mask2 = _tile(B, N2, NBLK, ROWS, BLOCK)
+    x_off = rows[:, None] * (N1 + N2)
+    h_off = rows[:, None] * (2 * N2) + cols[None, :]
+    _copy_passthrough(in_ptr, out_ptr, x_off, cols, row_ok, N1)
+    c = tl.cast(clamp_hi, ACC) + tl.cast(clamp_lo, ACC)
+    y2 = tl.load(in_ptr + x_off + N1 + cols[None, :], mask=mask2, other=0.0).to(ACC)
+    hs = tl.load(h_ptr + h_off, mask=mask2, other=0.0).to(ACC)
+    t = tl.load(h_ptr + h_off + N2, mask=mask2, other=0.0).to(ACC)
+    log_s, _ = _scale_terms(hs, c, SCALE)
+    x2 = (y2 - t) * _inverse_scale(hs, log_s, SCALE)
+    tl.store(out_ptr + x_off + N1 + cols[None, :], x2.to(out_ptr.dtype.element_ty), mask=mask2)
+    part = -tl.sum(tl.where(mask2, log_s, 0.0), axis=1)
+    tl.store(partial_ptr + rows * NBLK + col_blk, part, mask=row_ok)
+
+
+@triton.jit(do_not_specialize=["clamp_hi", "clamp_lo"])
+def _affine_coupling_bwd_kernel(
+    g_ptr,  # [B, C, S] contiguous: gradient of the op's output (g1 = first N1 elements, g2 = next N2)
+    gl_ptr,  # [B]: gradient of the op's log-det
+    x_ptr,  # [B, C, S] contiguous: data side, the forward's input or the inverse's output
+    h_ptr,  # [B, 2 * C2, S] contiguous: hs = first N2 elements of a sample, t = next N2
+    gin_ptr,  # [B, C, S] contiguous: gradient of the op's input (x forward, y inverse)
+    gh_ptr,  # [B, 2 * C2, S] contiguous: gradient of h (dhs, then dt)
+    B,
+    N1,
+    N2,
+    NBLK,
+    clamp_hi,
+    clamp_lo,
+    SCALE: tl.constexpr,
+    REVERSE: tl.constexpr,
+    ACC: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    rows, cols, col_blk, row_ok, mask2 = _tile(B, N2, NBLK, ROWS, BLOCK)
+    x_off = rows[:, None] * (N1 + N2)
+    h_off = rows[:, None] * (2 * N2) + cols[None, :]
+    _copy_passthrough(g_ptr, gin_ptr, x_off, cols, row_ok, N1)
+    c = tl.cast(clamp_hi, ACC) + tl.cast(clamp_lo, ACC)
+    g2 = tl.load(g_ptr + x_off + N1 + cols[None, :], mask=mask2, other=0.0).to(ACC)
+    x2 = tl.load(x_ptr + x_off + N1 + cols[None, :], mask=mask2, other=0.0).to(ACC)
+    hs = tl.load(h_ptr + h_off, mask=mask2, other=0.0).to(ACC)
+    gl = tl.load(gl_ptr + rows, mask=row_ok, other=0.0).to(ACC)[:, None]
+    log_s, dlog_s = _scale_terms(hs, c, SCALE)
+    if REVERSE:
+        gin2 = g2 * _inverse_scale(hs, log_s, SCALE)
+        gt = -gin2
+        ghs = -(g2 * x2 + gl) * dlog_s
+    else:
+        gin2 = g2 * tl.exp(log_s)
+        gt = g2
+        ghs = (gin2 * x2 + gl) * dlog_s
+    out_ty = gin_ptr.dtype.element_ty
+    tl.store(gin_ptr + x_off + N1 + cols[None, :], gin2.to(out_ty), mask=mask2)
+    tl.store(gh_ptr + h_off, ghs.to(out_ty), mask=mask2)
+    tl.store(gh_ptr + h_off + N2, gt.to(out_ty), mask=mask2)
+
+
+@triton.jit
+def _additive_coupling_kernel(
+    in_ptr,  # [B, C, S] contiguous: x (forward) or y (inverse)
+    h_ptr,  # [B, C2, S] contiguous: shift t
+    out_ptr,  # [B, C, S] contiguous: y (forward) or x (inverse)
+    B,
+    N1,
+    N2,
+    NBLK,
+    SIGN: tl.constexpr,
+    ACC: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    rows, cols, col_blk, row_ok, mask2 = _tile(B, N2, NBLK, ROWS, BLOCK)
+    x_off = rows[:, None] * (N1 + N2)
+    _copy_passthrough(in_ptr, out_ptr, x_off, cols, row_ok, N1)
+    a = tl.load(in_ptr + x_off + N1 + cols[None, :], mask=mask2, other=0.0).to(ACC)
+    t = tl.load(h_ptr + rows[:, None] * N2 + cols[None, :], mask=mask2, other=0.0).to(ACC)
+    if SIGN > 0:
+        b = a + t
+    else:
+        b = a - t
+    tl.store(out_ptr + x_off + N1 + cols[None, :], b.to(out_ptr.dtype.element_ty), mask=mask2)
+
+
+@triton.jit
+def _additive_coupling_bwd_kernel(
+    g_ptr,  # [B, C, S] contiguous: gradient of the op's output
+    gin_ptr,  # [B, C, S] contiguous: gradient of the op's input, a copy of g
+    gh_ptr,  # [B, C2, S] contiguous: gradient of the shift, SIGN * g2
+    B,
+    N1,
+    N2,
+    NBLK,
+    SIGN: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    rows, cols, col_blk, row_ok, mask2 = _tile(B, N2, NBLK, ROWS, BLOCK)
+    x_off = rows[:, None] * (N1 + N2)
+    _copy_passthrough(g_ptr, gin_ptr, x_off, cols, row_ok, N1)
+    g2 = tl.load(g_ptr + x_off + N1 + cols[None, :], mask=mask2, other=0.0)
+    tl.store(gin_ptr + x_off + N1 + cols[None, :], g2, mask=mask2)
+    if SIGN < 0:
+        g2 = -g2
+    tl.store(gh_ptr + rows[:, None] * N2 + cols[None, :], g2, mask=mask2)
+
+
+# Largest tile (ROWS * BLOCK elements) of one program. On a GPU 2048 elements keep up to 8 values
+# per thread and array at 8 warps; the interpreter runs each program as numpy array operations
+# at about 0.8 ms per program, so it gets few, large programs.
+_MAX_TILE_GPU = 2048
+_MAX_TILE_INTERPRETER = 1 << 15
+
+# Range of a float32 clamp: Triton passes Python floats to kernels as float32.
+_FLOAT32_TINY = 1.1754943508222875e-38
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+class _Tiling(NamedTuple):
+    rows: int
+    block: int
+    nblk: int
+    grid: tuple[int]
+    num_warps: int
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _check_device(op: str, x: torch.Tensor, x_name: str) -> None:
+    if x.device.type == "cuda" or (x.device.type == "cpu" and _interpreting()):
+        return
+    raise RuntimeError(
+        f"{op}: the Triton backend needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), "
+        f"got {x_name} on {x.device}"
+    )
+
+
+def _check_affine(op: str, x: torch.Tensor, h: torch.Tensor, scale: str, clamp: float, x_name: str) -> None:
+    check_scale(op, scale, clamp)
+    check_coupling(op, x, h, affine=True, x_name=x_name)
+
+
+def _check_grad_logdet(op: str, grad_logdet: torch.Tensor, x: torch.Tensor) -> None:
+    if grad_logdet.dim() != 1 or grad_logdet.shape[0] != x.shape[0]:
+        raise ValueError(f"{op}: grad_logdet should have shape [{x.shape[0]}], got {list(grad_logdet.shape)}")
+    if grad_logdet.dtype != x.dtype:
+        raise ValueError(f"{op}: grad_logdet should have the dtype of x ({x.dtype}), got {grad_logdet.dtype}")
+    if grad_logdet.device != x.device:
+        raise ValueError(f"{op}: grad_logdet should be on the device of x ({x.device}), got {grad_logdet.device}")
+
+
+def _split_clamp(op: str, scale: str, clamp: float) -> tuple[float, float]:
+    """``clamp`` as a float32 pair ``hi + lo``: the kernels add the two in the compute dtype, which
+    recovers a float64 clamp to 2^-48 relative although Triton passes Python floats as float32."""
+    if scale != "exp":
+        return 1.0, 0.0
+    if not _FLOAT32_TINY <= clamp <= _FLOAT32_MAX:
+        raise ValueError(
+            f"{op}: clamp should be within the float32 range [{_FLOAT32_TINY}, {_FLOAT32_MAX}] for the "
+            f"Triton backend, got {clamp}"
+        )
+    hi = struct.unpack("f", struct.pack("f", clamp))[0]
+    lo = struct.unpack("f", struct.pack("f", clamp - hi))[0]
+    return hi, lo
+
+
+def _geometry(x: torch.Tensor) -> tuple[int, int, int]:
+    """``(B, N1, N2)`` of a coupling input ``[B, C, *spatial]``."""
+    c1, c2 = split_channels(x.shape[1])
+    spatial = math.prod(x.shape[2:])
+    return x.shape[0], c1 * spatial, c2 * spatial
+
+
+def _tiling(batch: int, n2: int) -> _Tiling:
+    max_tile = _MAX_TILE_INTERPRETER if _interpreting() else _MAX_TILE_GPU
+    block = min(triton.next_power_of_2(n2), max_tile)
+    rows = min(triton.next_power_of_2(batch), max_tile // block)
+    nblk = triton.cdiv(n2, block)
+    num_warps = min(8, max(1, rows * block // 256))
+    return _Tiling(rows, block, nblk, (triton.cdiv(batch, rows) * nblk,), num_warps)
+
+
+def _compute_dtype(dtype: torch.dtype) -> tuple[torch.dtype, tl.dtype]:
+    if dtype == torch.float64:
+        return torch.float64, tl.float64
+    return torch.float32, tl.float32
+
+
+def _device_guard(x: torch.Tensor):
+    # Triton launches on the current CUDA device: make it the device of the inputs.
+    if x.device.type == "cuda":
+        return torch.cuda.device(x.device)
+    return contextlib.nullcontext()
+
+
+def _affine_apply(kernel, src: torch.Tensor, h: torch.Tensor, scale: str, clamp: float, op: str):
+    clamp_hi, clamp_lo = _split_clamp(op, scale, clamp)
+    src = src.contiguous()
+    h = h.contiguous()
+    batch, n1, n2 = _geometry(src)
+    out = torch.empty(src.shape, dtype=src.dtype, device=src.device)
+    if out.numel() == 0:
+        return out, torch.zeros(batch, dtype=src.dtype, device=src.device)
+    acc_torch, acc_tl = _compute_dtype(src.dtype)
+    tiling = _tiling(batch, n2)
+    partial = torch.empty((batch, tiling.nblk), dtype=acc_torch, device=src.device)
+    with _device_guard(src):
+        kernel[tiling.grid](
+            in_ptr=src,
+            h_ptr=h,
+            out_ptr=out,
+            partial_ptr=partial,
+            B=batch,
+            N1=n1,
+            N2=n2,
+            NBLK=tiling.nblk,
+            clamp_hi=clamp_hi,
+            clamp_lo=clamp_lo,
+            SCALE=scale,
+            ACC=acc_tl,
+            ROWS=tiling.rows,
+            BLOCK=tiling.block,
+            num_warps=tiling.num_warps,
+        )
+    return out, partial.sum(dim=1).to(src.dtype)
+
+
+def affine_coupling_forward(
+    x: torch.Tensor, h: torch.Tensor, scale: str = "exp", clamp: float = 2.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y, logdet)`` of the affine coupling forward."""
+    op = "affine_coupling_fwd"
+    _check_affine(op, x, h, scale, clamp, "x")
+    _check_device(op, x, "x")
+    return _affine_apply(_affine_coupling_fwd_kernel, x, h, scale, clamp, op)
+
+
+def affine_coupling_inverse(
+    y: torch.Tensor, h: torch.Tensor, scale: str = "exp", clamp: float = 2.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x, logdet_inv)`` of the affine coupling inverse; ``logdet_inv = -logdet``."""
+    op = "affine_coupling_inv"
+    _check_affine(op, y, h, scale, clamp, "y")
+    _check_device(op, y, "y")
+    return _affine_apply(_affine_coupling_inv_kernel, y, h, scale, clamp, op)
+
+
+def affine_coupling_backward(
+    grad_out: torch.Tensor,
+    grad_logdet: torch.Tensor,
+    x: torch.Tensor,
+    h: torch.Tensor,
+    scale: str = "exp",
+    clamp: float = 2.0,
+    reverse: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(grad_in, grad_h)`` of the affine coupling forward (``reverse=False``, ``x`` its input) or
+    inverse (``reverse=True``, ``x`` its output)."""
+    op = "affine_coupling_bwd"
+    _check_affine(op, x, h, scale, clamp, "x")
+    check_grad(op, grad_out, x, "grad_out", "x")
+    _check_grad_logdet(op, grad_logdet, x)
+    _check_device(op, x, "x")
+    clamp_hi, clamp_lo = _split_clamp(op, scale, clamp)
+    grad_out = grad_out.contiguous()
+    grad_logdet = grad_logdet.contiguous()
+    x = x.contiguous()
+    h = h.contiguous()
+    batch, n1, n2 = _geometry(x)
+    grad_in = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    grad_h = torch.empty(h.shape, dtype=h.dtype, device=h.device)
+    if grad_in.numel() == 0:
+        return grad_in, grad_h
+    _, acc_tl = _compute_dtype(x.dtype)
+    tiling = _tiling(batch, n2)
+    with _device_guard(x):
+        _affine_coupling_bwd_kernel[tiling.grid](
+            g_ptr=grad_out,
+            gl_ptr=grad_logdet,
+            x_ptr=x,
+            h_ptr=h,
+            gin_ptr=grad_in,
+            gh_ptr=grad_h,
+            B=batch,
+            N1=n1,
+            N2=n2,
+            NBLK=tiling.nblk,
+            clamp_hi=clamp_hi,
+            clamp_lo=clamp_lo,
+            SCALE=scale,
+            REVERSE=reverse,
+            ACC=acc_tl,
+            ROWS=tiling.rows,
+            BLOCK=tiling.block,
+            num_warps=tiling.num_warps,
+        )
+    return grad_in, grad_h
+
+
+def _additive_apply(src: torch.Tensor, h: torch.Tensor, sign: int) -> torch.Tensor:
+    src = src.contiguous()
+    h = h.contiguous()
+    batch, n1, n2 = _geometry(src)
+    out = torch.empty(src.shape, dtype=src.dtype, device=src.device)
+    if out.numel() == 0:
+        return out
+    _, acc_tl = _compute_dtype(src.dtype)
+    tiling = _tiling(batch, n2)
+    with _device_guard(src):
+        _additive_coupling_kernel[tiling.grid](
+            in_ptr=src,
+            h_ptr=h,
+            out_ptr=out,
+            B=batch,
+            N1=n1,
+            N2=n2,
+            NBLK=tiling.nblk,
+            SIGN=sign,
+            ACC=acc_tl,
+            ROWS=tiling.rows,
+            BLOCK=tiling.block,
+            num_warps=tiling.num_warps,
+        )
+    return out
+
+
+def additive_coupling_forward(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """``y`` of the additive coupling forward (its log-det is 0)."""
+    op = "additive_coupling_fwd"
+    check_coupling(op, x, h, affine=False)
+    _check_device(op, x, "x")
+    return _additive_apply(x, h, 1)
+
+
+def additive_coupling_inverse(y: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """``x`` of the additive coupling inverse."""
+    op = "additive_coupling_inv"
+    check_coupling(op, y, h, affine=False, x_name="y")
+    _check_device(op, y, "y")
+    return _additive_apply(y, h, -1)
+
+
+def additive_coupling_backward(
+    grad_out: torch.Tensor, h: torch.Tensor, reverse: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(grad_in, grad_h)`` of the additive coupling forward (``reverse=False``) or inverse."""
+    op = "additive_coupling_bwd"
+    check_coupling(op, grad_out, h, affine=False, x_name="grad_out")
+    _check_device(op, grad_out, "grad_out")
+    grad_out = grad_out.contiguous()
+    batch, n1, n2 = _geometry(grad_out)
+    grad_in = torch.empty(grad_out.shape, dtype=grad_out.dtype, device=grad_out.device)
+    grad_h = torch.empty(h.shape, dtype=h.dtype, device=h.device)
+    if grad_in.numel() == 0:
+        return grad_in, grad_h
+    tiling = _tiling(batch, n2)
+    with _device_guard(grad_out):
+        _additive_coupling_bwd_kernel[tiling.grid](
+            g_ptr=grad_out,
+            gin_ptr=grad_in,
+            gh_ptr=grad_h,
+            B=batch,
+            N1=n1,
+            N2=n2,
+            NBLK=tiling.nblk,
+            SIGN=-1 if reverse else 1,
+            ROWS=tiling.rows,
+            BLOCK=tiling.block,
+            num_warps=tiling.num_warps,
+        )
+    return grad_in, grad_h
+
+
+# Registered ops: the schemas of docs/ops/coupling.md with a _triton suffix. Autograd is registered
+# by invkernels.ops for every backend; the fake impls validate like the real ones, so a mistake
+# fails at trace time under torch.compile too.
+
+
+@torch.library.custom_op(
+    "invkernels::affine_coupling_fwd_triton",
+    mutates_args=(),
+    schema="(Tensor x, Tensor h, str scale, float clamp) -> (Tensor y, Tensor logdet)",
+)
+def affine_coupling_fwd(
+    x: torch.Tensor, h: torch.Tensor, scale: str, clamp: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return affine_coupling_forward(x, h, scale, clamp)
+
+
+@affine_coupling_fwd.register_fake
+def _affine_coupling_fwd_fake(x, h, scale, clamp):
+    _check_affine("affine_coupling_fwd", x, h, scale, clamp, "x")
+    return x.new_empty(x.shape), x.new_empty((x.shape[0],))
+
+
+@torch.library.custom_op(
+    "invkernels::affine_coupling_inv_triton",
+    mutates_args=(),
+    schema="(Tensor y, Tensor h, str scale, float clamp) -> (Tensor x, Tensor logdet)",
+)
+def affine_coupling_inv(
+    y: torch.Tensor, h: torch.Tensor, scale: str, clamp: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return affine_coupling_inverse(y, h, scale, clamp)
+
+
+@affine_coupling_inv.register_fake
+def _affine_coupling_inv_fake(y, h, scale, clamp):
+    _check_affine("affine_coupling_inv", y, h, scale, clamp, "y")
+    return y.new_empty(y.shape), y.new_empty((y.shape[0],))
+
+
+@torch.library.custom_op(
+    "invkernels::affine_coupling_bwd_triton",
+    mutates_args=(),
+    schema=(
+        "(Tensor grad_out, Tensor grad_logdet, Tensor x, Tensor h, str scale, float clamp, bool reverse)"
+        " -> (Tensor grad_in, Tensor grad_h)"
+    ),
+)
+def affine_coupling_bwd(
+    grad_out: torch.Tensor,
+    grad_logdet: torch.Tensor,
+    x: torch.Tensor,
+    h: torch.Tensor,
+    scale: str,
+    clamp: float,
+    reverse: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return affine_coupling_backward(grad_out, grad_logdet, x, h, scale, clamp, reverse)
+
+
+@affine_coupling_bwd.register_fake
+def _affine_coupling_bwd_fake(grad_out, grad_logdet, x, h, scale, clamp, reverse):
+    op = "affine_coupling_bwd"
+    _check_affine(op, x, h, scale, clamp, "x")
+    check_grad(op, grad_out, x, "grad_out", "x")
+    _check_grad_logdet(op, grad_logdet, x)
+    return x.new_empty(x.shape), h.new_empty(h.shape)
+
+
+@torch.library.custom_op(
+    "invkernels::additive_coupling_fwd_triton",
+    mutates_args=(),
+    schema="(Tensor x, Tensor h) -> Tensor",
+)
+def additive_coupling_fwd(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    return additive_coupling_forward(x, h)
+
+
+@additive_coupling_fwd.register_fake
+def _additive_coupling_fwd_fake(x, h):
+    check_coupling("additive_coupling_fwd", x, h, affine=False)
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op(
+    "invkernels::additive_coupling_inv_triton",
+    mutates_args=(),
+    schema="(Tensor y, Tensor h) -> Tensor",
+)
+def additive_coupling_inv(y: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    return additive_coupling_inverse(y, h)
+
+
+@additive_coupling_inv.register_fake
+def _additive_coupling_inv_fake(y, h):
+    check_coupling("additive_coupling_inv", y, h, affine=False, x_name="y")
+    return y.new_empty(y.shape)
+
+
+@torch.library.custom_op(
+    "invkernels::additive_coupling_bwd_triton",
+    mutates_args=(),
+    schema="(Tensor grad_out, Tensor h, bool reverse) -> (Tensor grad_in, Tensor grad_h)",
+)
+def additive_coupling_bwd(grad_out: torch.Tensor, h: torch.Tensor, reverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return additive_coupling_backward(grad_out, h, reverse)
+
+
+@additive_coupling_bwd.register_fake
+def _additive_coupling_bwd_fake(grad_out, h, reverse):
+    check_coupling("additive_coupling_bwd", grad_out, h, affine=False, x_name="grad_out")
+    return grad_out.new_empty(grad_out.shape), h.new_empty(h.shape)

@@ -1,0 +1,331 @@
+"""The coupling ops of every backend against the float64 reference (docs/ops/coupling.md)."""
+
+import math
+
+import pytest
+import torch
+
+import invkernels
+from invkernels.ops import coupling as C
+from invkernels.reference import coupling as R
+from tolerances import assert_close
+
+BACKENDS = ["cpp", pytest.param("triton", marks=pytest.mark.triton)]
+SCALES = ["exp", "sigmoid"]
+SHAPES = [(3, 5, 4, 3), (2, 6), (1, 4, 2, 2), (2, 3, 5)]
+
+
+def ops_of(backend):
+    return C.cpp_ops() if backend == "cpp" else C.triton_ops()
+
+
+def make(shape, dtype=torch.float64, affine=True, h_scale=1.5):
+    x = torch.randn(shape, dtype=torch.float64)
+    c2 = shape[1] - shape[1] // 2
+    h = h_scale * torch.randn((shape[0], (2 if affine else 1) * c2, *shape[2:]), dtype=torch.float64)
+    return x.to(dtype), h.to(dtype)
+
+
+def n2(shape):
+    return (shape[1] - shape[1] // 2) * math.prod(shape[2:])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_affine_forward_and_inverse_match_reference(backend, scale, dtype, shape):
+    x, h = make(shape, dtype)
+    ops = ops_of(backend)
+    y, logdet = ops.affine_fwd(x, h, scale, 1.7)
+    y_ref, logdet_ref = R.affine_coupling_fwd(x.double(), h.double(), scale, 1.7)
+    assert y.dtype == dtype and logdet.dtype == dtype and y.shape == x.shape and logdet.shape == (shape[0],)
+    assert_close(y, y_ref)
+    assert_close(logdet, logdet_ref, reduce_len=n2(shape))
+    x_back, logdet_inv = ops.affine_inv(y_ref.to(dtype), h, scale, 1.7)
+    x_ref, logdet_inv_ref = R.affine_coupling_inv(y_ref.to(dtype).double(), h.double(), scale, 1.7)
+    assert_close(x_back, x_ref)
+    assert_close(logdet_inv, logdet_inv_ref, reduce_len=n2(shape))
+    assert_close(logdet_inv, -logdet_ref, reduce_len=n2(shape))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_additive_forward_and_inverse_match_reference(backend, dtype, shape):
+    x, h = make(shape, dtype, affine=False)
+    ops = ops_of(backend)
+    y = ops.additive_fwd(x, h)
+    y_ref = R.additive_coupling_fwd(x.double(), h.double())
+    assert_close(y, y_ref)
+    assert_close(ops.additive_inv(y, h), x.double())
+
+
+def reference_grads(fn, inputs, grads):
+    inputs = [t.detach().double().requires_grad_() for t in inputs]
+    outs = fn(*inputs)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    return torch.autograd.grad(outs, inputs, [g.double() for g in grads])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", SHAPES[:3])
+@pytest.mark.parametrize("direction", ["fwd", "inv"])
+def test_affine_backward_matches_reference(backend, scale, dtype, shape, direction):
+    x, h = make(shape, dtype)
+    g = torch.randn(shape, dtype=dtype)
+    gl = torch.randn(shape[0], dtype=dtype)
+    op = getattr(ops_of(backend), f"affine_{direction}")
+    ref = getattr(R, f"affine_coupling_{direction}")
+    xr, hr = x.clone().requires_grad_(), h.clone().requires_grad_()
+    grads = torch.autograd.grad(op(xr, hr, scale, 1.7), (xr, hr), (g, gl))
+    expected = reference_grads(lambda a, b: ref(a, b, scale, 1.7), (x, h), (g, gl))
+    assert_close(grads[0], expected[0])
+    assert_close(grads[1], expected[1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("direction", ["fwd", "inv"])
+def test_additive_backward_matches_reference(backend, direction):
+    shape = (3, 5, 2, 3)
+    x, h = make(shape, torch.float32, affine=False)
+    g = torch.randn(shape)
+    op = getattr(ops_of(backend), f"additive_{direction}")
+    xr, hr = x.clone().requires_grad_(), h.clone().requires_grad_()
+    grads = torch.autograd.grad(op(xr, hr), (xr, hr), g)
+    expected = reference_grads(getattr(R, f"additive_coupling_{direction}"), (x, h), (g,))
+    assert_close(grads[0], expected[0])
+    assert_close(grads[1], expected[1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("direction", ["fwd", "inv"])
+def test_affine_gradcheck(backend, scale, direction):
+    x, h = make((2, 3, 2, 1))
+    op = getattr(ops_of(backend), f"affine_{direction}")
+    assert torch.autograd.gradcheck(lambda a, b: op(a, b, scale, 1.3), (x.requires_grad_(), h.requires_grad_()))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("direction", ["fwd", "inv"])
+def test_additive_gradcheck(backend, direction):
+    x, h = make((2, 3, 2), affine=False)
+    op = getattr(ops_of(backend), f"additive_{direction}")
+    assert torch.autograd.gradcheck(op, (x.requires_grad_(), h.requires_grad_()))
+
+
+def test_reference_gradcheck():
+    x, h = make((2, 3, 2, 1))
+    for scale in SCALES:
+        assert torch.autograd.gradcheck(lambda a, b: R.affine_coupling_fwd(a, b, scale, 1.3),
+                                        (x.clone().requires_grad_(), h.clone().requires_grad_()))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_opcheck(backend, dtype, requires_grad):
+    suffix = "" if backend == "cpp" else "_triton"
+    ops_of(backend)
+    ns = torch.ops.invkernels
+    x, h = make((2, 5, 3, 2), dtype)
+    xa, ha = make((2, 5, 3, 2), dtype, affine=False)
+    g = torch.randn_like(x)
+    gl = torch.randn(2, dtype=dtype)
+    rg = dict(requires_grad=requires_grad)
+    for scale in SCALES:
+        torch.library.opcheck(getattr(ns, "affine_coupling_fwd" + suffix),
+                              (x.clone().requires_grad_(**rg), h.clone().requires_grad_(**rg), scale, 1.5))
+        torch.library.opcheck(getattr(ns, "affine_coupling_inv" + suffix),
+                              (x.clone().requires_grad_(**rg), h.clone().requires_grad_(**rg), scale, 1.5))
+        for reverse in (False, True):
+            torch.library.opcheck(getattr(ns, "affine_coupling_bwd" + suffix), (g, gl, x, h, scale, 1.5, reverse))
+    torch.library.opcheck(getattr(ns, "additive_coupling_fwd" + suffix),
+                          (xa.clone().requires_grad_(**rg), ha.clone().requires_grad_(**rg)))
+    torch.library.opcheck(getattr(ns, "additive_coupling_inv" + suffix),
+                          (xa.clone().requires_grad_(**rg), ha.clone().requires_grad_(**rg)))
+    for reverse in (False, True):
+        torch.library.opcheck(getattr(ns, "additive_coupling_bwd" + suffix), (g, ha, reverse))
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+@pytest.mark.parametrize("scale", SCALES)
+def test_round_trip(backend, scale):
+    x, h = make((4, 7, 3, 5), torch.float32)
+    y, logdet = C.affine_coupling_fwd(x, h, scale, backend=backend)
+    x_back, logdet_inv = C.affine_coupling_inv(y, h, scale, backend=backend)
+    assert_close(x_back, x.double())
+    assert_close(logdet_inv, -logdet.double(), reduce_len=n2(x.shape))
+    xa, ha = make((4, 7, 3, 5), torch.float32, affine=False)
+    assert_close(C.additive_coupling_inv(C.additive_coupling_fwd(xa, ha, backend=backend), ha, backend=backend),
+                 xa.double())
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+@pytest.mark.parametrize("scale", SCALES)
+def test_logdet_is_slogdet_of_dense_jacobian(backend, scale):
+    """h depends on x1 through a nonlinear map, so the Jacobian is block-triangular, not diagonal."""
+    shape = (3, 5, 2, 2)
+    torch.manual_seed(1)
+    x = torch.randn(shape, dtype=torch.float64)
+    w = torch.randn(2 * 3 * 4, 2 * 4, dtype=torch.float64) / 3
+
+    def h_of(xs):
+        return torch.tanh(xs[:, :2].reshape(xs.shape[0], -1) @ w.T).reshape(xs.shape[0], 6, 2, 2)
+
+    _, logdet = C.affine_coupling_fwd(x, h_of(x), scale, 1.5, backend=backend)
+    for b in range(shape[0]):
+        def f(flat, b=b):
+            xb = flat.reshape(1, *shape[1:])
+            return C.affine_coupling_fwd(xb, h_of(xb), scale, 1.5, backend=backend)[0].reshape(-1)
+
+        jac = torch.autograd.functional.jacobian(f, x[b].reshape(-1))
+        sign, expected = torch.linalg.slogdet(jac)
+        assert sign.item() == 1.0
+        assert_close(logdet[b], expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hostile_layouts(backend):
+    base, hbase = make((4, 6, 6, 8), torch.float32)
+    layouts = {
+        "strided": (base[::2, :, ::2, 1::2], hbase[::2, :, ::2, 1::2]),
+        "channels_last": (base.contiguous(memory_format=torch.channels_last),
+                          hbase.contiguous(memory_format=torch.channels_last)),
+        "transposed": (base.transpose(2, 3), hbase.transpose(2, 3)),
+    }
+    ops = ops_of(backend)
+    for name, (x, h) in layouts.items():
+        assert not x.is_contiguous(), name
+        y, logdet = ops.affine_fwd(x, h, "exp", 2.0)
+        y_ref, logdet_ref = R.affine_coupling_fwd(x.double(), h.double(), "exp", 2.0)
+        assert_close(y, y_ref)
+        assert_close(logdet, logdet_ref, reduce_len=n2(x.shape))
+        g = torch.randn(x.shape).transpose(2, 3).contiguous().transpose(2, 3)
+        xr, hr = x.clone().requires_grad_(), h.clone().requires_grad_()
+        grads = torch.autograd.grad(ops.affine_fwd(xr, hr, "exp", 2.0)[0], (xr, hr), g)
+        expected = reference_grads(lambda a, b: R.affine_coupling_fwd(a, b, "exp", 2.0)[0], (x, h), (g,))
+        assert_close(grads[0], expected[0])
+        assert_close(grads[1], expected[1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch(backend):
+    ops = ops_of(backend)
+    x, h = make((0, 5, 3, 3), torch.float32)
+    y, logdet = ops.affine_fwd(x, h, "exp", 2.0)
+    assert y.shape == x.shape and logdet.shape == (0,)
+    x_back, logdet_inv = ops.affine_inv(y, h, "sigmoid", 2.0)
+    assert x_back.shape == x.shape and logdet_inv.shape == (0,)
+    gin, gh = ops.affine_bwd(torch.zeros_like(x), torch.zeros(0), x, h, "exp", 2.0, False)
+    assert gin.shape == x.shape and gh.shape == h.shape
+    xa, ha = make((0, 5, 3, 3), torch.float32, affine=False)
+    assert ops.additive_fwd(xa, ha).shape == xa.shape
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_and_inf_propagate(backend):
+    x, h = make((2, 4, 3), torch.float32)
+    x[0, 3, 1] = float("nan")
+    h[1, 0, 2] = float("nan")
+    h[1, 1, 0] = float("inf")
+    for scale in SCALES:
+        y, logdet = ops_of(backend).affine_fwd(x, h, scale, 2.0)
+        assert torch.isnan(y[0, 3, 1])
+        assert torch.isnan(y[1, 2, 2]) and torch.isnan(logdet[1])
+        assert torch.isfinite(logdet[0])
+        assert torch.isfinite(y[0, :3]).all() and torch.isfinite(y[0, 3, [0, 2]]).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_extreme_raw_scales_stay_bounded(backend):
+    """The soft clamp keeps exp scales in [exp(-c), exp(c)]; the sigmoid inverse never divides."""
+    x = torch.ones(1, 2, 4)
+    h = torch.tensor([[[-1e4, -60.0, 60.0, 1e4], [0.0, 0.0, 0.0, 0.0]]])
+    ops = ops_of(backend)
+    y, _ = ops.affine_fwd(x, h, "exp", 2.0)
+    assert_close(y[0, 1], torch.tensor([math.exp(-2), math.exp(-2), math.exp(2), math.exp(2)]))
+    x_back, logdet_inv = ops.affine_inv(y, h, "exp", 2.0)
+    assert_close(x_back, x.double())
+    y, logdet = ops.affine_fwd(x[..., 1:3], h[..., 1:3], "sigmoid", 2.0)
+    assert torch.isfinite(y).all() and torch.isfinite(logdet).all()
+    assert_close(ops.affine_inv(y, h[..., 1:3], "sigmoid", 2.0)[0], x[..., 1:3].double(), rtol=1e-4)
+
+
+def test_bfloat16_cpu_error_is_at_most_twice_the_reference_error():
+    x, h = make((3, 6, 8, 8), torch.float64)
+    y64, l64 = R.affine_coupling_fwd(x, h)
+    xb, hb = x.bfloat16(), h.bfloat16()
+    y, logdet = C.cpp_ops().affine_fwd(xb, hb, "exp", 2.0)
+    y_bf_ref, l_bf_ref = R.affine_coupling_fwd(xb, hb)
+    assert y.dtype == torch.bfloat16 and logdet.dtype == torch.bfloat16
+    for got, ref_low, exact in ((y, y_bf_ref, y64), (logdet, l_bf_ref, l64)):
+        err = (got.double() - exact).abs().max().item()
+        ref_err = (ref_low.double() - exact).abs().max().item()
+        assert err <= 2 * ref_err + 1e-3, (err, ref_err)
+
+
+def test_logdet_does_not_depend_on_thread_count():
+    x, h = make((3, 6, 64, 64), torch.float32)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        _, one = C.cpp_ops().affine_fwd(x, h, "exp", 2.0)
+        torch.set_num_threads(max(2, threads))
+        _, many = C.cpp_ops().affine_fwd(x, h, "exp", 2.0)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, many)
+
+
+BAD_INPUTS = [
+    ("x should be at least 2-D", lambda ops: ops.affine_fwd(torch.randn(4), torch.randn(4), "exp", 2.0)),
+    ("x should have at least 2 channels", lambda ops: ops.affine_fwd(torch.randn(2, 1), torch.randn(2, 2), "exp", 2.0)),
+    ("same dtype", lambda ops: ops.affine_fwd(torch.randn(2, 4), torch.randn(2, 4, dtype=torch.float64), "exp", 2.0)),
+    ("= 6 channels for x with C=5, got 4",
+     lambda ops: ops.affine_fwd(torch.randn(2, 5, 3), torch.randn(2, 4, 3), "exp", 2.0)),
+    ("= 3 channels for y with C=5, got 6",
+     lambda ops: ops.additive_inv(torch.randn(2, 5, 3), torch.randn(2, 6, 3))),
+    ("batch size of x (2), got 3", lambda ops: ops.affine_fwd(torch.randn(2, 4, 3), torch.randn(3, 4, 3), "exp", 2.0)),
+    ("spatial shape of x [3], got [4]",
+     lambda ops: ops.affine_fwd(torch.randn(2, 4, 3), torch.randn(2, 4, 4), "exp", 2.0)),
+    ("same number of dimensions as x (3), got 2",
+     lambda ops: ops.affine_fwd(torch.randn(2, 4, 3), torch.randn(2, 4), "exp", 2.0)),
+    ("floating-point", lambda ops: ops.affine_fwd(torch.ones(2, 4, dtype=torch.long), torch.ones(2, 4, dtype=torch.long),
+                                                  "exp", 2.0)),
+    ("scale should be 'exp' or 'sigmoid', got 'softplus'",
+     lambda ops: ops.affine_fwd(torch.randn(2, 4), torch.randn(2, 4), "softplus", 2.0)),
+    ("clamp should be positive", lambda ops: ops.affine_fwd(torch.randn(2, 4), torch.randn(2, 4), "exp", -1.0)),
+    ("grad_out should have the shape of x",
+     lambda ops: ops.affine_bwd(torch.randn(2, 5), torch.randn(2), torch.randn(2, 4), torch.randn(2, 4), "exp", 2.0,
+                                False)),
+    ("grad_logdet should have shape [2]",
+     lambda ops: ops.affine_bwd(torch.randn(2, 4), torch.randn(3), torch.randn(2, 4), torch.randn(2, 4), "exp", 2.0,
+                                False)),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+@pytest.mark.parametrize("message,call", BAD_INPUTS, ids=[m for m, _ in BAD_INPUTS])
+def test_bad_inputs_raise_errors_naming_the_argument(backend, message, call):
+    if backend == "reference":
+        if "grad_" in message:
+            return
+        ops = C.CouplingOps(lambda x, h, s, c: R.affine_coupling_fwd(x, h, s, c), None, None, None,
+                            R.additive_coupling_inv, None)
+    else:
+        ops = ops_of(backend)
+    with pytest.raises((ValueError, RuntimeError), match=message.replace("[", r"\[").replace("]", r"\]")
+                       .replace("(", r"\(").replace(")", r"\)").replace("*", r"\*")):
+        call(ops)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_device_mix_is_rejected(backend):
+    x = torch.randn(2, 4, 3)
+    h = torch.randn(2, 4, 3, device="meta")
+    with pytest.raises((ValueError, RuntimeError), match="same device"):
+        invkernels.ops.affine_coupling_fwd(x, h, backend=backend)

@@ -1,0 +1,149 @@
+"""Build of invkernels: the op schemas + CUDA kernels (invkernels._C) and the CPU kernels.
+
+The CPU kernels are compiled once per CPU capability into invkernels._cpu_default,
+_cpu_avx2 and _cpu_avx512; at import, invkernels loads the one matching
+torch.backends.cpu.get_cpu_capability(). The CUDA kernels are compiled when torch was built
+with CUDA and nvcc is found (a visible GPU is not needed).
+
+Environment:
+  INVKERNELS_WITH_CUDA   auto (default) | 0 | 1
+  INVKERNELS_CUDA_ARCHS  e.g. "8.0;9.0" (default: TORCH_CUDA_ARCH_LIST, else the visible GPUs,
+                         else "8.0;9.0")
+  MAX_JOBS               parallel compile jobs (ninja)
+  DEBUG                  1 for -O0 -g
+Build with `pip install -e . --no-build-isolation` so the extension compiles against the
+installed torch.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _log(msg: str) -> None:
+    print(f"[invkernels] {msg}", file=sys.stderr, flush=True)
+
+
+def _toolkit_root() -> str | None:
+    """The CUDA toolkit directory behind the nvcc on PATH (it may be a wrapper script)."""
+    nvcc = shutil.which("nvcc")
+    if os.environ.get("CUDA_HOME"):
+        return os.environ["CUDA_HOME"]
+    if nvcc is None:
+        return None
+    try:
+        out = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-E", os.devnull], capture_output=True, text=True,
+                             timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    match = re.search(r"^#\$ TOP=(.+)$", out.stdout + out.stderr, re.MULTILINE)
+    if match is None:
+        return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+    return os.path.realpath(match.group(1).strip())
+
+
+_cuda_root = _toolkit_root()
+if _cuda_root is not None:
+    # Must be set before torch.utils.cpp_extension computes CUDA_HOME at import.
+    os.environ["CUDA_HOME"] = _cuda_root
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+DEBUG = os.environ.get("DEBUG", "0") == "1"
+WITH_CUDA_ENV = os.environ.get("INVKERNELS_WITH_CUDA", "auto").lower()
+if WITH_CUDA_ENV not in ("auto", "0", "1"):
+    raise SystemExit(f"INVKERNELS_WITH_CUDA should be auto, 0 or 1, got {WITH_CUDA_ENV!r}")
+cuda_possible = torch.version.cuda is not None and _cuda_root is not None
+if WITH_CUDA_ENV == "1" and not cuda_possible:
+    raise SystemExit(
+        f"INVKERNELS_WITH_CUDA=1 but torch.version.cuda={torch.version.cuda} and nvcc toolkit={_cuda_root}")
+WITH_CUDA = cuda_possible if WITH_CUDA_ENV == "auto" else WITH_CUDA_ENV == "1"
+
+CUDA_ARCHS = ""
+if WITH_CUDA:
+    CUDA_ARCHS = os.environ.get("INVKERNELS_CUDA_ARCHS") or os.environ.get("TORCH_CUDA_ARCH_LIST") or ""
+    if not CUDA_ARCHS and not torch.cuda.is_available():
+        CUDA_ARCHS = "8.0;9.0"
+    if CUDA_ARCHS:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = CUDA_ARCHS
+
+OPT = ["-O0", "-g"] if DEBUG else ["-O3", "-g0"]
+CXX_FLAGS = OPT + ["-std=c++20", "-fopenmp", "-Wno-unknown-pragmas"]
+CPU_CAPABILITIES = {
+    "default": [],
+    "avx2": ["-mavx2", "-mfma", "-mf16c"],
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"],
+}
+
+
+def _sources(pattern: str) -> list[str]:
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def _cuda_extra_includes() -> list[str]:
+    """Headers of CUDA libraries (cuBLAS, cuSPARSE, ...) that torch's CUDA wheels ship."""
+    try:
+        import nvidia  # noqa: PLC0415
+    except ImportError:
+        return []
+    found = []
+    for base in nvidia.__path__:
+        found += sorted(glob.glob(os.path.join(base, "cu[0-9]*", "include")))
+    return found
+
+
+def extensions():
+    exts = []
+    main_sources = _sources("csrc/invkernels.cpp")
+    defines = [f'-DINVK_CUDA_ARCHS="{CUDA_ARCHS}"']
+    if WITH_CUDA:
+        nvcc = OPT[:1] + ["-std=c++20", "-Xptxas=-v", "-Xptxas=-warn-spills", "-DINVK_WITH_CUDA"]
+        for inc in _cuda_extra_includes():
+            nvcc += ["-isystem", inc]
+        exts.append(CUDAExtension(
+            "invkernels._C", main_sources + _sources("csrc/cuda/*.cu"),
+            extra_compile_args={"cxx": CXX_FLAGS + defines + ["-DINVK_WITH_CUDA"], "nvcc": nvcc}))
+    else:
+        exts.append(CppExtension("invkernels._C", main_sources, extra_compile_args={"cxx": CXX_FLAGS + defines}))
+    for name, flags in CPU_CAPABILITIES.items():
+        cap = name.upper()
+        exts.append(CppExtension(
+            f"invkernels._cpu_{name}", _sources("csrc/cpu/*.cpp"),
+            extra_compile_args={"cxx": CXX_FLAGS + flags + [f"-DCPU_CAPABILITY={cap}", f"-DCPU_CAPABILITY_{cap}"]},
+            extra_link_args=["-fopenmp"]))
+    return exts
+
+
+class Build(BuildExtension):
+    """Gives each extension its own object directory: the CPU sources are compiled once per
+    capability with different flags."""
+
+    def build_extension(self, ext):
+        base = self.build_temp
+        self.build_temp = os.path.join(base, ext.name.rsplit(".", 1)[-1])
+        try:
+            super().build_extension(ext)
+        finally:
+            self.build_temp = base
+
+
+_log(f"torch {torch.__version__} (CUDA {torch.version.cuda}); CUDA toolkit: {_cuda_root}; "
+     f"CUDA backend: {'yes' if WITH_CUDA else 'no'}"
+     + (f" for archs {CUDA_ARCHS or 'of the visible GPUs'}" if WITH_CUDA else "")
+     + f"; CPU capabilities: {', '.join(CPU_CAPABILITIES)}; {'debug' if DEBUG else 'release'} build")
+
+setup(
+    packages=find_packages(include=["invkernels", "invkernels.*"]),
+    ext_modules=extensions(),
+    cmdclass={"build_ext": Build.with_options(use_ninja=True)},
+)
