@@ -1,6 +1,7 @@
 """The coupling ops of every backend against the float64 reference (docs/ops/coupling.md)."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -255,13 +256,23 @@ def test_extreme_raw_scales_stay_bounded(backend):
     assert_close(ops.affine_inv(y, h[..., 1:3], "sigmoid", 2.0)[0], x[..., 1:3].double(), rtol=1e-4)
 
 
-def test_bfloat16_cpu_error_is_at_most_twice_the_reference_error():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bfloat16_error_is_at_most_twice_the_reference_error(backend):
     x, h = make((3, 6, 8, 8), torch.float64)
     y64, l64 = R.affine_coupling_fwd(x, h)
     xb, hb = x.bfloat16(), h.bfloat16()
-    y, logdet = C.cpp_ops().affine_fwd(xb, hb, "exp", 2.0)
-    y_bf_ref, l_bf_ref = R.affine_coupling_fwd(xb, hb)
+    y, logdet = ops_of(backend).affine_fwd(xb, hb, "exp", 2.0)
     assert y.dtype == torch.bfloat16 and logdet.dtype == torch.bfloat16
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
+        # The interpreter truncates float32 -> bfloat16 stores (measured: 1 + 2^-7 - 2^-12 is stored
+        # as 1.0, with or without fp_downcast_rounding="rtne"), so its results lie within one
+        # bfloat16 ulp of the exact value instead of half of one; a GPU rounds to nearest.
+        y_exact, l_exact = R.affine_coupling_fwd(xb.double(), hb.double())
+        for got, exact in ((y, y_exact), (logdet, l_exact)):
+            bound = torch.finfo(torch.bfloat16).eps * exact.abs() * (1 + 1e-5) + 1e-6
+            assert ((got.double() - exact).abs() <= bound).all()
+        return
+    y_bf_ref, l_bf_ref = R.affine_coupling_fwd(xb, hb)
     for got, ref_low, exact in ((y, y_bf_ref, y64), (logdet, l_bf_ref, l64)):
         err = (got.double() - exact).abs().max().item()
         ref_err = (ref_low.double() - exact).abs().max().item()
