@@ -116,15 +116,6 @@ void affine_backward_apply(const at::Tensor& g, const at::Tensor& gl, const at::
   });
 }
 
-template <typename F>
-void dispatch_scale(ScaleKind kind, const F& f) {
-  if (kind == ScaleKind::Exp) {
-    f(std::integral_constant<ScaleKind, ScaleKind::Exp>{});
-  } else {
-    f(std::integral_constant<ScaleKind, ScaleKind::Sigmoid>{});
-  }
-}
-
 template <bool Inverse>
 std::tuple<at::Tensor, at::Tensor> affine_coupling(const at::Tensor& in_, const at::Tensor& h_,
                                                    c10::string_view scale, double clamp) {

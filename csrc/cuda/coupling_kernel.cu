@@ -122,15 +122,6 @@ __global__ void additive_backward_kernel(const scalar_t* __restrict__ g, scalar_
   }
 }
 
-template <typename F>
-void dispatch_scale(ScaleKind kind, const F& f) {
-  if (kind == ScaleKind::Exp) {
-    f(std::integral_constant<ScaleKind, ScaleKind::Exp>{});
-  } else {
-    f(std::integral_constant<ScaleKind, ScaleKind::Sigmoid>{});
-  }
-}
-
 template <bool Inverse>
 std::tuple<at::Tensor, at::Tensor> affine_coupling(const at::Tensor& in_, const at::Tensor& h_,
                                                    c10::string_view scale, double clamp) {

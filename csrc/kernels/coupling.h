@@ -2,6 +2,8 @@
 
 #include <stdint.h>
 
+#include <type_traits>
+
 #include "macros.h"
 #include "scalar_math.h"
 
@@ -37,6 +39,17 @@ struct CouplingShape {
 // partial log-det sum, and the partial sums of a sample are added in chunk order, so the result
 // is the same for every thread count.
 INVK_HOST_DEVICE int64_t num_chunks(int64_t n, int64_t chunk) { return (n + chunk - 1) / chunk; }
+
+// Calls f(std::integral_constant<ScaleKind, K>{}) for the runtime kind (host code: picks the
+// kernel instantiation).
+template <typename F>
+inline void dispatch_scale(ScaleKind kind, const F& f) {
+  if (kind == ScaleKind::Exp) {
+    f(std::integral_constant<ScaleKind, ScaleKind::Exp>{});
+  } else {
+    f(std::integral_constant<ScaleKind, ScaleKind::Sigmoid>{});
+  }
+}
 
 template <typename T>
 struct ScaleParams {
