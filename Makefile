@@ -10,7 +10,7 @@ BUILD_LOG := build/build.log
 # them (the same setting for every provider in the benchmark).
 BENCH_ENV := MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=4294967296
 
-.PHONY: env build test test-python test-cpp bench clean
+.PHONY: env build test test-python test-cpp test-gpu bench clean
 
 env: $(VENV)/.deps-installed
 
@@ -33,8 +33,15 @@ test-cpp: env
 	PATH=$(abspath $(VENV))/bin:$$PATH cmake --build build/cmake-tests >> build/cmake-tests.log
 	ctest --test-dir build/cmake-tests --output-on-failure
 
+# With nvcc on PATH the build must contain the CUDA backend; test_build.py checks it.
+EXPECT_CUDA := $(shell command -v nvcc >/dev/null 2>&1 && echo 1 || echo 0)
+
 test-python: build
-	$(PY) -m pytest python_tests -p no:cacheprovider -q -rs
+	INVKERNELS_EXPECT_CUDA_BUILD=$(EXPECT_CUDA) $(PY) -m pytest python_tests -p no:cacheprovider -q -rs
+
+# On a machine with a GPU: the cuda-marked tests, with Triton compiled for the GPU.
+test-gpu: build
+	INVKERNELS_TEST_CUDA=1 $(PY) -m pytest python_tests -p no:cacheprovider -q -rs -m cuda
 
 test: build test-cpp test-python
 

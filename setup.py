@@ -7,8 +7,8 @@ with CUDA and nvcc is found (a visible GPU is not needed).
 
 Environment:
   INVKERNELS_WITH_CUDA   auto (default) | 0 | 1
-  INVKERNELS_CUDA_ARCHS  e.g. "8.0;9.0" (default: TORCH_CUDA_ARCH_LIST, else the visible GPUs,
-                         else "8.0;9.0")
+  INVKERNELS_CUDA_ARCHS  e.g. "8.0;9.0" (default: TORCH_CUDA_ARCH_LIST, else the archs of the
+                         visible GPUs, else "8.0;9.0")
   MAX_JOBS               parallel compile jobs (ninja)
   DEBUG                  1 for -O0 -g
 Build with `pip install -e . --no-build-isolation` so the extension compiles against the
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import glob
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -72,18 +73,19 @@ WITH_CUDA = cuda_possible if WITH_CUDA_ENV == "auto" else WITH_CUDA_ENV == "1"
 CUDA_ARCHS = ""
 if WITH_CUDA:
     CUDA_ARCHS = os.environ.get("INVKERNELS_CUDA_ARCHS") or os.environ.get("TORCH_CUDA_ARCH_LIST") or ""
-    if not CUDA_ARCHS and not torch.cuda.is_available():
+    if not CUDA_ARCHS and torch.cuda.is_available():
+        caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+        CUDA_ARCHS = ";".join(f"{major}.{minor}" for major, minor in caps)
+    if not CUDA_ARCHS:
         CUDA_ARCHS = "8.0;9.0"
-    if CUDA_ARCHS:
-        os.environ["TORCH_CUDA_ARCH_LIST"] = CUDA_ARCHS
+    os.environ["TORCH_CUDA_ARCH_LIST"] = CUDA_ARCHS
 
 OPT = ["-O0", "-g"] if DEBUG else ["-O3", "-g0"]
 CXX_FLAGS = OPT + ["-std=c++20", "-fopenmp", "-Wno-unknown-pragmas"]
-CPU_CAPABILITIES = {
-    "default": [],
-    "avx2": ["-mavx2", "-mfma", "-mf16c"],
-    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"],
-}
+CPU_CAPABILITIES = {"default": []}
+if platform.machine().lower() in ("x86_64", "amd64"):
+    CPU_CAPABILITIES["avx2"] = ["-mavx2", "-mfma", "-mf16c"]
+    CPU_CAPABILITIES["avx512"] = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"]
 
 
 def _sources(pattern: str) -> list[str]:
@@ -139,7 +141,7 @@ class Build(BuildExtension):
 
 _log(f"torch {torch.__version__} (CUDA {torch.version.cuda}); CUDA toolkit: {_cuda_root}; "
      f"CUDA backend: {'yes' if WITH_CUDA else 'no'}"
-     + (f" for archs {CUDA_ARCHS or 'of the visible GPUs'}" if WITH_CUDA else "")
+     + (f" for archs {CUDA_ARCHS}" if WITH_CUDA else "")
      + f"; CPU capabilities: {', '.join(CPU_CAPABILITIES)}; {'debug' if DEBUG else 'release'} build")
 
 setup(

@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <limits>
 #include <string>
 
 #include "kernels/coupling.h"
@@ -16,8 +17,9 @@ namespace invk {
 
 inline ScaleKind parse_scale(const char* op, c10::string_view scale, double clamp) {
   if (scale == "exp") {
-    INVK_CHECK(std::isfinite(clamp) && clamp > 0, op,
-               "clamp should be positive and finite for scale='exp', got ", clamp);
+    // 1 / clamp and clamp must both be finite in float32, the compute type of most inputs.
+    INVK_CHECK(clamp >= std::numeric_limits<float>::min() && clamp <= std::numeric_limits<float>::max(), op,
+               "clamp should be positive and finite (within the float32 range) for scale='exp', got ", clamp);
     return ScaleKind::Exp;
   }
   INVK_CHECK(scale == "sigmoid", op, "scale should be 'exp' or 'sigmoid', got '", std::string(scale), "'");

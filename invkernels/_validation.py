@@ -6,11 +6,11 @@ one message for one mistake whichever backend runs.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 SCALES = ("exp", "sigmoid")
+_FLOAT32_MIN = torch.finfo(torch.float32).tiny
+_FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 def _fail(op: str, message: str) -> None:
@@ -20,8 +20,9 @@ def _fail(op: str, message: str) -> None:
 def check_scale(op: str, scale: str, clamp: float) -> None:
     if scale not in SCALES:
         _fail(op, f"scale should be 'exp' or 'sigmoid', got {scale!r}")
-    if scale == "exp" and not (math.isfinite(clamp) and clamp > 0):
-        _fail(op, f"clamp should be positive and finite for scale='exp', got {clamp}")
+    # 1 / clamp and clamp must both be finite in float32, the compute type of most inputs.
+    if scale == "exp" and not (_FLOAT32_MIN <= clamp <= _FLOAT32_MAX):
+        _fail(op, f"clamp should be positive and finite (within the float32 range) for scale='exp', got {clamp}")
 
 
 def split_channels(channels: int) -> tuple[int, int]:

@@ -1,7 +1,8 @@
 import os
 
-# The Triton backend runs on CPU tensors through the interpreter when no GPU is visible. The
-# variable must be set before triton is first imported, which invkernels does lazily.
+# The Triton backend runs on CPU tensors through the interpreter. The variable must be set before
+# triton is first imported (invkernels imports it lazily). `make test-gpu` sets
+# INVKERNELS_TEST_CUDA=1 to run the cuda-marked tests with Triton compiled for the GPU instead.
 if os.environ.get("INVKERNELS_TEST_CUDA") != "1":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -12,12 +13,15 @@ import invkernels  # noqa: E402,F401
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    no_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    no_interpreter = pytest.mark.skip(reason="Triton on CPU tensors needs TRITON_INTERPRET=1")
+    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
     for item in items:
         if "cuda" in item.keywords:
-            item.add_marker(skip)
+            if not torch.cuda.is_available():
+                item.add_marker(no_gpu)
+        elif "triton" in item.keywords and not interpreting:
+            item.add_marker(no_interpreter)
 
 
 @pytest.fixture(autouse=True)

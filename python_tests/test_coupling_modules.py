@@ -138,7 +138,7 @@ def test_bad_forward_arguments():
 def test_torch_compile_fullgraph_matches_eager(backend):
     torch._dynamo.reset()
     model = torch.nn.ModuleList([randomize(AffineCoupling(5, "conv", hidden=8, backend=backend)),
-                                 randomize(AdditiveCoupling(5, "conv", hidden=8, backend=backend))])
+                                 randomize(AdditiveCoupling(5, "conv", hidden=8, backend=backend))]).double()
 
     def run(x):
         y, logdet = model[0](x)
@@ -146,12 +146,24 @@ def test_torch_compile_fullgraph_matches_eager(backend):
         return y, logdet + logdet2
 
     compiled = torch.compile(run, fullgraph=True)
-    x = torch.randn(2, 5, 4, 4)
+    x = torch.randn(2, 5, 4, 4, dtype=torch.float64)
     x_eager, x_comp = x.clone().requires_grad_(), x.clone().requires_grad_()
     y, logdet = run(x_eager)
     yc, logdetc = compiled(x_comp)
     assert_close(yc, y.double())
     assert_close(logdetc, logdet.double(), reduce_len=48)
-    (y.square().sum() + logdet.sum()).backward()
-    (yc.square().sum() + logdetc.sum()).backward()
-    assert_close(x_comp.grad, x_eager.grad.double())
+    params = list(model.parameters())
+    eager_grads = torch.autograd.grad(y.square().sum() + logdet.sum(), [x_eager, *params])
+    comp_grads = torch.autograd.grad(yc.square().sum() + logdetc.sum(), [x_comp, *params])
+    for got, want in zip(comp_grads, eager_grads):
+        assert_close(got, want.double())
+
+
+def test_autocast_subnet_output_is_cast_to_the_input_dtype():
+    layer = randomize(AffineCoupling(4, "conv", hidden=8))
+    x = torch.randn(2, 4, 5, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, logdet = layer(x)
+        x_back = layer.inverse(y)
+    assert y.dtype == torch.float32 and logdet.dtype == torch.float32
+    assert_close(x_back, x.double())

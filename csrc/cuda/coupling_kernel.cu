@@ -4,7 +4,7 @@
 // csrc/kernels/coupling.h that the CPU backend runs and tests. Each thread block transforms
 // kChunk elements of one sample's transformed half and writes one partial log-det (block
 // reduction with CUB, no atomics); the partial sums are added per sample in a fixed order.
-// The passthrough half is a strided device-to-device copy.
+// The passthrough half is a strided ATen copy.
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
@@ -30,12 +30,12 @@ using acc_t = at::opmath_type<scalar_t>;
 
 int grid_for(int64_t tiles) { return static_cast<int>(std::max<int64_t>(1, std::min(tiles, kMaxBlocks))); }
 
-// Copies the passthrough half (x[:, :c1]) of every sample.
-void copy_passthrough(const at::Tensor& src, at::Tensor& dst, const CouplingShape& sh, cudaStream_t stream) {
+// Copies the passthrough half (x[:, :c1]) of every sample with ATen's strided copy (one kernel
+// on the current stream, int64 indexing, no limit on the pitch).
+void copy_passthrough(const at::Tensor& src, at::Tensor& dst, const CouplingShape& sh) {
   if (sh.batch == 0 || sh.n1() == 0) return;
-  const size_t es = src.element_size();
-  C10_CUDA_CHECK(cudaMemcpy2DAsync(dst.data_ptr(), sh.x_stride() * es, src.data_ptr(), sh.x_stride() * es,
-                                   sh.n1() * es, sh.batch, cudaMemcpyDeviceToDevice, stream));
+  const auto first_half = [&](const at::Tensor& t) { return t.view({sh.batch, sh.x_stride()}).narrow(1, 0, sh.n1()); };
+  first_half(dst).copy_(first_half(src));
 }
 
 // in, out: [B, C, S]; h: [B, 2 * C2, S]; partial: [B * chunks] log-det partial sums.
@@ -136,7 +136,7 @@ std::tuple<at::Tensor, at::Tensor> affine_coupling(const at::Tensor& in_, const 
   const auto acc_type = at::toOpMathType(in.scalar_type());
   at::Tensor partial = at::zeros({sh.batch, chunks}, in.options().dtype(acc_type));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  copy_passthrough(in, out, sh, stream);
+  copy_passthrough(in, out, sh);
   if (chunks > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.scalar_type(), op, [&] {
       using A = acc_t<scalar_t>;
@@ -171,7 +171,7 @@ std::tuple<at::Tensor, at::Tensor> affine_coupling_bwd(const at::Tensor& g_, con
     return {gin, gh};
   }
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  copy_passthrough(g, gin, sh, stream);
+  copy_passthrough(g, gin, sh);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), op, [&] {
     using A = acc_t<scalar_t>;
     const ScaleParams<A> p{A(clamp), A(1.0 / clamp)};
@@ -203,7 +203,7 @@ at::Tensor additive_coupling(const at::Tensor& in_, const at::Tensor& h_) {
   const int64_t total = sh.batch * sh.n2();
   if (total == 0) return out;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  copy_passthrough(in, out, sh, stream);
+  copy_passthrough(in, out, sh);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.scalar_type(), op, [&] {
     additive_apply_kernel<scalar_t, Inverse><<<grid_for((total + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
         in.const_data_ptr<scalar_t>(), h.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), sh);
@@ -222,7 +222,7 @@ std::tuple<at::Tensor, at::Tensor> additive_coupling_bwd(const at::Tensor& g_, c
   const int64_t total = sh.batch * sh.n2();
   if (total == 0) return {gin, gh};
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  copy_passthrough(g, gin, sh, stream);
+  copy_passthrough(g, gin, sh);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g.scalar_type(), op, [&] {
     additive_backward_kernel<scalar_t><<<grid_for((total + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
         g.const_data_ptr<scalar_t>(), gin.mutable_data_ptr<scalar_t>(), gh.mutable_data_ptr<scalar_t>(), sh,

@@ -72,7 +72,9 @@ class _Coupling(nn.Module):
             x1 = torch.cat([x1, context], dim=1)
         elif context is not None:
             raise ValueError(f"{name}: context was given but the layer was built with context_channels=0")
-        return self.subnet(x1)
+        # Under autocast the subnet may return a lower precision than x; the coupling itself runs
+        # in x's dtype, which keeps the inverse exact to that precision.
+        return self.subnet(x1).to(x.dtype)
 
     def extra_repr(self) -> str:
         extra = f", context_channels={self.context_channels}" if self.context_channels else ""

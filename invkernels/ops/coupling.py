@@ -84,6 +84,10 @@ def _register_fakes() -> None:
 
 
 def _register_autograd(suffix: str, ops: CouplingOps) -> None:
+    """Autograd of the forward and inverse ops. The backward runs the fused ``*_bwd`` op; under
+    ``create_graph=True`` (grad mode on inside backward) it runs the same formulas in
+    differentiable tensor ops instead, so higher derivatives are exact."""
+
     def name(op: str) -> str:
         return f"invkernels::{op}{suffix}"
 
@@ -95,7 +99,8 @@ def _register_autograd(suffix: str, ops: CouplingOps) -> None:
         if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
             return None, None, None, None
         x, h = ctx.saved_tensors
-        grad_in, grad_h = ops.affine_bwd(grad_out, grad_logdet, x, h, ctx.scale, ctx.clamp, reverse)
+        bwd = reference.affine_coupling_vjp if torch.is_grad_enabled() else ops.affine_bwd
+        grad_in, grad_h = bwd(grad_out, grad_logdet, x, h, ctx.scale, ctx.clamp, reverse)
         return (grad_in if ctx.needs_input_grad[0] else None, grad_h if ctx.needs_input_grad[1] else None,
                 None, None)
 
@@ -109,11 +114,15 @@ def _register_autograd(suffix: str, ops: CouplingOps) -> None:
         setup_context=lambda ctx, inputs, output: save_affine(ctx, output[0], *inputs[1:]))
 
     def save_additive(ctx, inputs, output):
-        ctx.save_for_backward(inputs[1])
+        # Only the shape of h is needed: nothing is saved, so h can be freed after the forward.
+        ctx.h_shape = inputs[1].shape
 
     def additive_grads(ctx, grad_out, reverse):
-        (h,) = ctx.saved_tensors
-        grad_in, grad_h = ops.additive_bwd(grad_out, h, reverse)
+        if torch.is_grad_enabled():
+            grad_in, grad_h = reference.additive_coupling_vjp(grad_out, reverse)
+        else:
+            h_like = grad_out.new_zeros(()).expand(ctx.h_shape)
+            grad_in, grad_h = ops.additive_bwd(grad_out, h_like, reverse)
         return grad_in if ctx.needs_input_grad[0] else None, grad_h if ctx.needs_input_grad[1] else None
 
     torch.library.register_autograd(

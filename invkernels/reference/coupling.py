@@ -59,3 +59,39 @@ def additive_coupling_inv(y: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     check_coupling("additive_coupling_inv", y, h, affine=False, x_name="y")
     c1, _ = split_channels(y.shape[1])
     return torch.cat([y[:, :c1], y[:, c1:] - h], dim=1)
+
+
+def log_scale_grad(hs: torch.Tensor, scale: str = "exp", clamp: float = 2.0) -> torch.Tensor:
+    """``dL/dhs`` of :func:`log_scale`."""
+    if scale == "exp":
+        return 1.0 - torch.tanh(hs / clamp).square()
+    return torch.sigmoid(-(hs + 2.0))
+
+
+def affine_coupling_vjp(grad_out: torch.Tensor, grad_logdet: torch.Tensor, x: torch.Tensor, h: torch.Tensor,
+                        scale: str = "exp", clamp: float = 2.0, reverse: bool = False):
+    """``(grad_in, grad_h)`` by the formulas of docs/ops/coupling.md, in differentiable tensor ops
+    (what the fused ``affine_coupling_bwd`` computes; used for double backward)."""
+    c1, _ = split_channels(x.shape[1])
+    g1, g2 = grad_out[:, :c1], grad_out[:, c1:]
+    x2 = x[:, c1:]
+    hs, _ = h.chunk(2, dim=1)
+    log_s = log_scale(hs, scale, clamp)
+    dlog_s = log_scale_grad(hs, scale, clamp)
+    gl = grad_logdet.reshape(-1, *([1] * (x.dim() - 1)))
+    if reverse:
+        g_in2 = g2 * torch.exp(-log_s)
+        g_t = -g_in2
+        g_hs = -(g2 * x2 + gl) * dlog_s
+    else:
+        g_in2 = g2 * torch.exp(log_s)
+        g_t = g2
+        g_hs = (g_in2 * x2 + gl) * dlog_s
+    return torch.cat([g1, g_in2], dim=1), torch.cat([g_hs, g_t], dim=1)
+
+
+def additive_coupling_vjp(grad_out: torch.Tensor, reverse: bool = False):
+    """``(grad_in, grad_h)`` of the additive coupling forward or inverse (differentiable)."""
+    c1, _ = split_channels(grad_out.shape[1])
+    g2 = grad_out[:, c1:]
+    return grad_out, -g2 if reverse else g2

@@ -78,7 +78,8 @@ __all__ = [
 @triton.jit
 def _tile(B, N2, NBLK, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     # Program pid covers samples rows (ROWS of them) and elements cols (BLOCK of them) of the
-    # transformed half; 64-bit indices, so offsets past 2^31 elements do not wrap.
+    # transformed half. rows and cols are int64 and every offset multiplies them before adding
+    # (N1 and N2 arrive as int32 when below 2^31), so offsets past 2^31 elements do not wrap.
     pid = tl.program_id(0).to(tl.int64)
     col_blk = pid % NBLK
     rows = (pid // NBLK) * ROWS + tl.arange(0, ROWS)
@@ -142,8 +143,8 @@ def _affine_coupling_fwd_kernel(
     BLOCK: tl.constexpr,
 ):
     rows, cols, col_blk, row_ok, mask2 = _tile(B, N2, NBLK, ROWS, BLOCK)
-    x_off = rows[:, None] * (N1 + N2)
-    h_off = rows[:, None] * (2 * N2) + cols[None, :]
+    x_off = rows[:, None] * N1 + rows[:, None] * N2
+    h_off = 2 * (rows[:, None] * N2) + cols[None, :]
     _copy_passthrough(in_ptr, out_ptr, x_off, cols, row_ok, N1)
     c = tl.cast(clamp_hi, ACC) + tl.cast(clamp_lo, ACC)
     x2 = tl.load(in_ptr + x_off + N1 + cols[None, :], mask=mask2, other=0.0).to(ACC)
@@ -175,8 +176,8 @@ def _affine_coupling_inv_kernel(
     BLOCK: tl.constexpr,
 ):
     rows, cols, col_blk, row_ok, mask2 = _tile(B, N2, NBLK, ROWS, BLOCK)
-    x_off = rows[:, None] * (N1 + N2)
-    h_off = rows[:, None] * (2 * N2) + cols[None, :]
+    x_off = rows[:, None] * N1 + rows[:, None] * N2
+    h_off = 2 * (rows[:, None] * N2) + cols[None, :]
     _copy_passthrough(in_ptr, out_ptr, x_off, cols, row_ok, N1)
     c = tl.cast(clamp_hi, ACC) + tl.cast(clamp_lo, ACC)
     y2 = tl.load(in_ptr + x_off + N1 + cols[None, :], mask=mask2, other=0.0).to(ACC)
@@ -210,8 +211,8 @@ def _affine_coupling_bwd_kernel(
     BLOCK: tl.constexpr,
 ):
     rows, cols, col_blk, row_ok, mask2 = _tile(B, N2, NBLK, ROWS, BLOCK)
-    x_off = rows[:, None] * (N1 + N2)
-    h_off = rows[:, None] * (2 * N2) + cols[None, :]
+    x_off = rows[:, None] * N1 + rows[:, None] * N2
+    h_off = 2 * (rows[:, None] * N2) + cols[None, :]
     _copy_passthrough(g_ptr, gin_ptr, x_off, cols, row_ok, N1)
     c = tl.cast(clamp_hi, ACC) + tl.cast(clamp_lo, ACC)
     g2 = tl.load(g_ptr + x_off + N1 + cols[None, :], mask=mask2, other=0.0).to(ACC)
@@ -248,7 +249,7 @@ def _additive_coupling_kernel(
     BLOCK: tl.constexpr,
 ):
     rows, cols, col_blk, row_ok, mask2 = _tile(B, N2, NBLK, ROWS, BLOCK)
-    x_off = rows[:, None] * (N1 + N2)
+    x_off = rows[:, None] * N1 + rows[:, None] * N2
     _copy_passthrough(in_ptr, out_ptr, x_off, cols, row_ok, N1)
     a = tl.load(in_ptr + x_off + N1 + cols[None, :], mask=mask2, other=0.0).to(ACC)
     t = tl.load(h_ptr + rows[:, None] * N2 + cols[None, :], mask=mask2, other=0.0).to(ACC)
@@ -273,7 +274,7 @@ def _additive_coupling_bwd_kernel(
     BLOCK: tl.constexpr,
 ):
     rows, cols, col_blk, row_ok, mask2 = _tile(B, N2, NBLK, ROWS, BLOCK)
-    x_off = rows[:, None] * (N1 + N2)
+    x_off = rows[:, None] * N1 + rows[:, None] * N2
     _copy_passthrough(g_ptr, gin_ptr, x_off, cols, row_ok, N1)
     g2 = tl.load(g_ptr + x_off + N1 + cols[None, :], mask=mask2, other=0.0)
     tl.store(gin_ptr + x_off + N1 + cols[None, :], g2, mask=mask2)
