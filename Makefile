@@ -46,7 +46,7 @@ test-gpu: build
 test: build test-cpp test-python
 
 bench: build
-	$(BENCH_ENV) $(PY) benchmarks/bench_coupling.py --write docs/performance.md
+	$(BENCH_ENV) $(PY) benchmarks/run.py --write docs/performance.md
 
 clean:
 	rm -rf build $(VENV) invkernels/*.so *.egg-info

@@ -1,13 +1,11 @@
 """Affine coupling benchmark: the fused C++ op against the eager reference and torch.compile of
 the reference, CPU float32, forward and forward+backward, in one process.
 
-Run: ``make bench`` (or ``python benchmarks/bench_coupling.py --write docs/performance.md``).
+Part of ``make bench`` (``benchmarks/run.py``).
 """
 
 from __future__ import annotations
 
-import argparse
-import csv
 import os
 import subprocess
 import sys
@@ -19,7 +17,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 
 SHAPES = [(16, 32, 32, 32), (64, 64, 64, 64)]
-PROVIDERS = ("eager", "compile", "invkernels")
 
 
 def bytes_moved(shape: tuple[int, ...], mode: str) -> int:
@@ -85,88 +82,30 @@ def capability_rows(threads: int) -> list[list[str]]:
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=8)
-    parser.add_argument("--write", metavar="MARKDOWN", help="write the report (e.g. docs/performance.md)")
-    parser.add_argument("--csv", default=os.path.join(os.path.dirname(__file__), "results", "coupling.csv"))
-    args = parser.parse_args()
-    harness.ensure_allocator_env()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    import invkernels  # noqa: PLC0415
-
-    machine = harness.machine_description()
-    bandwidth = harness.copy_bandwidth_gbs()
-    rows, csv_rows, verdicts = [], [], []
+def section(rounds: int, threads: int, meta: dict[str, str]) -> tuple[str, list[list[str]], list[str]]:
+    """The coupling part of docs/performance.md, its CSV rows and goal verdicts."""
+    cases = []
     for shape in SHAPES:
-        reps = 10 if shape[0] * shape[1] * shape[2] * shape[3] < 4e6 else 2
         for mode in ("fwd", "fwd+bwd"):
-            t = harness.measure(providers_for(shape, mode), rounds=args.rounds, reps=reps)
-            e, c, k = (t[p].median for p in PROVIDERS)
-            gbs = {p: bytes_moved(shape, mode) / (t[p].median * 1e-3) / 1e9 for p in PROVIDERS}
-            rows.append([str(list(shape)), mode] + [harness.fmt_ms(t[p]) for p in PROVIDERS]
-                        + [f"{e / k:.2f}x", f"{c / k:.2f}x", f"{gbs['invkernels']:.1f} (eager {gbs['eager']:.1f}, "
-                                                              f"compile {gbs['compile']:.1f})"])
-            csv_rows += [[machine["date"], machine["cpu"], machine["torch"], machine["commit"], str(list(shape)), mode,
-                          p, f"{t[p].median:.4f}", f"{t[p].quantile(0.2):.4f}", f"{t[p].quantile(0.8):.4f}"]
-                         for p in PROVIDERS]
-            need_e, need_c = (2.0, 1.0) if mode == "fwd" else (2.0, 1.2)
-            ok = e / k >= need_e and c / k >= need_c
-            verdicts.append(f"- {list(shape)} {mode}: {e / k:.2f}x eager (goal ≥ {need_e}x), {c / k:.2f}x "
-                            f"torch.compile (goal ≥ {need_c}x): {'met' if ok else 'NOT met'}")
-            print(" | ".join(rows[-1]), flush=True)
-    caps = capability_rows(args.threads)
-    table = harness.markdown_table(
-        ["shape", "mode", "eager ms", "torch.compile ms", "invkernels ms", "vs eager", "vs compile",
-         "invkernels GB/s"], rows)
-    cap_table = harness.markdown_table(["capability", "library loaded", "fused fwd ms [16,32,32,32]"], caps)
-    report = f"""# Performance
+            goal_compile = 1.0 if mode == "fwd" else 1.2
+            cases.append(harness.Case(str(list(shape)), mode, providers_for(shape, mode), bytes_moved(shape, mode),
+                                      goal_vs_eager=2.0, goal_vs_compile=goal_compile))
+    rows, csv_rows, verdicts = harness.run_cases(cases, rounds, meta, "affine_coupling")
+    caps = capability_rows(threads)
+    text = f"""## Affine coupling (CPU, float32, scale="exp")
 
-Written by `benchmarks/bench_coupling.py` (`make bench`); every number below comes from one run.
-
-- Date: {machine['date']}
-- Machine: {machine['cpu']}
-- torch {machine['torch']}, invkernels commit {machine['commit']}, CPU kernels `{invkernels.build_info()['cpu_library']}`
-- Allocator: `MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=4294967296` for every provider
-- Measured copy bandwidth (torch copy of 256 MiB, read + write): **{bandwidth:.1f} GB/s**
-
-## Affine coupling (CPU, float32, scale="exp")
-
-Median ms over {args.rounds} interleaved rounds (p20–p80 in parentheses). `eager` is
-`invkernels.reference.affine_coupling_fwd` (chunk, tanh, exp, cat, sum), `compile` is
+`eager` is `invkernels.reference.affine_coupling_fwd` (chunk, tanh, exp, cat, sum), `compile` is
 `torch.compile` of it, `invkernels` the fused C++ op (`backend="cpp"`). Forward+backward is one
 forward and `torch.autograd.grad` for x and h. GB/s counts the minimal traffic (forward: read x and
 h, write y; backward: read grad_y, x2 and h, write grad_x and grad_h) over the median time.
 
-{table}
+{harness.markdown_table(harness.HEADER, rows)}
 
-Against the goals of issue 2:
-{chr(10).join(verdicts)}
-
-## Which CPU vector path runs
+### Which CPU vector path runs
 
 The CPU kernels are built once per capability; each row runs in its own process with
 `ATEN_CPU_CAPABILITY` set, so it loads that build (median of 60 forward calls, [16, 32, 32, 32]).
 
-{cap_table}
-
-No GPU timings: no GPU was available where this report was produced.
+{harness.markdown_table(["capability", "library loaded", "fused fwd ms [16,32,32,32]"], caps)}
 """
-    print(report)
-    if args.write:
-        with open(args.write, "w", encoding="utf-8") as f:
-            f.write(report)
-    os.makedirs(os.path.dirname(args.csv), exist_ok=True)
-    new = not os.path.exists(args.csv)
-    with open(args.csv, "a", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        if new:
-            w.writerow(["date", "machine", "torch", "commit", "shape", "mode", "provider", "median_ms", "p20_ms",
-                        "p80_ms"])
-        w.writerows(csv_rows)
-
-
-if __name__ == "__main__":
-    main()
+    return text, csv_rows, verdicts

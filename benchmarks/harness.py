@@ -99,3 +99,50 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 def fmt_ms(t: Timing) -> str:
     return f"{t.median:.3f} ({t.quantile(0.2):.3f}–{t.quantile(0.8):.3f})"
+
+
+@dataclass
+class Case:
+    """One benchmark row: the same work done by each provider."""
+
+    label: str
+    mode: str
+    providers: dict[str, Callable[[], object]]
+    bytes_moved: int
+    goal_vs_eager: float | None = None
+    goal_vs_compile: float | None = None
+
+
+PROVIDERS = ("eager", "compile", "invkernels")
+HEADER = ["shape", "mode", "eager ms", "torch.compile ms", "invkernels ms", "vs eager", "vs compile", "invkernels GB/s"]
+
+
+def run_cases(cases: list[Case], rounds: int, meta: dict[str, str], op: str) -> tuple[list[list[str]], list[list[str]],
+                                                                                   list[str]]:
+    """Time every case (providers interleaved) and return table rows, CSV rows and goal verdicts."""
+    rows, csv_rows, verdicts = [], [], []
+    for case in cases:
+        reps = 10 if case.bytes_moved < 64 * 2**20 else 2
+        t = measure(case.providers, rounds=rounds, reps=reps)
+        e, c, k = (t[p].median for p in PROVIDERS)
+        gbs = {p: case.bytes_moved / (t[p].median * 1e-3) / 1e9 for p in PROVIDERS}
+        rows.append([case.label, case.mode] + [fmt_ms(t[p]) for p in PROVIDERS]
+                    + [f"{e / k:.2f}x", f"{c / k:.2f}x",
+                       f"{gbs['invkernels']:.1f} (eager {gbs['eager']:.1f}, compile {gbs['compile']:.1f})"])
+        csv_rows += [[meta["date"], meta["cpu"], meta["torch"], meta["commit"], op, case.label, case.mode, p,
+                      f"{t[p].median:.4f}", f"{t[p].quantile(0.2):.4f}", f"{t[p].quantile(0.8):.4f}"]
+                     for p in PROVIDERS]
+        goals = []
+        if case.goal_vs_eager is not None:
+            goals.append((e / k, case.goal_vs_eager, "eager"))
+        if case.goal_vs_compile is not None:
+            goals.append((c / k, case.goal_vs_compile, "torch.compile"))
+        if goals:
+            ok = all(have >= need for have, need, _ in goals)
+            text = ", ".join(f"{have:.2f}x {name} (goal ≥ {need}x)" for have, need, name in goals)
+            verdicts.append(f"- {op} {case.label} {case.mode}: {text}: {'met' if ok else 'NOT met'}")
+        print(" | ".join(rows[-1]), flush=True)
+    return rows, csv_rows, verdicts
+
+
+CSV_HEADER = ["date", "machine", "torch", "commit", "op", "shape", "mode", "provider", "median_ms", "p20_ms", "p80_ms"]

@@ -7,8 +7,10 @@
 #include <c10/util/Exception.h>
 
 #include <limits>
+#include <utility>
 #include <string>
 
+#include "kernels/actnorm.h"
 #include "kernels/coupling.h"
 
 namespace invk {
@@ -77,6 +79,29 @@ inline void check_grad_logdet(const char* op, const at::Tensor& grad_logdet, con
              x.scalar_type(), "), got ", grad_logdet.scalar_type());
   INVK_CHECK(grad_logdet.device() == x.device(), op, "grad_logdet should be on the device of x (", x.device(),
              "), got ", grad_logdet.device());
+}
+
+// Validates an ActNorm input x ([B, C, *spatial]) and its per-channel parameters.
+inline ActNormShape check_actnorm(const char* op, const at::Tensor& x, const at::Tensor& bias,
+                                  const at::Tensor& log_scale, const char* x_name = "x") {
+  INVK_CHECK(at::isFloatingType(x.scalar_type()), op, x_name, " should be a floating-point tensor, got ",
+             x.scalar_type());
+  INVK_CHECK(x.dim() >= 2, op, x_name, " should be at least 2-D (B, C, ...), got ", x.dim(), "-D");
+  const int64_t channels = x.size(1);
+  for (const auto& [p, name] : {std::pair<const at::Tensor&, const char*>{bias, "bias"}, {log_scale, "log_scale"}}) {
+    INVK_CHECK(p.dim() == 1 && p.size(0) == channels, op, name, " should have shape [C] = [", channels, "] for ",
+               x_name, " with C=", channels, ", got ", p.sizes());
+    INVK_CHECK(p.scalar_type() == x.scalar_type(), op, x_name, " and ", name, " should have the same dtype, got ",
+               x_name, " ", x.scalar_type(), " and ", name, " ", p.scalar_type());
+    INVK_CHECK(p.device() == x.device(), op, x_name, " and ", name, " should be on the same device, got ", x_name,
+               " on ", x.device(), " and ", name, " on ", p.device());
+  }
+  ActNormShape shape{};
+  shape.batch = x.size(0);
+  shape.channels = channels;
+  shape.spatial = 1;
+  for (int64_t d = 2; d < x.dim(); ++d) shape.spatial *= x.size(d);
+  return shape;
 }
 
 }  // namespace invk

@@ -22,6 +22,19 @@ TORCH_LIBRARY(invkernels, m) {
   m.def("additive_coupling_fwd(Tensor x, Tensor h) -> Tensor");
   m.def("additive_coupling_inv(Tensor y, Tensor h) -> Tensor");
   m.def("additive_coupling_bwd(Tensor grad_out, Tensor h, bool reverse) -> (Tensor grad_in, Tensor grad_h)");
+
+  // ActNorm: docs/ops/actnorm.md.
+  m.def("actnorm_fwd(Tensor x, Tensor bias, Tensor log_scale) -> (Tensor y, Tensor logdet)");
+  m.def("actnorm_inv(Tensor y, Tensor bias, Tensor log_scale) -> (Tensor x, Tensor logdet)");
+  m.def(
+      "actnorm_bwd(Tensor grad_out, Tensor grad_logdet, Tensor x, Tensor bias, Tensor log_scale, bool reverse) "
+      "-> (Tensor grad_in, Tensor grad_bias, Tensor grad_log_scale)");
+
+  // LU-decomposed invertible 1x1 convolution, weight assembly: docs/ops/invconv.md.
+  m.def("invconv_weight(Tensor perm, Tensor lower, Tensor upper, Tensor sign, Tensor log_s) -> Tensor");
+  m.def(
+      "invconv_weight_bwd(Tensor grad_w, Tensor perm, Tensor lower, Tensor upper, Tensor sign, Tensor log_s) "
+      "-> (Tensor grad_lower, Tensor grad_upper, Tensor grad_log_s)");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

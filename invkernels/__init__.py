@@ -13,9 +13,8 @@ from invkernels._extension import build_info
 _extension.load()
 
 from invkernels import nn, ops, reference  # noqa: E402
-from invkernels.ops.coupling import cpp_ops  # noqa: E402
 
-cpp_ops()
+ops.prepare("cpp")
 
 __version__ = "0.1.0"
 

@@ -21,7 +21,7 @@ def check_backend(backend: str) -> str:
 
 def set_backend(backend: str) -> None:
     """Set the default backend of the functional ops and modules (registering its ops now)."""
-    from invkernels.ops.coupling import prepare  # noqa: PLC0415
+    from invkernels.ops import prepare  # noqa: PLC0415
 
     prepare(check_backend(backend))
     _current["backend"] = backend

@@ -7,6 +7,8 @@
 #include <ATen/OpMathType.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <array>
+#include <cstddef>
 #include <cstdint>
 #include <type_traits>
 
@@ -41,23 +43,41 @@ inline void store(scalar_t* p, const C& v) {
   }
 }
 
-// Calls body(Lane<C>{}, i) over [0, n) and returns the sum of what it returns, accumulated in
-// acc_t<scalar_t> per vector lane and then lane by lane in a fixed order.
-template <typename scalar_t, typename Body>
-inline acc_t<scalar_t> sum_lanes(int64_t n, const Body& body) {
+// Calls body(Lane<C>{}, i) over [0, n); body returns std::array<C, N>. Returns the N sums,
+// accumulated in acc_t<scalar_t> per vector lane and then lane by lane in a fixed order.
+template <typename scalar_t, size_t N, typename Body>
+inline std::array<acc_t<scalar_t>, N> sum_lanes_n(int64_t n, const Body& body) {
   using A = acc_t<scalar_t>;
-  A total = 0;
+  std::array<A, N> total{};
   int64_t i = 0;
   if constexpr (kVectorized<scalar_t>) {
     using V = at::vec::Vectorized<scalar_t>;
-    V vacc(A(0));
-    for (; i + V::size() <= n; i += V::size()) vacc = vacc + body(Lane<V>{}, i);
+    std::array<V, N> vacc;
+    vacc.fill(V(A(0)));
+    for (; i + V::size() <= n; i += V::size()) {
+      const std::array<V, N> terms = body(Lane<V>{}, i);
+      for (size_t k = 0; k < N; ++k) vacc[k] = vacc[k] + terms[k];
+    }
     alignas(64) A lanes[V::size()];
-    vacc.store(lanes);
-    for (int64_t k = 0; k < V::size(); ++k) total += lanes[k];
+    for (size_t k = 0; k < N; ++k) {
+      vacc[k].store(lanes);
+      for (int64_t l = 0; l < V::size(); ++l) total[k] += lanes[l];
+    }
   }
-  for (; i < n; ++i) total += body(Lane<A>{}, i);
+  for (; i < n; ++i) {
+    const std::array<A, N> terms = body(Lane<A>{}, i);
+    for (size_t k = 0; k < N; ++k) total[k] += terms[k];
+  }
   return total;
+}
+
+// One sum: body returns C.
+template <typename scalar_t, typename Body>
+inline acc_t<scalar_t> sum_lanes(int64_t n, const Body& body) {
+  return sum_lanes_n<scalar_t, 1>(n, [&](auto lane, int64_t i) {
+    using C = typename decltype(lane)::type;
+    return std::array<C, 1>{body(lane, i)};
+  })[0];
 }
 
 // Calls body(Lane<C>{}, i) over [0, n).

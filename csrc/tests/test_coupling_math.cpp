@@ -7,38 +7,10 @@
 #include <limits>
 #include <vector>
 
+#include "check.h"
 #include "kernels/coupling.h"
 
 namespace {
-
-int g_passed = 0;
-int g_failed = 0;
-
-void check(bool ok, const char* what, const char* file, int line) {
-  if (ok) {
-    ++g_passed;
-  } else {
-    ++g_failed;
-    std::printf("FAILED %s:%d: %s\n", file, line, what);
-  }
-}
-
-void check_close(double actual, double expected, double rtol, double atol, const char* what,
-                 const char* file, int line) {
-  const bool ok = std::isfinite(actual) && std::isfinite(expected) &&
-                  std::fabs(actual - expected) <= atol + rtol * std::fabs(expected);
-  if (ok) {
-    ++g_passed;
-  } else {
-    ++g_failed;
-    std::printf("FAILED %s:%d: %s: got %.17g, expected %.17g (rtol %g, atol %g)\n", file, line,
-                what, actual, expected, rtol, atol);
-  }
-}
-
-#define CHECK(...) check((__VA_ARGS__), #__VA_ARGS__, __FILE__, __LINE__)
-#define CHECK_CLOSE(actual, expected, rtol, atol) \
-  check_close((actual), (expected), (rtol), (atol), #actual, __FILE__, __LINE__)
 
 using invk::ScaleKind;
 
@@ -351,7 +323,7 @@ void test_nan() {
 
 }  // namespace
 
-int main() {
+void invk_test::run_coupling_math_tests() {
   test_log_scale_exp<float>();
   test_log_scale_exp<double>();
   test_log_scale_sigmoid<float>();
@@ -364,6 +336,4 @@ int main() {
   test_shapes();
   test_num_chunks();
   test_nan();
-  std::printf("%d passed, %d failed\n", g_passed, g_failed);
-  return g_failed == 0 ? 0 : 1;
 }

@@ -1,6 +1,7 @@
 """Invertible modules: ``forward(x) -> (y, logdet)`` and ``inverse(y) -> x``."""
 
+from invkernels.nn.actnorm import ActNorm
 from invkernels.nn.coupling import AdditiveCoupling, AffineCoupling
 from invkernels.nn.subnets import conv_subnet, mlp_subnet
 
-__all__ = ["AdditiveCoupling", "AffineCoupling", "conv_subnet", "mlp_subnet"]
+__all__ = ["ActNorm", "AdditiveCoupling", "AffineCoupling", "conv_subnet", "mlp_subnet"]

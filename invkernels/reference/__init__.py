@@ -1,17 +1,26 @@
 """Pure-PyTorch reference implementations (float64-capable test oracle and eager baseline)."""
 
+from invkernels.reference.actnorm import actnorm_fwd, actnorm_init, actnorm_inv, actnorm_vjp
 from invkernels.reference.coupling import (
     additive_coupling_fwd,
     additive_coupling_inv,
+    additive_coupling_vjp,
     affine_coupling_fwd,
     affine_coupling_inv,
+    affine_coupling_vjp,
     log_scale,
 )
 
 __all__ = [
+    "actnorm_fwd",
+    "actnorm_init",
+    "actnorm_inv",
+    "actnorm_vjp",
     "additive_coupling_fwd",
     "additive_coupling_inv",
+    "additive_coupling_vjp",
     "affine_coupling_fwd",
     "affine_coupling_inv",
+    "affine_coupling_vjp",
     "log_scale",
 ]

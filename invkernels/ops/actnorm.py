@@ -1,0 +1,157 @@
+"""Functional ActNorm: backend choice, autograd and fake implementations.
+
+The C++ ops (``torch.ops.invkernels.actnorm_fwd`` ...) and their Triton twins (``..._triton``)
+share one autograd formula: the forward saves its input, the inverse its output (the data-side
+tensor ``x`` in both cases) with the parameters, and backward is the registered ``actnorm_bwd``
+op (the same formulas in tensor ops under ``create_graph=True``). Math: docs/ops/actnorm.md.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from invkernels import _backend
+from invkernels.reference import actnorm as reference
+
+
+class ActNormOps(NamedTuple):
+    """One backend's three ActNorm ops."""
+
+    fwd: object
+    inv: object
+    bwd: object
+
+
+def _contiguous_like(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device)
+
+
+def _check(op: str, x: torch.Tensor, bias: torch.Tensor, log_scale: torch.Tensor, x_name: str = "x") -> None:
+    if not x.is_floating_point():
+        raise ValueError(f"{op}: {x_name} should be a floating-point tensor, got {x.dtype}")
+    if x.dim() < 2:
+        raise ValueError(f"{op}: {x_name} should be at least 2-D (B, C, ...), got {x.dim()}-D")
+    channels = x.shape[1]
+    for p, name in ((bias, "bias"), (log_scale, "log_scale")):
+        if p.dim() != 1 or p.shape[0] != channels:
+            raise ValueError(f"{op}: {name} should have shape [C] = [{channels}] for {x_name} with C={channels}, "
+                             f"got {list(p.shape)}")
+        if p.dtype != x.dtype:
+            raise ValueError(f"{op}: {x_name} and {name} should have the same dtype, got {x_name} {x.dtype} and "
+                             f"{name} {p.dtype}")
+        if p.device != x.device:
+            raise ValueError(f"{op}: {x_name} and {name} should be on the same device, got {x_name} on {x.device} "
+                             f"and {name} on {p.device}")
+
+
+def _register_fakes() -> None:
+    @torch.library.register_fake("invkernels::actnorm_fwd")
+    def _(x, bias, log_scale):
+        _check("actnorm_fwd", x, bias, log_scale)
+        return _contiguous_like(x), x.new_empty(x.shape[0])
+
+    @torch.library.register_fake("invkernels::actnorm_inv")
+    def _(y, bias, log_scale):
+        _check("actnorm_inv", y, bias, log_scale, "y")
+        return _contiguous_like(y), y.new_empty(y.shape[0])
+
+    @torch.library.register_fake("invkernels::actnorm_bwd")
+    def _(grad_out, grad_logdet, x, bias, log_scale, reverse):
+        _check("actnorm_bwd", x, bias, log_scale)
+        return _contiguous_like(x), _contiguous_like(bias), _contiguous_like(log_scale)
+
+
+def _register_autograd(suffix: str, ops: ActNormOps) -> None:
+    def setup(ctx, x, bias, log_scale):
+        ctx.save_for_backward(x, bias, log_scale)
+
+    def grads(ctx, grad_out, grad_logdet, reverse):
+        if not any(ctx.needs_input_grad):
+            return None, None, None
+        x, bias, log_scale = ctx.saved_tensors
+        bwd = reference.actnorm_vjp if torch.is_grad_enabled() else ops.bwd
+        out = bwd(grad_out, grad_logdet, x, bias, log_scale, reverse)
+        return tuple(g if need else None for g, need in zip(out, ctx.needs_input_grad))
+
+    torch.library.register_autograd(
+        f"invkernels::actnorm_fwd{suffix}", lambda ctx, g, gl: grads(ctx, g, gl, False),
+        setup_context=lambda ctx, inputs, output: setup(ctx, *inputs))
+    torch.library.register_autograd(
+        f"invkernels::actnorm_inv{suffix}", lambda ctx, g, gl: grads(ctx, g, gl, True),
+        setup_context=lambda ctx, inputs, output: setup(ctx, output[0], *inputs[1:]))
+
+
+_registered: dict[str, ActNormOps] = {}
+
+
+def _bind(suffix: str) -> ActNormOps:
+    ns = torch.ops.invkernels
+    return ActNormOps(*(getattr(ns, f"actnorm_{d}{suffix}").default for d in ("fwd", "inv", "bwd")))
+
+
+def cpp_ops() -> ActNormOps:
+    """The C++ ops (CPU and CUDA kernels), with autograd and fake implementations registered."""
+    if "cpp" not in _registered:
+        from invkernels import _extension  # noqa: PLC0415
+
+        _extension.load()
+        _register_fakes()
+        ops = _bind("")
+        _register_autograd("", ops)
+        _registered["cpp"] = ops
+    return _registered["cpp"]
+
+
+def triton_ops() -> ActNormOps:
+    """The Triton ops, with autograd registered (imports triton on first use)."""
+    if "triton" not in _registered:
+        import invkernels.triton.actnorm  # noqa: F401, PLC0415
+
+        ops = _bind("_triton")
+        _register_autograd("_triton", ops)
+        _registered["triton"] = ops
+    return _registered["triton"]
+
+
+def prepare(backend: str) -> None:
+    """Register ``backend``'s ops now, so later (possibly compiled) calls only look them up."""
+    if backend == "cpp":
+        cpp_ops()
+    elif backend == "triton":
+        triton_ops()
+
+
+def _ops_for(backend: str | None, x: torch.Tensor) -> ActNormOps | None:
+    name = _backend.resolve(backend)
+    if name == "reference" or (name == "cpp" and x.device.type not in ("cpu", "cuda")):
+        return None
+    ops = _registered.get(name)
+    return ops if ops is not None else (triton_ops() if name == "triton" else cpp_ops())
+
+
+def actnorm_fwd(x: torch.Tensor, bias: torch.Tensor, log_scale: torch.Tensor, *,
+                backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused ActNorm ``y = (x + bias) * exp(log_scale)`` per channel and ``logdet = S * Σ log_scale``.
+
+    Args:
+        x: ``[B, C, *spatial]``.
+        bias, log_scale: ``[C]``, same dtype and device as ``x``.
+        backend: ``"cpp"``, ``"triton"``, ``"reference"`` or None for ``invkernels.get_backend()``.
+    """
+    ops = _ops_for(backend, x)
+    if ops is None:
+        _check("actnorm_fwd", x, bias, log_scale)
+        return reference.actnorm_fwd(x, bias, log_scale)
+    return ops.fwd(x, bias, log_scale)
+
+
+def actnorm_inv(y: torch.Tensor, bias: torch.Tensor, log_scale: torch.Tensor, *,
+                backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`actnorm_fwd`: ``(x, -logdet)``."""
+    ops = _ops_for(backend, y)
+    if ops is None:
+        _check("actnorm_inv", y, bias, log_scale, "y")
+        return reference.actnorm_inv(y, bias, log_scale)
+    return ops.inv(y, bias, log_scale)

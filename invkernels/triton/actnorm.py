@@ -1,0 +1,441 @@
+"""Triton kernels, launchers and ops of ActNorm (Glow's per-channel affine normalization).
+
+Formulas, layout and op schemas: docs/ops/actnorm.md. The contiguous input is viewed as
+``[B, C, S]`` (``S`` the product of the spatial sizes, 1 for vectors); element ``(b, c, s)`` sits at
+``(b * C + c) * S + s``. ``bias`` and ``log_scale`` have shape ``[C]``.
+
+Forward, inverse and log-determinant (the Jacobian is diagonal, so every sample has the same
+log-det)::
+
+    forward:  y = (x + b) * exp(log_scale),    logdet[b]     =  S * sum_c log_scale[c]
+    inverse:  x = y * exp(-log_scale) - b,     logdet_inv[b] = -S * sum_c log_scale[c]
+
+The inverse multiplies by ``exp(-log_scale)`` and never divides.
+
+Vector-Jacobian products, with ``g`` the gradient of the op's output and ``gl`` that of its log-det
+(shape ``[B]``); the sums run over the batch and the spatial positions of channel ``c``, and ``x`` is
+always the data-side tensor (the forward's input or the inverse's output), so
+``x + b = y * exp(-log_scale)`` in both directions::
+
+    forward VJP (reverse=False):
+        dx = g * exp(log_scale),   dbias[c] =  sum dx,   dlog_scale[c] =  sum dx * (x + b) + S * sum_b gl
+    inverse VJP (reverse=True):
+        dy = g * exp(-log_scale),  dbias[c] = -sum g,    dlog_scale[c] = -sum g * (x + b)  - S * sum_b gl
+
+Numerics. Elementwise math runs in float32 for float16/bfloat16/float32 inputs and in float64 for
+float64 inputs; results are stored in the input dtype. The log-det depends on ``log_scale`` alone,
+so the launchers compute it with torch in the compute dtype and repeat it over the batch.
+
+Tiling. Each program handles a tile of ``ROWS`` samples by ``CHANS`` channels by ``BLOCK`` spatial
+positions. ``BLOCK`` covers ``S`` first, then ``CHANS`` covers the channels and ``ROWS`` the samples,
+so for small ``S`` (vectors: ``S = 1``) a tile still reads runs of consecutive elements. The
+backward kernel sums its bias and log-scale terms over the samples and spatial positions of the
+tile and writes one partial sum per channel and tile into ``[C, NRT * NST]`` buffers in the compute
+dtype; torch adds the partials of a channel in a fixed order, so the parameter gradients are
+deterministic (no atomics).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from invkernels._validation import check_grad
+
+__all__ = [
+    "actnorm_backward",
+    "actnorm_bwd",
+    "actnorm_forward",
+    "actnorm_fwd",
+    "actnorm_inv",
+    "actnorm_inverse",
+]
+
+
+@triton.jit
+def _tile(B, C, S, NRT, NST, ROWS: tl.constexpr, CHANS: tl.constexpr, BLOCK: tl.constexpr):
+    # Program pid covers samples rows, channels chans and spatial positions cols; tile is its index
+    # among the NRT * NST tiles of each of its channels. The indices are int64 and every offset
+    # multiplies them before adding (B, C and S arrive as int32 when below 2^31), so offsets past
+    # 2^31 elements do not wrap.
+    pid = tl.program_id(0).to(tl.int64)
+    sp_blk = pid % NST
+    row_blk = (pid // NST) % NRT
+    chan_blk = pid // NST // NRT
+    rows = row_blk * ROWS + tl.arange(0, ROWS)
+    chans = chan_blk * CHANS + tl.arange(0, CHANS)
+    cols = sp_blk * BLOCK + tl.arange(0, BLOCK)
+    chan_ok = chans < C
+    mask = (rows < B)[:, None, None] & chan_ok[None, :, None] & (cols < S)[None, None, :]
+    offs = (rows[:, None, None] * C + chans[None, :, None]) * S + cols[None, None, :]
+    return offs, mask, chans, chan_ok, row_blk * NST + sp_blk
+
+
+@triton.jit
+def _actnorm_fwd_kernel(
+    in_ptr,  # [B, C, S] contiguous: x
+    bias_ptr,  # [C]
+    log_scale_ptr,  # [C]
+    out_ptr,  # [B, C, S] contiguous: y
+    B,
+    C,
+    S,
+    NRT,
+    NST,
+    ACC: tl.constexpr,
+    ROWS: tl.constexpr,
+    CHANS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    offs, mask, chans, chan_ok, _ = _tile(B, C, S, NRT, NST, ROWS, CHANS, BLOCK)
+    b = tl.load(bias_ptr + chans, mask=chan_ok, other=0.0).to(ACC)[None, :, None]
+    log_s = tl.load(log_scale_ptr + chans, mask=chan_ok, other=0.0).to(ACC)[None, :, None]
+    x = tl.load(in_ptr + offs, mask=mask, other=0.0).to(ACC)
+    y = (x + b) * tl.exp(log_s)
+    tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _actnorm_inv_kernel(
+    in_ptr,  # [B, C, S] contiguous: y
+    bias_ptr,  # [C]
+    log_scale_ptr,  # [C]
+    out_ptr,  # [B, C, S] contiguous: x
+    B,
+    C,
+    S,
+    NRT,
+    NST,
+    ACC: tl.constexpr,
+    ROWS: tl.constexpr,
+    CHANS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    offs, mask, chans, chan_ok, _ = _tile(B, C, S, NRT, NST, ROWS, CHANS, BLOCK)
+    b = tl.load(bias_ptr + chans, mask=chan_ok, other=0.0).to(ACC)[None, :, None]
+    log_s = tl.load(log_scale_ptr + chans, mask=chan_ok, other=0.0).to(ACC)[None, :, None]
+    y = tl.load(in_ptr + offs, mask=mask, other=0.0).to(ACC)
+    x = y * tl.exp(-log_s) - b
+    tl.store(out_ptr + offs, x.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _actnorm_bwd_kernel(
+    g_ptr,  # [B, C, S] contiguous: gradient of the op's output
+    x_ptr,  # [B, C, S] contiguous: data side, the forward's input or the inverse's output
+    bias_ptr,  # [C]
+    log_scale_ptr,  # [C]
+    gin_ptr,  # [B, C, S] contiguous: gradient of the op's input (x forward, y inverse)
+    partial_b_ptr,  # [C, NRT * NST] compute dtype: the tile's sum of the bias terms per channel
+    partial_ls_ptr,  # [C, NRT * NST] compute dtype: the tile's sum of the log-scale terms per channel
+    B,
+    C,
+    S,
+    NRT,
+    NST,
+    REVERSE: tl.constexpr,
+    ACC: tl.constexpr,
+    ROWS: tl.constexpr,
+    CHANS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    offs, mask, chans, chan_ok, tile = _tile(B, C, S, NRT, NST, ROWS, CHANS, BLOCK)
+    b = tl.load(bias_ptr + chans, mask=chan_ok, other=0.0).to(ACC)[None, :, None]
+    log_s = tl.load(log_scale_ptr + chans, mask=chan_ok, other=0.0).to(ACC)[None, :, None]
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(ACC)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+    if REVERSE:
+        gin = g * tl.exp(-log_s)
+        term_b = -g
+        term_ls = -(g * (x + b))
+    else:
+        gin = g * tl.exp(log_s)
+        term_b = gin
+        term_ls = gin * (x + b)
+    tl.store(gin_ptr + offs, gin.to(gin_ptr.dtype.element_ty), mask=mask)
+    # Masked lanes hold g = x = 0, but 0 * (0 + b) is NaN for an infinite b: zero them before summing.
+    part_b = tl.sum(tl.sum(tl.where(mask, term_b, 0.0), axis=2), axis=0)
+    part_ls = tl.sum(tl.sum(tl.where(mask, term_ls, 0.0), axis=2), axis=0)
+    partial_offs = chans * (NRT * NST) + tile
+    tl.store(partial_b_ptr + partial_offs, part_b, mask=chan_ok)
+    tl.store(partial_ls_ptr + partial_offs, part_ls, mask=chan_ok)
+
+
+# Largest tile (ROWS * CHANS * BLOCK elements) of one program. On a GPU 2048 elements keep up to 8
+# values per thread and array at 8 warps; the interpreter runs each program as numpy array
+# operations at about 0.8 ms per program, so it gets few, large programs.
+_MAX_TILE_GPU = 2048
+_MAX_TILE_INTERPRETER = 1 << 15
+
+
+class _Tiling(NamedTuple):
+    rows: int
+    chans: int
+    block: int
+    nrt: int
+    nst: int
+    grid: tuple[int]
+    num_warps: int
+
+
+class _Geometry(NamedTuple):
+    batch: int
+    channels: int
+    spatial: int
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _fail(op: str, message: str) -> None:
+    raise ValueError(f"{op}: {message}")
+
+
+def _check_actnorm(op: str, x: torch.Tensor, bias: torch.Tensor, log_scale: torch.Tensor, x_name: str) -> None:
+    """Validate an ActNorm input ``x`` ([B, C, *spatial]) and its parameters ``bias``, ``log_scale`` ([C])."""
+    if not x.is_floating_point():
+        _fail(op, f"{x_name} should be a floating-point tensor, got {x.dtype}")
+    if x.dim() < 2:
+        _fail(op, f"{x_name} should be at least 2-D (B, C, ...), got {x.dim()}-D")
+    channels = x.shape[1]
+    for p, name in ((bias, "bias"), (log_scale, "log_scale")):
+        if p.dim() != 1 or p.shape[0] != channels:
+            _fail(
+                op,
+                f"{name} should have shape [C] = [{channels}] for {x_name} with C={channels}, got {list(p.shape)}",
+            )
+        if p.dtype != x.dtype:
+            _fail(op, f"{x_name} and {name} should have the same dtype, got {x_name} {x.dtype} and {name} {p.dtype}")
+        if p.device != x.device:
+            _fail(
+                op,
+                f"{x_name} and {name} should be on the same device, "
+                f"got {x_name} on {x.device} and {name} on {p.device}",
+            )
+
+
+def _check_grad_logdet(op: str, grad_logdet: torch.Tensor, x: torch.Tensor) -> None:
+    if grad_logdet.dim() != 1 or grad_logdet.shape[0] != x.shape[0]:
+        _fail(op, f"grad_logdet should have shape [{x.shape[0]}], got {list(grad_logdet.shape)}")
+    if grad_logdet.dtype != x.dtype:
+        _fail(op, f"grad_logdet should have the dtype of x ({x.dtype}), got {grad_logdet.dtype}")
+    if grad_logdet.device != x.device:
+        _fail(op, f"grad_logdet should be on the device of x ({x.device}), got {grad_logdet.device}")
+
+
+def _check_bwd(
+    grad_out: torch.Tensor, grad_logdet: torch.Tensor, x: torch.Tensor, bias: torch.Tensor, log_scale: torch.Tensor
+) -> None:
+    op = "actnorm_bwd"
+    _check_actnorm(op, x, bias, log_scale, "x")
+    check_grad(op, grad_out, x, "grad_out", "x")
+    _check_grad_logdet(op, grad_logdet, x)
+
+
+def _check_device(op: str, x: torch.Tensor, x_name: str) -> None:
+    if x.device.type == "cuda" or (x.device.type == "cpu" and _interpreting()):
+        return
+    raise RuntimeError(
+        f"{op}: the Triton backend needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), "
+        f"got {x_name} on {x.device}"
+    )
+
+
+def _geometry(x: torch.Tensor) -> _Geometry:
+    return _Geometry(x.shape[0], x.shape[1], math.prod(x.shape[2:]))
+
+
+def _tiling(geo: _Geometry) -> _Tiling:
+    max_tile = _MAX_TILE_INTERPRETER if _interpreting() else _MAX_TILE_GPU
+    block = min(triton.next_power_of_2(geo.spatial), max_tile)
+    chans = min(triton.next_power_of_2(geo.channels), max_tile // block)
+    rows = min(triton.next_power_of_2(geo.batch), max_tile // (block * chans))
+    nrt = triton.cdiv(geo.batch, rows)
+    nst = triton.cdiv(geo.spatial, block)
+    grid = (triton.cdiv(geo.channels, chans) * nrt * nst,)
+    num_warps = min(8, max(1, rows * chans * block // 256))
+    return _Tiling(rows, chans, block, nrt, nst, grid, num_warps)
+
+
+def _compute_dtype(dtype: torch.dtype) -> tuple[torch.dtype, tl.dtype]:
+    if dtype == torch.float64:
+        return torch.float64, tl.float64
+    return torch.float32, tl.float32
+
+
+def _device_guard(x: torch.Tensor):
+    # Triton launches on the current CUDA device: make it the device of the inputs.
+    if x.device.type == "cuda":
+        return torch.cuda.device(x.device)
+    return contextlib.nullcontext()
+
+
+def _apply(kernel, src: torch.Tensor, bias: torch.Tensor, log_scale: torch.Tensor, sign: int):
+    src = src.contiguous()
+    bias = bias.contiguous()
+    log_scale = log_scale.contiguous()
+    geo = _geometry(src)
+    acc_torch, acc_tl = _compute_dtype(src.dtype)
+    logdet = (log_scale.to(acc_torch).sum() * (sign * geo.spatial)).to(src.dtype).repeat(geo.batch)
+    out = torch.empty(src.shape, dtype=src.dtype, device=src.device)
+    if out.numel() == 0:
+        return out, logdet
+    tiling = _tiling(geo)
+    with _device_guard(src):
+        kernel[tiling.grid](
+            in_ptr=src,
+            bias_ptr=bias,
+            log_scale_ptr=log_scale,
+            out_ptr=out,
+            B=geo.batch,
+            C=geo.channels,
+            S=geo.spatial,
+            NRT=tiling.nrt,
+            NST=tiling.nst,
+            ACC=acc_tl,
+            ROWS=tiling.rows,
+            CHANS=tiling.chans,
+            BLOCK=tiling.block,
+            num_warps=tiling.num_warps,
+        )
+    return out, logdet
+
+
+def actnorm_forward(
+    x: torch.Tensor, bias: torch.Tensor, log_scale: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y, logdet)`` of the ActNorm forward."""
+    op = "actnorm_fwd"
+    _check_actnorm(op, x, bias, log_scale, "x")
+    _check_device(op, x, "x")
+    return _apply(_actnorm_fwd_kernel, x, bias, log_scale, 1)
+
+
+def actnorm_inverse(
+    y: torch.Tensor, bias: torch.Tensor, log_scale: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x, logdet_inv)`` of the ActNorm inverse; ``logdet_inv = -logdet``."""
+    op = "actnorm_inv"
+    _check_actnorm(op, y, bias, log_scale, "y")
+    _check_device(op, y, "y")
+    return _apply(_actnorm_inv_kernel, y, bias, log_scale, -1)
+
+
+def actnorm_backward(
+    grad_out: torch.Tensor,
+    grad_logdet: torch.Tensor,
+    x: torch.Tensor,
+    bias: torch.Tensor,
+    log_scale: torch.Tensor,
+    reverse: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(grad_in, grad_bias, grad_log_scale)`` of the ActNorm forward (``reverse=False``, ``x`` its
+    input) or inverse (``reverse=True``, ``x`` its output)."""
+    _check_bwd(grad_out, grad_logdet, x, bias, log_scale)
+    _check_device("actnorm_bwd", x, "x")
+    grad_out = grad_out.contiguous()
+    x = x.contiguous()
+    bias = bias.contiguous()
+    log_scale = log_scale.contiguous()
+    geo = _geometry(x)
+    acc_torch, acc_tl = _compute_dtype(x.dtype)
+    logdet_term = grad_logdet.to(acc_torch).sum() * (-geo.spatial if reverse else geo.spatial)
+    grad_in = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if grad_in.numel() == 0:
+        sum_b = torch.zeros(geo.channels, dtype=acc_torch, device=x.device)
+        sum_ls = torch.zeros(geo.channels, dtype=acc_torch, device=x.device)
+    else:
+        tiling = _tiling(geo)
+        partial_b = torch.empty((geo.channels, tiling.nrt * tiling.nst), dtype=acc_torch, device=x.device)
+        partial_ls = torch.empty_like(partial_b)
+        with _device_guard(x):
+            _actnorm_bwd_kernel[tiling.grid](
+                g_ptr=grad_out,
+                x_ptr=x,
+                bias_ptr=bias,
+                log_scale_ptr=log_scale,
+                gin_ptr=grad_in,
+                partial_b_ptr=partial_b,
+                partial_ls_ptr=partial_ls,
+                B=geo.batch,
+                C=geo.channels,
+                S=geo.spatial,
+                NRT=tiling.nrt,
+                NST=tiling.nst,
+                REVERSE=reverse,
+                ACC=acc_tl,
+                ROWS=tiling.rows,
+                CHANS=tiling.chans,
+                BLOCK=tiling.block,
+                num_warps=tiling.num_warps,
+            )
+        sum_b = partial_b.sum(dim=1)
+        sum_ls = partial_ls.sum(dim=1)
+    return grad_in, sum_b.to(x.dtype), (sum_ls + logdet_term).to(x.dtype)
+
+
+# Registered ops: the schemas of docs/ops/actnorm.md with a _triton suffix. Autograd is registered
+# by invkernels.ops for every backend; the fake impls validate like the real ones, so a mistake
+# fails at trace time under torch.compile too.
+
+
+@torch.library.custom_op(
+    "invkernels::actnorm_fwd_triton",
+    mutates_args=(),
+    schema="(Tensor x, Tensor bias, Tensor log_scale) -> (Tensor y, Tensor logdet)",
+)
+def actnorm_fwd(x: torch.Tensor, bias: torch.Tensor, log_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return actnorm_forward(x, bias, log_scale)
+
+
+@actnorm_fwd.register_fake
+def _actnorm_fwd_fake(x, bias, log_scale):
+    _check_actnorm("actnorm_fwd", x, bias, log_scale, "x")
+    return x.new_empty(x.shape), x.new_empty((x.shape[0],))
+
+
+@torch.library.custom_op(
+    "invkernels::actnorm_inv_triton",
+    mutates_args=(),
+    schema="(Tensor y, Tensor bias, Tensor log_scale) -> (Tensor x, Tensor logdet)",
+)
+def actnorm_inv(y: torch.Tensor, bias: torch.Tensor, log_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return actnorm_inverse(y, bias, log_scale)
+
+
+@actnorm_inv.register_fake
+def _actnorm_inv_fake(y, bias, log_scale):
+    _check_actnorm("actnorm_inv", y, bias, log_scale, "y")
+    return y.new_empty(y.shape), y.new_empty((y.shape[0],))
+
+
+@torch.library.custom_op(
+    "invkernels::actnorm_bwd_triton",
+    mutates_args=(),
+    schema=(
+        "(Tensor grad_out, Tensor grad_logdet, Tensor x, Tensor bias, Tensor log_scale, bool reverse)"
+        " -> (Tensor grad_in, Tensor grad_bias, Tensor grad_log_scale)"
+    ),
+)
+def actnorm_bwd(
+    grad_out: torch.Tensor,
+    grad_logdet: torch.Tensor,
+    x: torch.Tensor,
+    bias: torch.Tensor,
+    log_scale: torch.Tensor,
+    reverse: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return actnorm_backward(grad_out, grad_logdet, x, bias, log_scale, reverse)
+
+
+@actnorm_bwd.register_fake
+def _actnorm_bwd_fake(grad_out, grad_logdet, x, bias, log_scale, reverse):
+    _check_bwd(grad_out, grad_logdet, x, bias, log_scale)
+    return x.new_empty(x.shape), bias.new_empty(bias.shape), log_scale.new_empty(log_scale.shape)

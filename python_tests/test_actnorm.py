@@ -1,0 +1,204 @@
+"""ActNorm ops of every backend against the float64 reference, and the ActNorm module."""
+
+import pytest
+import torch
+
+import invkernels
+from invkernels.nn import ActNorm
+from invkernels.ops import actnorm as A
+from invkernels.reference import actnorm as R
+from tolerances import assert_close
+
+BACKENDS = ["cpp", pytest.param("triton", marks=pytest.mark.triton)]
+SHAPES = [(3, 5, 4, 3), (6, 4), (1, 4, 2, 2), (5, 3, 7)]
+
+
+def ops_of(backend):
+    return A.cpp_ops() if backend == "cpp" else A.triton_ops()
+
+
+def make(shape, dtype=torch.float64):
+    x = torch.randn(shape, dtype=torch.float64)
+    bias = torch.randn(shape[1], dtype=torch.float64)
+    log_scale = 0.5 * torch.randn(shape[1], dtype=torch.float64)
+    return x.to(dtype), bias.to(dtype), log_scale.to(dtype)
+
+
+def per_channel_len(shape):
+    return shape[0] * (torch.Size(shape[2:]).numel())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_forward_inverse_backward_match_reference(backend, dtype, shape):
+    x, b, ls = make(shape, dtype)
+    ops = ops_of(backend)
+    y, logdet = ops.fwd(x, b, ls)
+    y_ref, logdet_ref = R.actnorm_fwd(x.double(), b.double(), ls.double())
+    assert y.dtype == dtype and logdet.shape == (shape[0],)
+    assert_close(y, y_ref)
+    assert_close(logdet, logdet_ref, reduce_len=per_channel_len(shape))
+    x_back, logdet_inv = ops.inv(y_ref.to(dtype), b, ls)
+    assert_close(x_back, R.actnorm_inv(y_ref.to(dtype).double(), b.double(), ls.double())[0])
+    assert_close(logdet_inv, -logdet_ref, reduce_len=per_channel_len(shape))
+    g, gl = torch.randn(shape, dtype=dtype), torch.randn(shape[0], dtype=dtype)
+    for direction, ref in (("fwd", R.actnorm_fwd), ("inv", R.actnorm_inv)):
+        inputs = [t.clone().requires_grad_() for t in (x, b, ls)]
+        grads = torch.autograd.grad(getattr(ops, direction)(*inputs), inputs, (g, gl))
+        inputs64 = [t.detach().double().requires_grad_() for t in (x, b, ls)]
+        expected = torch.autograd.grad(ref(*inputs64), inputs64, (g.double(), gl.double()))
+        assert_close(grads[0], expected[0])
+        for got, want in zip(grads[1:], expected[1:]):
+            assert_close(got, want, reduce_len=per_channel_len(shape))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("direction", ["fwd", "inv"])
+def test_gradcheck_and_gradgradcheck(backend, direction):
+    op = getattr(ops_of(backend), direction)
+    inputs = [t.requires_grad_() for t in make((2, 3, 2, 2))]
+    assert torch.autograd.gradcheck(op, inputs)
+    assert torch.autograd.gradgradcheck(op, inputs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck(backend, dtype):
+    ops_of(backend)
+    suffix = "" if backend == "cpp" else "_triton"
+    ns = torch.ops.invkernels
+    x, b, ls = make((2, 3, 4, 5), dtype)
+    for rg in (False, True):
+        for name in ("actnorm_fwd", "actnorm_inv"):
+            torch.library.opcheck(getattr(ns, name + suffix), tuple(t.clone().requires_grad_(rg) for t in (x, b, ls)))
+    for reverse in (False, True):
+        torch.library.opcheck(getattr(ns, "actnorm_bwd" + suffix),
+                              (torch.randn_like(x), torch.randn(2, dtype=dtype), x, b, ls, reverse))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_logdet_is_slogdet_of_dense_jacobian(backend):
+    x, b, ls = make((2, 3, 2, 2))
+    ops = ops_of(backend)
+    _, logdet = ops.fwd(x, b, ls)
+    jac = torch.autograd.functional.jacobian(lambda v: ops.fwd(v.reshape(1, 3, 2, 2), b, ls)[0].reshape(-1),
+                                             x[0].reshape(-1))
+    sign, expected = torch.linalg.slogdet(jac)
+    assert sign.item() == 1.0
+    assert_close(logdet[0], expected)
+    assert_close(logdet[1], expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hostile_layouts_and_sizes(backend):
+    ops = ops_of(backend)
+    base, b, ls = make((4, 6, 6, 8), torch.float32)
+    for x in (base[::2, :, ::2, 1::2], base.contiguous(memory_format=torch.channels_last), base.transpose(2, 3)):
+        y, _ = ops.fwd(x, b, ls)
+        assert_close(y, R.actnorm_fwd(x.double(), b.double(), ls.double())[0])
+        g = torch.randn(x.shape)
+        xr = x.clone().requires_grad_()
+        (gx,) = torch.autograd.grad(ops.fwd(xr, b, ls)[0], xr, g)
+        assert_close(gx, (g.double() * ls.double().exp().reshape(1, -1, 1, 1)))
+    for shape in ((0, 6, 3, 3), (3, 6, 0, 2)):
+        x, b, ls = make(shape, torch.float32)
+        xr, br, lsr = (t.clone().requires_grad_() for t in (x, b, ls))
+        y, logdet = ops.fwd(xr, br, lsr)
+        assert y.shape == x.shape and logdet.shape == (shape[0],)
+        gx, gb, gls = torch.autograd.grad(y.sum() + logdet.sum(), (xr, br, lsr))
+        assert gx.shape == x.shape
+        assert torch.equal(gb, torch.zeros(6))
+        assert_close(gls, torch.zeros(6, dtype=torch.float64))
+
+
+def test_parameter_gradients_do_not_depend_on_thread_count():
+    x, b, ls = make((8, 4, 32, 32), torch.float32)
+    g, gl = torch.randn(x.shape), torch.randn(8)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = A.cpp_ops().bwd(g, gl, x, b, ls, False)
+        torch.set_num_threads(max(2, threads))
+        many = A.cpp_ops().bwd(g, gl, x, b, ls, False)
+    finally:
+        torch.set_num_threads(threads)
+    for a, c in zip(one, many):
+        assert torch.equal(a, c)
+
+
+BAD = [
+    ("bias should have shape \\[C\\] = \\[4\\] for x with C=4, got \\[3\\]",
+     lambda ops: ops.fwd(torch.randn(2, 4), torch.randn(3), torch.randn(4))),
+    ("x and log_scale should have the same dtype",
+     lambda ops: ops.fwd(torch.randn(2, 4), torch.randn(4), torch.randn(4, dtype=torch.float64))),
+    ("y should be at least 2-D", lambda ops: ops.inv(torch.randn(4), torch.randn(4), torch.randn(4))),
+    ("grad_logdet should have shape \\[2\\]",
+     lambda ops: ops.bwd(torch.randn(2, 4), torch.randn(3), torch.randn(2, 4), torch.randn(4), torch.randn(4), False)),
+    ("same device", lambda ops: ops.fwd(torch.randn(2, 4), torch.randn(4, device="meta"), torch.randn(4))),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("message,call", BAD, ids=[m[:30] for m, _ in BAD])
+def test_bad_inputs(backend, message, call):
+    with pytest.raises((ValueError, RuntimeError), match=message):
+        call(ops_of(backend))
+
+
+@pytest.mark.parametrize("backend", ["cpp", pytest.param("triton", marks=pytest.mark.triton), "reference"])
+def test_module_initializes_from_the_first_training_batch(backend):
+    layer = ActNorm(5, backend=backend)
+    x = 3.0 + 2.5 * torch.randn(16, 5, 6, 6)
+    y, logdet = layer(x)
+    dims = (0, 2, 3)
+    assert_close(y.mean(dims), torch.zeros(5, dtype=torch.float64), atol=1e-5)
+    assert_close(y.std(dims, unbiased=False), torch.ones(5, dtype=torch.float64), atol=1e-4)
+    assert layer.initialized.item()
+    bias = layer.bias.detach().clone()
+    layer(x + 10.0)
+    assert torch.equal(layer.bias.detach(), bias)
+    assert_close(logdet, 36 * layer.log_scale.detach().double().sum().expand(16))
+    assert_close(layer.inverse(y), x.double(), atol=1e-5)
+
+
+def test_state_dict_round_trip_does_not_reinitialize():
+    layer = ActNorm(3)
+    layer(torch.randn(8, 3) * 4 + 1)
+    state = layer.state_dict()
+    assert state["initialized"].item()
+    fresh = ActNorm(3)
+    fresh.load_state_dict(state)
+    x = torch.randn(8, 3) * 100
+    y_fresh, _ = fresh(x)
+    assert torch.equal(fresh.bias, layer.bias)
+    assert_close(y_fresh, layer(x)[0].double())
+
+
+def test_module_errors_and_eval_mode():
+    with pytest.raises(ValueError, match="channels should be a positive integer, got 0"):
+        ActNorm(0)
+    layer = ActNorm(4)
+    with pytest.raises(ValueError, match=r"x should have shape \[B, 4, ...\], got \[2, 3\]"):
+        layer(torch.randn(2, 3))
+    with pytest.raises(ValueError, match="at least 2 values per channel"):
+        layer(torch.randn(1, 4))
+    layer.eval()
+    x = torch.randn(2, 4)
+    y, logdet = layer(x)
+    assert torch.equal(y, x) and not layer.initialized.item()
+
+
+def test_module_compiles_fullgraph():
+    torch._dynamo.reset()
+    layer = ActNorm(3).double()
+    layer(torch.randn(8, 3, 4, 4, dtype=torch.float64))
+    compiled = torch.compile(layer, fullgraph=True)
+    x = torch.randn(4, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    y, logdet = compiled(x)
+    y_ref, logdet_ref = layer(x)
+    assert_close(y, y_ref)
+    assert_close(logdet, logdet_ref)
+    (gc,) = torch.autograd.grad(y.sum() + logdet.sum(), layer.log_scale)
+    (ge,) = torch.autograd.grad(y_ref.sum() + logdet_ref.sum(), layer.log_scale)
+    assert_close(gc, ge)
