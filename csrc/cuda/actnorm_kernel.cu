@@ -14,18 +14,12 @@
 
 #include "../checks.h"
 #include "../kernels/actnorm.h"
+#include "launch.h"
 
 namespace invk::cuda {
 namespace {
 
-constexpr int kThreads = 256;
 constexpr int64_t kChunk = 4096;
-constexpr int64_t kMaxBlocks = 65535;
-
-template <typename scalar_t>
-using acc_t = at::opmath_type<scalar_t>;
-
-int grid_for(int64_t tiles) { return static_cast<int>(std::max<int64_t>(1, std::min(tiles, kMaxBlocks))); }
 
 // in, out: [B, C, S]; bias, log_scale: [C].
 template <typename scalar_t, bool Inverse>
@@ -91,7 +85,7 @@ std::tuple<at::Tensor, at::Tensor> actnorm(const at::Tensor& in_, const at::Tens
   if (total > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.scalar_type(), op, [&] {
       actnorm_apply_kernel<scalar_t, Inverse>
-          <<<grid_for((total + kThreads - 1) / kThreads), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+          <<<grid_for_elements(total), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
               in.const_data_ptr<scalar_t>(), bias.const_data_ptr<scalar_t>(), ls.const_data_ptr<scalar_t>(),
               out.mutable_data_ptr<scalar_t>(), sh);
       C10_CUDA_KERNEL_LAUNCH_CHECK();

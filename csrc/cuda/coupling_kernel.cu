@@ -17,18 +17,12 @@
 
 #include "../checks.h"
 #include "../kernels/coupling.h"
+#include "launch.h"
 
 namespace invk::cuda {
 namespace {
 
-constexpr int kThreads = 256;
 constexpr int64_t kChunk = 4096;
-constexpr int64_t kMaxBlocks = 65535;
-
-template <typename scalar_t>
-using acc_t = at::opmath_type<scalar_t>;
-
-int grid_for(int64_t tiles) { return static_cast<int>(std::max<int64_t>(1, std::min(tiles, kMaxBlocks))); }
 
 // Copies the passthrough half (x[:, :c1]) of every sample with ATen's strided copy (one kernel
 // on the current stream, int64 indexing, no limit on the pitch).
@@ -176,7 +170,7 @@ std::tuple<at::Tensor, at::Tensor> affine_coupling_bwd(const at::Tensor& g_, con
     using A = acc_t<scalar_t>;
     const ScaleParams<A> p{A(clamp), A(1.0 / clamp)};
     dispatch_scale(kind, [&](auto k) {
-      const int grid = grid_for((total + kThreads - 1) / kThreads);
+      const int grid = grid_for_elements(total);
       const auto launch = [&](auto rev) {
         affine_backward_kernel<scalar_t, decltype(k)::value, decltype(rev)::value><<<grid, kThreads, 0, stream>>>(
             g.const_data_ptr<scalar_t>(), gl.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
@@ -205,7 +199,7 @@ at::Tensor additive_coupling(const at::Tensor& in_, const at::Tensor& h_) {
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   copy_passthrough(in, out, sh);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.scalar_type(), op, [&] {
-    additive_apply_kernel<scalar_t, Inverse><<<grid_for((total + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+    additive_apply_kernel<scalar_t, Inverse><<<grid_for_elements(total), kThreads, 0, stream>>>(
         in.const_data_ptr<scalar_t>(), h.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), sh);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -224,7 +218,7 @@ std::tuple<at::Tensor, at::Tensor> additive_coupling_bwd(const at::Tensor& g_, c
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   copy_passthrough(g, gin, sh);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g.scalar_type(), op, [&] {
-    additive_backward_kernel<scalar_t><<<grid_for((total + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+    additive_backward_kernel<scalar_t><<<grid_for_elements(total), kThreads, 0, stream>>>(
         g.const_data_ptr<scalar_t>(), gin.mutable_data_ptr<scalar_t>(), gh.mutable_data_ptr<scalar_t>(), sh,
         reverse);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import torch
 
-from invkernels import _backend
+from invkernels.ops._registry import OpFamily
 from invkernels.reference import actnorm as reference
 
 
@@ -83,52 +83,12 @@ def _register_autograd(suffix: str, ops: ActNormOps) -> None:
         setup_context=lambda ctx, inputs, output: setup(ctx, output[0], *inputs[1:]))
 
 
-_registered: dict[str, ActNormOps] = {}
-
-
-def _bind(suffix: str) -> ActNormOps:
-    ns = torch.ops.invkernels
-    return ActNormOps(*(getattr(ns, f"actnorm_{d}{suffix}").default for d in ("fwd", "inv", "bwd")))
-
-
-def cpp_ops() -> ActNormOps:
-    """The C++ ops (CPU and CUDA kernels), with autograd and fake implementations registered."""
-    if "cpp" not in _registered:
-        from invkernels import _extension  # noqa: PLC0415
-
-        _extension.load()
-        _register_fakes()
-        ops = _bind("")
-        _register_autograd("", ops)
-        _registered["cpp"] = ops
-    return _registered["cpp"]
-
-
-def triton_ops() -> ActNormOps:
-    """The Triton ops, with autograd registered (imports triton on first use)."""
-    if "triton" not in _registered:
-        import invkernels.triton.actnorm  # noqa: F401, PLC0415
-
-        ops = _bind("_triton")
-        _register_autograd("_triton", ops)
-        _registered["triton"] = ops
-    return _registered["triton"]
-
-
-def prepare(backend: str) -> None:
-    """Register ``backend``'s ops now, so later (possibly compiled) calls only look them up."""
-    if backend == "cpp":
-        cpp_ops()
-    elif backend == "triton":
-        triton_ops()
-
-
-def _ops_for(backend: str | None, x: torch.Tensor) -> ActNormOps | None:
-    name = _backend.resolve(backend)
-    if name == "reference" or (name == "cpp" and x.device.type not in ("cpu", "cuda")):
-        return None
-    ops = _registered.get(name)
-    return ops if ops is not None else (triton_ops() if name == "triton" else cpp_ops())
+_FAMILY = OpFamily(("actnorm_fwd", "actnorm_inv", "actnorm_bwd"), ActNormOps, "invkernels.triton.actnorm",
+                   _register_fakes, _register_autograd)
+cpp_ops = _FAMILY.cpp
+triton_ops = _FAMILY.triton
+prepare = _FAMILY.prepare
+_ops_for = _FAMILY.for_tensor
 
 
 def actnorm_fwd(x: torch.Tensor, bias: torch.Tensor, log_scale: torch.Tensor, *,

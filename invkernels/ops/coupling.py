@@ -8,12 +8,12 @@ is the registered ``*_bwd`` op. Math: docs/ops/coupling.md.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
-from invkernels import _backend, _validation
+from invkernels import _validation
+from invkernels.ops._registry import OpFamily
 from invkernels.reference import coupling as reference
 
 _OPS = (
@@ -26,8 +26,7 @@ _OPS = (
 )
 
 
-@dataclass(frozen=True)
-class CouplingOps:
+class CouplingOps(NamedTuple):
     """One backend's six coupling ops."""
 
     affine_fwd: Callable
@@ -131,53 +130,11 @@ def _register_autograd(suffix: str, ops: CouplingOps) -> None:
         name("additive_coupling_inv"), lambda ctx, g: additive_grads(ctx, g, True), setup_context=save_additive)
 
 
-def _bind(suffix: str) -> CouplingOps:
-    ns = torch.ops.invkernels
-    return CouplingOps(*(getattr(ns, op + suffix).default for op in _OPS))
-
-
-_registered: dict[str, CouplingOps] = {}
-
-
-def cpp_ops() -> CouplingOps:
-    """The C++ ops (CPU and CUDA kernels), with autograd and fake implementations registered."""
-    if "cpp" not in _registered:
-        from invkernels import _extension  # noqa: PLC0415
-
-        _extension.load()
-        _register_fakes()
-        ops = _bind("")
-        _register_autograd("", ops)
-        _registered["cpp"] = ops
-    return _registered["cpp"]
-
-
-def triton_ops() -> CouplingOps:
-    """The Triton ops, with autograd registered (imports triton on first use)."""
-    if "triton" not in _registered:
-        import invkernels.triton.coupling  # noqa: F401, PLC0415
-
-        ops = _bind("_triton")
-        _register_autograd("_triton", ops)
-        _registered["triton"] = ops
-    return _registered["triton"]
-
-
-def prepare(backend: str) -> None:
-    """Register ``backend``'s ops now, so later (possibly compiled) calls only look them up."""
-    if backend == "cpp":
-        cpp_ops()
-    elif backend == "triton":
-        triton_ops()
-
-
-def _ops_for(backend: str | None, x: torch.Tensor) -> CouplingOps | None:
-    """The ops of the chosen backend; None means the pure-PyTorch reference."""
-    name = _backend.resolve(backend)
-    if name == "reference" or (name == "cpp" and x.device.type not in ("cpu", "cuda")):
-        return None
-    ops = _registered.get(name)
-    return ops if ops is not None else (triton_ops() if name == "triton" else cpp_ops())
+_FAMILY = OpFamily(_OPS, CouplingOps, "invkernels.triton.coupling", _register_fakes, _register_autograd)
+cpp_ops = _FAMILY.cpp
+triton_ops = _FAMILY.triton
+prepare = _FAMILY.prepare
+_ops_for = _FAMILY.for_tensor
 
 
 def affine_coupling_fwd(x: torch.Tensor, h: torch.Tensor, scale: str = "exp", clamp: float = 2.0, *,

@@ -1,0 +1,140 @@
+"""Invertible 1x1 convolution (Glow), LU-decomposed, with a cached float64-built inverse."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from invkernels import _backend
+from invkernels.ops import invconv as F
+from invkernels.reference.invconv import lu_factors, random_rotation
+
+
+class InvConv1x1(nn.Module):
+    """``y = W x`` at every position of ``x`` (``[B, C, *spatial]`` or ``[B, C]``), ``logdet = S * log|det W|``.
+
+    With ``lu=True`` (default) ``W = P L (U + diag(sign * exp(log_s)))``: ``P`` a fixed
+    permutation (buffer ``perm``), ``L`` unit lower-triangular (parameter ``lower``, strict lower
+    triangle used), ``U`` strictly upper-triangular (parameter ``upper``), ``sign`` a fixed ±1
+    vector (buffer) and ``log_s`` a parameter, so ``logdet = S * Σ log_s`` costs ``O(C)``. With
+    ``lu=False`` ``W`` is the plain parameter ``w`` and ``logdet = S * slogdet(W)`` (float64).
+    Both start from a random rotation (Glow), drawn from torch's global generator.
+
+    The inverse multiplies by ``W⁻¹``, built in float64 (for ``lu=True`` from the factors by two
+    triangular solves, never by inverting the dense ``W``; for ``lu=False`` by
+    ``torch.linalg.inv``) and cast once to the input dtype. It is cached while the parameters are
+    unchanged (the same tensors, with the same version counters, storage, dtype and device), so repeated sampling costs one
+    GEMM per call. While grad mode is on and a parameter requires grad, the inverse is rebuilt on
+    every call so that gradients flow through it: sample under ``torch.no_grad()`` to use the
+    cache. Writes through ``param.data`` bypass the version counters; call
+    :meth:`clear_inverse_cache` after such writes.
+
+    Args:
+        channels: number of channels ``C``.
+        lu: LU parameterization (True) or a dense weight (False).
+        backend: backend of the weight assembly: ``"cpp"``, ``"triton"`` (both use the C++ op),
+            ``"reference"`` or None for ``invkernels.get_backend()``.
+
+    ``forward(x) -> (y, logdet)``; ``inverse(y, return_logdet=False) -> x`` (or ``(x, -logdet)``).
+    """
+
+    def __init__(self, channels: int, lu: bool = True, backend: str | None = None):
+        super().__init__()
+        if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
+            raise ValueError(f"InvConv1x1: channels should be a positive integer, got {channels!r}")
+        if not isinstance(lu, bool):
+            raise ValueError(f"InvConv1x1: lu should be True or False, got {lu!r}")
+        if backend is not None:
+            F.prepare(_backend.check_backend(backend))
+        self.channels = channels
+        self.lu = lu
+        self.backend = backend
+        rotation = random_rotation(channels)
+        if lu:
+            perm, lower, upper, sign, log_s = lu_factors(rotation)
+            self.register_buffer("perm", perm)
+            self.register_buffer("sign", sign.float())
+            self.lower = nn.Parameter(lower.float())
+            self.upper = nn.Parameter(upper.float())
+            self.log_s = nn.Parameter(log_s.float())
+        else:
+            self.w = nn.Parameter(rotation.float())
+        self._cache: tuple | None = None
+
+    def _state_tensors(self) -> tuple[torch.Tensor, ...]:
+        if self.lu:
+            return self.perm, self.lower, self.upper, self.sign, self.log_s
+        return (self.w,)
+
+    def _check(self, x: torch.Tensor, name: str) -> None:
+        if x.dim() < 2 or x.shape[1] != self.channels:
+            raise ValueError(f"InvConv1x1: {name} should have shape [B, {self.channels}, ...], got {list(x.shape)}")
+        if not x.is_floating_point():
+            raise ValueError(f"InvConv1x1: {name} should be a floating-point tensor, got {x.dtype}")
+
+    def weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``W`` (``[C, C]``, differentiable in the parameters) in ``dtype`` (default: the parameters')."""
+        if not self.lu:
+            return self.w if dtype is None else self.w.to(dtype)
+        perm, lower, upper, sign, log_s = self._state_tensors()
+        if dtype is not None:
+            lower, upper, sign, log_s = (t.to(dtype) for t in (lower, upper, sign, log_s))
+        return F.invconv_weight(perm, lower, upper, sign, log_s, backend=self.backend)
+
+    def _build_inverse(self, dtype: torch.dtype) -> torch.Tensor:
+        if self.lu:
+            return F.invconv_inverse_weight(*self._state_tensors(), dtype=dtype)
+        return F.dense_inverse_weight(self.w, dtype=dtype)
+
+    def _cache_valid(self, tensors: tuple[torch.Tensor, ...], key: tuple) -> bool:
+        if self._cache is None:
+            return False
+        cached_tensors, cached_key, _ = self._cache
+        return cached_key == key and all(a is b for a, b in zip(cached_tensors, tensors))
+
+    def inverse_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``W⁻¹`` built in float64 and cast once to ``dtype`` (default: the parameters').
+
+        Cached while the parameters are unchanged; rebuilt (uncached, differentiable) while grad
+        mode is on and a parameter requires grad.
+        """
+        dtype = self._state_tensors()[1 if self.lu else 0].dtype if dtype is None else dtype
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters(recurse=False)):
+            return self._build_inverse(dtype)
+        tensors = self._state_tensors()
+        key = (dtype, *((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors))
+        if self._cache_valid(tensors, key):
+            return self._cache[2]
+        # A normal tensor even under inference_mode, so the cached value can later be used by autograd.
+        with torch.inference_mode(False), torch.no_grad():
+            inv = self._build_inverse(dtype)
+        self._cache = (tensors, key, inv)
+        return inv
+
+    def clear_inverse_cache(self) -> None:
+        """Drop the cached ``W⁻¹`` (needed only after writes that bypass version counters, e.g. ``param.data``)."""
+        self._cache = None
+
+    @torch.no_grad()
+    def cond(self) -> torch.Tensor:
+        """The 2-norm condition number of ``W`` (``torch.linalg.cond`` in float64), a 0-d float64 tensor.
+        ``cond * eps(dtype)`` bounds the relative round-trip error to be expected in ``dtype``."""
+        return torch.linalg.cond(self.weight(torch.float64))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self._check(x, "x")
+        w = self.weight(x.dtype)
+        y = F.conv1x1(x, w)
+        logdet = F.lu_logdet(self.log_s, x) if self.lu else F.dense_logdet(w, x)
+        return y, logdet
+
+    def inverse(self, y: torch.Tensor, return_logdet: bool = False):
+        self._check(y, "y")
+        x = F.conv1x1(y, self.inverse_weight(y.dtype), x_name="y")
+        if not return_logdet:
+            return x
+        logdet = F.lu_logdet(self.log_s, y) if self.lu else F.dense_logdet(self.w, y)
+        return x, -logdet
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, lu={self.lu}"

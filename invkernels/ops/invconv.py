@@ -1,0 +1,232 @@
+"""Functional LU-decomposed invertible 1x1 convolution (Glow): weight assembly, inverse weight,
+per-pixel product and log-determinant.
+
+``W = P L U'`` is assembled from its factors by the registered op
+``torch.ops.invkernels.invconv_weight`` (backward: ``invconv_weight_bwd``; under
+``create_graph=True`` the same formulas in differentiable tensor ops from the reference). The
+assembly is a C x C computation through torch's BLAS (``at::matmul``) on every backend: there is
+no Triton twin, and ``prepare("triton")`` registers the C++ op, which the Triton backend uses.
+``W⁻¹ = U'⁻¹ L⁻¹ Pᵀ`` is built from the factors by two triangular solves in float64 (plain torch
+ops, differentiable), never by inverting the dense ``W``. The per-pixel product ``y = W x`` is one
+GEMM through torch over the whole input (:func:`conv1x1`). Math: docs/ops/invconv.md.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from invkernels import _backend
+from invkernels.reference import invconv as reference
+
+
+class InvConvOps(NamedTuple):
+    """The C++ weight-assembly ops."""
+
+    weight: object
+    weight_bwd: object
+
+
+def _fail(op: str, message: str) -> None:
+    raise ValueError(f"{op}: {message}")
+
+
+def check_factors(op: str, perm: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, sign: torch.Tensor,
+                  log_s: torch.Tensor) -> None:
+    """The checks of the C++ op (csrc/ops/invconv_weight.h), with the same wording."""
+    if lower.dim() != 2 or lower.shape[0] != lower.shape[1]:
+        _fail(op, f"lower should be a square matrix, got shape {list(lower.shape)}")
+    c = lower.shape[0]
+    if not lower.is_floating_point():
+        _fail(op, f"lower should be a floating-point tensor, got {lower.dtype}")
+    if upper.shape != lower.shape:
+        _fail(op, f"upper should have the shape of lower {list(lower.shape)}, got {list(upper.shape)}")
+    if perm.dim() != 1 or perm.shape[0] != c or perm.dtype != torch.int64:
+        _fail(op, f"perm should be an int64 vector of length {c}, got {perm.dtype} of shape {list(perm.shape)}")
+    for t, name in ((sign, "sign"), (log_s, "log_s")):
+        if t.dim() != 1 or t.shape[0] != c:
+            _fail(op, f"{name} should have shape [{c}], got {list(t.shape)}")
+    for t, name in ((upper, "upper"), (sign, "sign"), (log_s, "log_s")):
+        if t.dtype != lower.dtype:
+            _fail(op, f"{name} should have the dtype of lower ({lower.dtype}), got {t.dtype}")
+    for t, name in ((perm, "perm"), (upper, "upper"), (sign, "sign"), (log_s, "log_s")):
+        if t.device != lower.device:
+            _fail(op, f"{name} should be on the device of lower ({lower.device}), got {t.device}")
+
+
+def _register_fakes() -> None:
+    """Shape functions of the C++ ops, for torch.compile and meta tensors."""
+
+    @torch.library.register_fake("invkernels::invconv_weight")
+    def _(perm, lower, upper, sign, log_s):
+        check_factors("invconv_weight", perm, lower, upper, sign, log_s)
+        return lower.new_empty(lower.shape)
+
+    @torch.library.register_fake("invkernels::invconv_weight_bwd")
+    def _(grad_w, perm, lower, upper, sign, log_s):
+        op = "invconv_weight_bwd"
+        check_factors(op, perm, lower, upper, sign, log_s)
+        if grad_w.shape != lower.shape:
+            _fail(op, f"grad_w should have the shape of lower {list(lower.shape)}, got {list(grad_w.shape)}")
+        if grad_w.dtype != lower.dtype:
+            _fail(op, f"grad_w should have the dtype of lower ({lower.dtype}), got {grad_w.dtype}")
+        if grad_w.device != lower.device:
+            _fail(op, f"grad_w should be on the device of lower ({lower.device}), got {grad_w.device}")
+        return lower.new_empty(lower.shape), upper.new_empty(upper.shape), log_s.new_empty(log_s.shape)
+
+
+def _register_autograd(ops: InvConvOps) -> None:
+    """``perm`` and ``sign`` are constants of the parameterization: they get no gradient."""
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def backward(ctx, grad_w):
+        needs = ctx.needs_input_grad
+        if not (needs[1] or needs[2] or needs[4]):
+            return None, None, None, None, None
+        perm, lower, upper, sign, log_s = ctx.saved_tensors
+        vjp = reference.invconv_weight_vjp if torch.is_grad_enabled() else ops.weight_bwd
+        grad_lower, grad_upper, grad_log_s = vjp(grad_w, perm, lower, upper, sign, log_s)
+        return (None, grad_lower if needs[1] else None, grad_upper if needs[2] else None, None,
+                grad_log_s if needs[4] else None)
+
+    torch.library.register_autograd("invkernels::invconv_weight", backward, setup_context=setup_context)
+
+
+_registered: dict[str, InvConvOps] = {}
+
+
+def cpp_ops() -> InvConvOps:
+    """The C++ ops (CPU and CUDA), with autograd and fake implementations registered."""
+    if "cpp" not in _registered:
+        from invkernels import _extension  # noqa: PLC0415
+
+        _extension.load()
+        _register_fakes()
+        ns = torch.ops.invkernels
+        ops = InvConvOps(ns.invconv_weight.default, ns.invconv_weight_bwd.default)
+        _register_autograd(ops)
+        _registered["cpp"] = ops
+    return _registered["cpp"]
+
+
+def prepare(backend: str) -> None:
+    """Register the ops ``backend`` uses now, so later (possibly compiled) calls only look them up.
+    The weight assembly has no Triton kernel: ``"triton"`` uses the C++ op as ``"cpp"`` does."""
+    if backend in ("cpp", "triton"):
+        cpp_ops()
+
+
+def invconv_weight(perm: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, sign: torch.Tensor,
+                   log_s: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """``W = P L U'`` with ``L = tril(lower, -1) + I``, ``U' = triu(upper, 1) + diag(sign * exp(log_s))``
+    and ``(P M)[i, :] = M[perm[i], :]``; differentiable in ``lower``, ``upper`` and ``log_s``.
+
+    Args:
+        perm: ``[C]`` int64 permutation.
+        lower, upper: ``[C, C]`` (only the strict lower / strict upper triangle is read).
+        sign: ``[C]``, entries +1 or -1. log_s: ``[C]``. Same dtype and device as ``lower``.
+        backend: ``"cpp"`` or ``"triton"`` (the registered C++ op on CPU and CUDA tensors, the
+            reference on other devices), ``"reference"`` (pure torch), or None for
+            ``invkernels.get_backend()``.
+    """
+    name = _backend.resolve(backend)
+    if name == "reference" or lower.device.type not in ("cpu", "cuda"):
+        check_factors("invconv_weight", perm, lower, upper, sign, log_s)
+        return reference.invconv_weight(perm, lower, upper, sign, log_s)
+    ops = _registered.get("cpp")
+    return (ops if ops is not None else cpp_ops()).weight(perm, lower, upper, sign, log_s)
+
+
+def invconv_inverse_weight(perm: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, sign: torch.Tensor,
+                           log_s: torch.Tensor, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``W⁻¹ = U'⁻¹ L⁻¹ Pᵀ`` from the factors of :func:`invconv_weight`, by two triangular solves
+    (``torch.linalg.solve_triangular``) in float64, cast once to ``dtype`` (default: ``lower``'s).
+
+    The dense ``W`` is never formed or inverted. Plain torch ops: differentiable in ``lower``,
+    ``upper`` and ``log_s``. Cost ``O(C³)``; the modules cache the result.
+    """
+    check_factors("invconv_inverse_weight", perm, lower, upper, sign, log_s)
+    f64 = torch.float64
+    lower64 = reference.invconv_lower(lower.to(f64))
+    upper64 = reference.invconv_upper(upper.to(f64), sign.to(f64), log_s.to(f64))
+    eye = torch.eye(lower.shape[0], dtype=f64, device=lower.device)
+    lower_inv = torch.linalg.solve_triangular(lower64, eye, upper=False, unitriangular=True)
+    m_inv = torch.linalg.solve_triangular(upper64, lower_inv, upper=True)
+    # (M⁻¹ Pᵀ)[:, i] = M⁻¹[:, perm[i]] since Pᵀ[perm[i], i] = 1.
+    return m_inv.index_select(1, perm).to(lower.dtype if dtype is None else dtype)
+
+
+def dense_inverse_weight(w: torch.Tensor, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``w⁻¹`` of a dense ``[C, C]`` weight by ``torch.linalg.inv`` in float64, cast once to
+    ``dtype`` (default: ``w``'s); differentiable. Raises ValueError when ``w`` is singular."""
+    inv, info = torch.linalg.inv_ex(w.to(torch.float64))
+    if info.item() != 0:
+        _fail("invconv", f"weight is singular: its LU decomposition has a zero pivot at position {info.item()}, "
+                         "so it has no inverse")
+    if not bool(torch.isfinite(inv).all()):
+        _fail("invconv", "weight is singular to float64 precision (its inverse is not finite)")
+    return inv.to(w.dtype if dtype is None else dtype)
+
+
+def _check_product(x: torch.Tensor, w: torch.Tensor, x_name: str) -> None:
+    op = "conv1x1"
+    if not x.is_floating_point():
+        _fail(op, f"{x_name} should be a floating-point tensor, got {x.dtype}")
+    if x.dim() < 2:
+        _fail(op, f"{x_name} should be at least 2-D (B, C, ...), got {x.dim()}-D")
+    c = x.shape[1]
+    if w.dim() != 2 or w.shape[0] != c or w.shape[1] != c:
+        _fail(op, f"weight should have shape [C, C] = [{c}, {c}] for {x_name} with C={c}, got {list(w.shape)}")
+    if w.dtype != x.dtype:
+        _fail(op, f"{x_name} and weight should have the same dtype, got {x_name} {x.dtype} and weight {w.dtype}")
+    if w.device != x.device:
+        _fail(op, f"{x_name} and weight should be on the same device, got {x_name} on {x.device} and weight on "
+                  f"{w.device}")
+
+
+def spatial_size(x: torch.Tensor) -> int:
+    """``S``: the product of the sizes after the channel dimension (1 for ``[B, C]``)."""
+    n = 1
+    for d in x.shape[2:]:
+        n *= d
+    return n
+
+
+def conv1x1(x: torch.Tensor, w: torch.Tensor, *, x_name: str = "x") -> torch.Tensor:
+    """``y[b, :, p] = w @ x[b, :, p]`` at every position ``p``, as one GEMM through torch.
+
+    ``x``: ``[B, C, *spatial]`` or ``[B, C]``, any strides; ``w``: ``[C, C]``, same dtype and device.
+    The route was measured on CPU for ``[16, 64, 32, 32]`` float32 (docs/ops/invconv.md):
+    ``torch.matmul(w, x.view(B, C, S))`` is the fastest forward on contiguous NCHW input and
+    ``F.conv2d`` with a 1x1 kernel the fastest forward + backward (its weight gradient) and the
+    fastest on channels-last input. So: ``[B, C]`` -> ``F.linear``; 4-D input that is channels-last
+    or that autograd records -> ``F.conv2d``; otherwise the batched ``matmul``.
+    """
+    _check_product(x, w, x_name)
+    if x.dim() == 2:
+        return F.linear(x, w)
+    if x.dim() == 4:
+        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        if channels_last or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)):
+            return F.conv2d(x, w[:, :, None, None])
+    b, c = x.shape[0], x.shape[1]
+    return torch.matmul(w, x.reshape(b, c, spatial_size(x))).reshape(x.shape)
+
+
+def lu_logdet(log_s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``log|det dy/dx|`` per sample of ``y = W x`` at every position of ``x``: ``S * Σ log_s``
+    (``log|det W| = Σ log_s`` as ``|det P| = det L = 1``), accumulated in float32 or wider, shape
+    ``[B]``, dtype of ``x``."""
+    acc = torch.float64 if log_s.dtype == torch.float64 else torch.float32
+    total = spatial_size(x) * log_s.to(acc).sum()
+    return total.expand(x.shape[0]).to(x.dtype).clone()
+
+
+def dense_logdet(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``S * log|det w|`` per sample (``torch.linalg.slogdet`` in float64), shape ``[B]``, dtype of ``x``."""
+    total = spatial_size(x) * torch.linalg.slogdet(w.to(torch.float64)).logabsdet
+    return total.expand(x.shape[0]).to(x.dtype).clone()

@@ -1,0 +1,81 @@
+"""Pure-PyTorch LU-decomposed invertible 1x1 convolution (Glow).
+
+The test oracle (run in float64), the eager baseline of the benchmarks (dense weight, inverse by
+``torch.inverse``) and the fallback of the weight assembly on devices other than CPU and CUDA.
+Parameterization (docs/ops/invconv.md)::
+
+    L  = tril(lower, -1) + I,   U' = triu(upper, 1) + diag(sign * exp(log_s)),   W = P L U'
+    (P M)[i, :] = M[perm[i], :]
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def invconv_lower(lower: torch.Tensor) -> torch.Tensor:
+    """``L = tril(lower, -1) + I`` (unit lower-triangular)."""
+    return torch.tril(lower, -1) + torch.eye(lower.shape[0], dtype=lower.dtype, device=lower.device)
+
+
+def invconv_upper(upper: torch.Tensor, sign: torch.Tensor, log_s: torch.Tensor) -> torch.Tensor:
+    """``U' = triu(upper, 1) + diag(sign * exp(log_s))`` (upper-triangular, nonzero diagonal)."""
+    return torch.triu(upper, 1) + torch.diag(sign * torch.exp(log_s))
+
+
+def invconv_weight(perm: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, sign: torch.Tensor,
+                   log_s: torch.Tensor) -> torch.Tensor:
+    """``W = P L U'``: the rows of ``L U'`` taken in the order ``perm``."""
+    return torch.matmul(invconv_lower(lower), invconv_upper(upper, sign, log_s)).index_select(0, perm)
+
+
+def invconv_weight_vjp(grad_w: torch.Tensor, perm: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor,
+                       sign: torch.Tensor, log_s: torch.Tensor):
+    """``(grad_lower, grad_upper, grad_log_s)`` by the formulas of docs/ops/invconv.md, in
+    differentiable tensor ops (what the registered ``invconv_weight_bwd`` computes; used for
+    double backward)::
+
+        dM = P^T dW,  dlower = tril(dM U'^T, -1),  dU' = L^T dM,  dupper = triu(dU', 1),
+        dlog_s = diag(dU') * sign * exp(log_s)
+    """
+    dm = torch.zeros_like(grad_w).index_copy(0, perm, grad_w)
+    du = torch.matmul(invconv_lower(lower).t(), dm)
+    grad_lower = torch.tril(torch.matmul(dm, invconv_upper(upper, sign, log_s).t()), -1)
+    return grad_lower, torch.triu(du, 1), torch.diagonal(du) * sign * torch.exp(log_s)
+
+
+def random_rotation(c: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A random orthogonal ``c x c`` matrix in float64 (Haar-distributed: QR of a Gaussian matrix
+    with the signs of ``diag(R)`` moved into ``Q``), Glow's initialization of the 1x1 convolution.
+    Its determinant is +1 or -1."""
+    q, r = torch.linalg.qr(torch.randn(c, c, dtype=torch.float64, generator=generator))
+    return q * torch.sign(torch.diagonal(r))
+
+
+def lu_factors(w: torch.Tensor):
+    """``(perm, lower, upper, sign, log_s)`` with ``invconv_weight(...) == w`` (up to round-off), from
+    the partially pivoted LU decomposition ``w = P L U`` of ``torch.linalg.lu``: ``perm[i]`` is the
+    column of the 1 in row ``i`` of ``P``, ``lower = tril(L, -1)``, ``upper = triu(U, 1)``,
+    ``sign * exp(log_s) = diag(U)``. ``w`` must be square and invertible."""
+    p, lower, upper = torch.linalg.lu(w)
+    s = torch.diagonal(upper)
+    return p.argmax(dim=1), torch.tril(lower, -1), torch.triu(upper, 1), torch.sign(s), torch.log(torch.abs(s))
+
+
+def eager_inverse_weight(w: torch.Tensor) -> torch.Tensor:
+    """The eager route: ``torch.inverse`` of the dense weight, in the weight's dtype."""
+    return torch.inverse(w)
+
+
+def conv1x1(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``y[b, :, p] = w @ x[b, :, p]`` at every position ``p`` of ``x`` (``[B, C, *spatial]`` or ``[B, C]``)."""
+    return torch.einsum("oc,bc...->bo...", w, x)
+
+
+def conv1x1_logdet(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``log|det dy/dx|`` of :func:`conv1x1` per sample: ``S * log|det w|`` (S = spatial size), by
+    ``torch.linalg.slogdet`` in ``w``'s dtype."""
+    spatial = 1
+    for d in x.shape[2:]:
+        spatial *= d
+    return (spatial * torch.linalg.slogdet(w).logabsdet).expand(x.shape[0])
