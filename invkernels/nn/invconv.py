@@ -23,11 +23,11 @@ class InvConv1x1(nn.Module):
     The inverse multiplies by ``W⁻¹``, built in float64 (for ``lu=True`` from the factors by two
     triangular solves, never by inverting the dense ``W``; for ``lu=False`` by
     ``torch.linalg.inv``) and cast once to the input dtype. It is cached while the parameters are
-    unchanged (the same tensors, with the same version counters, storage, dtype and device), so repeated sampling costs one
-    GEMM per call. While grad mode is on and a parameter requires grad, the inverse is rebuilt on
-    every call so that gradients flow through it: sample under ``torch.no_grad()`` to use the
-    cache. Writes through ``param.data`` bypass the version counters; call
-    :meth:`clear_inverse_cache` after such writes.
+    unchanged (the same tensors with the same version counters, storage, dtype and device), so
+    repeated sampling costs one GEMM per call. While grad mode is on and a parameter requires
+    grad, the inverse is rebuilt on every call so that gradients flow through it: sample under
+    ``torch.no_grad()`` to use the cache. Writes through ``param.data`` bypass the version
+    counters; call :meth:`clear_inverse_cache` after such writes.
 
     Args:
         channels: number of channels ``C``.
@@ -44,8 +44,8 @@ class InvConv1x1(nn.Module):
             raise ValueError(f"InvConv1x1: channels should be a positive integer, got {channels!r}")
         if not isinstance(lu, bool):
             raise ValueError(f"InvConv1x1: lu should be True or False, got {lu!r}")
-        if backend is not None:
-            F.prepare(_backend.check_backend(backend))
+        # Registered now so that compiled forwards only look the op up ("cpp" and "triton" use it).
+        F.prepare("cpp" if backend is None else _backend.check_backend(backend))
         self.channels = channels
         self.lu = lu
         self.backend = backend
@@ -73,13 +73,16 @@ class InvConv1x1(nn.Module):
             raise ValueError(f"InvConv1x1: {name} should be a floating-point tensor, got {x.dtype}")
 
     def weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """``W`` (``[C, C]``, differentiable in the parameters) in ``dtype`` (default: the parameters')."""
+        """``W`` (``[C, C]``, differentiable in the parameters) in ``dtype`` (default: the parameters').
+
+        Assembled in the wider of the parameters' dtype and ``dtype``, then cast once."""
         if not self.lu:
             return self.w if dtype is None else self.w.to(dtype)
         perm, lower, upper, sign, log_s = self._state_tensors()
-        if dtype is not None:
-            lower, upper, sign, log_s = (t.to(dtype) for t in (lower, upper, sign, log_s))
-        return F.invconv_weight(perm, lower, upper, sign, log_s, backend=self.backend)
+        dtype = lower.dtype if dtype is None else dtype
+        compute = torch.promote_types(lower.dtype, dtype)
+        lower, upper, sign, log_s = (t.to(compute) for t in (lower, upper, sign, log_s))
+        return F.invconv_weight(perm, lower, upper, sign, log_s, backend=self.backend).to(dtype)
 
     def _build_inverse(self, dtype: torch.dtype) -> torch.Tensor:
         if self.lu:
@@ -118,14 +121,16 @@ class InvConv1x1(nn.Module):
     @torch.no_grad()
     def cond(self) -> torch.Tensor:
         """The 2-norm condition number of ``W`` (``torch.linalg.cond`` in float64), a 0-d float64 tensor.
-        ``cond * eps(dtype)`` bounds the relative round-trip error to be expected in ``dtype``."""
+
+        A round trip in a dtype with machine epsilon ``eps`` can lose up to about ``cond * eps``
+        relative accuracy."""
         return torch.linalg.cond(self.weight(torch.float64))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self._check(x, "x")
         w = self.weight(x.dtype)
         y = F.conv1x1(x, w)
-        logdet = F.lu_logdet(self.log_s, x) if self.lu else F.dense_logdet(w, x)
+        logdet = F.lu_logdet(self.log_s, x) if self.lu else F.dense_logdet(self.w, x)
         return y, logdet
 
     def inverse(self, y: torch.Tensor, return_logdet: bool = False):

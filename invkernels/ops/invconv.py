@@ -203,13 +203,13 @@ def conv1x1(x: torch.Tensor, w: torch.Tensor, *, x_name: str = "x") -> torch.Ten
     The route was measured on CPU for ``[16, 64, 32, 32]`` float32 (docs/ops/invconv.md):
     ``torch.matmul(w, x.view(B, C, S))`` is the fastest forward on contiguous NCHW input and
     ``F.conv2d`` with a 1x1 kernel the fastest forward + backward (its weight gradient) and the
-    fastest on channels-last input. So: ``[B, C]`` -> ``F.linear``; 4-D input that is channels-last
-    or that autograd records -> ``F.conv2d``; otherwise the batched ``matmul``.
+    fastest on channels-last input. So: ``[B, C]`` -> ``F.linear``; nonempty 4-D input that is
+    channels-last or that autograd records -> ``F.conv2d``; otherwise the batched ``matmul``.
     """
     _check_product(x, w, x_name)
     if x.dim() == 2:
         return F.linear(x, w)
-    if x.dim() == 4:
+    if x.dim() == 4 and x.numel() > 0:
         channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
         if channels_last or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)):
             return F.conv2d(x, w[:, :, None, None])
@@ -219,9 +219,9 @@ def conv1x1(x: torch.Tensor, w: torch.Tensor, *, x_name: str = "x") -> torch.Ten
 
 def lu_logdet(log_s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``log|det dy/dx|`` per sample of ``y = W x`` at every position of ``x``: ``S * Σ log_s``
-    (``log|det W| = Σ log_s`` as ``|det P| = det L = 1``), accumulated in float32 or wider, shape
-    ``[B]``, dtype of ``x``."""
-    acc = torch.float64 if log_s.dtype == torch.float64 else torch.float32
+    (``log|det W| = Σ log_s`` as ``|det P| = det L = 1``), accumulated in the widest of float32,
+    ``log_s``'s and ``x``'s dtypes; shape ``[B]``, dtype of ``x``."""
+    acc = torch.promote_types(torch.promote_types(log_s.dtype, x.dtype), torch.float32)
     total = spatial_size(x) * log_s.to(acc).sum()
     return total.expand(x.shape[0]).to(x.dtype).clone()
 

@@ -10,6 +10,14 @@ from invkernels.reference.coupling import (
     affine_coupling_vjp,
     log_scale,
 )
+from invkernels.reference.invconv import (
+    conv1x1,
+    eager_inverse_weight,
+    invconv_weight,
+    invconv_weight_vjp,
+    lu_factors,
+    random_rotation,
+)
 
 __all__ = [
     "actnorm_fwd",
@@ -22,5 +30,11 @@ __all__ = [
     "affine_coupling_fwd",
     "affine_coupling_inv",
     "affine_coupling_vjp",
+    "conv1x1",
+    "eager_inverse_weight",
+    "invconv_weight",
+    "invconv_weight_vjp",
     "log_scale",
+    "lu_factors",
+    "random_rotation",
 ]
