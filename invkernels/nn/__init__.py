@@ -2,8 +2,9 @@
 
 from invkernels.nn.actnorm import ActNorm
 from invkernels.nn.coupling import AdditiveCoupling, AffineCoupling
+from invkernels.nn.glow import GlowStep
 from invkernels.nn.invconv import InvConv1x1
 from invkernels.nn.multiscale import Split, Squeeze
 from invkernels.nn.subnets import conv_subnet, mlp_subnet
 
-__all__ = ["ActNorm", "AdditiveCoupling", "AffineCoupling", "InvConv1x1", "Split", "Squeeze", "conv_subnet", "mlp_subnet"]
+__all__ = ["ActNorm", "AdditiveCoupling", "AffineCoupling", "GlowStep", "InvConv1x1", "Split", "Squeeze", "conv_subnet", "mlp_subnet"]

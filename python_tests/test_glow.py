@@ -1,0 +1,98 @@
+"""GlowStep: the folded ActNorm + 1x1 convolution against the three layers applied in turn."""
+
+import pytest
+import torch
+
+import invkernels
+from invkernels.nn import GlowStep
+from tolerances import assert_close
+
+
+def randomized(step):
+    with torch.no_grad():
+        for p in step.coupling.parameters():
+            p.copy_(0.2 * torch.randn_like(p))
+        step.actnorm.bias.copy_(torch.randn_like(step.actnorm.bias))
+        step.actnorm.log_scale.copy_(0.3 * torch.randn_like(step.actnorm.log_scale))
+    step.actnorm.initialized.fill_(True)
+    step.actnorm._initialized = True
+    return step
+
+
+def unfused(step, x):
+    y, ld1 = step.actnorm(x)
+    y, ld2 = step.invconv(y)
+    y, ld3 = step.coupling(y)
+    return y, ld1 + ld2 + ld3
+
+
+@pytest.mark.parametrize("scale", ["sigmoid", "exp"])
+@pytest.mark.parametrize("lu", [True, False])
+def test_folded_step_equals_the_three_layers(scale, lu):
+    step = randomized(GlowStep(6, hidden=8, scale=scale, lu=lu)).double()
+    x = torch.randn(3, 6, 4, 4, dtype=torch.float64, requires_grad=True)
+    y, logdet = step(x)
+    y_ref, logdet_ref = unfused(step, x)
+    assert_close(y, y_ref)
+    assert_close(logdet, logdet_ref)
+    params = [x, *step.parameters()]
+    grads = torch.autograd.grad(y.square().sum() + logdet.sum(), params)
+    expected = torch.autograd.grad(y_ref.square().sum() + logdet_ref.sum(), params)
+    for got, want in zip(grads, expected):
+        assert_close(got, want)
+    x_back, logdet_inv = step.inverse(y.detach(), return_logdet=True)
+    assert_close(x_back, x.detach())
+    assert_close(logdet_inv, -logdet.detach())
+
+
+def test_logdet_is_slogdet_of_dense_jacobian():
+    step = randomized(GlowStep(4, hidden=8)).double()
+    x = torch.randn(1, 4, 2, 2, dtype=torch.float64)
+    _, logdet = step(x)
+    jac = torch.autograd.functional.jacobian(lambda v: step(v.reshape(1, 4, 2, 2))[0].reshape(-1), x.reshape(-1))
+    sign, expected = torch.linalg.slogdet(jac)
+    assert sign.item() != 0
+    assert_close(logdet[0], expected)
+
+
+def test_first_training_batch_initializes_actnorm():
+    step = GlowStep(4, hidden=8)
+    x = 2.0 + 3.0 * torch.randn(32, 4, 5, 5)
+    step(x)
+    assert step.actnorm.initialized.item()
+    normalized, _ = step.actnorm(x)
+    assert_close(normalized.mean((0, 2, 3)), torch.zeros(4, dtype=torch.float64), atol=1e-5)
+    assert_close(normalized.std((0, 2, 3), unbiased=False), torch.ones(4, dtype=torch.float64), atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_vectors_and_backends(backend):
+    torch.manual_seed(1)
+    step = randomized(GlowStep(5, subnet="mlp", backend=backend)).double()
+    x = torch.randn(7, 5, dtype=torch.float64)
+    y, logdet = step(x)
+    y_ref, logdet_ref = unfused(step, x)
+    assert_close(y, y_ref)
+    assert_close(logdet, logdet_ref)
+    assert_close(step.inverse(y), x)
+
+
+def test_compiles_fullgraph():
+    torch._dynamo.reset()
+    step = randomized(GlowStep(4, hidden=8)).double()
+    x = torch.randn(2, 4, 4, 4, dtype=torch.float64)
+    compiled = torch.compile(step, fullgraph=True)
+    y, logdet = compiled(x)
+    y_ref, logdet_ref = step(x)
+    assert_close(y, y_ref)
+    assert_close(logdet, logdet_ref)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="scale should be 'exp' or 'sigmoid', got 'relu'"):
+        GlowStep(4, scale="relu")
+    with pytest.raises(ValueError, match=r"x should have shape \[B, 4, ...\], got \[2, 3, 4, 4\]"):
+        GlowStep(4, hidden=8)(torch.randn(2, 3, 4, 4))
+    with pytest.raises(ValueError, match="backend should be one of"):
+        GlowStep(4, backend="fast")
+    assert invkernels.get_backend() == "cpp"
