@@ -78,16 +78,17 @@ def _tile(B, C, S, NRT, NST, ROWS: tl.constexpr, CHANS: tl.constexpr, BLOCK: tl.
 
 
 @triton.jit
-def _actnorm_fwd_kernel(
-    in_ptr,  # [B, C, S] contiguous: x
+def _actnorm_apply_kernel(
+    in_ptr,  # [B, C, S] contiguous: x (forward) or y (inverse)
     bias_ptr,  # [C]
     log_scale_ptr,  # [C]
-    out_ptr,  # [B, C, S] contiguous: y
+    out_ptr,  # [B, C, S] contiguous: y (forward) or x (inverse)
     B,
     C,
     S,
     NRT,
     NST,
+    INVERSE: tl.constexpr,
     ACC: tl.constexpr,
     ROWS: tl.constexpr,
     CHANS: tl.constexpr,
@@ -96,33 +97,12 @@ def _actnorm_fwd_kernel(
     offs, mask, chans, chan_ok, _ = _tile(B, C, S, NRT, NST, ROWS, CHANS, BLOCK)
     b = tl.load(bias_ptr + chans, mask=chan_ok, other=0.0).to(ACC)[None, :, None]
     log_s = tl.load(log_scale_ptr + chans, mask=chan_ok, other=0.0).to(ACC)[None, :, None]
-    x = tl.load(in_ptr + offs, mask=mask, other=0.0).to(ACC)
-    y = (x + b) * tl.exp(log_s)
-    tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _actnorm_inv_kernel(
-    in_ptr,  # [B, C, S] contiguous: y
-    bias_ptr,  # [C]
-    log_scale_ptr,  # [C]
-    out_ptr,  # [B, C, S] contiguous: x
-    B,
-    C,
-    S,
-    NRT,
-    NST,
-    ACC: tl.constexpr,
-    ROWS: tl.constexpr,
-    CHANS: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    offs, mask, chans, chan_ok, _ = _tile(B, C, S, NRT, NST, ROWS, CHANS, BLOCK)
-    b = tl.load(bias_ptr + chans, mask=chan_ok, other=0.0).to(ACC)[None, :, None]
-    log_s = tl.load(log_scale_ptr + chans, mask=chan_ok, other=0.0).to(ACC)[None, :, None]
-    y = tl.load(in_ptr + offs, mask=mask, other=0.0).to(ACC)
-    x = y * tl.exp(-log_s) - b
-    tl.store(out_ptr + offs, x.to(out_ptr.dtype.element_ty), mask=mask)
+    v = tl.load(in_ptr + offs, mask=mask, other=0.0).to(ACC)
+    if INVERSE:
+        out = v * tl.exp(-log_s) - b
+    else:
+        out = (v + b) * tl.exp(log_s)
+    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -277,19 +257,20 @@ def _device_guard(x: torch.Tensor):
     return contextlib.nullcontext()
 
 
-def _apply(kernel, src: torch.Tensor, bias: torch.Tensor, log_scale: torch.Tensor, sign: int):
+def _apply(src: torch.Tensor, bias: torch.Tensor, log_scale: torch.Tensor, inverse: bool):
     src = src.contiguous()
     bias = bias.contiguous()
     log_scale = log_scale.contiguous()
     geo = _geometry(src)
     acc_torch, acc_tl = _compute_dtype(src.dtype)
-    logdet = (log_scale.to(acc_torch).sum() * (sign * geo.spatial)).to(src.dtype).repeat(geo.batch)
+    per_sample = log_scale.to(acc_torch).sum() * (-geo.spatial if inverse else geo.spatial)
+    logdet = per_sample.to(src.dtype).repeat(geo.batch)
     out = torch.empty(src.shape, dtype=src.dtype, device=src.device)
     if out.numel() == 0:
         return out, logdet
     tiling = _tiling(geo)
     with _device_guard(src):
-        kernel[tiling.grid](
+        _actnorm_apply_kernel[tiling.grid](
             in_ptr=src,
             bias_ptr=bias,
             log_scale_ptr=log_scale,
@@ -299,6 +280,7 @@ def _apply(kernel, src: torch.Tensor, bias: torch.Tensor, log_scale: torch.Tenso
             S=geo.spatial,
             NRT=tiling.nrt,
             NST=tiling.nst,
+            INVERSE=inverse,
             ACC=acc_tl,
             ROWS=tiling.rows,
             CHANS=tiling.chans,
@@ -315,7 +297,7 @@ def actnorm_forward(
     op = "actnorm_fwd"
     _check_actnorm(op, x, bias, log_scale, "x")
     _check_device(op, x, "x")
-    return _apply(_actnorm_fwd_kernel, x, bias, log_scale, 1)
+    return _apply(x, bias, log_scale, inverse=False)
 
 
 def actnorm_inverse(
@@ -325,7 +307,7 @@ def actnorm_inverse(
     op = "actnorm_inv"
     _check_actnorm(op, y, bias, log_scale, "y")
     _check_device(op, y, "y")
-    return _apply(_actnorm_inv_kernel, y, bias, log_scale, -1)
+    return _apply(y, bias, log_scale, inverse=True)
 
 
 def actnorm_backward(
