@@ -17,9 +17,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bench_actnorm  # noqa: E402
 import bench_coupling  # noqa: E402
+import bench_glow  # noqa: E402
 import harness  # noqa: E402
 
-SECTIONS = {"coupling": bench_coupling, "actnorm": bench_actnorm}
+SECTIONS = {"coupling": bench_coupling, "actnorm": bench_actnorm, "glow": bench_glow}
 
 
 def main() -> None:
