@@ -158,7 +158,8 @@ def section(rounds: int, threads: int, meta: dict[str, str]) -> tuple[str, list[
 `eager`: `torch.inverse` of the float32 weight, then the product (what Glow ports do on every
 inverse); `uncached`: the module's inverse with its cache cleared (W⁻¹ from the LU factors by
 float64 triangular solves, cast once, then the product); `cached`: the module's inverse with W⁻¹
-cached (the parameters did not change); `gemm`: the product alone (`matmul` with W).
+cached (the parameters did not change); `gemm`: the forward direction for comparison (W assembled
+by the `invconv_weight` op, then one `matmul`).
 
 {harness.markdown_table(["C", "input", "eager ms", "uncached ms", "cached ms", "gemm ms", "eager / cached"], inv)}
 
