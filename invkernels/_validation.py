@@ -64,3 +64,30 @@ def check_grad(op: str, grad: torch.Tensor, like: torch.Tensor, name: str, like_
         _fail(op, f"{name} should have the dtype of {like_name} ({like.dtype}), got {grad.dtype}")
     if grad.device != like.device:
         _fail(op, f"{name} should be on the device of {like_name} ({like.device}), got {grad.device}")
+
+
+def check_grad_logdet(op: str, grad_logdet: torch.Tensor, x: torch.Tensor) -> None:
+    if grad_logdet.dim() != 1 or grad_logdet.shape[0] != x.shape[0]:
+        _fail(op, f"grad_logdet should have shape [{x.shape[0]}], got {list(grad_logdet.shape)}")
+    if grad_logdet.dtype != x.dtype:
+        _fail(op, f"grad_logdet should have the dtype of x ({x.dtype}), got {grad_logdet.dtype}")
+    if grad_logdet.device != x.device:
+        _fail(op, f"grad_logdet should be on the device of x ({x.device}), got {grad_logdet.device}")
+
+
+def check_actnorm(op: str, x: torch.Tensor, bias: torch.Tensor, log_scale: torch.Tensor, x_name: str = "x") -> None:
+    """Validate an ActNorm input ``x`` ([B, C, *spatial]) and its parameters ``bias``, ``log_scale`` ([C])."""
+    if not x.is_floating_point():
+        _fail(op, f"{x_name} should be a floating-point tensor, got {x.dtype}")
+    if x.dim() < 2:
+        _fail(op, f"{x_name} should be at least 2-D (B, C, ...), got {x.dim()}-D")
+    channels = x.shape[1]
+    for p, name in ((bias, "bias"), (log_scale, "log_scale")):
+        if p.dim() != 1 or p.shape[0] != channels:
+            _fail(op, f"{name} should have shape [C] = [{channels}] for {x_name} with C={channels}, "
+                      f"got {list(p.shape)}")
+        if p.dtype != x.dtype:
+            _fail(op, f"{x_name} and {name} should have the same dtype, got {x_name} {x.dtype} and {name} {p.dtype}")
+        if p.device != x.device:
+            _fail(op, f"{x_name} and {name} should be on the same device, got {x_name} on {x.device} and {name} "
+                      f"on {p.device}")

@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 import torch
 
+from invkernels import _validation
 from invkernels.ops._registry import OpFamily
 from invkernels.reference import actnorm as reference
 
@@ -28,38 +29,20 @@ def _contiguous_like(t: torch.Tensor) -> torch.Tensor:
     return torch.empty(t.shape, dtype=t.dtype, device=t.device)
 
 
-def _check(op: str, x: torch.Tensor, bias: torch.Tensor, log_scale: torch.Tensor, x_name: str = "x") -> None:
-    if not x.is_floating_point():
-        raise ValueError(f"{op}: {x_name} should be a floating-point tensor, got {x.dtype}")
-    if x.dim() < 2:
-        raise ValueError(f"{op}: {x_name} should be at least 2-D (B, C, ...), got {x.dim()}-D")
-    channels = x.shape[1]
-    for p, name in ((bias, "bias"), (log_scale, "log_scale")):
-        if p.dim() != 1 or p.shape[0] != channels:
-            raise ValueError(f"{op}: {name} should have shape [C] = [{channels}] for {x_name} with C={channels}, "
-                             f"got {list(p.shape)}")
-        if p.dtype != x.dtype:
-            raise ValueError(f"{op}: {x_name} and {name} should have the same dtype, got {x_name} {x.dtype} and "
-                             f"{name} {p.dtype}")
-        if p.device != x.device:
-            raise ValueError(f"{op}: {x_name} and {name} should be on the same device, got {x_name} on {x.device} "
-                             f"and {name} on {p.device}")
-
-
 def _register_fakes() -> None:
     @torch.library.register_fake("invkernels::actnorm_fwd")
     def _(x, bias, log_scale):
-        _check("actnorm_fwd", x, bias, log_scale)
+        _validation.check_actnorm("actnorm_fwd", x, bias, log_scale)
         return _contiguous_like(x), x.new_empty(x.shape[0])
 
     @torch.library.register_fake("invkernels::actnorm_inv")
     def _(y, bias, log_scale):
-        _check("actnorm_inv", y, bias, log_scale, "y")
+        _validation.check_actnorm("actnorm_inv", y, bias, log_scale, "y")
         return _contiguous_like(y), y.new_empty(y.shape[0])
 
     @torch.library.register_fake("invkernels::actnorm_bwd")
     def _(grad_out, grad_logdet, x, bias, log_scale, reverse):
-        _check("actnorm_bwd", x, bias, log_scale)
+        _validation.check_actnorm("actnorm_bwd", x, bias, log_scale)
         return _contiguous_like(x), _contiguous_like(bias), _contiguous_like(log_scale)
 
 
@@ -102,7 +85,7 @@ def actnorm_fwd(x: torch.Tensor, bias: torch.Tensor, log_scale: torch.Tensor, *,
     """
     ops = _ops_for(backend, x)
     if ops is None:
-        _check("actnorm_fwd", x, bias, log_scale)
+        _validation.check_actnorm("actnorm_fwd", x, bias, log_scale)
         return reference.actnorm_fwd(x, bias, log_scale)
     return ops.fwd(x, bias, log_scale)
 
@@ -112,6 +95,6 @@ def actnorm_inv(y: torch.Tensor, bias: torch.Tensor, log_scale: torch.Tensor, *,
     """Inverse of :func:`actnorm_fwd`: ``(x, -logdet)``."""
     ops = _ops_for(backend, y)
     if ops is None:
-        _check("actnorm_inv", y, bias, log_scale, "y")
+        _validation.check_actnorm("actnorm_inv", y, bias, log_scale, "y")
         return reference.actnorm_inv(y, bias, log_scale)
     return ops.inv(y, bias, log_scale)

@@ -61,9 +61,7 @@ def _register_fakes() -> None:
         _validation.check_scale("affine_coupling_bwd", scale, clamp)
         _validation.check_coupling("affine_coupling_bwd", x, h, affine=True)
         _validation.check_grad("affine_coupling_bwd", grad_out, x, "grad_out", "x")
-        if grad_logdet.shape != (x.shape[0],):
-            raise ValueError(f"affine_coupling_bwd: grad_logdet should have shape [{x.shape[0]}], "
-                             f"got {list(grad_logdet.shape)}")
+        _validation.check_grad_logdet("affine_coupling_bwd", grad_logdet, x)
         return _contiguous_like(x), _contiguous_like(h)
 
     @torch.library.register_fake("invkernels::additive_coupling_fwd")

@@ -37,16 +37,15 @@ deterministic (no atomics).
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from invkernels._validation import check_grad
+from invkernels._validation import check_actnorm, check_grad, check_grad_logdet
+from invkernels.triton._common import check_device, compute_dtype, device_guard, max_tile_elements
 
 __all__ = [
     "actnorm_backward",
@@ -147,13 +146,6 @@ def _actnorm_bwd_kernel(
     tl.store(partial_ls_ptr + partial_offs, part_ls, mask=chan_ok)
 
 
-# Largest tile (ROWS * CHANS * BLOCK elements) of one program. On a GPU 2048 elements keep up to 8
-# values per thread and array at 8 warps; the interpreter runs each program as numpy array
-# operations at about 0.8 ms per program, so it gets few, large programs.
-_MAX_TILE_GPU = 2048
-_MAX_TILE_INTERPRETER = 1 << 15
-
-
 class _Tiling(NamedTuple):
     rows: int
     chans: int
@@ -170,62 +162,13 @@ class _Geometry(NamedTuple):
     spatial: int
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _fail(op: str, message: str) -> None:
-    raise ValueError(f"{op}: {message}")
-
-
-def _check_actnorm(op: str, x: torch.Tensor, bias: torch.Tensor, log_scale: torch.Tensor, x_name: str) -> None:
-    """Validate an ActNorm input ``x`` ([B, C, *spatial]) and its parameters ``bias``, ``log_scale`` ([C])."""
-    if not x.is_floating_point():
-        _fail(op, f"{x_name} should be a floating-point tensor, got {x.dtype}")
-    if x.dim() < 2:
-        _fail(op, f"{x_name} should be at least 2-D (B, C, ...), got {x.dim()}-D")
-    channels = x.shape[1]
-    for p, name in ((bias, "bias"), (log_scale, "log_scale")):
-        if p.dim() != 1 or p.shape[0] != channels:
-            _fail(
-                op,
-                f"{name} should have shape [C] = [{channels}] for {x_name} with C={channels}, got {list(p.shape)}",
-            )
-        if p.dtype != x.dtype:
-            _fail(op, f"{x_name} and {name} should have the same dtype, got {x_name} {x.dtype} and {name} {p.dtype}")
-        if p.device != x.device:
-            _fail(
-                op,
-                f"{x_name} and {name} should be on the same device, "
-                f"got {x_name} on {x.device} and {name} on {p.device}",
-            )
-
-
-def _check_grad_logdet(op: str, grad_logdet: torch.Tensor, x: torch.Tensor) -> None:
-    if grad_logdet.dim() != 1 or grad_logdet.shape[0] != x.shape[0]:
-        _fail(op, f"grad_logdet should have shape [{x.shape[0]}], got {list(grad_logdet.shape)}")
-    if grad_logdet.dtype != x.dtype:
-        _fail(op, f"grad_logdet should have the dtype of x ({x.dtype}), got {grad_logdet.dtype}")
-    if grad_logdet.device != x.device:
-        _fail(op, f"grad_logdet should be on the device of x ({x.device}), got {grad_logdet.device}")
-
-
 def _check_bwd(
     grad_out: torch.Tensor, grad_logdet: torch.Tensor, x: torch.Tensor, bias: torch.Tensor, log_scale: torch.Tensor
 ) -> None:
     op = "actnorm_bwd"
-    _check_actnorm(op, x, bias, log_scale, "x")
+    check_actnorm(op, x, bias, log_scale, "x")
     check_grad(op, grad_out, x, "grad_out", "x")
-    _check_grad_logdet(op, grad_logdet, x)
-
-
-def _check_device(op: str, x: torch.Tensor, x_name: str) -> None:
-    if x.device.type == "cuda" or (x.device.type == "cpu" and _interpreting()):
-        return
-    raise RuntimeError(
-        f"{op}: the Triton backend needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), "
-        f"got {x_name} on {x.device}"
-    )
+    check_grad_logdet(op, grad_logdet, x)
 
 
 def _geometry(x: torch.Tensor) -> _Geometry:
@@ -233,7 +176,7 @@ def _geometry(x: torch.Tensor) -> _Geometry:
 
 
 def _tiling(geo: _Geometry) -> _Tiling:
-    max_tile = _MAX_TILE_INTERPRETER if _interpreting() else _MAX_TILE_GPU
+    max_tile = max_tile_elements()
     block = min(triton.next_power_of_2(geo.spatial), max_tile)
     chans = min(triton.next_power_of_2(geo.channels), max_tile // block)
     rows = min(triton.next_power_of_2(geo.batch), max_tile // (block * chans))
@@ -244,32 +187,19 @@ def _tiling(geo: _Geometry) -> _Tiling:
     return _Tiling(rows, chans, block, nrt, nst, grid, num_warps)
 
 
-def _compute_dtype(dtype: torch.dtype) -> tuple[torch.dtype, tl.dtype]:
-    if dtype == torch.float64:
-        return torch.float64, tl.float64
-    return torch.float32, tl.float32
-
-
-def _device_guard(x: torch.Tensor):
-    # Triton launches on the current CUDA device: make it the device of the inputs.
-    if x.device.type == "cuda":
-        return torch.cuda.device(x.device)
-    return contextlib.nullcontext()
-
-
 def _apply(src: torch.Tensor, bias: torch.Tensor, log_scale: torch.Tensor, inverse: bool):
     src = src.contiguous()
     bias = bias.contiguous()
     log_scale = log_scale.contiguous()
     geo = _geometry(src)
-    acc_torch, acc_tl = _compute_dtype(src.dtype)
+    acc_torch, acc_tl = compute_dtype(src.dtype)
     per_sample = log_scale.to(acc_torch).sum() * (-geo.spatial if inverse else geo.spatial)
     logdet = per_sample.to(src.dtype).repeat(geo.batch)
     out = torch.empty(src.shape, dtype=src.dtype, device=src.device)
     if out.numel() == 0:
         return out, logdet
     tiling = _tiling(geo)
-    with _device_guard(src):
+    with device_guard(src):
         _actnorm_apply_kernel[tiling.grid](
             in_ptr=src,
             bias_ptr=bias,
@@ -295,8 +225,8 @@ def actnorm_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(y, logdet)`` of the ActNorm forward."""
     op = "actnorm_fwd"
-    _check_actnorm(op, x, bias, log_scale, "x")
-    _check_device(op, x, "x")
+    check_actnorm(op, x, bias, log_scale, "x")
+    check_device(op, x, "x")
     return _apply(x, bias, log_scale, inverse=False)
 
 
@@ -305,8 +235,8 @@ def actnorm_inverse(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x, logdet_inv)`` of the ActNorm inverse; ``logdet_inv = -logdet``."""
     op = "actnorm_inv"
-    _check_actnorm(op, y, bias, log_scale, "y")
-    _check_device(op, y, "y")
+    check_actnorm(op, y, bias, log_scale, "y")
+    check_device(op, y, "y")
     return _apply(y, bias, log_scale, inverse=True)
 
 
@@ -321,13 +251,13 @@ def actnorm_backward(
     """``(grad_in, grad_bias, grad_log_scale)`` of the ActNorm forward (``reverse=False``, ``x`` its
     input) or inverse (``reverse=True``, ``x`` its output)."""
     _check_bwd(grad_out, grad_logdet, x, bias, log_scale)
-    _check_device("actnorm_bwd", x, "x")
+    check_device("actnorm_bwd", x, "x")
     grad_out = grad_out.contiguous()
     x = x.contiguous()
     bias = bias.contiguous()
     log_scale = log_scale.contiguous()
     geo = _geometry(x)
-    acc_torch, acc_tl = _compute_dtype(x.dtype)
+    acc_torch, acc_tl = compute_dtype(x.dtype)
     logdet_term = grad_logdet.to(acc_torch).sum() * (-geo.spatial if reverse else geo.spatial)
     grad_in = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if grad_in.numel() == 0:
@@ -337,7 +267,7 @@ def actnorm_backward(
         tiling = _tiling(geo)
         partial_b = torch.empty((geo.channels, tiling.nrt * tiling.nst), dtype=acc_torch, device=x.device)
         partial_ls = torch.empty_like(partial_b)
-        with _device_guard(x):
+        with device_guard(x):
             _actnorm_bwd_kernel[tiling.grid](
                 g_ptr=grad_out,
                 x_ptr=x,
@@ -379,7 +309,7 @@ def actnorm_fwd(x: torch.Tensor, bias: torch.Tensor, log_scale: torch.Tensor) ->
 
 @actnorm_fwd.register_fake
 def _actnorm_fwd_fake(x, bias, log_scale):
-    _check_actnorm("actnorm_fwd", x, bias, log_scale, "x")
+    check_actnorm("actnorm_fwd", x, bias, log_scale, "x")
     return x.new_empty(x.shape), x.new_empty((x.shape[0],))
 
 
@@ -394,7 +324,7 @@ def actnorm_inv(y: torch.Tensor, bias: torch.Tensor, log_scale: torch.Tensor) ->
 
 @actnorm_inv.register_fake
 def _actnorm_inv_fake(y, bias, log_scale):
-    _check_actnorm("actnorm_inv", y, bias, log_scale, "y")
+    check_actnorm("actnorm_inv", y, bias, log_scale, "y")
     return y.new_empty(y.shape), y.new_empty((y.shape[0],))
 
 

@@ -47,9 +47,7 @@ order, so the log-det is deterministic (no atomics).
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 import struct
 from typing import NamedTuple
 
@@ -57,7 +55,8 @@ import torch
 import triton
 import triton.language as tl
 
-from invkernels._validation import check_coupling, check_grad, check_scale, split_channels
+from invkernels._validation import check_coupling, check_grad, check_grad_logdet, check_scale, split_channels
+from invkernels.triton._common import check_device, compute_dtype, device_guard, max_tile_elements
 
 __all__ = [
     "additive_coupling_backward",
@@ -283,17 +282,6 @@ def _additive_coupling_bwd_kernel(
     tl.store(gh_ptr + rows[:, None] * N2 + cols[None, :], g2, mask=mask2)
 
 
-# Largest tile (ROWS * BLOCK elements) of one program. On a GPU 2048 elements keep up to 8 values
-# per thread and array at 8 warps; the interpreter runs each program as numpy array operations
-# at about 0.8 ms per program, so it gets few, large programs.
-_MAX_TILE_GPU = 2048
-_MAX_TILE_INTERPRETER = 1 << 15
-
-# Range of a float32 clamp: Triton passes Python floats to kernels as float32.
-_FLOAT32_TINY = 1.1754943508222875e-38
-_FLOAT32_MAX = 3.4028234663852886e38
-
-
 class _Tiling(NamedTuple):
     rows: int
     block: int
@@ -302,43 +290,16 @@ class _Tiling(NamedTuple):
     num_warps: int
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _check_device(op: str, x: torch.Tensor, x_name: str) -> None:
-    if x.device.type == "cuda" or (x.device.type == "cpu" and _interpreting()):
-        return
-    raise RuntimeError(
-        f"{op}: the Triton backend needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), "
-        f"got {x_name} on {x.device}"
-    )
-
-
 def _check_affine(op: str, x: torch.Tensor, h: torch.Tensor, scale: str, clamp: float, x_name: str) -> None:
     check_scale(op, scale, clamp)
     check_coupling(op, x, h, affine=True, x_name=x_name)
 
 
-def _check_grad_logdet(op: str, grad_logdet: torch.Tensor, x: torch.Tensor) -> None:
-    if grad_logdet.dim() != 1 or grad_logdet.shape[0] != x.shape[0]:
-        raise ValueError(f"{op}: grad_logdet should have shape [{x.shape[0]}], got {list(grad_logdet.shape)}")
-    if grad_logdet.dtype != x.dtype:
-        raise ValueError(f"{op}: grad_logdet should have the dtype of x ({x.dtype}), got {grad_logdet.dtype}")
-    if grad_logdet.device != x.device:
-        raise ValueError(f"{op}: grad_logdet should be on the device of x ({x.device}), got {grad_logdet.device}")
-
-
-def _split_clamp(op: str, scale: str, clamp: float) -> tuple[float, float]:
+def _split_clamp(scale: str, clamp: float) -> tuple[float, float]:
     """``clamp`` as a float32 pair ``hi + lo``: the kernels add the two in the compute dtype, which
     recovers a float64 clamp to 2^-48 relative although Triton passes Python floats as float32."""
     if scale != "exp":
         return 1.0, 0.0
-    if not _FLOAT32_TINY <= clamp <= _FLOAT32_MAX:
-        raise ValueError(
-            f"{op}: clamp should be within the float32 range [{_FLOAT32_TINY}, {_FLOAT32_MAX}] for the "
-            f"Triton backend, got {clamp}"
-        )
     hi = struct.unpack("f", struct.pack("f", clamp))[0]
     lo = struct.unpack("f", struct.pack("f", clamp - hi))[0]
     return hi, lo
@@ -352,7 +313,7 @@ def _geometry(x: torch.Tensor) -> tuple[int, int, int]:
 
 
 def _tiling(batch: int, n2: int) -> _Tiling:
-    max_tile = _MAX_TILE_INTERPRETER if _interpreting() else _MAX_TILE_GPU
+    max_tile = max_tile_elements()
     block = min(triton.next_power_of_2(n2), max_tile)
     rows = min(triton.next_power_of_2(batch), max_tile // block)
     nblk = triton.cdiv(n2, block)
@@ -360,31 +321,18 @@ def _tiling(batch: int, n2: int) -> _Tiling:
     return _Tiling(rows, block, nblk, (triton.cdiv(batch, rows) * nblk,), num_warps)
 
 
-def _compute_dtype(dtype: torch.dtype) -> tuple[torch.dtype, tl.dtype]:
-    if dtype == torch.float64:
-        return torch.float64, tl.float64
-    return torch.float32, tl.float32
-
-
-def _device_guard(x: torch.Tensor):
-    # Triton launches on the current CUDA device: make it the device of the inputs.
-    if x.device.type == "cuda":
-        return torch.cuda.device(x.device)
-    return contextlib.nullcontext()
-
-
 def _affine_apply(kernel, src: torch.Tensor, h: torch.Tensor, scale: str, clamp: float, op: str):
-    clamp_hi, clamp_lo = _split_clamp(op, scale, clamp)
+    clamp_hi, clamp_lo = _split_clamp(scale, clamp)
     src = src.contiguous()
     h = h.contiguous()
     batch, n1, n2 = _geometry(src)
     out = torch.empty(src.shape, dtype=src.dtype, device=src.device)
     if out.numel() == 0:
         return out, torch.zeros(batch, dtype=src.dtype, device=src.device)
-    acc_torch, acc_tl = _compute_dtype(src.dtype)
+    acc_torch, acc_tl = compute_dtype(src.dtype)
     tiling = _tiling(batch, n2)
     partial = torch.empty((batch, tiling.nblk), dtype=acc_torch, device=src.device)
-    with _device_guard(src):
+    with device_guard(src):
         kernel[tiling.grid](
             in_ptr=src,
             h_ptr=h,
@@ -411,7 +359,7 @@ def affine_coupling_forward(
     """``(y, logdet)`` of the affine coupling forward."""
     op = "affine_coupling_fwd"
     _check_affine(op, x, h, scale, clamp, "x")
-    _check_device(op, x, "x")
+    check_device(op, x, "x")
     return _affine_apply(_affine_coupling_fwd_kernel, x, h, scale, clamp, op)
 
 
@@ -421,7 +369,7 @@ def affine_coupling_inverse(
     """``(x, logdet_inv)`` of the affine coupling inverse; ``logdet_inv = -logdet``."""
     op = "affine_coupling_inv"
     _check_affine(op, y, h, scale, clamp, "y")
-    _check_device(op, y, "y")
+    check_device(op, y, "y")
     return _affine_apply(_affine_coupling_inv_kernel, y, h, scale, clamp, op)
 
 
@@ -439,9 +387,9 @@ def affine_coupling_backward(
     op = "affine_coupling_bwd"
     _check_affine(op, x, h, scale, clamp, "x")
     check_grad(op, grad_out, x, "grad_out", "x")
-    _check_grad_logdet(op, grad_logdet, x)
-    _check_device(op, x, "x")
-    clamp_hi, clamp_lo = _split_clamp(op, scale, clamp)
+    check_grad_logdet(op, grad_logdet, x)
+    check_device(op, x, "x")
+    clamp_hi, clamp_lo = _split_clamp(scale, clamp)
     grad_out = grad_out.contiguous()
     grad_logdet = grad_logdet.contiguous()
     x = x.contiguous()
@@ -451,9 +399,9 @@ def affine_coupling_backward(
     grad_h = torch.empty(h.shape, dtype=h.dtype, device=h.device)
     if grad_in.numel() == 0:
         return grad_in, grad_h
-    _, acc_tl = _compute_dtype(x.dtype)
+    _, acc_tl = compute_dtype(x.dtype)
     tiling = _tiling(batch, n2)
-    with _device_guard(x):
+    with device_guard(x):
         _affine_coupling_bwd_kernel[tiling.grid](
             g_ptr=grad_out,
             gl_ptr=grad_logdet,
@@ -484,9 +432,9 @@ def _additive_apply(src: torch.Tensor, h: torch.Tensor, sign: int) -> torch.Tens
     out = torch.empty(src.shape, dtype=src.dtype, device=src.device)
     if out.numel() == 0:
         return out
-    _, acc_tl = _compute_dtype(src.dtype)
+    _, acc_tl = compute_dtype(src.dtype)
     tiling = _tiling(batch, n2)
-    with _device_guard(src):
+    with device_guard(src):
         _additive_coupling_kernel[tiling.grid](
             in_ptr=src,
             h_ptr=h,
@@ -508,7 +456,7 @@ def additive_coupling_forward(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """``y`` of the additive coupling forward (its log-det is 0)."""
     op = "additive_coupling_fwd"
     check_coupling(op, x, h, affine=False)
-    _check_device(op, x, "x")
+    check_device(op, x, "x")
     return _additive_apply(x, h, 1)
 
 
@@ -516,7 +464,7 @@ def additive_coupling_inverse(y: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """``x`` of the additive coupling inverse."""
     op = "additive_coupling_inv"
     check_coupling(op, y, h, affine=False, x_name="y")
-    _check_device(op, y, "y")
+    check_device(op, y, "y")
     return _additive_apply(y, h, -1)
 
 
@@ -526,7 +474,7 @@ def additive_coupling_backward(
     """``(grad_in, grad_h)`` of the additive coupling forward (``reverse=False``) or inverse."""
     op = "additive_coupling_bwd"
     check_coupling(op, grad_out, h, affine=False, x_name="grad_out")
-    _check_device(op, grad_out, "grad_out")
+    check_device(op, grad_out, "grad_out")
     grad_out = grad_out.contiguous()
     batch, n1, n2 = _geometry(grad_out)
     grad_in = torch.empty(grad_out.shape, dtype=grad_out.dtype, device=grad_out.device)
@@ -534,7 +482,7 @@ def additive_coupling_backward(
     if grad_in.numel() == 0:
         return grad_in, grad_h
     tiling = _tiling(batch, n2)
-    with _device_guard(grad_out):
+    with device_guard(grad_out):
         _additive_coupling_bwd_kernel[tiling.grid](
             g_ptr=grad_out,
             gin_ptr=grad_in,
@@ -615,7 +563,7 @@ def _affine_coupling_bwd_fake(grad_out, grad_logdet, x, h, scale, clamp, reverse
     op = "affine_coupling_bwd"
     _check_affine(op, x, h, scale, clamp, "x")
     check_grad(op, grad_out, x, "grad_out", "x")
-    _check_grad_logdet(op, grad_logdet, x)
+    check_grad_logdet(op, grad_logdet, x)
     return x.new_empty(x.shape), h.new_empty(h.shape)
 
 
