@@ -35,6 +35,11 @@ TORCH_LIBRARY(invkernels, m) {
   m.def(
       "invconv_weight_bwd(Tensor grad_w, Tensor perm, Tensor lower, Tensor upper, Tensor sign, Tensor log_s) "
       "-> (Tensor grad_lower, Tensor grad_upper, Tensor grad_log_s)");
+  // Its per-position product, optionally with an ActNorm folded in (bias, log_scale).
+  m.def("conv1x1(Tensor x, Tensor weight, Tensor? bias=None, Tensor? log_scale=None) -> Tensor");
+  m.def(
+      "conv1x1_bwd(Tensor grad_y, Tensor x, Tensor weight, Tensor? bias, Tensor? log_scale, bool[3] output_mask) "
+      "-> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias, Tensor grad_log_scale)");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

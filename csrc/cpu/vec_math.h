@@ -26,6 +26,7 @@ struct MathOps<at::vec::Vectorized<T>> {
   static V log1p(const V& v) { return (V(T(1)) + v).log(); }
   static V abs(const V& v) { return v.abs(); }
   static V min(const V& a, const V& b) { return at::vec::minimum(a, b); }
+  static V select_nonneg(const V& z, const V& a, const V& b) { return V::blendv(b, a, z >= V(T(0))); }
 };
 
 }  // namespace invk

@@ -84,35 +84,68 @@ INVK_HOST_DEVICE void log_scale_with_grad(T h, const ScaleParams<T>& p, T& L, T&
   }
 }
 
+// The sigmoid scale s = sigmoid(z), z = h + 2, from one exponential e = exp(-|z|) in (0, 1]:
+// with d = 1 + e, s = (z >= 0 ? 1 : e) / d, 1 / s = d / (z >= 0 ? 1 : e), 1 - s = (z >= 0 ? e : 1) / d
+// and L = log s = min(z, 0) - log1p(e), so no term overflows and each costs at most one division.
+template <typename T, typename M>
+struct SigmoidScale {
+  T z, e, d;
+  INVK_HOST_DEVICE explicit SigmoidScale(T h) : z(h + M::splat(2)), e(M::exp(M::splat(0) - M::abs(z))),
+                                                d(M::splat(1) + e) {}
+  INVK_HOST_DEVICE T log_s() const { return M::min(z, M::splat(0)) - M::log1p(e); }
+  INVK_HOST_DEVICE T numerator() const { return M::select_nonneg(z, M::splat(1), e); }
+  INVK_HOST_DEVICE T one_minus_numerator() const { return M::select_nonneg(z, e, M::splat(1)); }
+};
+
 // y2 = x2 * exp(L) + t; L returned for the log-det.
 template <ScaleKind K, typename T, typename M = MathOps<T>>
 INVK_HOST_DEVICE T affine_forward(T x2, T hs, T t, const ScaleParams<T>& p, T& L) {
-  L = log_scale<K, T, M>(hs, p);
-  return x2 * M::exp(L) + t;
+  if constexpr (K == ScaleKind::Sigmoid) {
+    const SigmoidScale<T, M> sg(hs);
+    L = sg.log_s();
+    return x2 * (sg.numerator() / sg.d) + t;
+  } else {
+    L = log_scale<K, T, M>(hs, p);
+    return x2 * M::exp(L) + t;
+  }
 }
 
-// x2 = (y2 - t) * exp(-L): a product, never a division by the scale.
+// x2 = (y2 - t) * exp(-L): a product with the inverse scale (for the sigmoid scale d / (1 or e)),
+// never a division by the scale.
 template <ScaleKind K, typename T, typename M = MathOps<T>>
 INVK_HOST_DEVICE T affine_inverse(T y2, T hs, T t, const ScaleParams<T>& p, T& L) {
-  L = log_scale<K, T, M>(hs, p);
-  return (y2 - t) * M::exp(M::splat(0) - L);
+  if constexpr (K == ScaleKind::Sigmoid) {
+    const SigmoidScale<T, M> sg(hs);
+    L = sg.log_s();
+    return (y2 - t) * (sg.d / sg.numerator());
+  } else {
+    L = log_scale<K, T, M>(hs, p);
+    return (y2 - t) * M::exp(M::splat(0) - L);
+  }
 }
 
 // VJP of the transformed half. x2 is the data-side value: the forward's input (Reverse = false)
 // or the inverse's output (Reverse = true). g is the gradient of the op's output, gl the gradient
-// of its log-det for this sample.
+// of its log-det for this sample. The sigmoid scale needs no logarithm here.
 template <ScaleKind K, bool Reverse, typename T, typename M = MathOps<T>>
 INVK_HOST_DEVICE void affine_backward(T g, T gl, T x2, T hs, const ScaleParams<T>& p, T& g_in,
                                       T& g_hs, T& g_t) {
-  T L, dL;
-  log_scale_with_grad<K, T, M>(hs, p, L, dL);
+  T s_or_inv, dL;
+  if constexpr (K == ScaleKind::Sigmoid) {
+    const SigmoidScale<T, M> sg(hs);
+    const T r = M::splat(1) / sg.d;
+    dL = sg.one_minus_numerator() * r;
+    s_or_inv = Reverse ? sg.d / sg.numerator() : sg.numerator() * r;
+  } else {
+    T L;
+    log_scale_with_grad<K, T, M>(hs, p, L, dL);
+    s_or_inv = M::exp(Reverse ? M::splat(0) - L : L);
+  }
+  g_in = g * s_or_inv;
   if constexpr (!Reverse) {
-    const T s = M::exp(L);
-    g_in = g * s;
     g_t = g;
     g_hs = (g_in * x2 + gl) * dL;
   } else {
-    g_in = g * M::exp(M::splat(0) - L);
     g_t = M::splat(0) - g_in;
     g_hs = M::splat(0) - (g * x2 + gl) * dL;
   }

@@ -22,6 +22,8 @@ struct MathOps<float> {
   static INVK_HOST_DEVICE float abs(float v) { return fabsf(v); }
   // Propagates NaN from either argument (fminf would drop it).
   static INVK_HOST_DEVICE float min(float a, float b) { return (a != a || a < b) ? a : b; }
+  // a where z >= 0, b elsewhere (NaN z gives b).
+  static INVK_HOST_DEVICE float select_nonneg(float z, float a, float b) { return z >= 0.0f ? a : b; }
 };
 
 template <>
@@ -33,6 +35,7 @@ struct MathOps<double> {
   static INVK_HOST_DEVICE double log1p(double v) { return ::log1p(v); }
   static INVK_HOST_DEVICE double abs(double v) { return fabs(v); }
   static INVK_HOST_DEVICE double min(double a, double b) { return (a != a || a < b) ? a : b; }
+  static INVK_HOST_DEVICE double select_nonneg(double z, double a, double b) { return z >= 0.0 ? a : b; }
 };
 
 }  // namespace invk

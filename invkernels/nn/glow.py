@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as TF
 from torch import nn
 
 from invkernels.nn.actnorm import ActNorm
@@ -11,18 +10,6 @@ from invkernels.nn.coupling import AffineCoupling
 from invkernels.nn.invconv import InvConv1x1
 from invkernels.nn.subnets import SubnetFactory, conv_subnet
 from invkernels.ops import invconv as invconv_ops
-
-
-def _gemm_with_bias(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """``w @ x + bias`` at every position of ``x`` as one GEMM with the bias fused in."""
-    if x.dim() == 2:
-        return TF.linear(x, w, bias)
-    if x.dim() == 4:
-        return TF.conv2d(x, w[:, :, None, None], bias)
-    b, c = x.shape[0], x.shape[1]
-    x3 = x.reshape(b, c, -1)
-    out = torch.baddbmm(bias[None, :, None].expand(b, c, x3.shape[2]), w.expand(b, c, c), x3)
-    return out.reshape(x.shape)
 
 
 class GlowStep(nn.Module):
@@ -62,10 +49,10 @@ class GlowStep(nn.Module):
         self.actnorm._check(x, "x")
         if self.training and not self.actnorm._initialized:
             self.actnorm.initialize(x)
-        scale = torch.exp(self.actnorm.log_scale).to(x.dtype)
-        w = self.invconv.weight(x.dtype)
-        y = _gemm_with_bias(x, w * scale[None, :], w @ (scale * self.actnorm.bias.to(x.dtype)))
-        logdet_actnorm = invconv_ops.lu_logdet(self.actnorm.log_scale, x)
+        an = self.actnorm
+        y = invconv_ops.conv1x1(x, self.invconv.weight(x.dtype), an.bias.to(x.dtype), an.log_scale.to(x.dtype),
+                                backend=self.invconv.backend)
+        logdet_actnorm = invconv_ops.lu_logdet(an.log_scale, x)
         logdet_conv = (invconv_ops.lu_logdet(self.invconv.log_s, x) if self.invconv.lu
                        else invconv_ops.dense_logdet(self.invconv.w, x))
         return y, logdet_actnorm + logdet_conv

@@ -32,8 +32,8 @@ class InvConv1x1(nn.Module):
     Args:
         channels: number of channels ``C``.
         lu: LU parameterization (True) or a dense weight (False).
-        backend: backend of the weight assembly: ``"cpp"``, ``"triton"`` (both use the C++ op),
-            ``"reference"`` or None for ``invkernels.get_backend()``.
+        backend: backend of the weight assembly and the product: ``"cpp"``, ``"triton"`` (both use
+            the C++ ops), ``"reference"`` or None for ``invkernels.get_backend()``.
 
     ``forward(x) -> (y, logdet)``; ``inverse(y, return_logdet=False) -> x`` (or ``(x, -logdet)``).
     """
@@ -129,13 +129,13 @@ class InvConv1x1(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self._check(x, "x")
         w = self.weight(x.dtype)
-        y = F.conv1x1(x, w)
+        y = F.conv1x1(x, w, backend=self.backend)
         logdet = F.lu_logdet(self.log_s, x) if self.lu else F.dense_logdet(self.w, x)
         return y, logdet
 
     def inverse(self, y: torch.Tensor, return_logdet: bool = False):
         self._check(y, "y")
-        x = F.conv1x1(y, self.inverse_weight(y.dtype), x_name="y")
+        x = F.conv1x1(y, self.inverse_weight(y.dtype), backend=self.backend)
         if not return_logdet:
             return x
         logdet = F.lu_logdet(self.log_s, y) if self.lu else F.dense_logdet(self.w, y)

@@ -16,17 +16,18 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
-from invkernels import _backend
+from invkernels import _backend, _validation
 from invkernels.reference import invconv as reference
 
 
 class InvConvOps(NamedTuple):
-    """The C++ weight-assembly ops."""
+    """The C++ ops: weight assembly and the per-position product."""
 
     weight: object
     weight_bwd: object
+    conv1x1: object
+    conv1x1_bwd: object
 
 
 def _fail(op: str, message: str) -> None:
@@ -76,6 +77,22 @@ def _register_fakes() -> None:
             _fail(op, f"grad_w should be on the device of lower ({lower.device}), got {grad_w.device}")
         return lower.new_empty(lower.shape), upper.new_empty(upper.shape), log_s.new_empty(log_s.shape)
 
+    @torch.library.register_fake("invkernels::conv1x1")
+    def _(x, weight, bias=None, log_scale=None):
+        check_product("conv1x1", x, weight, bias, log_scale)
+        return product_like(x)
+
+    @torch.library.register_fake("invkernels::conv1x1_bwd")
+    def _(grad_y, x, weight, bias, log_scale, output_mask):
+        op = "conv1x1_bwd"
+        check_product(op, x, weight, bias, log_scale)
+        _validation.check_grad(op, grad_y, x, "grad_y", "x")
+        folded = bias is not None and output_mask[2]
+        return (product_like(x) if output_mask[0] else None,
+                weight.new_empty(weight.shape) if output_mask[1] else None,
+                bias.new_empty(bias.shape) if folded else None,
+                log_scale.new_empty(log_scale.shape) if folded else None)
+
 
 def _register_autograd(ops: InvConvOps) -> None:
     """``perm`` and ``sign`` are constants of the parameterization: they get no gradient."""
@@ -95,6 +112,20 @@ def _register_autograd(ops: InvConvOps) -> None:
 
     torch.library.register_autograd("invkernels::invconv_weight", backward, setup_context=setup_context)
 
+    def conv1x1_backward(ctx, grad_y):
+        # bias and log_scale may have been left to their defaults: then neither is an input.
+        given = len(ctx.needs_input_grad)
+        needs = (*ctx.needs_input_grad, False, False)[:4]
+        mask = [needs[0], needs[1], needs[2] or needs[3]]
+        if not any(mask):
+            return (None,) * given
+        saved = (*ctx.saved_tensors, None, None)[:4]
+        vjp = reference.conv1x1_vjp if torch.is_grad_enabled() else ops.conv1x1_bwd
+        grads = vjp(grad_y, *saved, mask)
+        return tuple(g if need else None for g, need in zip(grads, needs))[:given]
+
+    torch.library.register_autograd("invkernels::conv1x1", conv1x1_backward, setup_context=setup_context)
+
 
 _registered: dict[str, InvConvOps] = {}
 
@@ -107,7 +138,8 @@ def cpp_ops() -> InvConvOps:
         _extension.load()
         _register_fakes()
         ns = torch.ops.invkernels
-        ops = InvConvOps(ns.invconv_weight.default, ns.invconv_weight_bwd.default)
+        ops = InvConvOps(ns.invconv_weight.default, ns.invconv_weight_bwd.default, ns.conv1x1.default,
+                         ns.conv1x1_bwd.default)
         _register_autograd(ops)
         _registered["cpp"] = ops
     return _registered["cpp"]
@@ -172,8 +204,9 @@ def dense_inverse_weight(w: torch.Tensor, *, dtype: torch.dtype | None = None) -
     return inv.to(w.dtype if dtype is None else dtype)
 
 
-def _check_product(x: torch.Tensor, w: torch.Tensor, x_name: str) -> None:
-    op = "conv1x1"
+def check_product(op: str, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
+                  log_scale: torch.Tensor | None, x_name: str = "x") -> None:
+    """The checks of the C++ op ``conv1x1`` (csrc/ops/conv1x1.h), with the same wording."""
     if not x.is_floating_point():
         _fail(op, f"{x_name} should be a floating-point tensor, got {x.dtype}")
     if x.dim() < 2:
@@ -186,6 +219,24 @@ def _check_product(x: torch.Tensor, w: torch.Tensor, x_name: str) -> None:
     if w.device != x.device:
         _fail(op, f"{x_name} and weight should be on the same device, got {x_name} on {x.device} and weight on "
                   f"{w.device}")
+    if (bias is None) != (log_scale is None):
+        _fail(op, "bias and log_scale (the folded ActNorm) should be given together or both be None, got "
+                  f"{'bias' if bias is not None else 'log_scale'} alone")
+    if bias is not None:
+        _validation.check_actnorm(op, x, bias, log_scale, x_name)
+
+
+def channels_last_like(x: torch.Tensor) -> bool:
+    """Channel stride 1 with the other dimensions in order (the layout rule of ``conv1x1``)."""
+    return x.dim() >= 3 and not x.is_contiguous() and x.movedim(1, -1).is_contiguous()
+
+
+def product_like(x: torch.Tensor) -> torch.Tensor:
+    """An empty tensor in the layout ``conv1x1`` gives for ``x``: channels-last for channels-last-like
+    inputs, contiguous otherwise."""
+    if channels_last_like(x):
+        return x.new_empty(x.movedim(1, -1).shape).movedim(-1, 1)
+    return x.new_empty(x.shape)
 
 
 def spatial_size(x: torch.Tensor) -> int:
@@ -196,25 +247,29 @@ def spatial_size(x: torch.Tensor) -> int:
     return n
 
 
-def conv1x1(x: torch.Tensor, w: torch.Tensor, *, x_name: str = "x") -> torch.Tensor:
-    """``y[b, :, p] = w @ x[b, :, p]`` at every position ``p``, as one GEMM through torch.
+def conv1x1(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
+            log_scale: torch.Tensor | None = None, *, backend: str | None = None) -> torch.Tensor:
+    """``y[b, :, p] = w @ x[b, :, p]`` at every position ``p``; with ``bias`` and ``log_scale`` (an
+    ActNorm folded in) ``y = w @ ((x + bias) * exp(log_scale))``, computed as one GEMM with the
+    weight ``w · diag(exp(log_scale))`` and the bias ``w · (exp(log_scale) ⊙ bias)``.
 
-    ``x``: ``[B, C, *spatial]`` or ``[B, C]``, any strides; ``w``: ``[C, C]``, same dtype and device.
-    The route was measured on CPU for ``[16, 64, 32, 32]`` float32 (docs/ops/invconv.md):
-    ``torch.matmul(w, x.view(B, C, S))`` is the fastest forward on contiguous NCHW input and
-    ``F.conv2d`` with a 1x1 kernel the fastest forward + backward (its weight gradient) and the
-    fastest on channels-last input. So: ``[B, C]`` -> ``F.linear``; nonempty 4-D input that is
-    channels-last or that autograd records -> ``F.conv2d``; otherwise the batched ``matmul``.
+    The registered op ``torch.ops.invkernels.conv1x1`` (backward ``conv1x1_bwd``; both run their
+    products through torch's BLAS / cuBLAS, never a hand-written GEMM): ``[B, C]`` inputs and
+    channels-last inputs are one GEMM over all positions (channels-last result), any other input
+    one batched GEMM with the weight broadcast (contiguous result). Differentiable in every tensor.
+
+    Args:
+        x: ``[B, C, *spatial]`` or ``[B, C]``, any strides.
+        w: ``[C, C]``. bias, log_scale: ``[C]`` or both None. Same dtype and device as ``x``.
+        backend: ``"cpp"`` or ``"triton"`` (the C++ op on CPU and CUDA tensors, the reference on
+            other devices), ``"reference"`` (einsum), or None for ``invkernels.get_backend()``.
     """
-    _check_product(x, w, x_name)
-    if x.dim() == 2:
-        return F.linear(x, w)
-    if x.dim() == 4 and x.numel() > 0:
-        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-        if channels_last or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)):
-            return F.conv2d(x, w[:, :, None, None])
-    b, c = x.shape[0], x.shape[1]
-    return torch.matmul(w, x.reshape(b, c, spatial_size(x))).reshape(x.shape)
+    name = _backend.resolve(backend)
+    if name == "reference" or x.device.type not in ("cpu", "cuda"):
+        check_product("conv1x1", x, w, bias, log_scale)
+        return reference.conv1x1(x, w, bias, log_scale)
+    ops = _registered.get("cpp")
+    return (ops if ops is not None else cpp_ops()).conv1x1(x, w, bias, log_scale)
 
 
 def lu_logdet(log_s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
