@@ -18,9 +18,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_actnorm  # noqa: E402
 import bench_coupling  # noqa: E402
 import bench_glow  # noqa: E402
+import bench_memory  # noqa: E402
 import harness  # noqa: E402
 
-SECTIONS = {"coupling": bench_coupling, "actnorm": bench_actnorm, "glow": bench_glow}
+SECTIONS = {"coupling": bench_coupling, "actnorm": bench_actnorm, "glow": bench_glow, "memory": bench_memory}
 
 
 def main() -> None:
@@ -57,7 +58,7 @@ Written by `benchmarks/run.py` (`make bench`); every number below comes from one
 - Times: median ms over {args.rounds} interleaved rounds, p20–p80 in parentheses; ratios are
   provider time / invkernels time from the same run.
 
-Goals (issues 2 and 3):
+Goals (issues 2, 3 and 4):
 {chr(10).join(verdicts)}
 
 {(chr(10) * 2).join(texts)}

@@ -19,9 +19,15 @@ TORCH_LIBRARY(invkernels, m) {
   m.def(
       "affine_coupling_bwd(Tensor grad_out, Tensor grad_logdet, Tensor x, Tensor h, str scale, float clamp, "
       "bool reverse) -> (Tensor grad_in, Tensor grad_h)");
+  // Inverse and backward in one pass (memory-free backprop): x rebuilt from y, and the VJP of the
+  // forward at x.
+  m.def(
+      "affine_coupling_inv_bwd(Tensor y, Tensor h, Tensor grad_y, Tensor grad_logdet, str scale, float clamp) "
+      "-> (Tensor x, Tensor grad_x, Tensor grad_h)");
   m.def("additive_coupling_fwd(Tensor x, Tensor h) -> Tensor");
   m.def("additive_coupling_inv(Tensor y, Tensor h) -> Tensor");
   m.def("additive_coupling_bwd(Tensor grad_out, Tensor h, bool reverse) -> (Tensor grad_in, Tensor grad_h)");
+  m.def("additive_coupling_inv_bwd(Tensor y, Tensor h, Tensor grad_y) -> (Tensor x, Tensor grad_x, Tensor grad_h)");
 
   // ActNorm: docs/ops/actnorm.md.
   m.def("actnorm_fwd(Tensor x, Tensor bias, Tensor log_scale) -> (Tensor y, Tensor logdet)");

@@ -112,6 +112,19 @@ def test_hostile_layouts_and_sizes(backend):
         assert_close(gls, torch.zeros(6, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_outputs_larger_than_the_streaming_threshold(dtype):
+    # 64 MiB and more are written with streaming stores (csrc/cpu/actnorm_kernel.cpp); odd plane
+    # sizes put the planes at unaligned addresses, so the scalar head and tail run too.
+    spatial = 2_796_203
+    x = torch.randn(3 if dtype == torch.float32 else 2, 2, spatial, dtype=dtype)
+    bias, log_scale = torch.randn(2, dtype=dtype), 0.3 * torch.randn(2, dtype=dtype)
+    assert x.numel() * x.element_size() >= 64 * 2**20
+    for op, ref in ((A.actnorm_fwd, R.actnorm_fwd), (A.actnorm_inv, R.actnorm_inv)):
+        y, _ = op(x, bias, log_scale, backend="cpp")
+        assert_close(y, ref(x, bias, log_scale)[0])
+
+
 def test_parameter_gradients_do_not_depend_on_thread_count():
     x, b, ls = make((8, 4, 32, 32), torch.float32)
     g, gl = torch.randn(x.shape), torch.randn(8)

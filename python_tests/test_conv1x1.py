@@ -147,6 +147,17 @@ def test_empty_batch_and_zero_spatial_size(folded):
             assert torch.equal(gb, torch.zeros_like(b)) and torch.equal(gls, torch.zeros_like(ls))
 
 
+def test_runs_in_the_input_dtype_under_autocast():
+    x, w, b, ls = operands((2, 4, 3, 3), torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = F.conv1x1(x, w, b, ls)
+        grads = torch.ops.invkernels.conv1x1_bwd(torch.ones_like(x), x, w, b, ls, [True, True, True])
+        weight = F.invconv_weight(torch.arange(4), w, w, torch.ones(4), ls)
+    assert y.dtype == torch.float32 and weight.dtype == torch.float32
+    assert all(g.dtype == torch.float32 for g in grads)
+    assert_close(y, R.conv1x1(*as_double(x, w, b, ls)), reduce_len=4)
+
+
 def test_nan_and_inf_propagate():
     x, w, b, ls = operands((2, 3, 2, 2), torch.float32)
     x[0, 1, 0, 0] = float("nan")

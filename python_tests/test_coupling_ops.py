@@ -364,8 +364,8 @@ BAD_INPUT_CASES = [pytest.param(backend, message, call, id=f"{backend}-{message}
 @pytest.mark.parametrize("backend,message,call", BAD_INPUT_CASES)
 def test_bad_inputs_raise_errors_naming_the_argument(backend, message, call):
     if backend == "reference":
-        ops = C.CouplingOps(lambda x, h, s, c: R.affine_coupling_fwd(x, h, s, c), None, None, None,
-                            R.additive_coupling_inv, None)
+        ops = C.CouplingOps(lambda x, h, s, c: R.affine_coupling_fwd(x, h, s, c), None, None, None, None,
+                            R.additive_coupling_inv, None, None)
     else:
         ops = ops_of(backend)
     with pytest.raises((ValueError, RuntimeError), match=message.replace("[", r"\[").replace("]", r"\]")

@@ -24,6 +24,14 @@ namespace {
 // Planes per task: at least ~16k elements of work per task.
 int64_t plane_grain(const ActNormShape& sh) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, sh.spatial)); }
 
+// Outputs of at least this many bytes are written with streaming stores: far larger than the last
+// level cache, so the next op reads them from memory either way.
+constexpr int64_t kStreamBytes = int64_t{64} << 20;
+
+bool streaming_output(const at::Tensor& out) {
+  return static_cast<int64_t>(out.numel() * out.element_size()) >= kStreamBytes;
+}
+
 template <typename scalar_t>
 at::Tensor actnorm_logdet(const at::Tensor& log_scale, const ActNormShape& sh, bool negate, const at::Tensor& like) {
   const scalar_t* ls = log_scale.const_data_ptr<scalar_t>();
@@ -46,6 +54,7 @@ std::tuple<at::Tensor, at::Tensor> actnorm(const at::Tensor& in_, const at::Tens
     const scalar_t* b_p = bias.const_data_ptr<scalar_t>();
     const scalar_t* ls_p = ls.const_data_ptr<scalar_t>();
     scalar_t* out_p = out.mutable_data_ptr<scalar_t>();
+    const bool stream = streaming_output(out);
     at::parallel_for(0, sh.batch * sh.channels, plane_grain(sh), [&](int64_t begin, int64_t end) {
       for (int64_t plane = begin; plane < end; ++plane) {
         const int64_t c = plane % sh.channels;
@@ -53,10 +62,10 @@ std::tuple<at::Tensor, at::Tensor> actnorm(const at::Tensor& in_, const at::Tens
         const A s = std::exp(Inverse ? -static_cast<A>(ls_p[c]) : static_cast<A>(ls_p[c]));
         const scalar_t* src = in_p + plane * sh.spatial;
         scalar_t* dst = out_p + plane * sh.spatial;
-        for_lanes<scalar_t>(sh.spatial, [&](auto lane, int64_t i) {
+        store_lanes<scalar_t>(dst, sh.spatial, stream, [&](auto lane, int64_t i) {
           using C = typename decltype(lane)::type;
           const C v = load<C>(src + i);
-          store(dst + i, Inverse ? actnorm_inverse<C>(v, C(b), C(s)) : actnorm_forward<C>(v, C(b), C(s)));
+          return Inverse ? actnorm_inverse<C>(v, C(b), C(s)) : actnorm_forward<C>(v, C(b), C(s));
         });
       }
     });

@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cstring>
 #include <vector>
 
@@ -24,12 +25,19 @@ namespace {
 
 constexpr int64_t kChunk = 8192;  // transformed elements per task (one partial log-det)
 
-// Runs transform(task, b, start, n) over the chunks of every sample's transformed half and, when
-// dst != nullptr, copies the passthrough half of `src` into `dst`: the task of chunk j of a sample
-// also copies the j-th of `chunks` equal pieces of that sample's passthrough half (n1 <= n2), so
-// every task carries the same work and the threads stay balanced.
-template <typename scalar_t, typename Transform>
-void run_tasks(const CouplingShape& sh, const scalar_t* src, scalar_t* dst, const Transform& transform) {
+// A passthrough half to copy from src to dst (skipped when dst is null).
+template <typename scalar_t>
+struct PassCopy {
+  const scalar_t* src;
+  scalar_t* dst;
+};
+
+// Runs transform(task, b, start, n) over the chunks of every sample's transformed half and copies
+// the passthrough halves of `copies`: the task of chunk j of a sample also copies the j-th of
+// `chunks` equal pieces of that sample's passthrough half (n1 <= n2), so every task carries the
+// same work and the threads stay balanced.
+template <typename scalar_t, size_t N, typename Transform>
+void run_tasks(const CouplingShape& sh, const std::array<PassCopy<scalar_t>, N>& copies, const Transform& transform) {
   const int64_t n1 = sh.n1(), n2 = sh.n2();
   const int64_t chunks = num_chunks(n2, kChunk);
   const int64_t piece = chunks == 0 ? 0 : num_chunks(n1, chunks);
@@ -38,12 +46,18 @@ void run_tasks(const CouplingShape& sh, const scalar_t* src, scalar_t* dst, cons
       const int64_t b = task / chunks, j = task % chunks;
       transform(task, b, j * kChunk, std::min(kChunk, n2 - j * kChunk));
       const int64_t start = j * piece;
-      if (dst != nullptr && start < n1) {
-        const int64_t off = sh.x1_offset(b) + start;
-        std::memcpy(dst + off, src + off, sizeof(scalar_t) * std::min(piece, n1 - start));
+      if (start >= n1) continue;
+      const int64_t off = sh.x1_offset(b) + start;
+      for (const PassCopy<scalar_t>& c : copies) {
+        if (c.dst != nullptr) std::memcpy(c.dst + off, c.src + off, sizeof(scalar_t) * std::min(piece, n1 - start));
       }
     }
   });
+}
+
+template <typename scalar_t, typename Transform>
+void run_tasks(const CouplingShape& sh, const scalar_t* src, scalar_t* dst, const Transform& transform) {
+  run_tasks<scalar_t, 1>(sh, {PassCopy<scalar_t>{src, dst}}, transform);
 }
 
 template <typename scalar_t>
@@ -154,6 +168,59 @@ std::tuple<at::Tensor, at::Tensor> affine_coupling_bwd(const at::Tensor& g_, con
   return {gin, gh};
 }
 
+template <ScaleKind K, typename scalar_t>
+void affine_inv_bwd_apply(const at::Tensor& y, const at::Tensor& h, const at::Tensor& g, const at::Tensor& gl,
+                          at::Tensor& x, at::Tensor& gin, at::Tensor& gh, const CouplingShape& sh, double clamp) {
+  using A = acc_t<scalar_t>;
+  const scalar_t* y_p = y.const_data_ptr<scalar_t>();
+  const scalar_t* h_p = h.const_data_ptr<scalar_t>();
+  const scalar_t* g_p = g.const_data_ptr<scalar_t>();
+  const scalar_t* gl_p = gl.const_data_ptr<scalar_t>();
+  scalar_t* x_p = x.mutable_data_ptr<scalar_t>();
+  scalar_t* gin_p = gin.mutable_data_ptr<scalar_t>();
+  scalar_t* gh_p = gh.mutable_data_ptr<scalar_t>();
+  const ScaleParams<A> p{A(clamp), A(1.0 / clamp)};
+  run_tasks<scalar_t, 2>(sh, {PassCopy<scalar_t>{y_p, x_p}, PassCopy<scalar_t>{g_p, gin_p}},
+                         [&](int64_t, int64_t b, int64_t start, int64_t n) {
+    const int64_t xo = sh.x2_offset(b) + start;
+    const int64_t so = sh.affine_scale_offset(b) + start;
+    const int64_t to = sh.affine_shift_offset(b) + start;
+    const A glb = static_cast<A>(gl_p[b]);
+    for_lanes<scalar_t>(n, [&](auto lane, int64_t i) {
+      using C = typename decltype(lane)::type;
+      using M = MathOps<C>;
+      const ScaleParams<C> pc{C(p.clamp), C(p.inv_clamp)};
+      C x2, g_in, g_hs, g_t;
+      affine_inverse_backward<K, C, M>(load<C>(y_p + xo + i), load<C>(h_p + so + i), load<C>(h_p + to + i),
+                                       load<C>(g_p + xo + i), C(glb), pc, x2, g_in, g_hs, g_t);
+      store(x_p + xo + i, x2);
+      store(gin_p + xo + i, g_in);
+      store(gh_p + so + i, g_hs);
+      store(gh_p + to + i, g_t);
+    });
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_coupling_inv_bwd(const at::Tensor& y_, const at::Tensor& h_,
+                                                                       const at::Tensor& g_, const at::Tensor& gl_,
+                                                                       c10::string_view scale, double clamp) {
+  constexpr const char* op = "affine_coupling_inv_bwd";
+  const ScaleKind kind = parse_scale(op, scale, clamp);
+  const CouplingShape sh = check_coupling(op, y_, h_, /*affine=*/true, "y");
+  check_grad(op, g_, y_, "grad_y", "y");
+  check_grad_logdet(op, gl_, y_);
+  const at::Tensor y = y_.contiguous(), h = h_.contiguous(), g = g_.contiguous(), gl = gl_.contiguous();
+  at::Tensor x = at::empty(y.sizes(), y.options());
+  at::Tensor gin = at::empty(y.sizes(), y.options());
+  at::Tensor gh = at::empty(h.sizes(), h.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), op, [&] {
+    dispatch_scale(kind, [&](auto k) {
+      affine_inv_bwd_apply<decltype(k)::value, scalar_t>(y, h, g, gl, x, gin, gh, sh, clamp);
+    });
+  });
+  return {x, gin, gh};
+}
+
 template <bool Inverse>
 at::Tensor additive_coupling(const at::Tensor& in_, const at::Tensor& h_) {
   constexpr const char* op = Inverse ? "additive_coupling_inv" : "additive_coupling_fwd";
@@ -199,15 +266,48 @@ std::tuple<at::Tensor, at::Tensor> additive_coupling_bwd(const at::Tensor& g_, c
   return {gin, gh};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> additive_coupling_inv_bwd(const at::Tensor& y_, const at::Tensor& h_,
+                                                                         const at::Tensor& g_) {
+  constexpr const char* op = "additive_coupling_inv_bwd";
+  const CouplingShape sh = check_coupling(op, y_, h_, /*affine=*/false, "y");
+  check_grad(op, g_, y_, "grad_y", "y");
+  const at::Tensor y = y_.contiguous(), h = h_.contiguous(), g = g_.contiguous();
+  at::Tensor x = at::empty(y.sizes(), y.options());
+  at::Tensor gin = at::empty(y.sizes(), y.options());
+  at::Tensor gh = at::empty(h.sizes(), h.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), op, [&] {
+    const scalar_t* y_p = y.const_data_ptr<scalar_t>();
+    const scalar_t* t_p = h.const_data_ptr<scalar_t>();
+    const scalar_t* g_p = g.const_data_ptr<scalar_t>();
+    scalar_t* x_p = x.mutable_data_ptr<scalar_t>();
+    scalar_t* gin_p = gin.mutable_data_ptr<scalar_t>();
+    scalar_t* gh_p = gh.mutable_data_ptr<scalar_t>();
+    run_tasks<scalar_t, 2>(sh, {PassCopy<scalar_t>{y_p, x_p}, PassCopy<scalar_t>{g_p, gin_p}},
+                           [&](int64_t, int64_t b, int64_t start, int64_t n) {
+      const int64_t xo = sh.x2_offset(b) + start, to = sh.additive_shift_offset(b) + start;
+      for_lanes<scalar_t>(n, [&](auto lane, int64_t i) {
+        using C = typename decltype(lane)::type;
+        const C v = load<C>(g_p + xo + i);
+        store(x_p + xo + i, additive_inverse<C>(load<C>(y_p + xo + i), load<C>(t_p + to + i)));
+        store(gin_p + xo + i, v);
+        store(gh_p + to + i, v);
+      });
+    });
+  });
+  return {x, gin, gh};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(invkernels, CPU, m) {
   m.impl("affine_coupling_fwd", &affine_coupling<false>);
   m.impl("affine_coupling_inv", &affine_coupling<true>);
   m.impl("affine_coupling_bwd", &affine_coupling_bwd);
+  m.impl("affine_coupling_inv_bwd", &affine_coupling_inv_bwd);
   m.impl("additive_coupling_fwd", &additive_coupling<false>);
   m.impl("additive_coupling_inv", &additive_coupling<true>);
   m.impl("additive_coupling_bwd", &additive_coupling_bwd);
+  m.impl("additive_coupling_inv_bwd", &additive_coupling_inv_bwd);
 }
 
 }  // namespace invk::cpu

@@ -4,7 +4,8 @@
 // csrc/kernels/coupling.h that the CPU backend runs and tests. Each thread block transforms
 // kChunk elements of one sample's transformed half and writes one partial log-det (block
 // reduction with CUB, no atomics); the partial sums are added per sample in a fixed order.
-// The passthrough half is a strided ATen copy.
+// The elementwise backward and fused inverse+backward kernels run one thread per transformed
+// element. The passthrough half is a strided ATen copy.
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
@@ -84,6 +85,31 @@ __global__ void affine_backward_kernel(const scalar_t* __restrict__ g, const sca
   }
 }
 
+// Inverse and backward in one pass (memory-free backprop): rebuilds x2 from y2 and back-propagates
+// g (gradient of y2) and gl (of the log-det) through the forward at x2.
+// y, g, x, gin: [B, C, S]; h, gh: [B, 2 * C2, S]; gl: [B]. Transformed half only.
+template <typename scalar_t, ScaleKind K>
+__global__ void affine_inverse_backward_kernel(const scalar_t* __restrict__ y, const scalar_t* __restrict__ h,
+                                               const scalar_t* __restrict__ g, const scalar_t* __restrict__ gl,
+                                               scalar_t* __restrict__ x, scalar_t* __restrict__ gin,
+                                               scalar_t* __restrict__ gh, CouplingShape sh,
+                                               ScaleParams<acc_t<scalar_t>> p) {
+  using A = acc_t<scalar_t>;
+  const int64_t n2 = sh.n2();
+  const int64_t total = sh.batch * n2;
+  for (int64_t idx = blockIdx.x * int64_t{kThreads} + threadIdx.x; idx < total;
+       idx += int64_t{gridDim.x} * kThreads) {
+    const int64_t b = idx / n2, i = idx % n2;
+    const int64_t xo = sh.x2_offset(b) + i, so = sh.affine_scale_offset(b) + i, to = sh.affine_shift_offset(b) + i;
+    A x2, g_in, g_hs, g_t;
+    affine_inverse_backward<K, A>(A(y[xo]), A(h[so]), A(h[to]), A(g[xo]), A(gl[b]), p, x2, g_in, g_hs, g_t);
+    x[xo] = static_cast<scalar_t>(x2);
+    gin[xo] = static_cast<scalar_t>(g_in);
+    gh[so] = static_cast<scalar_t>(g_hs);
+    gh[to] = static_cast<scalar_t>(g_t);
+  }
+}
+
 // in, out: [B, C, S]; t: [B, C2, S]. Transformed half only.
 template <typename scalar_t, bool Inverse>
 __global__ void additive_apply_kernel(const scalar_t* __restrict__ in, const scalar_t* __restrict__ t,
@@ -113,6 +139,27 @@ __global__ void additive_backward_kernel(const scalar_t* __restrict__ g, scalar_
     const scalar_t v = g[xo];
     gin[xo] = v;
     gh[sh.additive_shift_offset(b) + i] = reverse ? static_cast<scalar_t>(-v) : v;
+  }
+}
+
+// y, g, x, gin: [B, C, S]; t, gh: [B, C2, S]. Transformed half only: x2 = y2 - t, and the
+// forward's gradients grad_x2 = grad_t = g.
+template <typename scalar_t>
+__global__ void additive_inverse_backward_kernel(const scalar_t* __restrict__ y, const scalar_t* __restrict__ t,
+                                                 const scalar_t* __restrict__ g, scalar_t* __restrict__ x,
+                                                 scalar_t* __restrict__ gin, scalar_t* __restrict__ gh,
+                                                 CouplingShape sh) {
+  using A = acc_t<scalar_t>;
+  const int64_t n2 = sh.n2();
+  const int64_t total = sh.batch * n2;
+  for (int64_t idx = blockIdx.x * int64_t{kThreads} + threadIdx.x; idx < total;
+       idx += int64_t{gridDim.x} * kThreads) {
+    const int64_t b = idx / n2, i = idx % n2;
+    const int64_t xo = sh.x2_offset(b) + i, to = sh.additive_shift_offset(b) + i;
+    x[xo] = static_cast<scalar_t>(additive_inverse<A>(A(y[xo]), A(t[to])));
+    const scalar_t v = g[xo];
+    gin[xo] = v;
+    gh[to] = v;
   }
 }
 
@@ -187,6 +234,38 @@ std::tuple<at::Tensor, at::Tensor> affine_coupling_bwd(const at::Tensor& g_, con
   return {gin, gh};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_coupling_inv_bwd(const at::Tensor& y_, const at::Tensor& h_,
+                                                                       const at::Tensor& g_, const at::Tensor& gl_,
+                                                                       c10::string_view scale, double clamp) {
+  constexpr const char* op = "affine_coupling_inv_bwd";
+  const ScaleKind kind = parse_scale(op, scale, clamp);
+  const CouplingShape sh = check_coupling(op, y_, h_, /*affine=*/true, "y");
+  check_grad(op, g_, y_, "grad_y", "y");
+  check_grad_logdet(op, gl_, y_);
+  const c10::cuda::CUDAGuard guard(y_.device());
+  const at::Tensor y = y_.contiguous(), h = h_.contiguous(), g = g_.contiguous(), gl = gl_.contiguous();
+  at::Tensor x = at::empty(y.sizes(), y.options());
+  at::Tensor gin = at::empty(y.sizes(), y.options());
+  at::Tensor gh = at::empty(h.sizes(), h.options());
+  const int64_t total = sh.batch * sh.n2();
+  if (total == 0) return {x, gin, gh};  // C2 >= 1, so y is empty too
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  copy_passthrough(y, x, sh);
+  copy_passthrough(g, gin, sh);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), op, [&] {
+    using A = acc_t<scalar_t>;
+    const ScaleParams<A> p{A(clamp), A(1.0 / clamp)};
+    dispatch_scale(kind, [&](auto k) {
+      affine_inverse_backward_kernel<scalar_t, decltype(k)::value><<<grid_for_elements(total), kThreads, 0, stream>>>(
+          y.const_data_ptr<scalar_t>(), h.const_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(),
+          gl.const_data_ptr<scalar_t>(), x.mutable_data_ptr<scalar_t>(), gin.mutable_data_ptr<scalar_t>(),
+          gh.mutable_data_ptr<scalar_t>(), sh, p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return {x, gin, gh};
+}
+
 template <bool Inverse>
 at::Tensor additive_coupling(const at::Tensor& in_, const at::Tensor& h_) {
   constexpr const char* op = Inverse ? "additive_coupling_inv" : "additive_coupling_fwd";
@@ -226,15 +305,41 @@ std::tuple<at::Tensor, at::Tensor> additive_coupling_bwd(const at::Tensor& g_, c
   return {gin, gh};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> additive_coupling_inv_bwd(const at::Tensor& y_, const at::Tensor& h_,
+                                                                         const at::Tensor& g_) {
+  constexpr const char* op = "additive_coupling_inv_bwd";
+  const CouplingShape sh = check_coupling(op, y_, h_, /*affine=*/false, "y");
+  check_grad(op, g_, y_, "grad_y", "y");
+  const c10::cuda::CUDAGuard guard(y_.device());
+  const at::Tensor y = y_.contiguous(), h = h_.contiguous(), g = g_.contiguous();
+  at::Tensor x = at::empty(y.sizes(), y.options());
+  at::Tensor gin = at::empty(y.sizes(), y.options());
+  at::Tensor gh = at::empty(h.sizes(), h.options());
+  const int64_t total = sh.batch * sh.n2();
+  if (total == 0) return {x, gin, gh};  // C2 >= 1, so y is empty too
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  copy_passthrough(y, x, sh);
+  copy_passthrough(g, gin, sh);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), op, [&] {
+    additive_inverse_backward_kernel<scalar_t><<<grid_for_elements(total), kThreads, 0, stream>>>(
+        y.const_data_ptr<scalar_t>(), h.const_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(),
+        x.mutable_data_ptr<scalar_t>(), gin.mutable_data_ptr<scalar_t>(), gh.mutable_data_ptr<scalar_t>(), sh);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {x, gin, gh};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(invkernels, CUDA, m) {
   m.impl("affine_coupling_fwd", &affine_coupling<false>);
   m.impl("affine_coupling_inv", &affine_coupling<true>);
   m.impl("affine_coupling_bwd", &affine_coupling_bwd);
+  m.impl("affine_coupling_inv_bwd", &affine_coupling_inv_bwd);
   m.impl("additive_coupling_fwd", &additive_coupling<false>);
   m.impl("additive_coupling_inv", &additive_coupling<true>);
   m.impl("additive_coupling_bwd", &additive_coupling_bwd);
+  m.impl("additive_coupling_inv_bwd", &additive_coupling_inv_bwd);
 }
 
 }  // namespace invk::cuda

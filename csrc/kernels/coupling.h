@@ -151,6 +151,33 @@ INVK_HOST_DEVICE void affine_backward(T g, T gl, T x2, T hs, const ScaleParams<T
   }
 }
 
+// Inverse and VJP in one pass, for memory-free backprop: from the forward's output y2 and the
+// subnet output (hs, t), rebuild the forward's input x2 and back-propagate g (the gradient of y2)
+// and gl (of this sample's log-det) through the forward. The scale is evaluated once, and
+// g_in * x2 = g * s * (y2 - t) / s is taken as g * (y2 - t).
+template <ScaleKind K, typename T, typename M = MathOps<T>>
+INVK_HOST_DEVICE void affine_inverse_backward(T y2, T hs, T t, T g, T gl, const ScaleParams<T>& p, T& x2, T& g_in,
+                                              T& g_hs, T& g_t) {
+  T s, inv_s, dL;
+  if constexpr (K == ScaleKind::Sigmoid) {
+    const SigmoidScale<T, M> sg(hs);
+    const T r = M::splat(1) / sg.d;
+    dL = sg.one_minus_numerator() * r;
+    s = sg.numerator() * r;
+    inv_s = sg.d / sg.numerator();
+  } else {
+    T L;
+    log_scale_with_grad<K, T, M>(hs, p, L, dL);
+    s = M::exp(L);
+    inv_s = M::exp(M::splat(0) - L);
+  }
+  const T shifted = y2 - t;
+  x2 = shifted * inv_s;
+  g_in = g * s;
+  g_t = g;
+  g_hs = (g * shifted + gl) * dL;
+}
+
 template <typename T>
 INVK_HOST_DEVICE T additive_forward(T x2, T t) { return x2 + t; }
 

@@ -10,6 +10,9 @@
 //     dx = W'^T g,  A = sum g x^T,  gb = sum g,  dW' = A + gb bias^T,
 //     dW = dW' diag(exp(log_scale)),  dbias = W'^T gb,  dlog_scale = colsum(W' * dW').
 //
+// The products run in the dtype of x even under autocast (the layers of a flow keep their inputs'
+// precision, so the inverse stays exact to it): autocast is excluded inside the ops.
+//
 // Layouts: [B, C] inputs are one GEMM; channels-last-like inputs (channel stride 1) give
 // channels-last results: 4-D ones go through torch's convolution with a 1x1 kernel (oneDNN on CPU,
 // measured about 1.3x faster than the GEMM on the [N, C] view there; cuDNN on CUDA), others are one
@@ -17,6 +20,7 @@
 // by batch with the weight broadcast, giving contiguous results.
 
 #include <ATen/ATen.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <array>
 #include <optional>
@@ -110,6 +114,7 @@ inline at::ScalarType conv1x1_acc_type(const at::Tensor& x) {
 inline at::Tensor conv1x1(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                           const std::optional<at::Tensor>& log_scale) {
   check_conv1x1("conv1x1", x, weight, bias, log_scale);
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   if (!bias.has_value()) return positionwise_product(x, weight, std::nullopt, channels_last_like(x));
   const auto [w, b] = fold_actnorm(weight, *bias, *log_scale, conv1x1_acc_type(x));
   return positionwise_product(x, w.to(x.scalar_type()), b.to(x.scalar_type()), channels_last_like(x));
@@ -152,6 +157,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv1x1_bwd(
   constexpr const char* op = "conv1x1_bwd";
   check_conv1x1(op, x, weight, bias, log_scale);
   check_grad(op, grad_y, x, "grad_y", "x");
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const bool channels_last = channels_last_like(x);
   const at::ScalarType acc = conv1x1_acc_type(x);
   at::Tensor grad_bias, grad_log_scale;

@@ -2,7 +2,8 @@
 
 // Weight assembly of the LU-decomposed invertible 1x1 convolution (Glow), device-agnostic: the
 // products go through at::matmul (the BLAS / cuBLAS torch uses), so the CPU and CUDA backends
-// register the same functions. Formulas: docs/ops/invconv.md.
+// register the same functions; autocast is excluded inside, so W has the factors' dtype.
+// Formulas: docs/ops/invconv.md.
 //
 //   L  = tril(lower, -1) + I,   U' = triu(upper, 1) + diag(sign * exp(log_s)),   W = P L U'
 //   with (P M)[i, :] = M[perm[i], :].
@@ -10,6 +11,7 @@
 //        dlog_s = diag(dU') * sign * exp(log_s).
 
 #include <ATen/ATen.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <tuple>
 
@@ -55,6 +57,7 @@ inline at::Tensor invconv_upper(const at::Tensor& upper, const at::Tensor& sign,
 inline at::Tensor invconv_weight(const at::Tensor& perm, const at::Tensor& lower, const at::Tensor& upper,
                                  const at::Tensor& sign, const at::Tensor& log_s) {
   check_invconv_factors("invconv_weight", perm, lower, upper, sign, log_s);
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   return at::matmul(invconv_lower(lower), invconv_upper(upper, sign, log_s)).index_select(0, perm);
 }
 
@@ -67,6 +70,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> invconv_weight_bwd(const a
   constexpr const char* op = "invconv_weight_bwd";
   check_invconv_factors(op, perm, lower, upper, sign, log_s);
   check_grad(op, grad_w, lower, "grad_w", "lower");
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const at::Tensor dm = at::zeros_like(grad_w).index_copy_(0, perm, grad_w);
   const at::Tensor u = invconv_upper(upper, sign, log_s);
   const at::Tensor du = at::matmul(invconv_lower(lower).t(), dm);

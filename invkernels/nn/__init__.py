@@ -5,6 +5,18 @@ from invkernels.nn.coupling import AdditiveCoupling, AffineCoupling
 from invkernels.nn.glow import GlowStep
 from invkernels.nn.invconv import InvConv1x1
 from invkernels.nn.multiscale import Split, Squeeze
+from invkernels.nn.sequential import InvertibleSequential
 from invkernels.nn.subnets import conv_subnet, mlp_subnet
 
-__all__ = ["ActNorm", "AdditiveCoupling", "AffineCoupling", "GlowStep", "InvConv1x1", "Split", "Squeeze", "conv_subnet", "mlp_subnet"]
+__all__ = [
+    "ActNorm",
+    "AdditiveCoupling",
+    "AffineCoupling",
+    "GlowStep",
+    "InvConv1x1",
+    "InvertibleSequential",
+    "Split",
+    "Squeeze",
+    "conv_subnet",
+    "mlp_subnet",
+]

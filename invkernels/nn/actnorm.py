@@ -77,5 +77,18 @@ class ActNorm(nn.Module):
         x, logdet = F.actnorm_inv(y, self.bias.to(y.dtype), self.log_scale.to(y.dtype), backend=self.backend)
         return (x, logdet) if return_logdet else x
 
+    def inverse_backward(self, y: torch.Tensor, grad_y: torch.Tensor, grad_logdet: torch.Tensor):
+        """Memory-free backward (used by :class:`InvertibleSequential`): ``(x, grad_x, grads)`` with
+        ``x`` rebuilt from ``y`` by the fused inverse and the gradients from the fused ``actnorm_bwd``
+        op; ``grads`` pairs each parameter that requires grad with its gradient."""
+        self._check(y, "y")
+        bias, log_scale = self.bias.to(y.dtype), self.log_scale.to(y.dtype)
+        x, _ = F.actnorm_inv(y, bias, log_scale, backend=self.backend)
+        grad_x, grad_bias, grad_log_scale = F.actnorm_vjp(grad_y, grad_logdet, x, bias, log_scale,
+                                                          backend=self.backend)
+        grads = [(p, g.to(p.dtype)) for p, g in ((self.bias, grad_bias), (self.log_scale, grad_log_scale))
+                 if p.requires_grad]
+        return x, grad_x, grads
+
     def extra_repr(self) -> str:
         return f"channels={self.channels}, initialized={self._initialized}"

@@ -59,22 +59,38 @@ class _Coupling(nn.Module):
                              f"{x.dim()} dims; use subnet='{other}' or a factory")
 
     def _h(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        return self._subnet_h(x[:, : self.c1], context, x.dtype)
+
+    def _subnet_h(self, x1: torch.Tensor, context: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
         name = type(self).__name__
-        x1 = x[:, : self.c1]
         if self.context_channels:
             if context is None:
                 raise ValueError(f"{name}: context is required (context_channels={self.context_channels})")
-            if context.shape[0] != x.shape[0] or context.shape[1] != self.context_channels or \
-                    context.shape[2:] != x.shape[2:]:
+            if context.shape[0] != x1.shape[0] or context.shape[1] != self.context_channels or \
+                    context.shape[2:] != x1.shape[2:]:
                 raise ValueError(
-                    f"{name}: context should have shape {[x.shape[0], self.context_channels, *x.shape[2:]]}, "
+                    f"{name}: context should have shape {[x1.shape[0], self.context_channels, *x1.shape[2:]]}, "
                     f"got {list(context.shape)}")
             x1 = torch.cat([x1, context], dim=1)
         elif context is not None:
             raise ValueError(f"{name}: context was given but the layer was built with context_channels=0")
         # Under autocast the subnet may return a lower precision than x; the coupling itself runs
         # in x's dtype, which keeps the inverse exact to that precision.
-        return self.subnet(x1).to(x.dtype)
+        return self.subnet(x1).to(dtype)
+
+    def _subnet_backward(self, y: torch.Tensor, context: torch.Tensor | None, fused):
+        """Memory-free backward of the coupling (see :meth:`inverse_backward`): the subnet runs once,
+        with grad, on ``y``'s untouched half; ``fused(h) -> (x, grad_x, grad_h)`` is the fused
+        inverse+backward op; the subnet's gradient reaching ``x1`` is added to ``grad_x``."""
+        leaf = y[:, : self.c1].detach().requires_grad_()
+        extra = [t for t in (*self.subnet.parameters(), context) if t is not None and t.requires_grad]
+        with torch.enable_grad():
+            h = self._subnet_h(leaf, context, y.dtype)
+        x, grad_x, grad_h = fused(h.detach())
+        grads = torch.autograd.grad(h, [leaf, *extra], grad_h, allow_unused=True)
+        if grads[0] is not None:
+            grad_x[:, : self.c1] += grads[0]
+        return x, grad_x, list(zip(extra, grads[1:]))
 
     def extra_repr(self) -> str:
         extra = f", context_channels={self.context_channels}" if self.context_channels else ""
@@ -117,6 +133,17 @@ class AffineCoupling(_Coupling):
         x, logdet = F.affine_coupling_inv(y, self._h(y, context), self.scale, self.clamp, backend=self.backend)
         return (x, logdet) if return_logdet else x
 
+    def inverse_backward(self, y: torch.Tensor, grad_y: torch.Tensor, grad_logdet: torch.Tensor,
+                         context: torch.Tensor | None = None):
+        """Memory-free backward (used by :class:`InvertibleSequential`): from the output ``y`` and the
+        gradients of ``(y, logdet)``, rebuild the input ``x`` and return ``(x, grad_x, grads)`` with
+        ``grads`` the ``(tensor, gradient)`` pairs of the parameters (and ``context``) that require
+        grad. The subnet runs once, with grad, on ``y``'s untouched half; the fused
+        ``affine_coupling_inv_bwd`` op rebuilds ``x2`` and back-propagates in one pass."""
+        self._check_input(y, "y")
+        return self._subnet_backward(y, context, lambda h: F.affine_coupling_inv_bwd(
+            y, h, grad_y, grad_logdet, self.scale, self.clamp, backend=self.backend))
+
     def extra_repr(self) -> str:
         clamp = f", clamp={self.clamp}" if self.scale == "exp" else ""
         return f"{super().extra_repr()}, scale={self.scale!r}{clamp}"
@@ -141,3 +168,11 @@ class AdditiveCoupling(_Coupling):
         self._check_input(y, "y")
         x = F.additive_coupling_inv(y, self._h(y, context), backend=self.backend)
         return (x, y.new_zeros(y.shape[0])) if return_logdet else x
+
+    def inverse_backward(self, y: torch.Tensor, grad_y: torch.Tensor, grad_logdet: torch.Tensor,
+                         context: torch.Tensor | None = None):
+        """Memory-free backward, as :meth:`AffineCoupling.inverse_backward` (the log-det is 0, so
+        ``grad_logdet`` is not used)."""
+        self._check_input(y, "y")
+        return self._subnet_backward(y, context, lambda h: F.additive_coupling_inv_bwd(
+            y, h, grad_y, backend=self.backend))

@@ -67,3 +67,27 @@ class GlowStep(nn.Module):
         x, logdet_conv = self.invconv.inverse(x, return_logdet=True)
         x, logdet_actnorm = self.actnorm.inverse(x, return_logdet=True)
         return (x, logdet + logdet_conv + logdet_actnorm) if return_logdet else x
+
+    def inverse_backward(self, y: torch.Tensor, grad_y: torch.Tensor, grad_logdet: torch.Tensor,
+                         context: torch.Tensor | None = None):
+        """Memory-free backward (used by :class:`InvertibleSequential`): ``(x, grad_x, grads)``.
+
+        The coupling rebuilds its input with the fused ``affine_coupling_inv_bwd`` (its subnet runs
+        once, with grad); the front is inverted with the cached ``W⁻¹`` and the ActNorm inverse, and
+        back-propagated by the fused ``conv1x1_bwd`` with the ActNorm folded in. ``grads`` pairs each
+        parameter (and ``context``) that requires grad with its gradient.
+        """
+        x_mid, grad_mid, grads = self.coupling.inverse_backward(y, grad_y, grad_logdet, context)
+        an, conv = self.actnorm, self.invconv
+        with torch.no_grad():
+            x = an.inverse(conv.inverse(x_mid))
+        with torch.enable_grad():
+            w = conv.weight(x.dtype)
+        grad_x, grad_w, grad_bias, grad_log_scale = invconv_ops.conv1x1_vjp(
+            grad_mid, x, w.detach(), an.bias.to(x.dtype), an.log_scale.to(x.dtype), backend=conv.backend)
+        grad_log_scale = grad_log_scale + invconv_ops.spatial_size(x) * grad_logdet.sum()
+        grads += [(p, g.to(p.dtype)) for p, g in ((an.bias, grad_bias), (an.log_scale, grad_log_scale))
+                  if p.requires_grad]
+        if any(p.requires_grad for p in conv.parameters()):
+            grads += conv.weight_backward(w, grad_w, x, grad_logdet)
+        return x, grad_x, grads

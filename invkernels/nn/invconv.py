@@ -129,17 +129,50 @@ class InvConv1x1(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self._check(x, "x")
         w = self.weight(x.dtype)
-        y = F.conv1x1(x, w, backend=self.backend)
-        logdet = F.lu_logdet(self.log_s, x) if self.lu else F.dense_logdet(self.w, x)
-        return y, logdet
+        return F.conv1x1(x, w, backend=self.backend), self._logdet(x)
 
     def inverse(self, y: torch.Tensor, return_logdet: bool = False):
         self._check(y, "y")
         x = F.conv1x1(y, self.inverse_weight(y.dtype), backend=self.backend)
         if not return_logdet:
             return x
-        logdet = F.lu_logdet(self.log_s, y) if self.lu else F.dense_logdet(self.w, y)
-        return x, -logdet
+        return x, -self._logdet(y)
+
+    def _logdet(self, x: torch.Tensor) -> torch.Tensor:
+        return F.lu_logdet(self.log_s, x) if self.lu else F.dense_logdet(self.w, x)
+
+    def weight_backward(self, w: torch.Tensor, grad_w: torch.Tensor, x: torch.Tensor, grad_logdet: torch.Tensor,
+                        extra=()):
+        """The ``(parameter, gradient)`` pairs of the parameters that require grad, for the gradient
+        ``grad_w`` of the weight ``w = self.weight(...)`` (built with grad) and ``grad_logdet`` of the
+        log-det at ``x``; ``extra`` adds ``(output, gradient)`` pairs to back-propagate with them."""
+        params = [p for p in self.parameters(recurse=False) if p.requires_grad]
+        outputs, grads = [w], [grad_w]
+        with torch.enable_grad():
+            logdet = self._logdet(x)
+        if logdet.requires_grad:
+            outputs.append(logdet)
+            grads.append(grad_logdet)
+        for out, g in extra:
+            outputs.append(out)
+            grads.append(g)
+        if not params:
+            return []
+        return list(zip(params, torch.autograd.grad(outputs, params, grads, allow_unused=True)))
+
+    def inverse_backward(self, y: torch.Tensor, grad_y: torch.Tensor, grad_logdet: torch.Tensor):
+        """Memory-free backward (used by :class:`InvertibleSequential`): ``(x, grad_x, grads)`` with
+        ``x = W⁻¹ y`` (the cached float64-built inverse), ``grad_x`` and the weight gradient from
+        the fused ``conv1x1_bwd`` op, and the parameter gradients through the weight assembly."""
+        self._check(y, "y")
+        with torch.no_grad():
+            x = F.conv1x1(y, self.inverse_weight(y.dtype), backend=self.backend)
+        with torch.enable_grad():
+            w = self.weight(y.dtype)
+        needs_w = any(p.requires_grad for p in self.parameters(recurse=False))
+        grad_x, grad_w, _, _ = F.conv1x1_vjp(grad_y, x, w.detach(), output_mask=(True, needs_w, False),
+                                             backend=self.backend)
+        return x, grad_x, self.weight_backward(w, grad_w, x, grad_logdet) if needs_w else []
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, lu={self.lu}"

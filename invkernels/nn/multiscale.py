@@ -122,6 +122,10 @@ class Split(nn.Module):
     in the input dtype.
     """
 
+    # Its inverse needs the factored-out half, which its output does not hold: InvertibleSequential
+    # stores its activations instead of rebuilding them.
+    memory_free_invertible = False
+
     def __init__(self, channels: int, prior: str = "gaussian", *, hidden: int | None = None,
                  subnet: str | SubnetFactory | None = None, clamp: float = 5.0):
         super().__init__()

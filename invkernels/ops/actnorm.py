@@ -98,3 +98,15 @@ def actnorm_inv(y: torch.Tensor, bias: torch.Tensor, log_scale: torch.Tensor, *,
         _validation.check_actnorm("actnorm_inv", y, bias, log_scale, "y")
         return reference.actnorm_inv(y, bias, log_scale)
     return ops.inv(y, bias, log_scale)
+
+
+def actnorm_vjp(grad_out: torch.Tensor, grad_logdet: torch.Tensor, x: torch.Tensor, bias: torch.Tensor,
+                log_scale: torch.Tensor, *, backend: str | None = None):
+    """``(grad_x, grad_bias, grad_log_scale)`` of :func:`actnorm_fwd` at ``x`` for the gradients
+    ``(grad_out, grad_logdet)`` of its outputs: the registered ``actnorm_bwd`` op (the reference
+    formulas for ``backend="reference"``). Not differentiable (it is a backward)."""
+    ops = _ops_for(backend, x)
+    if ops is None:
+        _validation.check_actnorm("actnorm_bwd", x, bias, log_scale)
+        return reference.actnorm_vjp(grad_out, grad_logdet, x, bias, log_scale, False)
+    return ops.bwd(grad_out, grad_logdet, x, bias, log_scale, False)

@@ -20,21 +20,25 @@ _OPS = (
     "affine_coupling_fwd",
     "affine_coupling_inv",
     "affine_coupling_bwd",
+    "affine_coupling_inv_bwd",
     "additive_coupling_fwd",
     "additive_coupling_inv",
     "additive_coupling_bwd",
+    "additive_coupling_inv_bwd",
 )
 
 
 class CouplingOps(NamedTuple):
-    """One backend's six coupling ops."""
+    """One backend's eight coupling ops."""
 
     affine_fwd: Callable
     affine_inv: Callable
     affine_bwd: Callable
+    affine_inv_bwd: Callable
     additive_fwd: Callable
     additive_inv: Callable
     additive_bwd: Callable
+    additive_inv_bwd: Callable
 
 
 def _contiguous_like(t: torch.Tensor) -> torch.Tensor:
@@ -63,6 +67,22 @@ def _register_fakes() -> None:
         _validation.check_grad("affine_coupling_bwd", grad_out, x, "grad_out", "x")
         _validation.check_grad_logdet("affine_coupling_bwd", grad_logdet, x)
         return _contiguous_like(x), _contiguous_like(h)
+
+    @torch.library.register_fake("invkernels::affine_coupling_inv_bwd")
+    def _(y, h, grad_y, grad_logdet, scale, clamp):
+        op = "affine_coupling_inv_bwd"
+        _validation.check_scale(op, scale, clamp)
+        _validation.check_coupling(op, y, h, affine=True, x_name="y")
+        _validation.check_grad(op, grad_y, y, "grad_y", "y")
+        _validation.check_grad_logdet(op, grad_logdet, y)
+        return _contiguous_like(y), _contiguous_like(y), _contiguous_like(h)
+
+    @torch.library.register_fake("invkernels::additive_coupling_inv_bwd")
+    def _(y, h, grad_y):
+        op = "additive_coupling_inv_bwd"
+        _validation.check_coupling(op, y, h, affine=False, x_name="y")
+        _validation.check_grad(op, grad_y, y, "grad_y", "y")
+        return _contiguous_like(y), _contiguous_like(y), _contiguous_like(h)
 
     @torch.library.register_fake("invkernels::additive_coupling_fwd")
     def _(x, h):
@@ -179,3 +199,32 @@ def additive_coupling_inv(y: torch.Tensor, h: torch.Tensor, *, backend: str | No
     if ops is None:
         return reference.additive_coupling_inv(y, h)
     return ops.additive_inv(y, h)
+
+
+def affine_coupling_inv_bwd(y: torch.Tensor, h: torch.Tensor, grad_y: torch.Tensor, grad_logdet: torch.Tensor,
+                            scale: str = "exp", clamp: float = 2.0, *, backend: str | None = None):
+    """Inverse and backward of the affine coupling in one pass (memory-free backprop).
+
+    From the forward's output ``y`` and the subnet output ``h`` (computed from ``y``'s untouched
+    first half, which equals ``x1``): ``x`` rebuilt, and the gradients of
+    :func:`affine_coupling_fwd` at ``(x, h)`` for ``(grad_y, grad_logdet)``. ``grad_x[:, :C // 2]``
+    is ``grad_y[:, :C // 2]``: the caller adds the gradient that reaches ``x1`` through the subnet.
+    Not differentiable (it is a backward); ``grad_logdet``: ``[B]``.
+
+    Returns:
+        ``(x, grad_x, grad_h)``, contiguous.
+    """
+    ops = _ops_for(backend, y)
+    if ops is None:
+        return reference.affine_coupling_inv_bwd(y, h, grad_y, grad_logdet, scale, clamp)
+    return ops.affine_inv_bwd(y, h, grad_y, grad_logdet, scale, clamp)
+
+
+def additive_coupling_inv_bwd(y: torch.Tensor, h: torch.Tensor, grad_y: torch.Tensor, *,
+                              backend: str | None = None):
+    """Inverse and backward of the additive coupling in one pass, as :func:`affine_coupling_inv_bwd`:
+    ``(x, grad_x, grad_h)`` with ``x = [y1, y2 - h]``, ``grad_x = grad_y``, ``grad_h = grad_y2``."""
+    ops = _ops_for(backend, y)
+    if ops is None:
+        return reference.additive_coupling_inv_bwd(y, h, grad_y)
+    return ops.additive_inv_bwd(y, h, grad_y)

@@ -272,6 +272,21 @@ def conv1x1(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
     return (ops if ops is not None else cpp_ops()).conv1x1(x, w, bias, log_scale)
 
 
+def conv1x1_vjp(grad_y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
+                log_scale: torch.Tensor | None = None, output_mask=(True, True, True), *,
+                backend: str | None = None):
+    """``(grad_x, grad_w, grad_bias, grad_log_scale)`` of :func:`conv1x1` at ``x`` for the gradient
+    ``grad_y`` of its output: the registered ``conv1x1_bwd`` op (the reference formulas for
+    ``backend="reference"``). ``output_mask`` picks ``(grad_x, grad_w, the ActNorm pair)``; the
+    others are None. Not differentiable (it is a backward)."""
+    name = _backend.resolve(backend)
+    if name == "reference" or x.device.type not in ("cpu", "cuda"):
+        check_product("conv1x1_bwd", x, w, bias, log_scale)
+        return reference.conv1x1_vjp(grad_y, x, w, bias, log_scale, output_mask)
+    ops = _registered.get("cpp")
+    return (ops if ops is not None else cpp_ops()).conv1x1_bwd(grad_y, x, w, bias, log_scale, list(output_mask))
+
+
 def lu_logdet(log_s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``log|det dy/dx|`` per sample of ``y = W x`` at every position of ``x``: ``S * Σ log_s``
     (``log|det W| = Σ log_s`` as ``|det P| = det L = 1``), accumulated in the widest of float32,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from invkernels._validation import check_coupling, check_scale, split_channels
+from invkernels._validation import check_coupling, check_grad, check_grad_logdet, check_scale, split_channels
 
 
 def log_scale(hs: torch.Tensor, scale: str = "exp", clamp: float = 2.0) -> torch.Tensor:
@@ -95,3 +95,25 @@ def additive_coupling_vjp(grad_out: torch.Tensor, reverse: bool = False):
     c1, _ = split_channels(grad_out.shape[1])
     g2 = grad_out[:, c1:]
     return grad_out, -g2 if reverse else g2
+
+
+def affine_coupling_inv_bwd(y: torch.Tensor, h: torch.Tensor, grad_y: torch.Tensor, grad_logdet: torch.Tensor,
+                            scale: str = "exp", clamp: float = 2.0):
+    """``(x, grad_x, grad_h)``: the forward's input rebuilt from its output ``y`` and the subnet
+    output ``h``, and the VJP of :func:`affine_coupling_fwd` at ``(x, h)`` for the gradients
+    ``(grad_y, grad_logdet)`` of its outputs (what the fused ``affine_coupling_inv_bwd`` computes
+    in one pass, for memory-free backprop). ``grad_x``'s first half is ``grad_y``'s: the path
+    through the subnet is the caller's."""
+    x, _ = affine_coupling_inv(y, h, scale, clamp)
+    check_grad("affine_coupling_inv_bwd", grad_y, y, "grad_y", "y")
+    check_grad_logdet("affine_coupling_inv_bwd", grad_logdet, y)
+    grad_x, grad_h = affine_coupling_vjp(grad_y, grad_logdet, x, h, scale, clamp)
+    return x, grad_x, grad_h
+
+
+def additive_coupling_inv_bwd(y: torch.Tensor, h: torch.Tensor, grad_y: torch.Tensor):
+    """``(x, grad_x, grad_h)`` of the additive coupling, as :func:`affine_coupling_inv_bwd`."""
+    x = additive_coupling_inv(y, h)
+    check_grad("additive_coupling_inv_bwd", grad_y, y, "grad_y", "y")
+    grad_x, grad_h = additive_coupling_vjp(grad_y)
+    return x, grad_x.clone(), grad_h.clone()

@@ -28,6 +28,8 @@ Vector-Jacobian products, with ``g = (g1, g2)`` the gradient of the op's output 
     inverse VJP (reverse=True, x the inverse's output, since dx2/dhs = -x2 * L'):
         dy1 = g1,  dy2 = g2 * exp(-L),  dt = -dy2,  dhs = -(g2 * x2 + gl) * L'
     additive:  y2 = x2 + t,  x2 = y2 - t,  logdet 0;  VJP: d_in = g,  dt = +g2 (fwd) or -g2 (inv)
+    inverse + forward VJP in one pass (memory-free backprop, from y): x2 = (y2 - t) * exp(-L),
+        dx1 = g1,  dx2 = g2 * exp(L),  dt = g2,  dhs = (g2 * (y2 - t) + gl) * L'
 
 Numerics. Elementwise math runs in float32 for float16/bfloat16/float32 inputs and in float64 for
 float64 inputs; results are stored in the input dtype. ``tanh`` and ``log1p`` are built from
@@ -64,13 +66,17 @@ __all__ = [
     "additive_coupling_forward",
     "additive_coupling_fwd",
     "additive_coupling_inv",
+    "additive_coupling_inv_bwd",
     "additive_coupling_inverse",
+    "additive_coupling_inverse_backward",
     "affine_coupling_backward",
     "affine_coupling_bwd",
     "affine_coupling_forward",
     "affine_coupling_fwd",
     "affine_coupling_inv",
+    "affine_coupling_inv_bwd",
     "affine_coupling_inverse",
+    "affine_coupling_inverse_backward",
 ]
 
 
@@ -231,6 +237,77 @@ def _affine_coupling_bwd_kernel(
     tl.store(gin_ptr + x_off + N1 + cols[None, :], gin2.to(out_ty), mask=mask2)
     tl.store(gh_ptr + h_off, ghs.to(out_ty), mask=mask2)
     tl.store(gh_ptr + h_off + N2, gt.to(out_ty), mask=mask2)
+
+
+@triton.jit(do_not_specialize=["clamp_hi", "clamp_lo"])
+def _affine_coupling_inv_bwd_kernel(
+    y_ptr,  # [B, C, S] contiguous: the forward's output (y1 = first N1 elements, y2 = next N2)
+    h_ptr,  # [B, 2 * C2, S] contiguous: hs = first N2 elements of a sample, t = next N2
+    g_ptr,  # [B, C, S] contiguous: gradient of y
+    gl_ptr,  # [B]: gradient of the log-det
+    x_ptr,  # [B, C, S] contiguous: the rebuilt input
+    gin_ptr,  # [B, C, S] contiguous: gradient of x (g1, then g2 * exp(L))
+    gh_ptr,  # [B, 2 * C2, S] contiguous: gradient of h (dhs, then dt)
+    B,
+    N1,
+    N2,
+    NBLK,
+    clamp_hi,
+    clamp_lo,
+    SCALE: tl.constexpr,
+    ACC: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    # Inverse and forward VJP in one pass: x2 = (y2 - t) * exp(-L), dx2 = g2 * exp(L), dt = g2,
+    # dhs = (g2 * (y2 - t) + gl) * L' (g2 * x2 * exp(L) with x2 * exp(L) = y2 - t).
+    rows, cols, col_blk, row_ok, mask2 = _tile(B, N2, NBLK, ROWS, BLOCK)
+    x_off = rows[:, None] * N1 + rows[:, None] * N2
+    h_off = 2 * (rows[:, None] * N2) + cols[None, :]
+    _copy_passthrough(y_ptr, x_ptr, x_off, cols, row_ok, N1)
+    _copy_passthrough(g_ptr, gin_ptr, x_off, cols, row_ok, N1)
+    c = tl.cast(clamp_hi, ACC) + tl.cast(clamp_lo, ACC)
+    y2 = tl.load(y_ptr + x_off + N1 + cols[None, :], mask=mask2, other=0.0).to(ACC)
+    g2 = tl.load(g_ptr + x_off + N1 + cols[None, :], mask=mask2, other=0.0).to(ACC)
+    hs = tl.load(h_ptr + h_off, mask=mask2, other=0.0).to(ACC)
+    t = tl.load(h_ptr + h_off + N2, mask=mask2, other=0.0).to(ACC)
+    gl = tl.load(gl_ptr + rows, mask=row_ok, other=0.0).to(ACC)[:, None]
+    log_s, dlog_s = _scale_terms(hs, c, SCALE)
+    shifted = y2 - t
+    out_ty = gin_ptr.dtype.element_ty
+    tl.store(x_ptr + x_off + N1 + cols[None, :], (shifted * _inverse_scale(hs, log_s, SCALE)).to(out_ty), mask=mask2)
+    tl.store(gin_ptr + x_off + N1 + cols[None, :], (g2 * tl.exp(log_s)).to(out_ty), mask=mask2)
+    tl.store(gh_ptr + h_off, ((g2 * shifted + gl) * dlog_s).to(out_ty), mask=mask2)
+    tl.store(gh_ptr + h_off + N2, g2.to(out_ty), mask=mask2)
+
+
+@triton.jit
+def _additive_coupling_inv_bwd_kernel(
+    y_ptr,  # [B, C, S] contiguous: the forward's output
+    h_ptr,  # [B, C2, S] contiguous: shift t
+    g_ptr,  # [B, C, S] contiguous: gradient of y
+    x_ptr,  # [B, C, S] contiguous: the rebuilt input (y1, y2 - t)
+    gin_ptr,  # [B, C, S] contiguous: gradient of x, a copy of g
+    gh_ptr,  # [B, C2, S] contiguous: gradient of the shift, g2
+    B,
+    N1,
+    N2,
+    NBLK,
+    ACC: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    rows, cols, col_blk, row_ok, mask2 = _tile(B, N2, NBLK, ROWS, BLOCK)
+    x_off = rows[:, None] * N1 + rows[:, None] * N2
+    t_off = rows[:, None] * N2 + cols[None, :]
+    _copy_passthrough(y_ptr, x_ptr, x_off, cols, row_ok, N1)
+    _copy_passthrough(g_ptr, gin_ptr, x_off, cols, row_ok, N1)
+    y2 = tl.load(y_ptr + x_off + N1 + cols[None, :], mask=mask2, other=0.0).to(ACC)
+    t = tl.load(h_ptr + t_off, mask=mask2, other=0.0).to(ACC)
+    g2 = tl.load(g_ptr + x_off + N1 + cols[None, :], mask=mask2, other=0.0)
+    tl.store(x_ptr + x_off + N1 + cols[None, :], (y2 - t).to(x_ptr.dtype.element_ty), mask=mask2)
+    tl.store(gin_ptr + x_off + N1 + cols[None, :], g2, mask=mask2)
+    tl.store(gh_ptr + t_off, g2, mask=mask2)
 
 
 @triton.jit
@@ -499,6 +576,92 @@ def additive_coupling_backward(
     return grad_in, grad_h
 
 
+def affine_coupling_inverse_backward(
+    y: torch.Tensor,
+    h: torch.Tensor,
+    grad_y: torch.Tensor,
+    grad_logdet: torch.Tensor,
+    scale: str = "exp",
+    clamp: float = 2.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(x, grad_x, grad_h)``: the forward's input rebuilt from its output ``y`` and the gradients
+    of the forward at it, in one pass (memory-free backprop)."""
+    op = "affine_coupling_inv_bwd"
+    _check_affine(op, y, h, scale, clamp, "y")
+    check_grad(op, grad_y, y, "grad_y", "y")
+    check_grad_logdet(op, grad_logdet, y)
+    check_device(op, y, "y")
+    clamp_hi, clamp_lo = _split_clamp(scale, clamp)
+    y, h, grad_y, grad_logdet = (t.contiguous() for t in (y, h, grad_y, grad_logdet))
+    batch, n1, n2 = _geometry(y)
+    x = torch.empty(y.shape, dtype=y.dtype, device=y.device)
+    grad_x = torch.empty(y.shape, dtype=y.dtype, device=y.device)
+    grad_h = torch.empty(h.shape, dtype=h.dtype, device=h.device)
+    if x.numel() == 0:
+        return x, grad_x, grad_h
+    _, acc_tl = compute_dtype(y.dtype)
+    tiling = _tiling(batch, n2)
+    with device_guard(y):
+        _affine_coupling_inv_bwd_kernel[tiling.grid](
+            y_ptr=y,
+            h_ptr=h,
+            g_ptr=grad_y,
+            gl_ptr=grad_logdet,
+            x_ptr=x,
+            gin_ptr=grad_x,
+            gh_ptr=grad_h,
+            B=batch,
+            N1=n1,
+            N2=n2,
+            NBLK=tiling.nblk,
+            clamp_hi=clamp_hi,
+            clamp_lo=clamp_lo,
+            SCALE=scale,
+            ACC=acc_tl,
+            ROWS=tiling.rows,
+            BLOCK=tiling.block,
+            num_warps=tiling.num_warps,
+        )
+    return x, grad_x, grad_h
+
+
+def additive_coupling_inverse_backward(
+    y: torch.Tensor, h: torch.Tensor, grad_y: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(x, grad_x, grad_h)`` of the additive coupling, as :func:`affine_coupling_inverse_backward`."""
+    op = "additive_coupling_inv_bwd"
+    check_coupling(op, y, h, affine=False, x_name="y")
+    check_grad(op, grad_y, y, "grad_y", "y")
+    check_device(op, y, "y")
+    y, h, grad_y = (t.contiguous() for t in (y, h, grad_y))
+    batch, n1, n2 = _geometry(y)
+    x = torch.empty(y.shape, dtype=y.dtype, device=y.device)
+    grad_x = torch.empty(y.shape, dtype=y.dtype, device=y.device)
+    grad_h = torch.empty(h.shape, dtype=h.dtype, device=h.device)
+    if x.numel() == 0:
+        return x, grad_x, grad_h
+    _, acc_tl = compute_dtype(y.dtype)
+    tiling = _tiling(batch, n2)
+    with device_guard(y):
+        _additive_coupling_inv_bwd_kernel[tiling.grid](
+            y_ptr=y,
+            h_ptr=h,
+            g_ptr=grad_y,
+            x_ptr=x,
+            gin_ptr=grad_x,
+            gh_ptr=grad_h,
+            B=batch,
+            N1=n1,
+            N2=n2,
+            NBLK=tiling.nblk,
+            ACC=acc_tl,
+            ROWS=tiling.rows,
+            BLOCK=tiling.block,
+            num_warps=tiling.num_warps,
+        )
+    return x, grad_x, grad_h
+
+
 # Registered ops: the schemas of docs/ops/coupling.md with a _triton suffix. Autograd is registered
 # by invkernels.ops for every backend; the fake impls validate like the real ones, so a mistake
 # fails at trace time under torch.compile too.
@@ -610,3 +773,45 @@ def additive_coupling_bwd(grad_out: torch.Tensor, h: torch.Tensor, reverse: bool
 def _additive_coupling_bwd_fake(grad_out, h, reverse):
     check_coupling("additive_coupling_bwd", grad_out, h, affine=False, x_name="grad_out")
     return grad_out.new_empty(grad_out.shape), h.new_empty(h.shape)
+
+
+@torch.library.custom_op(
+    "invkernels::affine_coupling_inv_bwd_triton",
+    mutates_args=(),
+    schema=(
+        "(Tensor y, Tensor h, Tensor grad_y, Tensor grad_logdet, str scale, float clamp)"
+        " -> (Tensor x, Tensor grad_x, Tensor grad_h)"
+    ),
+)
+def affine_coupling_inv_bwd(
+    y: torch.Tensor, h: torch.Tensor, grad_y: torch.Tensor, grad_logdet: torch.Tensor, scale: str, clamp: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return affine_coupling_inverse_backward(y, h, grad_y, grad_logdet, scale, clamp)
+
+
+@affine_coupling_inv_bwd.register_fake
+def _affine_coupling_inv_bwd_fake(y, h, grad_y, grad_logdet, scale, clamp):
+    op = "affine_coupling_inv_bwd"
+    _check_affine(op, y, h, scale, clamp, "y")
+    check_grad(op, grad_y, y, "grad_y", "y")
+    check_grad_logdet(op, grad_logdet, y)
+    return y.new_empty(y.shape), y.new_empty(y.shape), h.new_empty(h.shape)
+
+
+@torch.library.custom_op(
+    "invkernels::additive_coupling_inv_bwd_triton",
+    mutates_args=(),
+    schema="(Tensor y, Tensor h, Tensor grad_y) -> (Tensor x, Tensor grad_x, Tensor grad_h)",
+)
+def additive_coupling_inv_bwd(
+    y: torch.Tensor, h: torch.Tensor, grad_y: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return additive_coupling_inverse_backward(y, h, grad_y)
+
+
+@additive_coupling_inv_bwd.register_fake
+def _additive_coupling_inv_bwd_fake(y, h, grad_y):
+    op = "additive_coupling_inv_bwd"
+    check_coupling(op, y, h, affine=False, x_name="y")
+    check_grad(op, grad_y, y, "grad_y", "y")
+    return y.new_empty(y.shape), y.new_empty(y.shape), h.new_empty(h.shape)

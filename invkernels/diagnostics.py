@@ -1,0 +1,97 @@
+"""How well a flow inverts: the error of rebuilding inputs from outputs, block by block.
+
+Memory-free backprop (:class:`~invkernels.nn.InvertibleSequential`) rebuilds each block's input
+from its output; rounding makes the rebuilt inputs drift from the true ones, more with depth and
+in low precision. :func:`reconstruction_error` measures that drift for a model and a batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from invkernels.nn.sequential import InvertibleSequential, memory_free_capable
+
+
+@dataclass
+class ReconstructionReport:
+    """Relative errors ``||x̂ - x|| / ||x||`` (float64 norms) of rebuilt inputs.
+
+    Attributes:
+        total: the model's input rebuilt by ``model.inverse(model(x)[0])``.
+        per_block: for an :class:`InvertibleSequential`, the input of each block rebuilt from the
+            model's output by inverting the blocks after it in turn, as memory-free backprop does
+            (blocks that store their activations restart the chain from their stored input).
+        local: for an :class:`InvertibleSequential`, each block's input rebuilt by that block's
+            inverse from its exact output (the error one block adds).
+    """
+
+    total: float
+    per_block: list[float] = field(default_factory=list)
+    local: list[float] = field(default_factory=list)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    ref = b.detach().double()
+    return ((a.detach().double() - ref).norm() / ref.norm().clamp_min(torch.finfo(torch.float64).tiny)).item()
+
+
+@torch.no_grad()
+def reconstruction_error(model: nn.Module, x: torch.Tensor, context: torch.Tensor | None = None,
+                         autocast_dtype: torch.dtype | None = None) -> ReconstructionReport:
+    """Measure how exactly ``model`` rebuilds ``x`` from its output.
+
+    Args:
+        model: a module with ``forward(x[, context]) -> (y, logdet)`` and ``inverse(y[, context])``;
+            an :class:`InvertibleSequential` also gets per-block errors. Run it in eval mode, or
+            the same RNG draws are replayed for each block (subnets with dropout).
+        x: a batch of inputs.
+        context: the conditioning input, for models that take one.
+        autocast_dtype: run forward and inverse under ``torch.autocast`` with this dtype (for
+            example ``torch.bfloat16`` to measure bf16 subnets).
+
+    Returns:
+        A :class:`ReconstructionReport`.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"reconstruction_error: x should be a tensor, got {type(x).__name__}")
+    if not callable(getattr(model, "inverse", None)):
+        raise TypeError(f"reconstruction_error: model ({type(model).__name__}) has no inverse")
+    kwargs = {} if context is None else {"context": context}
+    device_type = x.device.type if x.device.type in ("cpu", "cuda") else "cpu"
+    amp = (torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype is not None
+           else contextlib.nullcontext())
+    with amp, torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
+        if not isinstance(model, InvertibleSequential):
+            seed = torch.get_rng_state()
+            y, _ = model(x, **kwargs)
+            torch.set_rng_state(seed)
+            return ReconstructionReport(total=_rel(model.inverse(y, **kwargs), x))
+        inputs, states = [], []
+        h = x
+        for i in range(len(model)):
+            inputs.append(h)
+            states.append(torch.get_rng_state())
+            h, _ = model._call(i, h, context)
+        local = []
+        for i in range(len(model)):
+            torch.set_rng_state(states[i])
+            out, _ = model._call(i, inputs[i], context)
+            torch.set_rng_state(states[i])
+            local.append(_rel(model._inverse(i, out, context), inputs[i]) if memory_free_capable(model[i])
+                         else 0.0)
+        per_block = [0.0] * len(model)
+        rebuilt = h
+        for i in reversed(range(len(model))):
+            if memory_free_capable(model[i]):
+                torch.set_rng_state(states[i])
+                rebuilt = model._inverse(i, rebuilt, context)
+            else:
+                rebuilt = inputs[i]
+            per_block[i] = _rel(rebuilt, inputs[i])
+        total = _rel(model.inverse(h, **kwargs), x) if all(memory_free_capable(b) for b in model.blocks) \
+            else per_block[0]
+    return ReconstructionReport(total=total, per_block=per_block, local=local)

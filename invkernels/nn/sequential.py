@@ -1,0 +1,286 @@
+"""A chain of invertible blocks with memory-free backprop: activations are rebuilt through the
+blocks' inverses during backward instead of being stored. Design: docs/memory.md."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+
+import torch
+from torch import nn
+
+
+def _takes_context(block: nn.Module) -> bool:
+    try:
+        return "context" in inspect.signature(block.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def memory_free_capable(block: nn.Module) -> bool:
+    """Whether ``block`` can be rebuilt from its output: it has an ``inverse`` and does not set
+    ``memory_free_invertible = False`` (as :class:`~invkernels.nn.Split` does, whose inverse needs
+    the factored-out half)."""
+    return callable(getattr(block, "inverse", None)) and getattr(block, "memory_free_invertible", True)
+
+
+class _RngState:
+    """The RNG state before a block's forward, replayed in backward as torch.utils.checkpoint does
+    (so dropout in a subnet draws the same mask)."""
+
+    def __init__(self, x: torch.Tensor):
+        self.cpu = torch.get_rng_state()
+        self.cuda = (x.device, torch.cuda.get_rng_state(x.device)) if x.is_cuda else None
+
+    def devices(self) -> list:
+        return [self.cuda[0]] if self.cuda is not None else []
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda[1], self.cuda[0])
+
+
+class _AutocastState:
+    """Autocast settings of the forward's device type, re-entered in backward."""
+
+    def __init__(self, x: torch.Tensor):
+        self.device_type = x.device.type if x.device.type in ("cpu", "cuda") else "cpu"
+        self.enabled = torch.is_autocast_enabled(self.device_type)
+        self.dtype = torch.get_autocast_dtype(self.device_type)
+
+    def __call__(self):
+        if not self.enabled:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+
+def _generic_inverse_backward(block: nn.Module, y: torch.Tensor, grad_y: torch.Tensor, grad_logdet: torch.Tensor,
+                              kwargs: dict, rng: _RngState | None):
+    """Memory-free backward of any block with ``forward -> (y, logdet)`` and ``inverse``: rebuild
+    the input with ``inverse`` (no grad), then run the forward again with grad and back-propagate."""
+    with torch.no_grad():
+        x = block.inverse(y, **kwargs)
+    if rng is not None:
+        rng.restore()
+    leaf = x.detach().requires_grad_()
+    context = kwargs.get("context")
+    extra = [t for t in (*block.parameters(), context) if t is not None and t.requires_grad]
+    with torch.enable_grad():
+        out, logdet = block(leaf, **kwargs)
+    outputs, grads = [out], [grad_y]
+    if logdet.requires_grad:
+        outputs.append(logdet)
+        grads.append(grad_logdet.to(logdet.dtype))
+    got = torch.autograd.grad(outputs, [leaf, *extra], grads, allow_unused=True)
+    grad_x = got[0] if got[0] is not None else torch.zeros_like(x)
+    return x, grad_x, list(zip(extra, got[1:]))
+
+
+class _MemoryFreeChain(torch.autograd.Function):
+    """Forward of a run of memory-free blocks without recording, saving only the output; backward
+    rebuilds each block's input from its output and back-propagates block by block."""
+
+    @staticmethod
+    def forward(ctx, seq, indices, x, context, *params):
+        ctx.seq, ctx.indices = seq, indices
+        x_in = x
+        ctx.rng = []
+        ctx.debug_inputs = []
+        ctx.autocast = _AutocastState(x)
+        logdet = None
+        for i in indices:
+            ctx.rng.append(_RngState(x) if seq.preserve_rng_state else None)
+            if seq.check_reconstruction:
+                ctx.debug_inputs.append(x)
+            x, block_logdet = seq._call(i, x, context)
+            logdet = block_logdet if logdet is None else logdet + block_logdet
+        ctx.params = params
+        ctx.versions = [p._version for p in params]
+        # The chain's input is saved too, only for create_graph=True (its storage is the caller's
+        # tensor or the previous chain's saved output, so it costs no memory of its own).
+        ctx.save_for_backward(x_in, x, context)
+        return x, logdet
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_logdet):
+        seq = ctx.seq
+        x_in, y, context = ctx.saved_tensors
+        for p, version in zip(ctx.params, ctx.versions):
+            if p._version != version:
+                raise RuntimeError(
+                    "InvertibleSequential: a parameter was modified in place between forward and backward "
+                    "(for example an optimizer step before backward); the activations cannot be rebuilt. "
+                    "Run backward before updating the parameters.")
+        if torch.is_grad_enabled():
+            return _MemoryFreeChain._backward_with_graph(ctx, x_in, context, grad_y, grad_logdet)
+        grads: dict[int, torch.Tensor] = {}
+        errors = []
+        devices = ctx.rng[0].devices() if ctx.rng and ctx.rng[0] is not None else []
+        with torch.random.fork_rng(devices=devices, enabled=seq.preserve_rng_state), ctx.autocast():
+            for k in reversed(range(len(ctx.indices))):
+                i, rng = ctx.indices[k], ctx.rng[k]
+                if rng is not None:
+                    rng.restore()
+                y, grad_y, pairs = seq._inverse_backward(i, y, grad_y, grad_logdet, context, rng)
+                for t, g in pairs:
+                    if g is not None:
+                        grads[id(t)] = g if id(t) not in grads else grads[id(t)] + g
+                if seq.check_reconstruction:
+                    stored = ctx.debug_inputs[k]
+                    scale = stored.detach().double().norm().clamp_min(torch.finfo(torch.float64).tiny)
+                    errors.append((i, ((y.double() - stored.double()).norm() / scale).item()))
+        if seq.check_reconstruction:
+            seq.reconstruction_errors = sorted(errors)
+        grad_context = grads.get(id(context)) if context is not None else None
+        return (None, None, grad_y, grad_context, *(grads.get(id(p)) for p in ctx.params))
+
+    @staticmethod
+    def _backward_with_graph(ctx, x, context, grad_y, grad_logdet):
+        """Under ``create_graph=True``: run the forward again with grad from the saved input and
+        back-propagate through it with a graph, so higher derivatives are exact."""
+        seq = ctx.seq
+        devices = ctx.rng[0].devices() if ctx.rng and ctx.rng[0] is not None else []
+        with torch.random.fork_rng(devices=devices, enabled=seq.preserve_rng_state), ctx.autocast():
+            if ctx.rng and ctx.rng[0] is not None:
+                ctx.rng[0].restore()
+            with torch.enable_grad():
+                out, logdet = x, None
+                for i in ctx.indices:
+                    out, block_logdet = seq._call(i, out, context)
+                    logdet = block_logdet if logdet is None else logdet + block_logdet
+        given_context = context is not None and context.requires_grad
+        inputs = [t for t in (x, context if given_context else None, *ctx.params)
+                  if t is not None and t.requires_grad]
+        got = iter(torch.autograd.grad((out, logdet), inputs, (grad_y, grad_logdet), create_graph=True,
+                                       allow_unused=True))
+        grad_x = next(got) if x.requires_grad else None
+        grad_context = next(got) if given_context else None
+        return (None, None, grad_x, grad_context, *got)
+
+
+@torch._dynamo.disable
+def _memory_free_run(seq, indices, x, context, params):
+    """Runs one memory-free run eagerly: torch.compile leaves it to autograd (one graph break per
+    run), because its backward rebuilds activations by running the blocks' own code."""
+    return _MemoryFreeChain.apply(seq, indices, x, context, *params)
+
+
+class InvertibleSequential(nn.Module):
+    """A chain of invertible blocks, ``forward(x, context=None) -> (y, logdet)`` with the log-dets
+    summed, and ``inverse(y, context=None) -> x`` through the blocks in reverse.
+
+    With ``memory_free=True`` (default) a training forward stores no activations: runs of blocks
+    that can be inverted are computed without recording and only their output is kept; backward
+    rebuilds each block's input from its output with the block's inverse and back-propagates
+    block by block, so activation memory does not grow with depth. Blocks of this package do it
+    in fused passes (``inverse_backward``: a coupling runs its subnet once in backward, on the
+    untouched half it reads from the output); any other block with ``forward -> (y, logdet)`` and
+    ``inverse`` is inverted and then run forward again with grad. Blocks without an inverse (or
+    with ``memory_free_invertible = False``, e.g. :class:`~invkernels.nn.Split`) store their
+    activations as usual.
+
+    Dropout in subnets: the RNG state before each block is saved and replayed in backward (as
+    ``torch.utils.checkpoint`` does; ``preserve_rng_state=False`` skips this). Autocast in effect
+    at the forward is re-entered in backward. A parameter modified in place between forward and
+    backward is an error (the inputs could not be rebuilt). Under ``torch.no_grad()`` (or when
+    nothing requires grad) the blocks simply run in turn, as with ``memory_free=False``. Under
+    ``torch.compile`` each memory-free run is left to eager autograd (one graph break per run);
+    the code around it is compiled.
+
+    Args:
+        *blocks: modules with ``forward(x[, context]) -> (y, logdet)`` and ``inverse(y[, context])``.
+        memory_free: rebuild activations in backward (True) or let autograd store them (False).
+        preserve_rng_state: replay the RNG in backward, for subnets with dropout.
+        check_reconstruction: debug option: also keep each block's input during the forward and,
+            in backward, record the relative error of the rebuilt input in
+            ``reconstruction_errors`` (a list of ``(block index, error)``). Costs the memory that
+            memory-free backprop saves.
+    """
+
+    def __init__(self, *blocks: nn.Module, memory_free: bool = True, preserve_rng_state: bool = True,
+                 check_reconstruction: bool = False):
+        super().__init__()
+        for i, block in enumerate(blocks):
+            if not isinstance(block, nn.Module):
+                raise TypeError(f"InvertibleSequential: block {i} should be an nn.Module, got {type(block).__name__}")
+        for name, flag in (("memory_free", memory_free), ("preserve_rng_state", preserve_rng_state),
+                           ("check_reconstruction", check_reconstruction)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"InvertibleSequential: {name} should be True or False, got {flag!r}")
+        self.blocks = nn.ModuleList(blocks)
+        self.memory_free = memory_free
+        self.preserve_rng_state = preserve_rng_state
+        self.check_reconstruction = check_reconstruction
+        self.reconstruction_errors: list[tuple[int, float]] = []
+        self._context = [_takes_context(b) for b in blocks]
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __getitem__(self, i: int) -> nn.Module:
+        return self.blocks[i]
+
+    def _kwargs(self, i: int, context: torch.Tensor | None) -> dict:
+        return {"context": context} if context is not None and self._context[i] else {}
+
+    def _call(self, i: int, x: torch.Tensor, context: torch.Tensor | None):
+        out = self.blocks[i](x, **self._kwargs(i, context))
+        if not (isinstance(out, tuple) and len(out) == 2):
+            raise TypeError(f"InvertibleSequential: block {i} ({type(self.blocks[i]).__name__}) should return "
+                            f"(y, logdet), got {type(out).__name__}")
+        return out
+
+    def _inverse(self, i: int, y: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        block = self.blocks[i]
+        if not callable(getattr(block, "inverse", None)):
+            raise TypeError(f"InvertibleSequential: block {i} ({type(block).__name__}) has no inverse")
+        return block.inverse(y, **self._kwargs(i, context))
+
+    def _inverse_backward(self, i, y, grad_y, grad_logdet, context, rng):
+        block = self.blocks[i]
+        kwargs = self._kwargs(i, context)
+        fused = getattr(block, "inverse_backward", None)
+        if fused is not None:
+            return fused(y, grad_y, grad_logdet, **kwargs)
+        return _generic_inverse_backward(block, y, grad_y, grad_logdet, kwargs, rng)
+
+    def _runs(self) -> list[tuple[bool, tuple[int, ...]]]:
+        """Consecutive blocks grouped as (memory-free, indices)."""
+        runs: list[tuple[bool, list[int]]] = []
+        for i, block in enumerate(self.blocks):
+            capable = memory_free_capable(block)
+            if runs and runs[-1][0] == capable:
+                runs[-1][1].append(i)
+            else:
+                runs.append((capable, [i]))
+        return [(capable, tuple(idx)) for capable, idx in runs]
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"InvertibleSequential: x should be a tensor, got {type(x).__name__}")
+        logdet = x.new_zeros(x.shape[0])
+        if not self.blocks:
+            return x, logdet
+        records = torch.is_grad_enabled() and (
+            x.requires_grad or (context is not None and context.requires_grad)
+            or any(p.requires_grad for p in self.parameters()))
+        for capable, indices in self._runs():
+            if self.memory_free and records and capable:
+                params = list({id(p): p for i in indices for p in self.blocks[i].parameters()
+                               if p.requires_grad}.values())
+                x, run_logdet = _memory_free_run(self, indices, x, context, params)
+                logdet = logdet + run_logdet
+            else:
+                for i in indices:
+                    x, block_logdet = self._call(i, x, context)
+                    logdet = logdet + block_logdet
+        return x, logdet
+
+    def inverse(self, y: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        for i in reversed(range(len(self.blocks))):
+            y = self._inverse(i, y, context)
+        return y
+
+    def extra_repr(self) -> str:
+        return f"memory_free={self.memory_free}"
