@@ -10,7 +10,7 @@ BUILD_LOG := build/build.log
 # them (the same setting for every provider in the benchmark).
 BENCH_ENV := MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=4294967296
 
-.PHONY: env build test test-python test-cpp test-gpu bench clean
+.PHONY: env build demo test test-python test-cpp test-gpu bench clean
 
 env: $(VENV)/.deps-installed
 
@@ -46,7 +46,11 @@ test-gpu: build
 test: build test-cpp test-python
 
 bench: build
-	$(BENCH_ENV) $(PY) benchmarks/run.py --write docs/performance.md
+	$(BENCH_ENV) $(PY) benchmarks/run.py --write docs/performance.md --plots docs/plots
+
+# The main job: a memory-free Glow trained on scikit-learn's digits (python -m invkernels demo).
+demo: build
+	$(PY) -m invkernels demo --threads 2 --out demo_output
 
 clean:
 	rm -rf build $(VENV) invkernels/*.so *.egg-info

@@ -122,6 +122,26 @@ def memory_rows() -> tuple[list[list[str]], dict]:
     return rows, {"saved": saved, "rss": rss}
 
 
+def plot_memory(m: dict, path: str) -> None:
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for ax, key, title in zip(axes, ("saved", "rss"), ("bytes saved for backward", "peak RSS growth")):
+        for mode in MODES:
+            ax.plot(DEPTHS, [m[key][mode, d] / 2**20 for d in DEPTHS], marker="o", label=mode)
+        ax.set_xlabel("Glow steps K")
+        ax.set_ylabel("MiB")
+        ax.set_title(title)
+        ax.legend()
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def time_rows(rounds: int) -> tuple[list[list[str]], dict]:
     runs = {mode: build(TIME_DEPTH, mode)[2] for mode in MODES}
     t = harness.measure(runs, rounds=rounds, reps=1, warmup=1)
@@ -147,6 +167,8 @@ def drift_rows() -> list[list[str]]:
 def section(rounds: int, threads: int, meta: dict[str, str]) -> tuple[str, list[list[str]], list[str]]:
     """The memory-free part of docs/performance.md, its CSV rows and goal verdicts."""
     mem, m = memory_rows()
+    if meta.get("plots"):
+        plot_memory(m, os.path.join(meta["plots"], "memory.png"))
     times, tm = time_rows(rounds)
     drift = drift_rows()
     free16, free1 = m["saved"]["memory_free", 16], m["saved"]["memory_free", 1]

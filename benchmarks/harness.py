@@ -146,3 +146,36 @@ def run_cases(cases: list[Case], rounds: int, meta: dict[str, str], op: str) -> 
 
 
 CSV_HEADER = ["date", "machine", "torch", "commit", "op", "shape", "mode", "provider", "median_ms", "p20_ms", "p80_ms"]
+
+
+def plot_speedups(csv_rows: list[list[str]], path: str) -> None:
+    """Bar chart of eager / invkernels and torch.compile / invkernels time for every case of the
+    run that has the three providers."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    times: dict[tuple[str, str, str], dict[str, float]] = {}
+    for row in csv_rows:
+        op, shape, mode, provider, median = row[4], row[5], row[6], row[7], float(row[8])
+        times.setdefault((op, shape, mode), {})[provider] = median
+    cases = [(k, v) for k, v in times.items() if all(p in v for p in PROVIDERS)]
+    if not cases:
+        return
+    labels = [f"{op} {shape} {mode}" for (op, shape, mode), _ in cases]
+    vs_eager = [v["eager"] / v["invkernels"] for _, v in cases]
+    vs_compile = [v["compile"] / v["invkernels"] for _, v in cases]
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(cases) + 1.5))
+    ys = range(len(cases))
+    ax.barh([y + 0.2 for y in ys], vs_eager, height=0.4, label="eager / invkernels")
+    ax.barh([y - 0.2 for y in ys], vs_compile, height=0.4, label="torch.compile / invkernels")
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_yticks(list(ys))
+    ax.set_yticklabels(labels, fontsize=8)
+    ax.set_xlabel("speedup of invkernels (time ratio, CPU float32)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -30,6 +30,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--only", choices=sorted(SECTIONS), action="append", help="run only these sections")
     parser.add_argument("--write", metavar="MARKDOWN", help="write the report (e.g. docs/performance.md)")
+    parser.add_argument("--plots", metavar="DIR", help="write PNG plots of the results to DIR (e.g. docs/plots)")
     parser.add_argument("--csv", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                       "results.csv"))
     args = parser.parse_args()
@@ -39,6 +40,7 @@ def main() -> None:
     import invkernels  # noqa: PLC0415
 
     meta = harness.machine_description()
+    meta["plots"] = args.plots or ""
     bandwidth = harness.copy_bandwidth_gbs()
     texts, csv_rows, verdicts = [], [], []
     for name in args.only or list(SECTIONS):
@@ -64,6 +66,9 @@ Goals (issues 2, 3 and 4):
 {(chr(10) * 2).join(texts)}
 No GPU timings: no GPU was available where this report was produced.
 """
+    if args.plots:
+        harness.plot_speedups(csv_rows, os.path.join(args.plots, "speedups.png"))
+        report += f"\nPlots: `{args.plots}/` (speedups over eager and torch.compile; memory of memory-free backprop).\n"
     print(report)
     if args.write:
         with open(args.write, "w", encoding="utf-8") as f:

@@ -5,6 +5,7 @@ from invkernels.nn.coupling import AdditiveCoupling, AffineCoupling
 from invkernels.nn.glow import GlowStep
 from invkernels.nn.invconv import InvConv1x1
 from invkernels.nn.multiscale import Split, Squeeze
+from invkernels.nn.permute import Permute
 from invkernels.nn.sequential import InvertibleSequential
 from invkernels.nn.subnets import conv_subnet, mlp_subnet
 
@@ -15,6 +16,7 @@ __all__ = [
     "GlowStep",
     "InvConv1x1",
     "InvertibleSequential",
+    "Permute",
     "Split",
     "Squeeze",
     "conv_subnet",

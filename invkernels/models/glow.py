@@ -1,0 +1,168 @@
+"""Glow (Kingma & Dhariwal, 2018) and RealNVP (Dinh et al., 2017) on the package's fused layers,
+trained memory-free."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from invkernels.models.base import FlowModel
+from invkernels.nn import AffineCoupling, GlowStep, InvConv1x1, InvertibleSequential, Permute, Split, Squeeze
+from invkernels.nn.actnorm import ActNorm
+
+
+def _positive_int(cls: str, name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{cls}: {name} should be a positive integer, got {value!r}")
+    return value
+
+
+class Glow(FlowModel):
+    """Multi-scale Glow for images ``[B, C, H, W]`` with values in ``[0, 1]``.
+
+    Each of the ``levels`` levels is a :class:`Squeeze` and ``steps`` :class:`GlowStep` s (ActNorm,
+    LU-decomposed 1x1 convolution, affine coupling), run as one memory-free
+    :class:`InvertibleSequential`; every level but the last ends with a :class:`Split` that factors
+    out half the channels under a Gaussian prior (``prior="learned"``: conditioned on the kept half).
+    The final latent has a standard normal base. Inputs are centred (``x - 0.5``) first.
+
+    Args:
+        in_shape: ``(C, H, W)``; ``H`` and ``W`` divisible by ``2 ** levels``.
+        levels, steps: number of levels and of Glow steps per level.
+        hidden: width of the coupling subnets (Glow uses 512).
+        prior: ``"gaussian"`` or ``"learned"`` prior of the factored-out halves.
+        scale: coupling scale, ``"sigmoid"`` (Glow) or ``"exp"``.
+        memory_free: train without storing the steps' activations.
+        backend: ``"cpp"``, ``"triton"``, ``"reference"`` or None for ``invkernels.get_backend()``.
+
+    ``forward(x) -> (z, logdet)`` with ``z`` the latents of every level flattened and concatenated
+    (the factored-out halves in level order, then the final latent) and ``logdet`` including the
+    priors of the factored-out halves, so ``log p(x) = log N(z_final; 0, I) + logdet``;
+    ``inverse(z) -> x``; ``log_prob(x)``; ``sample(n, temperature)``; ``bits_per_dim(x, levels)``.
+    """
+
+    def __init__(self, in_shape: tuple[int, int, int], levels: int = 3, steps: int = 8, hidden: int = 512,
+                 prior: str = "gaussian", scale: str = "sigmoid", memory_free: bool = True,
+                 backend: str | None = None):
+        super().__init__()
+        cls = "Glow"
+        if not (isinstance(in_shape, (tuple, list)) and len(in_shape) == 3):
+            raise ValueError(f"{cls}: in_shape should be (C, H, W), got {in_shape!r}")
+        c, h, w = (_positive_int(cls, "in_shape entries", v) for v in in_shape)
+        levels = _positive_int(cls, "levels", levels)
+        steps = _positive_int(cls, "steps", steps)
+        hidden = _positive_int(cls, "hidden", hidden)
+        if h % 2**levels or w % 2**levels:
+            raise ValueError(f"{cls}: H and W should be divisible by 2 ** levels = {2**levels}, got in_shape "
+                             f"{tuple(in_shape)}")
+        self.event_shape = (c, h, w)
+        self.levels = levels
+        self.flows = nn.ModuleList()
+        self.splits = nn.ModuleList()
+        self._latent_shapes: list[tuple[int, ...]] = []
+        for level in range(levels):
+            c, h, w = 4 * c, h // 2, w // 2
+            self.flows.append(InvertibleSequential(
+                Squeeze(), *(GlowStep(c, hidden=hidden, scale=scale, backend=backend) for _ in range(steps)),
+                memory_free=memory_free))
+            if level < levels - 1:
+                split = Split(c, prior=prior)
+                self.splits.append(split)
+                self._latent_shapes.append((split.c2, h, w))
+                c = split.c1
+        self._latent_shapes.append((c, h, w))
+
+    def _sizes(self) -> list[int]:
+        return [s[0] * s[1] * s[2] for s in self._latent_shapes]
+
+    def _final_latent(self, z: torch.Tensor) -> torch.Tensor:
+        return z[:, -self._sizes()[-1]:]
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self._check_input(x)
+        h = x - 0.5
+        logdet = x.new_zeros(x.shape[0])
+        parts = []
+        for level, flow in enumerate(self.flows):
+            h, level_logdet = flow(h)
+            logdet = logdet + level_logdet
+            if level < self.levels - 1:
+                split = self.splits[level]
+                parts.append(h[:, split.c1:].flatten(1))
+                h, log_pz2 = split(h)
+                logdet = logdet + log_pz2
+        parts.append(h.flatten(1))
+        return torch.cat(parts, dim=1), logdet
+
+    def inverse(self, z: torch.Tensor) -> torch.Tensor:
+        total = sum(self._sizes())
+        if z.dim() != 2 or z.shape[1] != total:
+            raise ValueError(f"Glow: z should have shape [B, {total}] (forward's latents), got {list(z.shape)}")
+        parts = list(torch.split(z, self._sizes(), dim=1))
+        h = parts[-1].reshape(z.shape[0], *self._latent_shapes[-1])
+        for level in reversed(range(self.levels)):
+            if level < self.levels - 1:
+                h = self.splits[level].inverse(h, z2=parts[level].reshape(z.shape[0], *self._latent_shapes[level]))
+            h = self.flows[level].inverse(h)
+        return h + 0.5
+
+    def _sample(self, n: int, temperature: float) -> torch.Tensor:
+        p = next(self.parameters())
+        h = torch.randn((n, *self._latent_shapes[-1]), dtype=p.dtype, device=p.device) * temperature
+        for level in reversed(range(self.levels)):
+            if level < self.levels - 1:
+                h = self.splits[level].inverse(h, temperature=temperature)
+            h = self.flows[level].inverse(h)
+        return h + 0.5
+
+
+class RealNVP(FlowModel):
+    """RealNVP for vectors ``[B, D]``: ``blocks`` times ActNorm, a channel mixing layer and an
+    affine coupling with an MLP subnet, as one memory-free :class:`InvertibleSequential`, over a
+    standard normal base.
+
+    Args:
+        features: ``D`` (``>= 2``).
+        blocks: number of coupling blocks.
+        hidden: width of the MLP subnets.
+        mixing: ``"invconv"`` (learned LU-decomposed ``D x D`` mixing, default), ``"reverse"`` or
+            ``"random"`` (fixed permutations).
+        scale: coupling scale, ``"exp"`` (soft-clamped, default) or ``"sigmoid"``.
+        actnorm: ActNorm in each block (initialized from the first training batch).
+        memory_free: train without storing the blocks' activations.
+        backend: ``"cpp"``, ``"triton"``, ``"reference"`` or None for ``invkernels.get_backend()``.
+    """
+
+    def __init__(self, features: int, blocks: int = 8, hidden: int = 256, mixing: str = "invconv",
+                 scale: str = "exp", actnorm: bool = True, memory_free: bool = True, backend: str | None = None):
+        super().__init__()
+        cls = "RealNVP"
+        features = _positive_int(cls, "features", features)
+        if features < 2:
+            raise ValueError(f"{cls}: features should be >= 2 (a coupling splits them), got {features}")
+        blocks = _positive_int(cls, "blocks", blocks)
+        hidden = _positive_int(cls, "hidden", hidden)
+        if mixing not in ("invconv", "reverse", "random"):
+            raise ValueError(f"{cls}: mixing should be 'invconv', 'reverse' or 'random', got {mixing!r}")
+        if not isinstance(actnorm, bool):
+            raise ValueError(f"{cls}: actnorm should be True or False, got {actnorm!r}")
+        layers: list[nn.Module] = []
+        for _ in range(blocks):
+            if actnorm:
+                layers.append(ActNorm(features, backend=backend))
+            layers.append(InvConv1x1(features, backend=backend) if mixing == "invconv" else Permute(features, mixing))
+            layers.append(AffineCoupling(features, "mlp", hidden=hidden, scale=scale, backend=backend))
+        self.event_shape = (features,)
+        self.flow = InvertibleSequential(*layers, memory_free=memory_free)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self._check_input(x)
+        return self.flow(x)
+
+    def inverse(self, z: torch.Tensor) -> torch.Tensor:
+        self._check_input(z, "z")
+        return self.flow.inverse(z)
+
+    def _sample(self, n: int, temperature: float) -> torch.Tensor:
+        p = next(self.parameters())
+        return self.flow.inverse(torch.randn((n, *self.event_shape), dtype=p.dtype, device=p.device) * temperature)

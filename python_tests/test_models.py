@@ -1,0 +1,193 @@
+"""Flow models (Glow, RealNVP), anomaly scores, the demo's pieces and the command line, on tiny
+models and few steps."""
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from invkernels import anomaly
+from invkernels.models import Glow, RealNVP
+
+
+def tiny_glow(**kwargs):
+    args = {"levels": 2, "steps": 2, "hidden": 8, "prior": "learned"}
+    args.update(kwargs)
+    return Glow((1, 8, 8), **args)
+
+
+def digits_like(n=16, levels=17, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, levels, (n, 1, 8, 8), generator=g).float() / (levels - 1)
+
+
+def randomize(model, scale=0.05):
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn_like(p))
+    for m in model.modules():
+        if hasattr(m, "initialized"):
+            m.initialized.fill_(True)
+            m._initialized = True
+
+
+def grid_density(model, half_width=10.0, n=1001):
+    grid = torch.linspace(-half_width, half_width, n, dtype=torch.float64)
+    xs, ys = torch.meshgrid(grid, grid, indexing="ij")
+    points = torch.stack([xs.flatten(), ys.flatten()], 1)
+    with torch.no_grad():
+        log_p = torch.cat([model.log_prob(chunk) for chunk in torch.split(points, 50000)])
+    normal = -0.5 * points.square().sum(1) - math.log(2 * math.pi)
+    return log_p.exp().view(n, n), (grid[1] - grid[0]).item(), (log_p - normal).abs().max().item()
+
+
+@pytest.mark.parametrize("kwargs", [{"blocks": 4, "hidden": 16},
+                                    {"blocks": 3, "hidden": 16, "mixing": "reverse", "scale": "sigmoid"}])
+def test_realnvp_log_prob_integrates_to_one(kwargs):
+    torch.manual_seed(0)
+    model = RealNVP(2, **kwargs).double()
+    randomize(model, 0.1)
+    model.eval()
+    density, step, distance_from_normal = grid_density(model)
+    assert distance_from_normal > 0.1  # not the standard normal it started as
+    assert abs(density.sum().item() * step**2 - 1.0) < 1e-4
+    marginal = density.sum(1) * step  # the 1-D marginal of the first coordinate
+    assert abs(marginal.sum().item() * step - 1.0) < 1e-4
+
+
+@pytest.mark.parametrize("model_fn", [lambda: tiny_glow().double(), lambda: RealNVP(6, blocks=3, hidden=16).double()])
+def test_sample_then_log_prob_is_consistent_with_the_latent_density(model_fn):
+    torch.manual_seed(2)
+    model = model_fn()
+    randomize(model)
+    model.eval()
+    torch.manual_seed(3)
+    x = model.sample(5)
+    assert x.shape == (5, *model.event_shape)
+    z, logdet = model(x)
+    # log p(x) = log N(z) + logdet, and the inverse maps z back to x exactly.
+    torch.testing.assert_close(model.log_prob(x), model(x)[1] + (-0.5 * (model._final_latent(z).square()
+                                                                            + math.log(2 * math.pi))).sum(1))
+    torch.testing.assert_close(model.inverse(z), x)
+    assert model.sample(3, temperature=0.0).shape[0] == 3
+
+
+def test_glow_round_trip_and_shapes():
+    torch.manual_seed(4)
+    model = tiny_glow(levels=3, steps=1).double()
+    randomize(model)
+    model.eval()
+    x = torch.rand(3, 1, 8, 8, dtype=torch.float64)
+    z, logdet = model(x)
+    assert z.shape == (3, 64) and logdet.shape == (3,)
+    torch.testing.assert_close(model.inverse(z), x)
+
+
+def test_glow_loss_decreases_on_digits():
+    from invkernels.demo import load_digits_split  # noqa: PLC0415
+
+    torch.manual_seed(5)
+    train, _ = load_digits_split()
+    model = tiny_glow(steps=2, hidden=16)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    batch = train[:128]
+    losses = []
+    for _ in range(25):
+        loss = model.bits_per_dim(batch, 17).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.2, losses
+
+
+def test_checkpoint_round_trip(tmp_path):
+    torch.manual_seed(6)
+    model = tiny_glow()
+    model(digits_like())
+    model.eval()
+    path = tmp_path / "glow.pt"
+    torch.save(model.state_dict(), path)
+    fresh = tiny_glow()
+    fresh.load_state_dict(torch.load(path, weights_only=True))
+    fresh.eval()
+    x = torch.rand(4, 1, 8, 8)
+    torch.testing.assert_close(fresh.log_prob(x), model.log_prob(x), rtol=0, atol=0)
+
+
+def test_bits_per_dim_matches_log_prob_with_the_dequantization_correction():
+    torch.manual_seed(7)
+    model = tiny_glow().double()
+    randomize(model)
+    model.eval()
+    x = digits_like().double()
+    torch.manual_seed(8)
+    bpd = model.bits_per_dim(x, 17)
+    torch.manual_seed(8)
+    y = model.dequantize(x, 17)
+    assert ((y >= 0) & (y < 1)).all()
+    expected = -(model.log_prob(y) - 64 * math.log(17)) / (64 * math.log(2))
+    torch.testing.assert_close(bpd, expected)
+
+
+def test_bad_inputs_give_clear_errors():
+    model = tiny_glow()
+    with pytest.raises(ValueError, match=r"x should have shape \[B, 1, 8, 8\], got \[2, 1, 8, 7\]"):
+        model(torch.rand(2, 1, 8, 7))
+    with pytest.raises(ValueError, match=r"x should hold values in \[0, 1\].*got values in \[-0.5"):
+        model.bits_per_dim(torch.full((2, 1, 8, 8), -0.5), 17)
+    with pytest.raises(ValueError, match="x should lie on the grid of 17 levels"):
+        model.bits_per_dim(torch.full((2, 1, 8, 8), 0.03), 17)
+    with pytest.raises(ValueError, match="levels should be an integer >= 2, got 1"):
+        model.bits_per_dim(digits_like(), 1)
+    with pytest.raises(ValueError, match="H and W should be divisible by 2 \\*\\* levels = 8"):
+        Glow((1, 12, 12), levels=3)
+    with pytest.raises(ValueError, match="temperature should be a finite number >= 0, got -1"):
+        model.sample(2, temperature=-1)
+    with pytest.raises(ValueError, match=r"z should have shape \[B, 64\]"):
+        model.inverse(torch.zeros(2, 63))
+    with pytest.raises(ValueError, match="mixing should be 'invconv', 'reverse' or 'random', got 'shuffle'"):
+        RealNVP(4, mixing="shuffle")
+    with pytest.raises(ValueError, match="features should be >= 2"):
+        RealNVP(1)
+
+
+def test_anomaly_scores_and_auroc():
+    torch.manual_seed(9)
+    model = RealNVP(2, blocks=2, hidden=8).double()
+    model.eval()
+    inliers = torch.randn(200, 2, dtype=torch.float64)
+    outliers = 6 + torch.randn(200, 2, dtype=torch.float64)
+    s_in, s_out = anomaly.score(model, inliers, batch_size=64), anomaly.score(model, outliers)
+    torch.testing.assert_close(s_in, -model.log_prob(inliers))
+    assert anomaly.auroc(s_in, s_out) > 0.99
+    assert abs(anomaly.auroc(s_in[:100], s_in[100:]) - 0.5) < 0.15
+    with pytest.raises(ValueError, match="batch_size should be a positive integer, got 0"):
+        anomaly.score(model, inliers, batch_size=0)
+
+
+def test_gaussian_baseline_and_ood_sets():
+    from invkernels import demo  # noqa: PLC0415
+
+    train, test = demo.load_digits_split()
+    assert train.shape == (1437, 1, 8, 8) and test.shape == (360, 1, 8, 8)
+    torch.manual_seed(10)
+    bpd = demo.gaussian_baseline_bits_per_dim(train, test)
+    assert 0 < bpd < math.log2(17)
+    sets = demo.out_of_distribution(test[:20])
+    for name, data in sets.items():
+        assert data.shape == (20, 1, 8, 8), name
+        k = data * 16
+        assert torch.equal(k, k.round()) and data.min() >= 0 and data.max() <= 1
+
+
+def test_check_command_exits_zero():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-m", "invkernels", "check"], capture_output=True, text=True, timeout=600,
+                         env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "all checks passed" in out.stdout
+    assert out.stdout.count(" ok") >= 3 and "FAILED" not in out.stdout
