@@ -68,7 +68,9 @@ No GPU timings: no GPU was available where this report was produced.
 """
     if args.plots:
         harness.plot_speedups(csv_rows, os.path.join(args.plots, "speedups.png"))
-        report += f"\nPlots: `{args.plots}/` (speedups over eager and torch.compile; memory of memory-free backprop).\n"
+        where = os.path.relpath(args.plots, os.path.dirname(os.path.abspath(args.write))) if args.write else args.plots
+        report += (f"\nPlots: `{where}/speedups.png` (speedups over eager and torch.compile) and "
+                   f"`{where}/memory.png` (memory of memory-free backprop).\n")
     print(report)
     if args.write:
         with open(args.write, "w", encoding="utf-8") as f:

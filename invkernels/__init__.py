@@ -12,10 +12,21 @@ from invkernels._extension import build_info
 
 _extension.load()
 
-from invkernels import diagnostics, nn, ops, reference  # noqa: E402
+from invkernels import diagnostics, inversion, nn, ops, reference  # noqa: E402
 
 ops.prepare("cpp")
 
 __version__ = "0.1.0"
 
-__all__ = ["BACKENDS", "build_info", "diagnostics", "get_backend", "nn", "ops", "reference", "set_backend", "use_backend"]
+__all__ = [
+    "BACKENDS",
+    "build_info",
+    "diagnostics",
+    "get_backend",
+    "inversion",
+    "nn",
+    "ops",
+    "reference",
+    "set_backend",
+    "use_backend",
+]

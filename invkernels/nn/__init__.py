@@ -6,6 +6,7 @@ from invkernels.nn.glow import GlowStep
 from invkernels.nn.invconv import InvConv1x1
 from invkernels.nn.multiscale import Split, Squeeze
 from invkernels.nn.permute import Permute
+from invkernels.nn.residual import InvertibleResidual
 from invkernels.nn.sequential import InvertibleSequential
 from invkernels.nn.subnets import conv_subnet, mlp_subnet
 
@@ -15,6 +16,7 @@ __all__ = [
     "AffineCoupling",
     "GlowStep",
     "InvConv1x1",
+    "InvertibleResidual",
     "InvertibleSequential",
     "Permute",
     "Split",

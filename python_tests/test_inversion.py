@@ -1,0 +1,152 @@
+"""Inversion of ordinary networks (invkernels.inversion) and the invertible residual block."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from invkernels import inversion
+from invkernels.nn import InvertibleResidual, InvertibleSequential
+
+
+def test_injective_linear_layer_is_recovered():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 12), nn.Identity()).double()
+    x0 = torch.randn(4, 6, dtype=torch.float64)
+    result = inversion.invert(model, "0", x0=x0, optimizer="lbfgs", lr=1.0, steps=200, tol=0, seed=0)
+    assert result.input_error.max().item() < 1e-4
+    assert result.feature_error.max().item() < 1e-6
+    assert result.psnr.min().item() > 60
+    assert len(result.history) == result.iterations <= 200
+    early = inversion.invert(model, "0", x0=x0, optimizer="lbfgs", lr=1.0, steps=200, tol=1e-3, seed=0)
+    assert early.iterations < result.iterations
+
+
+def test_alpha_norm_and_total_variation_match_hand_computation():
+    x = torch.tensor([[[[1.0, -2.0], [0.5, 3.0]]]], dtype=torch.float64, requires_grad=True)
+    assert inversion.alpha_norm(x, 3.0).item() == pytest.approx(1 + 8 + 0.125 + 27)
+    (g,) = torch.autograd.grad(inversion.alpha_norm(x, 3.0).sum(), x)
+    torch.testing.assert_close(g, 3 * x.detach().abs().square() * x.detach().sign())
+    # One pixel has both forward differences: dx = -2 - 1 = -3, dy = 0.5 - 1 = -0.5.
+    tv = inversion.total_variation(x, 1.0)
+    assert tv.item() == pytest.approx(math.sqrt(9 + 0.25))
+    (g,) = torch.autograd.grad(tv.sum(), x)
+    r = math.sqrt(9.25)
+    expected = torch.tensor([[[[(3 + 0.5) / r, -3 / r], [-0.5 / r, 0.0]]]], dtype=torch.float64)
+    torch.testing.assert_close(g, expected)
+    assert inversion.total_variation(x, 2.0).item() == pytest.approx(9.25)
+    v = torch.tensor([[1.0, 3.0, 2.0]], dtype=torch.float64)
+    assert inversion.total_variation(v, 2.0).item() == pytest.approx(4 + 1)
+
+
+def small_cnn():
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, stride=2, padding=1), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(64, 10))
+
+
+def test_batched_and_single_sample_calls_agree():
+    torch.manual_seed(1)
+    model = small_cnn().double().eval()
+    x0 = torch.rand(3, 1, 8, 8, dtype=torch.float64)
+    init = torch.rand(3, 1, 8, 8, dtype=torch.float64)
+    kwargs = {"steps": 30, "lr": 0.05, "lambda_alpha": 1e-4, "lambda_tv": 1e-3, "bounds": (0.0, 1.0), "tol": 0}
+    batched = inversion.invert(model, "2", x0=x0, init=init, **kwargs)
+    for b in range(3):
+        single = inversion.invert(model, "2", x0=x0[b:b + 1], init=init[b:b + 1], **kwargs)
+        torch.testing.assert_close(single.x, batched.x[b:b + 1])
+        torch.testing.assert_close(single.feature_error, batched.feature_error[b:b + 1])
+    assert batched.x.min() >= 0 and batched.x.max() <= 1
+
+
+def test_optimization_lowers_the_feature_error_with_priors_and_jitter():
+    torch.manual_seed(2)
+    model = small_cnn().eval()
+    x0 = torch.rand(2, 1, 8, 8)
+    start = inversion.invert(model, "0", x0=x0, steps=1, lr=1e-6, seed=3)
+    result = inversion.invert(model, "0", x0=x0, steps=300, lr=0.05, lambda_tv=1e-3, jitter=1, bounds=(0, 1), seed=3)
+    assert (result.feature_error < 0.75 * start.feature_error).all()
+    assert result.history[-1] < result.history[0]
+
+
+def test_target_only_needs_the_input_shape():
+    model = small_cnn().eval()
+    target = inversion.activations(model, "5", torch.rand(2, 1, 8, 8)).detach()
+    with pytest.raises(ValueError, match="input_shape is needed"):
+        inversion.invert(model, "5", target=target)
+    result = inversion.invert(model, "5", target=target, input_shape=(1, 8, 8), steps=5)
+    assert result.x.shape == (2, 1, 8, 8) and result.psnr is None and result.input_error is None
+
+
+def test_unknown_layer_lists_the_valid_names():
+    with pytest.raises(ValueError, match=r"got 'conv9'; valid names: '0', '1', '2', '3', '4', '5'"):
+        inversion.invert(small_cnn(), "conv9", x0=torch.rand(1, 1, 8, 8))
+    with pytest.raises(ValueError, match="optimizer should be 'adam' or 'lbfgs', got 'sgd'"):
+        inversion.invert(small_cnn(), "0", x0=torch.rand(1, 1, 8, 8), optimizer="sgd")
+
+
+def residual_block(d=5, logdet="exact", lipschitz=0.9, **kwargs):
+    torch.manual_seed(4)
+    subnet = nn.Sequential(nn.Linear(d, 16), nn.ELU(), nn.Linear(16, d))
+    return InvertibleResidual(subnet, lipschitz=lipschitz, logdet=logdet, **kwargs).double()
+
+
+def test_residual_inverts_to_1e6_in_float64():
+    block = residual_block().eval()
+    x = torch.randn(8, 5, dtype=torch.float64)
+    with torch.no_grad():
+        y, _ = block(x)
+        x_back = block.inverse(y, tol=1e-12)
+    assert ((x_back - x).norm() / x.norm()).item() < 1e-6
+    assert block.last_inverse["residual"] <= 1e-12 and block.last_inverse["iterations"] > 1
+
+
+def test_residual_exact_logdet_is_slogdet_of_the_dense_jacobian():
+    block = residual_block().eval()
+    x = torch.randn(3, 5, dtype=torch.float64)
+    _, logdet = block(x)
+    for b in range(3):
+        jac = torch.autograd.functional.jacobian(lambda v: block(v[None])[0][0], x[b])
+        torch.testing.assert_close(logdet[b], torch.linalg.slogdet(jac).logabsdet)
+
+
+def test_residual_series_estimator_is_unbiased_within_its_sampling_error():
+    block = residual_block(logdet="series", terms=6, samples=1).eval()
+    x = torch.randn(1, 5, dtype=torch.float64)
+    g_jac = torch.autograd.functional.jacobian(lambda v: block.g(v[None])[0], x[0])
+    truncated = sum((-1) ** (k + 1) / k * torch.trace(torch.linalg.matrix_power(g_jac, k)) for k in range(1, 7))
+    torch.manual_seed(5)
+    estimates = torch.stack([block(x)[1][0].detach() for _ in range(4000)])
+    sem = estimates.std() / math.sqrt(len(estimates))
+    assert abs(estimates.mean() - truncated).item() < 4 * sem.item()
+    exact = block.exact_logdet(x)[0]
+    assert abs(truncated - exact).item() < 5 * 0.9**7 / 7 / 0.1
+
+
+def test_non_contractive_blocks_raise_clear_errors():
+    with pytest.raises(ValueError, match=r"lipschitz should be in \(0, 1\) so that the block is invertible, got 1.5"):
+        residual_block(lipschitz=1.5)
+
+    class Amplify(nn.Module):
+        def forward(self, x):
+            return 50.0 * torch.sin(x)
+
+    block = InvertibleResidual(nn.Sequential(nn.Linear(3, 3), Amplify()), lipschitz=0.9).double()
+    with pytest.raises(RuntimeError, match="fixed-point inverse did not converge"):
+        block.inverse(torch.randn(2, 3, dtype=torch.float64), max_iter=50)
+
+
+def test_residual_composes_with_invertible_sequential():
+    torch.manual_seed(6)
+    blocks = [residual_block(d=4, logdet="exact") for _ in range(3)]
+    model = InvertibleSequential(*blocks).double().eval()
+    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    grads = {}
+    for memory_free in (True, False):
+        model.memory_free = memory_free
+        y, logdet = model(x)
+        grads[memory_free] = torch.autograd.grad(y.square().sum() + logdet.sum(), [x, *model.parameters()])
+    for a, b in zip(grads[True], grads[False]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+    with torch.no_grad():
+        torch.testing.assert_close(model.inverse(model(x)[0]), x.detach())
