@@ -1,5 +1,6 @@
 """Inverting networks that are not invertible: reconstruct inputs from a layer's activations by
-optimization with image priors (Mahendran & Vedaldi, 2015).
+optimization with image priors (Mahendran & Vedaldi, 2015, :func:`invert`) or by a trained
+decoder (:func:`fit_decoder`). Docs: docs/inversion.md.
 
 The objective, per sample ``b``::
 
@@ -211,3 +212,97 @@ def invert(model: nn.Module, layer: str, target: torch.Tensor | None = None, x0:
             psnr = 10 * torch.log10(span**2 / mse)
             input_error = _per_sample_norm(rec - x0) / _per_sample_norm(x0).clamp_min(torch.finfo(x0.dtype).tiny)
     return InversionResult(rec, feature_error, history, iterations, psnr, input_error)
+
+
+class Decoder(nn.Module):
+    """A small decoder from activations of shape ``feature_shape`` back to inputs of shape
+    ``input_shape`` (one sample each): convolutional when both are images (activations resized to
+    the input's height and width, then three 3x3 convolutions), an MLP otherwise (reshaped to
+    the input's shape)."""
+
+    def __init__(self, feature_shape: tuple[int, ...], input_shape: tuple[int, ...], hidden: int = 64):
+        super().__init__()
+        self.feature_shape = tuple(feature_shape)
+        self.input_shape = tuple(input_shape)
+        self.conv = len(self.feature_shape) == 3 and len(self.input_shape) == 3
+        if self.conv:
+            c_in, c_out = self.feature_shape[0], self.input_shape[0]
+            self.net = nn.Sequential(nn.Conv2d(c_in, hidden, 3, padding=1), nn.ReLU(),
+                                     nn.Conv2d(hidden, hidden, 3, padding=1), nn.ReLU(),
+                                     nn.Conv2d(hidden, c_out, 3, padding=1))
+        else:
+            d_in, d_out = math.prod(self.feature_shape), math.prod(self.input_shape)
+            self.net = nn.Sequential(nn.Linear(d_in, 4 * hidden), nn.ReLU(), nn.Linear(4 * hidden, 4 * hidden),
+                                     nn.ReLU(), nn.Linear(4 * hidden, d_out))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if self.conv:
+            size = self.input_shape[1:]
+            if tuple(features.shape[2:]) != size:
+                features = nn.functional.interpolate(features, size=size, mode="bilinear", align_corners=False)
+            return self.net(features)
+        return self.net(features.flatten(1)).view(features.shape[0], *self.input_shape)
+
+
+@dataclass
+class DecoderResult:
+    """What :func:`fit_decoder` trained: the decoder, the mean training loss per epoch, and
+    :meth:`evaluate` to reconstruct held-out inputs (an :class:`InversionResult`)."""
+
+    decoder: Decoder
+    model: nn.Module
+    layer: str
+    history: list[float] = field(default_factory=list)
+
+    @torch.no_grad()
+    def evaluate(self, x0: torch.Tensor, bounds: tuple[float, float] | None = None) -> InversionResult:
+        """Reconstruct ``x0`` from its activations; PSNR uses ``bounds`` (or ``x0``'s range)."""
+        target = activations(self.model, self.layer, x0)
+        rec = self.decoder(target)
+        if bounds is not None:
+            rec = rec.clamp(bounds[0], bounds[1])
+        feature_error = _per_sample_norm(activations(self.model, self.layer, rec) - target) / \
+            _per_sample_norm(target).clamp_min(torch.finfo(target.dtype).tiny)
+        span = (bounds[1] - bounds[0]) if bounds is not None else (x0.max() - x0.min()).item()
+        mse = (rec - x0).flatten(1).square().mean(1).clamp_min(torch.finfo(rec.dtype).tiny)
+        input_error = _per_sample_norm(rec - x0) / _per_sample_norm(x0).clamp_min(torch.finfo(x0.dtype).tiny)
+        return InversionResult(rec, feature_error, [], 0, 10 * torch.log10(span**2 / mse), input_error)
+
+
+def fit_decoder(model: nn.Module, layer: str, data: torch.Tensor, *, epochs: int = 30, batch_size: int = 64,
+                lr: float = 1e-3, hidden: int = 64, progress: bool = False, seed: int | None = None) -> DecoderResult:
+    """Train a :class:`Decoder` from the activations of ``layer`` back to the inputs ``data``
+    (``[N, ...]``) by mean squared error with Adam; ``model`` is not changed (put it in eval mode).
+
+    Returns:
+        A :class:`DecoderResult`; ``result.evaluate(held_out)`` reports the reconstruction quality.
+    """
+    _find_layer(model, layer)
+    for name, value in (("epochs", epochs), ("batch_size", batch_size), ("hidden", hidden)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"fit_decoder: {name} should be a positive integer, got {value!r}")
+    if not isinstance(data, torch.Tensor) or data.dim() < 2 or data.shape[0] < 1:
+        raise ValueError("fit_decoder: data should be a tensor [N, ...] with N >= 1")
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    with torch.no_grad():
+        features = torch.cat([activations(model, layer, chunk) for chunk in torch.split(data, 512)])
+    if seed is not None:
+        torch.manual_seed(seed)
+    decoder = Decoder(tuple(features.shape[1:]), tuple(data.shape[1:]), hidden).to(dtype=data.dtype,
+                                                                                    device=data.device)
+    opt = torch.optim.Adam(decoder.parameters(), lr=lr)
+    from tqdm import tqdm  # noqa: PLC0415
+
+    history = []
+    for _ in tqdm(range(epochs), desc=f"decoder for {layer}", disable=not progress):
+        order = torch.randperm(len(data), generator=gen)
+        total = 0.0
+        for idx in torch.split(order, batch_size):
+            loss = (decoder(features[idx]) - data[idx]).square().mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+        history.append(total / len(data))
+    decoder.eval()
+    return DecoderResult(decoder, model, layer, history)

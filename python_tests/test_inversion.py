@@ -150,3 +150,26 @@ def test_residual_composes_with_invertible_sequential():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
     with torch.no_grad():
         torch.testing.assert_close(model.inverse(model(x)[0]), x.detach())
+
+
+@pytest.mark.parametrize("layer", ["0", "2"])
+def test_decoder_beats_the_mean_image_on_held_out_digits(layer):
+    from invkernels.demo import load_digits_split  # noqa: PLC0415
+
+    torch.manual_seed(7)
+    train, test = load_digits_split()
+    model = small_cnn().eval()
+    train = train[:600]
+    result = inversion.fit_decoder(model, layer, train, epochs=20, hidden=32, seed=0)
+    assert result.history[-1] < result.history[0]
+    report = result.evaluate(test, bounds=(0.0, 1.0))
+    mean_error = ((train.mean(0, keepdim=True) - test).flatten(1).norm(dim=1) / test.flatten(1).norm(dim=1))
+    assert report.input_error.mean() < 0.9 * mean_error.mean()
+    assert report.x.shape == test.shape and report.psnr.shape == (len(test),)
+
+
+def test_fit_decoder_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="epochs should be a positive integer, got 0"):
+        inversion.fit_decoder(small_cnn(), "0", torch.rand(4, 1, 8, 8), epochs=0)
+    with pytest.raises(ValueError, match="valid names"):
+        inversion.fit_decoder(small_cnn(), "nope", torch.rand(4, 1, 8, 8))
