@@ -1,7 +1,9 @@
-"""Command line: ``python -m invkernels {demo,check,bench}``.
+"""Command line: ``python -m invkernels {demo,invert,check,bench}``.
 
 - ``demo``: trains a memory-free Glow on scikit-learn's digits and reports test bits/dim, a
   Gaussian baseline, anomaly-detection AUROCs and the round-trip error (invkernels/demo.py).
+- ``invert``: inverts test digits from each depth of a small CNN by optimization and by a decoder,
+  next to exactly invertible models (invkernels/invert_demo.py).
 - ``check``: prints the build and runs a quick round trip and gradient check on every backend and
   device available; exits 1 if any fails.
 - ``bench``: runs the benchmarks of a source checkout and writes docs/performance.md and plots.
@@ -25,6 +27,18 @@ def _demo(args: argparse.Namespace) -> int:
     cfg = demo.DemoConfig(epochs=args.epochs, seed=args.seed, backend=args.backend, out_dir=args.out)
     results = demo.run(cfg, progress=not args.no_progress)
     print(demo.report(results))
+    return 0
+
+
+def _invert(args: argparse.Namespace) -> int:
+    import torch  # noqa: PLC0415
+
+    from invkernels import invert_demo  # noqa: PLC0415
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = invert_demo.InvertDemoConfig(seed=args.seed, out_dir=args.out)
+    print(invert_demo.report(invert_demo.run(cfg, progress=not args.no_progress)))
     return 0
 
 
@@ -123,6 +137,12 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
     demo.set_defaults(run=_demo)
+    invert = sub.add_parser("invert", help="invert a CNN's layers on digits (optimization and decoder)")
+    invert.add_argument("--seed", type=int, default=0)
+    invert.add_argument("--out", default="invert_output", help="directory for the PNG and results.json")
+    invert.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    invert.add_argument("--no-progress", action="store_true", help="no progress bars")
+    invert.set_defaults(run=_invert)
     check = sub.add_parser("check", help="build info and a quick round-trip and gradient check of every backend")
     check.set_defaults(run=_check)
     bench = sub.add_parser("bench", help="run the benchmarks (source checkout) and write docs/performance.md")

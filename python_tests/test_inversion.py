@@ -173,3 +173,15 @@ def test_fit_decoder_rejects_bad_arguments():
         inversion.fit_decoder(small_cnn(), "0", torch.rand(4, 1, 8, 8), epochs=0)
     with pytest.raises(ValueError, match="valid names"):
         inversion.fit_decoder(small_cnn(), "nope", torch.rand(4, 1, 8, 8))
+
+
+def test_invert_demo_runs_end_to_end_on_a_tiny_budget(tmp_path):
+    from invkernels import invert_demo  # noqa: PLC0415
+
+    cfg = invert_demo.InvertDemoConfig(classifier_epochs=1, steps=3, decoder_epochs=1, images=2,
+                                       out_dir=str(tmp_path))
+    results = invert_demo.run(cfg, progress=False)
+    assert [row["depth"] for row in results["table"]] == ["conv1", "conv1", "conv2", "conv2", "logits", "logits"]
+    assert (tmp_path / "inversions.png").stat().st_size > 0 and (tmp_path / "results.json").exists()
+    assert all(err < 1e-5 for err in results["exact"].values())
+    assert "test accuracy" in invert_demo.report(results)
