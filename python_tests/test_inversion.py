@@ -178,7 +178,7 @@ def test_fit_decoder_rejects_bad_arguments():
 def test_invert_demo_runs_end_to_end_on_a_tiny_budget(tmp_path):
     from invkernels import invert_demo  # noqa: PLC0415
 
-    cfg = invert_demo.InvertDemoConfig(classifier_epochs=1, steps=3, decoder_epochs=1, images=2,
+    cfg = invert_demo.InvertDemoConfig(classifier_epochs=1, steps=3, decoder_epochs=1, images=2, glow_epochs=1,
                                        out_dir=str(tmp_path))
     results = invert_demo.run(cfg, progress=False)
     assert [row["depth"] for row in results["table"]] == ["conv1", "conv1", "conv2", "conv2", "logits", "logits"]
