@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from invkernels.models.base import uniform_dequantize
+
 LEVELS = 17  # grey levels of the digits (0..16)
 
 
@@ -50,15 +52,11 @@ def load_digits_split(seed: int = 0):
     return images[train_idx].unsqueeze(1), images[test_idx].unsqueeze(1)
 
 
-def dequantize(x: torch.Tensor, levels: int = LEVELS) -> torch.Tensor:
-    return (torch.round(x * (levels - 1)) + torch.rand_like(x)) / levels
-
-
 def gaussian_baseline_bits_per_dim(train: torch.Tensor, test: torch.Tensor, levels: int = LEVELS) -> float:
     """Test bits/dim of a full-covariance Gaussian fitted (maximum likelihood, a 1e-4 ridge) to the
     dequantized training set, with the same dequantization correction as the flow."""
-    a = dequantize(train).flatten(1).double()
-    b = dequantize(test).flatten(1).double()
+    a = uniform_dequantize(train, levels).flatten(1).double()
+    b = uniform_dequantize(test, levels).flatten(1).double()
     dims = a.shape[1]
     mean = a.mean(0)
     cov = torch.cov(a.T, correction=0) + 1e-4 * torch.eye(dims, dtype=torch.float64)
@@ -206,7 +204,7 @@ def run(cfg: DemoConfig, progress: bool = True) -> dict:
     reloaded = build_model(DemoConfig(**loaded["config"]))
     reloaded.load_state_dict(loaded["state_dict"])
     reloaded.eval()
-    probe = dequantize(test_x[:256])
+    probe = uniform_dequantize(test_x[:256], LEVELS)
     with torch.no_grad():
         reload_diff = (model.log_prob(probe) - reloaded.log_prob(probe)).abs().max().item()
 

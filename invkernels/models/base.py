@@ -17,6 +17,12 @@ def standard_normal_log_prob(z: torch.Tensor) -> torch.Tensor:
     return (-0.5 * (zf.square() + _LOG_2PI)).flatten(1).sum(1)
 
 
+def uniform_dequantize(x: torch.Tensor, levels: int) -> torch.Tensor:
+    """``(k + u) / levels`` with ``k = round(x * (levels - 1))`` and ``u ~ U[0, 1)`` (torch's global
+    generator): data on the grid ``k / (levels - 1)`` spread uniformly over ``[0, 1)``."""
+    return (torch.round(x * (levels - 1)) + torch.rand_like(x)) / levels
+
+
 def check_levels(name: str, levels) -> int:
     if isinstance(levels, bool) or not isinstance(levels, int) or levels < 2:
         raise ValueError(f"{name}: levels should be an integer >= 2, got {levels!r}")
@@ -88,7 +94,7 @@ class FlowModel(nn.Module):
         if x.numel() and (k - k.round()).abs().max().item() > 1e-3:
             raise ValueError(f"{cls}: x should lie on the grid of {levels} levels k / {levels - 1}; the largest "
                              f"distance is {(k - k.round()).abs().max().item() / (levels - 1):.3g}")
-        return (k.round() + torch.rand_like(x)) / levels
+        return uniform_dequantize(x, levels)
 
     def bits_per_dim(self, x: torch.Tensor, levels: int = 256) -> torch.Tensor:
         """Negative log-likelihood in bits per dimension of discrete data ``x`` (values

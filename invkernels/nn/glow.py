@@ -88,6 +88,5 @@ class GlowStep(nn.Module):
         grad_log_scale = grad_log_scale + invconv_ops.spatial_size(x) * grad_logdet.sum()
         grads += [(p, g.to(p.dtype)) for p, g in ((an.bias, grad_bias), (an.log_scale, grad_log_scale))
                   if p.requires_grad]
-        if any(p.requires_grad for p in conv.parameters()):
-            grads += conv.weight_backward(w, grad_w, x, grad_logdet)
+        grads += conv.weight_backward(w, grad_w, x, grad_logdet)
         return x, grad_x, grads

@@ -141,23 +141,20 @@ class InvConv1x1(nn.Module):
     def _logdet(self, x: torch.Tensor) -> torch.Tensor:
         return F.lu_logdet(self.log_s, x) if self.lu else F.dense_logdet(self.w, x)
 
-    def weight_backward(self, w: torch.Tensor, grad_w: torch.Tensor, x: torch.Tensor, grad_logdet: torch.Tensor,
-                        extra=()):
-        """The ``(parameter, gradient)`` pairs of the parameters that require grad, for the gradient
-        ``grad_w`` of the weight ``w = self.weight(...)`` (built with grad) and ``grad_logdet`` of the
-        log-det at ``x``; ``extra`` adds ``(output, gradient)`` pairs to back-propagate with them."""
+    def weight_backward(self, w: torch.Tensor, grad_w: torch.Tensor, x: torch.Tensor,
+                        grad_logdet: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The ``(parameter, gradient)`` pairs of the parameters that require grad (none: ``[]``), for
+        the gradient ``grad_w`` of the weight ``w = self.weight(...)`` (built with grad) and
+        ``grad_logdet`` of the log-det at ``x``."""
         params = [p for p in self.parameters(recurse=False) if p.requires_grad]
+        if not params:
+            return []
         outputs, grads = [w], [grad_w]
         with torch.enable_grad():
             logdet = self._logdet(x)
         if logdet.requires_grad:
             outputs.append(logdet)
             grads.append(grad_logdet)
-        for out, g in extra:
-            outputs.append(out)
-            grads.append(g)
-        if not params:
-            return []
         return list(zip(params, torch.autograd.grad(outputs, params, grads, allow_unused=True)))
 
     def inverse_backward(self, y: torch.Tensor, grad_y: torch.Tensor, grad_logdet: torch.Tensor):
