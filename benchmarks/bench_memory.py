@@ -4,7 +4,7 @@ bytes saved for backward, peak RSS (each configuration in its own process), time
 forward+backward, and the drift of the rebuilt activations.
 
 Part of ``make bench`` (``benchmarks/run.py``); ``python benchmarks/bench_memory.py --child MODE K``
-is the per-process RSS probe.
+is the per-process RSS probe and ``--time ROUNDS THREADS`` the timing process.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ DEPTHS = (1, 4, 8, 16)
 MODES = ("plain", "checkpoint", "memory_free")
 TIME_DEPTH = 8
 DRIFT_DEPTHS = (8, 64)
+TIME_ROUND_FACTOR = 2  # the K = 8 timing takes twice the report's rounds: its spread is wide
 
 
 def build(depth: int, mode: str):
@@ -142,9 +143,21 @@ def plot_memory(m: dict, path: str) -> None:
     plt.close(fig)
 
 
-def time_rows(rounds: int) -> tuple[list[list[str]], dict]:
+def time_child(rounds: int, threads: int) -> None:
+    """Prints the samples (ms) of one forward+backward at K = TIME_DEPTH for every mode, interleaved."""
+    torch.set_num_threads(threads)
     runs = {mode: build(TIME_DEPTH, mode)[2] for mode in MODES}
     t = harness.measure(runs, rounds=rounds, reps=1, warmup=1)
+    print(json.dumps({mode: t[mode].samples_ms for mode in MODES}))
+
+
+def time_rows(rounds: int, threads: int) -> tuple[list[list[str]], dict]:
+    # A process of its own (the modes interleaved inside it), so the timing does not depend on what
+    # the earlier sections of the report left in this process (heap layout, thread pools).
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--time", str(rounds), str(threads)],
+                         capture_output=True, text=True, check=True)
+    samples = json.loads(out.stdout.strip().splitlines()[-1])
+    t = {mode: harness.Timing(samples[mode]) for mode in MODES}
     plain = t["plain"].median
     rows = [[mode, harness.fmt_ms(t[mode]), f"{t[mode].median / plain:.2f}x"] for mode in MODES]
     return rows, {mode: t[mode].median for mode in MODES}
@@ -169,7 +182,7 @@ def section(rounds: int, threads: int, meta: dict[str, str]) -> tuple[str, list[
     mem, m = memory_rows()
     if meta.get("plots"):
         plot_memory(m, os.path.join(meta["plots"], "memory.png"))
-    times, tm = time_rows(rounds)
+    times, tm = time_rows(TIME_ROUND_FACTOR * rounds, threads)
     drift = drift_rows()
     free16, free1 = m["saved"]["memory_free", 16], m["saved"]["memory_free", 1]
     plain16 = m["saved"]["plain", 16]
@@ -202,7 +215,8 @@ temporaries.
 |---|---|---|---|---|---|---|
 {chr(10).join("| " + " | ".join(r) + " |" for r in mem)}
 
-Time of one forward+backward at K = {TIME_DEPTH} (interleaved, ratio to plain autograd):
+Time of one forward+backward at K = {TIME_DEPTH}: median of {TIME_ROUND_FACTOR * rounds} rounds, the modes interleaved
+in one process of their own, ratio to plain autograd:
 
 {harness.markdown_table(["mode", "ms", "vs plain"], times)}
 
@@ -220,6 +234,10 @@ one block's inverse adds. `bf16 autocast` runs forward and inverse under
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--child", nargs=2, metavar=("MODE", "K"))
+    parser.add_argument("--time", nargs=2, type=int, metavar=("ROUNDS", "THREADS"))
     args = parser.parse_args()
     if args.child:
         child(args.child[0], int(args.child[1]))
+    elif args.time:
+        harness.ensure_allocator_env()
+        time_child(*args.time)
