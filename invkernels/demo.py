@@ -41,15 +41,24 @@ class DemoConfig:
     temperature: float = 0.8
 
 
-def load_digits_split(seed: int = 0):
-    """``(train, test)`` digits as ``[N, 1, 8, 8]`` float32 tensors with values ``k / 16``
-    (scikit-learn's ``load_digits``; an 80/20 split with ``train_test_split(random_state=seed)``)."""
+def load_labelled_digits(seed: int = 0):
+    """``(train_x, train_y, test_x, test_y)``: scikit-learn's ``load_digits`` as ``[N, 1, 8, 8]``
+    float32 images with values ``k / 16`` and their int64 labels, an 80/20 split with
+    ``train_test_split(random_state=seed)``."""
     from sklearn.datasets import load_digits  # noqa: PLC0415
     from sklearn.model_selection import train_test_split  # noqa: PLC0415
 
-    images = torch.tensor(load_digits().images, dtype=torch.float32) / (LEVELS - 1)
+    data = load_digits()
+    images = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / (LEVELS - 1)
+    labels = torch.tensor(data.target)
     train_idx, test_idx = train_test_split(list(range(len(images))), test_size=0.2, random_state=seed)
-    return images[train_idx].unsqueeze(1), images[test_idx].unsqueeze(1)
+    return images[train_idx], labels[train_idx], images[test_idx], labels[test_idx]
+
+
+def load_digits_split(seed: int = 0):
+    """``(train, test)`` images of :func:`load_labelled_digits`."""
+    train_x, _, test_x, _ = load_labelled_digits(seed)
+    return train_x, test_x
 
 
 def gaussian_baseline_bits_per_dim(train: torch.Tensor, test: torch.Tensor, levels: int = LEVELS) -> float:

@@ -101,6 +101,21 @@ def _per_sample_norm(t: torch.Tensor) -> torch.Tensor:
     return t.flatten(1).norm(dim=1)
 
 
+@torch.no_grad()
+def _quality(model: nn.Module, layer: str, rec: torch.Tensor, target: torch.Tensor, x0: torch.Tensor | None,
+             bounds: tuple[float, float] | None):
+    """``(feature_error, psnr, input_error)`` of the reconstruction ``rec`` (the last two None
+    without ``x0``); PSNR uses ``bounds`` or ``x0``'s range."""
+    tiny = torch.finfo(rec.dtype).tiny
+    feature_error = _per_sample_norm(activations(model, layer, rec) - target) / _per_sample_norm(target).clamp_min(tiny)
+    if x0 is None:
+        return feature_error, None, None
+    span = (bounds[1] - bounds[0]) if bounds is not None else (x0.max() - x0.min()).item()
+    mse = (rec - x0).flatten(1).square().mean(1).clamp_min(tiny)
+    input_error = _per_sample_norm(rec - x0) / _per_sample_norm(x0).clamp_min(tiny)
+    return feature_error, 10 * torch.log10(span**2 / mse), input_error
+
+
 def invert(model: nn.Module, layer: str, target: torch.Tensor | None = None, x0: torch.Tensor | None = None, *,
            input_shape: tuple[int, ...] | None = None, init: torch.Tensor | None = None, steps: int = 500,
            optimizer: str = "adam", lr: float = 0.05, alpha: float = 6.0, lambda_alpha: float = 0.0,
@@ -202,15 +217,8 @@ def invert(model: nn.Module, layer: str, target: torch.Tensor | None = None, x0:
         if len(history) > 1 and abs(history[-2] - history[-1]) <= tol * abs(history[0]):
             break
     bar.close()
-    with torch.no_grad():
-        rec = x.detach()
-        feature_error = _per_sample_norm(activations(model, layer, rec) - target) / target_norm2.sqrt()
-        psnr = input_error = None
-        if x0 is not None:
-            span = (bounds[1] - bounds[0]) if bounds is not None else (x0.max() - x0.min()).item()
-            mse = (rec - x0).flatten(1).square().mean(1).clamp_min(torch.finfo(rec.dtype).tiny)
-            psnr = 10 * torch.log10(span**2 / mse)
-            input_error = _per_sample_norm(rec - x0) / _per_sample_norm(x0).clamp_min(torch.finfo(x0.dtype).tiny)
+    rec = x.detach()
+    feature_error, psnr, input_error = _quality(model, layer, rec, target, x0, bounds)
     return InversionResult(rec, feature_error, history, iterations, psnr, input_error)
 
 
@@ -261,12 +269,8 @@ class DecoderResult:
         rec = self.decoder(target)
         if bounds is not None:
             rec = rec.clamp(bounds[0], bounds[1])
-        feature_error = _per_sample_norm(activations(self.model, self.layer, rec) - target) / \
-            _per_sample_norm(target).clamp_min(torch.finfo(target.dtype).tiny)
-        span = (bounds[1] - bounds[0]) if bounds is not None else (x0.max() - x0.min()).item()
-        mse = (rec - x0).flatten(1).square().mean(1).clamp_min(torch.finfo(rec.dtype).tiny)
-        input_error = _per_sample_norm(rec - x0) / _per_sample_norm(x0).clamp_min(torch.finfo(x0.dtype).tiny)
-        return InversionResult(rec, feature_error, [], 0, 10 * torch.log10(span**2 / mse), input_error)
+        feature_error, psnr, input_error = _quality(self.model, self.layer, rec, target, x0, bounds)
+        return InversionResult(rec, feature_error, psnr=psnr, input_error=input_error)
 
 
 def fit_decoder(model: nn.Module, layer: str, data: torch.Tensor, *, epochs: int = 30, batch_size: int = 64,

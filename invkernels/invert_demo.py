@@ -50,17 +50,6 @@ def train_classifier(train_x, train_y, test_x, test_y, epochs: int, seed: int):
     return model, accuracy
 
 
-def load_labelled_digits(seed: int):
-    from sklearn.datasets import load_digits  # noqa: PLC0415
-    from sklearn.model_selection import train_test_split  # noqa: PLC0415
-
-    data = load_digits()
-    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16
-    y = torch.tensor(data.target)
-    tr, te = train_test_split(list(range(len(x))), test_size=0.2, random_state=seed)
-    return x[tr], y[tr], x[te], y[te]
-
-
 def exact_contrast(train_x: torch.Tensor, test_x: torch.Tensor, x0: torch.Tensor, cfg: InvertDemoConfig) -> dict:
     """Relative round-trip errors of exactly invertible models on the same digits: a stack of
     InvertibleResidual blocks (fixed-point inverse) and a Glow trained briefly on the training
@@ -111,6 +100,7 @@ def save_grid(originals, rows: dict[str, torch.Tensor], path: str) -> None:
 
 def run(cfg: InvertDemoConfig, progress: bool = True) -> dict:
     from invkernels import inversion  # noqa: PLC0415
+    from invkernels.demo import load_labelled_digits  # noqa: PLC0415
 
     os.makedirs(cfg.out_dir, exist_ok=True)
     train_x, train_y, test_x, test_y = load_labelled_digits(cfg.seed)
