@@ -29,8 +29,7 @@ def _randomized_step(channels: int, hidden: int):
             p.copy_(0.01 * torch.randn_like(p))
         step.actnorm.bias.copy_(0.1 * torch.randn(channels))
         step.actnorm.log_scale.copy_(0.1 * torch.randn(channels))
-    step.actnorm.initialized.fill_(True)
-    step.actnorm._initialized = True
+    step.actnorm.mark_initialized()
     return step
 
 

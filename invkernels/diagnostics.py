@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from invkernels import _state
+from invkernels.nn.actnorm import check_initialized
 from invkernels.nn.sequential import InvertibleSequential, memory_free_capable
 
 
@@ -46,8 +48,11 @@ def reconstruction_error(model: nn.Module, x: torch.Tensor, context: torch.Tenso
 
     Args:
         model: a module with ``forward(x[, context]) -> (y, logdet)`` and ``inverse(y[, context])``;
-            an :class:`InvertibleSequential` also gets per-block errors. Run it in eval mode, or
-            the same RNG draws are replayed for each block (subnets with dropout).
+            an :class:`InvertibleSequential` also gets per-block errors. It runs in the mode it is
+            in (in training mode the same RNG draws are replayed for each block, as memory-free
+            backprop does for subnets with dropout) and is left as it was: what its blocks write
+            to buffers (BatchNorm statistics) is discarded, and a model whose ActNorm layers are
+            not initialized yet raises ValueError (measuring never initializes them).
         x: a batch of inputs.
         context: the conditioning input, for models that take one.
         autocast_dtype: run forward and inverse under ``torch.autocast`` with this dtype (for
@@ -60,11 +65,12 @@ def reconstruction_error(model: nn.Module, x: torch.Tensor, context: torch.Tenso
         raise TypeError(f"reconstruction_error: x should be a tensor, got {type(x).__name__}")
     if not callable(getattr(model, "inverse", None)):
         raise TypeError(f"reconstruction_error: model ({type(model).__name__}) has no inverse")
+    check_initialized(model, "reconstruction_error")
     kwargs = {} if context is None else {"context": context}
     device_type = x.device.type if x.device.type in ("cpu", "cuda") else "cpu"
     amp = (torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype is not None
            else contextlib.nullcontext())
-    with amp, torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
+    with amp, torch.random.fork_rng(devices=[x.device] if x.is_cuda else []), _state.scratch_buffers(model):
         if not isinstance(model, InvertibleSequential):
             seed = torch.get_rng_state()
             y, _ = model(x, **kwargs)

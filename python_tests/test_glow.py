@@ -14,8 +14,7 @@ def randomized(step):
             p.copy_(0.2 * torch.randn_like(p))
         step.actnorm.bias.copy_(torch.randn_like(step.actnorm.bias))
         step.actnorm.log_scale.copy_(0.3 * torch.randn_like(step.actnorm.log_scale))
-    step.actnorm.initialized.fill_(True)
-    step.actnorm._initialized = True
+    step.actnorm.mark_initialized()
     return step
 
 

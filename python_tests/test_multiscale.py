@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from invkernels.nn.multiscale import Split, Squeeze
 from invkernels.nn.subnets import conv_subnet, mlp_subnet
-from tolerances import assert_close
+from tolerances import TOL, assert_close
 
 
 def randomize(module):
@@ -223,8 +223,9 @@ def test_low_precision_log_prob_is_accumulated_wide():
     x = torch.randn(2, 6, 8, 8).bfloat16()
     _, log_pz2 = layer.bfloat16()(x)
     _, expected = layer.double()(x.double())
-    assert log_pz2.dtype == torch.bfloat16
-    assert_close(log_pz2, expected)
+    assert log_pz2.dtype == torch.float32
+    # The subnet ran in bfloat16: the bfloat16 row of the table bounds its error.
+    assert_close(log_pz2, expected, **TOL[torch.bfloat16])
 
 
 def test_autocast_subnet_output_is_used_in_float32():

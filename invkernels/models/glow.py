@@ -6,15 +6,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from invkernels._validation import check_int, logdet_dtype
 from invkernels.models.base import FlowModel
 from invkernels.nn import AffineCoupling, GlowStep, InvConv1x1, InvertibleSequential, Permute, Split, Squeeze
 from invkernels.nn.actnorm import ActNorm
-
-
-def _positive_int(cls: str, name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{cls}: {name} should be a positive integer, got {value!r}")
-    return value
 
 
 class Glow(FlowModel):
@@ -48,10 +43,10 @@ class Glow(FlowModel):
         cls = "Glow"
         if not (isinstance(in_shape, (tuple, list)) and len(in_shape) == 3):
             raise ValueError(f"{cls}: in_shape should be (C, H, W), got {in_shape!r}")
-        c, h, w = (_positive_int(cls, "in_shape entries", v) for v in in_shape)
-        levels = _positive_int(cls, "levels", levels)
-        steps = _positive_int(cls, "steps", steps)
-        hidden = _positive_int(cls, "hidden", hidden)
+        c, h, w = (check_int(cls, "in_shape entries", v) for v in in_shape)
+        levels = check_int(cls, "levels", levels)
+        steps = check_int(cls, "steps", steps)
+        hidden = check_int(cls, "hidden", hidden)
         if h % 2**levels or w % 2**levels:
             raise ValueError(f"{cls}: H and W should be divisible by 2 ** levels = {2**levels}, got in_shape "
                              f"{tuple(in_shape)}")
@@ -81,7 +76,7 @@ class Glow(FlowModel):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self._check_input(x)
         h = x - 0.5
-        logdet = x.new_zeros(x.shape[0])
+        logdet = x.new_zeros(x.shape[0], dtype=logdet_dtype(x.dtype))
         parts = []
         for level, flow in enumerate(self.flows):
             h, level_logdet = flow(h)
@@ -137,11 +132,11 @@ class RealNVP(FlowModel):
                  scale: str = "exp", actnorm: bool = True, memory_free: bool = True, backend: str | None = None):
         super().__init__()
         cls = "RealNVP"
-        features = _positive_int(cls, "features", features)
+        features = check_int(cls, "features", features)
         if features < 2:
             raise ValueError(f"{cls}: features should be >= 2 (a coupling splits them), got {features}")
-        blocks = _positive_int(cls, "blocks", blocks)
-        hidden = _positive_int(cls, "hidden", hidden)
+        blocks = check_int(cls, "blocks", blocks)
+        hidden = check_int(cls, "hidden", hidden)
         if mixing not in ("invconv", "reverse", "random"):
             raise ValueError(f"{cls}: mixing should be 'invconv', 'reverse' or 'random', got {mixing!r}")
         if not isinstance(actnorm, bool):

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from invkernels import _backend, _validation
-from invkernels.nn.subnets import SubnetFactory, conv_subnet, mlp_subnet
+from invkernels.nn.subnets import SubnetFactory, call_subnet, conv_subnet, mlp_subnet
 from invkernels.ops import coupling as F
 
 _SUBNET_DIMS = {"mlp": 2, "conv": 4}
@@ -23,10 +23,8 @@ class _Coupling(nn.Module):
                  h_per_channel: int, backend: str | None):
         super().__init__()
         name = type(self).__name__
-        if not isinstance(channels, int) or channels < 2:
-            raise ValueError(f"{name}: channels should be an integer >= 2, got {channels!r}")
-        if not isinstance(context_channels, int) or context_channels < 0:
-            raise ValueError(f"{name}: context_channels should be an integer >= 0, got {context_channels!r}")
+        _validation.check_int(name, "channels", channels, minimum=2)
+        _validation.check_int(name, "context_channels", context_channels, minimum=0)
         if backend is not None:
             F.prepare(_backend.check_backend(backend))
         if isinstance(subnet, str):
@@ -46,7 +44,8 @@ class _Coupling(nn.Module):
         self.context_channels = context_channels
         self.backend = backend
         self._input_dim = _SUBNET_DIMS.get(getattr(factory, "kind", None))
-        self.subnet = factory(self.c1 + context_channels, h_per_channel * self.c2)
+        self._h_channels = h_per_channel * self.c2
+        self.subnet = factory(self.c1 + context_channels, self._h_channels)
 
     def _check_input(self, x: torch.Tensor, x_name: str) -> None:
         name = type(self).__name__
@@ -74,9 +73,10 @@ class _Coupling(nn.Module):
             x1 = torch.cat([x1, context], dim=1)
         elif context is not None:
             raise ValueError(f"{name}: context was given but the layer was built with context_channels=0")
+        want = [x1.shape[0], self._h_channels, *x1.shape[2:]]
         # Under autocast the subnet may return a lower precision than x; the coupling itself runs
         # in x's dtype, which keeps the inverse exact to that precision.
-        return self.subnet(x1).to(dtype)
+        return call_subnet(name, self.subnet, x1, want).to(dtype)
 
     def _subnet_backward(self, y: torch.Tensor, context: torch.Tensor | None, fused):
         """Memory-free backward of the coupling (see :meth:`inverse_backward`): the subnet runs once,
@@ -118,7 +118,7 @@ class AffineCoupling(_Coupling):
                  scale: str = "exp", clamp: float = 2.0, context_channels: int = 0, backend: str | None = None):
         if scale not in _validation.SCALES:
             raise ValueError(f"AffineCoupling: scale should be 'exp' or 'sigmoid', got {scale!r}")
-        if not (isinstance(clamp, (int, float)) and math.isfinite(clamp) and clamp > 0):
+        if isinstance(clamp, bool) or not (isinstance(clamp, (int, float)) and math.isfinite(clamp) and clamp > 0):
             raise ValueError(f"AffineCoupling: clamp should be a positive finite number, got {clamp!r}")
         super().__init__(channels, subnet, hidden, context_channels, 2, backend)
         self.scale = scale
@@ -162,12 +162,12 @@ class AdditiveCoupling(_Coupling):
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         self._check_input(x, "x")
         y = F.additive_coupling_fwd(x, self._h(x, context), backend=self.backend)
-        return y, x.new_zeros(x.shape[0])
+        return y, x.new_zeros(x.shape[0], dtype=_validation.logdet_dtype(x.dtype))
 
     def inverse(self, y: torch.Tensor, context: torch.Tensor | None = None, return_logdet: bool = False):
         self._check_input(y, "y")
         x = F.additive_coupling_inv(y, self._h(y, context), backend=self.backend)
-        return (x, y.new_zeros(y.shape[0])) if return_logdet else x
+        return (x, y.new_zeros(y.shape[0], dtype=_validation.logdet_dtype(y.dtype))) if return_logdet else x
 
     def inverse_backward(self, y: torch.Tensor, grad_y: torch.Tensor, grad_logdet: torch.Tensor,
                          context: torch.Tensor | None = None):

@@ -46,10 +46,9 @@ class GlowStep(nn.Module):
 
     def _front(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """ActNorm and the 1x1 convolution as one GEMM with a bias, and their summed log-det."""
-        self.actnorm._check(x, "x")
-        if self.training and not self.actnorm._initialized:
-            self.actnorm.initialize(x)
         an = self.actnorm
+        an._check(x, "x")
+        an.initialize_if_needed(x)
         y = invconv_ops.conv1x1(x, self.invconv.weight(x.dtype), an.bias.to(x.dtype), an.log_scale.to(x.dtype),
                                 backend=self.invconv.backend)
         logdet_actnorm = invconv_ops.lu_logdet(an.log_scale, x)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from invkernels import _backend
+from invkernels import _backend, _state, _validation
 from invkernels.ops import invconv as F
 from invkernels.reference.invconv import lu_factors, random_rotation
 
@@ -40,8 +40,7 @@ class InvConv1x1(nn.Module):
 
     def __init__(self, channels: int, lu: bool = True, backend: str | None = None):
         super().__init__()
-        if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
-            raise ValueError(f"InvConv1x1: channels should be a positive integer, got {channels!r}")
+        _validation.check_int("InvConv1x1", "channels", channels)
         if not isinstance(lu, bool):
             raise ValueError(f"InvConv1x1: lu should be True or False, got {lu!r}")
         # Registered now so that compiled forwards only look the op up ("cpp" and "triton" use it).
@@ -49,17 +48,36 @@ class InvConv1x1(nn.Module):
         self.channels = channels
         self.lu = lu
         self.backend = backend
-        rotation = random_rotation(channels)
-        if lu:
-            perm, lower, upper, sign, log_s = lu_factors(rotation)
-            self.register_buffer("perm", perm)
-            self.register_buffer("sign", sign.float())
-            self.lower = nn.Parameter(lower.float())
-            self.upper = nn.Parameter(upper.float())
-            self.log_s = nn.Parameter(log_s.float())
-        else:
-            self.w = nn.Parameter(rotation.float())
+        # Ordinary tensors even when built under torch.inference_mode (inference tensors have no
+        # version counters, which the inverse cache and the memory-free backward check).
+        with torch.inference_mode(False):
+            rotation = random_rotation(channels)
+            if lu:
+                perm, lower, upper, sign, log_s = lu_factors(rotation)
+                self.register_buffer("perm", perm)
+                self.register_buffer("sign", sign.float())
+                self.lower = nn.Parameter(lower.float())
+                self.upper = nn.Parameter(upper.float())
+                self.log_s = nn.Parameter(log_s.float())
+            else:
+                self.w = nn.Parameter(rotation.float())
         self._cache: tuple | None = None
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # perm and sign are not learned, so nothing else would catch a bad value: a perm that is
+        # not a permutation makes W singular and a sign other than +-1 changes |det W|, while the
+        # log-det S * Σ log_s would still be reported.
+        if self.lu:
+            perm = state_dict.get(prefix + "perm")
+            if perm is not None:
+                _validation.check_permutation("InvConv1x1", "perm", perm, self.channels, prefix + "perm")
+            sign = state_dict.get(prefix + "sign")
+            if sign is not None and (not isinstance(sign, torch.Tensor) or sign.shape != (self.channels,)
+                                     or not bool((sign.abs() == 1).all())):
+                got = sign.tolist() if isinstance(sign, torch.Tensor) and sign.numel() <= 32 else sign
+                raise ValueError(f"InvConv1x1: buffer 'sign' (state dict key '{prefix}sign') should have shape "
+                                 f"[{self.channels}] with every entry +1 or -1, got {got}")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _state_tensors(self) -> tuple[torch.Tensor, ...]:
         if self.lu:
@@ -105,7 +123,10 @@ class InvConv1x1(nn.Module):
         if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters(recurse=False)):
             return self._build_inverse(dtype)
         tensors = self._state_tensors()
-        key = (dtype, *((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors))
+        if any(t.is_inference() for t in tensors):
+            # No version counters to tell whether a cached inverse is still valid.
+            return self._build_inverse(dtype)
+        key = (dtype, *((_state.version(t), t.data_ptr(), t.dtype, t.device) for t in tensors))
         if self._cache_valid(tensors, key):
             return self._cache[2]
         # A normal tensor even under inference_mode, so the cached value can later be used by autograd.

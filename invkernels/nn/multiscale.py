@@ -14,15 +14,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from invkernels import _validation
-from invkernels.nn.subnets import SubnetFactory, conv_subnet, mlp_subnet
+from invkernels.nn.subnets import SubnetFactory, call_subnet, conv_subnet, mlp_subnet
 
 _PRIORS = ("gaussian", "learned")
 _SUBNET_DIMS = {"mlp": 2, "conv": 4}
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _sum_per_sample(v: torch.Tensor) -> torch.Tensor:
@@ -53,9 +49,7 @@ class Squeeze(nn.Module):
 
     def __init__(self, factor: int = 2):
         super().__init__()
-        if not _is_int(factor) or factor < 1:
-            raise ValueError(f"Squeeze: factor should be a positive integer, got {factor!r}")
-        self.factor = factor
+        self.factor = _validation.check_int("Squeeze", "factor", factor)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         f = self.factor
@@ -64,7 +58,7 @@ class Squeeze(nn.Module):
         if x.shape[2] % f or x.shape[3] % f:
             raise ValueError(f"Squeeze: x should have H and W divisible by factor={f}, got shape {list(x.shape)}")
         b, c, h, w = x.shape
-        return _shuffle(x, [b, c * f * f, h // f, w // f], True, f), x.new_zeros(b)
+        return _shuffle(x, [b, c * f * f, h // f, w // f], True, f), x.new_zeros(b, dtype=_validation.logdet_dtype(x.dtype))
 
     def inverse(self, y: torch.Tensor, return_logdet: bool = False):
         f = self.factor
@@ -74,7 +68,7 @@ class Squeeze(nn.Module):
             raise ValueError(f"Squeeze: y should have C divisible by factor**2={f * f}, got shape {list(y.shape)}")
         b, c, h, w = y.shape
         x = _shuffle(y, [b, c // (f * f), h * f, w * f], False, f)
-        return (x, y.new_zeros(y.shape[0])) if return_logdet else x
+        return (x, y.new_zeros(y.shape[0], dtype=_validation.logdet_dtype(y.dtype))) if return_logdet else x
 
     def extra_repr(self) -> str:
         return f"factor={self.factor}"
@@ -118,8 +112,8 @@ class Split(nn.Module):
     under the untempered prior, so that ``forward(inverse(x1, z2))`` gives back the negated value.
     ``log_prob(z2, x1)`` computes ``log p(z2 | x1)`` directly (``x1`` may be omitted for the
     ``"gaussian"`` prior). Inputs may be ``[B, C]`` or ``[B, C, *spatial]`` (for ``"learned"``:
-    those the subnet accepts). The log-density is accumulated in float32 or wider and returned
-    in the input dtype.
+    those the subnet accepts). The log-density is computed and returned in float32 for float16,
+    bfloat16 and float32 inputs, float64 for float64 (as every log-det of the package).
     """
 
     # Its inverse needs the factored-out half, which its output does not hold: InvertibleSequential
@@ -129,11 +123,10 @@ class Split(nn.Module):
     def __init__(self, channels: int, prior: str = "gaussian", *, hidden: int | None = None,
                  subnet: str | SubnetFactory | None = None, clamp: float = 5.0):
         super().__init__()
-        if not _is_int(channels) or channels < 2:
-            raise ValueError(f"Split: channels should be an integer >= 2, got {channels!r}")
+        _validation.check_int("Split", "channels", channels, minimum=2)
         if not isinstance(prior, str) or prior not in _PRIORS:
             raise ValueError(f"Split: prior should be 'gaussian' or 'learned', got {prior!r}")
-        if hidden is not None and (not _is_int(hidden) or hidden < 1):
+        if hidden is not None and (isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1):
             raise ValueError(f"Split: hidden should be a positive integer or None, got {hidden!r}")
         self.channels = channels
         self.c1, self.c2 = _validation.split_channels(channels)
@@ -195,27 +188,23 @@ class Split(nn.Module):
             raise ValueError(f"Split: z2 should be on the device of x1 ({x1.device}), got {z2.device}")
 
     def _mean_log_std(self, x1: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.subnet(x1)
-        want = [x1.shape[0], 2 * self.c2, *x1.shape[2:]]
-        if list(h.shape) != want:
-            raise ValueError(f"Split: subnet output should have shape {want} (2 * (C - C // 2) channels), "
-                             f"got {list(h.shape)}")
+        h = call_subnet("Split", self.subnet, x1, [x1.shape[0], 2 * self.c2, *x1.shape[2:]])
         mean, hs = h.to(dtype).chunk(2, dim=1)
         return mean, self.clamp * torch.tanh(hs / self.clamp)
 
     def _log_prob(self, z2: torch.Tensor, params: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        z = z2.to(torch.promote_types(z2.dtype, torch.float32))
+        z = z2.to(_validation.logdet_dtype(z2.dtype))
         if params is None:
             density = -0.5 * z.square() - _HALF_LOG_2PI
         else:
             mean, log_std = params
             density = -0.5 * ((z - mean) * torch.exp(-log_std)).square() - log_std - _HALF_LOG_2PI
-        return _sum_per_sample(density).to(z2.dtype)
+        return _sum_per_sample(density)
 
     def _params(self, x1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         if self.subnet is None:
             return None
-        return self._mean_log_std(x1, torch.promote_types(x1.dtype, torch.float32))
+        return self._mean_log_std(x1, _validation.logdet_dtype(x1.dtype))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self._check(x, "x", self.channels)

@@ -9,7 +9,17 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
+from invkernels._validation import check_int
+
 _NORMALIZED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _check_tol(tol) -> float | None:
+    if tol is None:
+        return None
+    if isinstance(tol, bool) or not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
+        raise ValueError(f"InvertibleResidual: tol should be a positive number or None, got {tol!r}")
+    return float(tol)
 
 
 class InvertibleResidual(nn.Module):
@@ -19,6 +29,13 @@ class InvertibleResidual(nn.Module):
     With 1-Lipschitz activations (ReLU, ELU, tanh, ...) between them, ``Lip(g) <= lipschitz < 1``
     for Linear layers; for convolutions torch normalizes the reshaped kernel matrix, which bounds
     the convolution's norm only approximately, so :meth:`inverse` checks convergence itself.
+
+    The map changes only in a training-mode ``forward``: its first step is ``n_power_iterations``
+    power iterations of every spectral norm (what torch's parametrization does in training mode),
+    and the map is then evaluated with the updated norms. :meth:`inverse`, the log-determinant and
+    the memory-free rebuild (:meth:`inverse_backward`) evaluate the map as the last forward left
+    it, in any mode, so ``inverse(forward(x)) = x`` also in training mode and memory-free
+    gradients equal plain autograd's.
 
     Log-determinant ``log det(I + J_g)`` per sample:
         ``"series"`` (default): ``Σ_{k=1}^{terms} (-1)^{k+1} tr(J_g^k) / k`` with each trace from
@@ -34,37 +51,68 @@ class InvertibleResidual(nn.Module):
         logdet: ``"series"`` or ``"exact"``.
         terms: terms of the power series. samples: Hutchinson probes per sample.
         n_power_iterations: power iterations per training forward of each spectral norm.
+        tol: relative residual ``||x_{k+1} - x_k|| / (||y|| + ||x_{k+1}||)`` per sample at which the
+            fixed-point inverse stops; None (default): ``16 * eps`` of the input's dtype (float32: 1.9e-6,
+            float64: 3.6e-15), which the iteration reaches at ``lipschitz <= 0.9`` (its rounding floor
+            measured below ``eps`` on MLP and conv subnets).
+        max_iter: iterations at most; None (default): twice the iterations a contraction of
+            ``lipschitz`` needs to reach ``tol``, plus 10.
 
-    ``forward(x) -> (y, logdet)``; ``inverse(y, tol=1e-10, max_iter=200) -> x`` by the Banach
-    iteration ``x <- y - g(x)``, which records ``last_inverse = {"iterations", "residual"}`` and
+    ``forward(x) -> (y, logdet)``; ``inverse(y, tol=None, max_iter=None) -> x`` by the Banach
+    iteration ``x <- y - g(x)`` (``tol`` and ``max_iter`` default to the module's attributes, which
+    the memory-free rebuild uses), which records ``last_inverse = {"iterations", "residual"}`` and
     raises RuntimeError when it does not converge.
     """
 
     def __init__(self, subnet: nn.Module, lipschitz: float = 0.9, logdet: str = "series", terms: int = 10,
-                 samples: int = 1, n_power_iterations: int = 1):
+                 samples: int = 1, n_power_iterations: int = 1, tol: float | None = None,
+                 max_iter: int | None = None):
         super().__init__()
         if not isinstance(subnet, nn.Module):
             raise TypeError(f"InvertibleResidual: subnet should be an nn.Module, got {type(subnet).__name__}")
-        if not (isinstance(lipschitz, (int, float)) and 0 < lipschitz < 1):
+        if isinstance(lipschitz, bool) or not (isinstance(lipschitz, (int, float)) and 0 < lipschitz < 1):
             raise ValueError(f"InvertibleResidual: lipschitz should be in (0, 1) so that the block is invertible, "
                              f"got {lipschitz!r}")
         if logdet not in ("series", "exact"):
             raise ValueError(f"InvertibleResidual: logdet should be 'series' or 'exact', got {logdet!r}")
         for name, value in (("terms", terms), ("samples", samples), ("n_power_iterations", n_power_iterations)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"InvertibleResidual: {name} should be a positive integer, got {value!r}")
+            check_int("InvertibleResidual", name, value)
+        self.tol = _check_tol(tol)
+        self.max_iter = None if max_iter is None else check_int("InvertibleResidual", "max_iter", max_iter)
+        self._norms: list[tuple[nn.Module, nn.Module]] = []
         for module in list(subnet.modules()):
             if isinstance(module, _NORMALIZED):
                 spectral_norm(module, n_power_iterations=n_power_iterations)
+                self._norms.append((module, module.parametrizations.weight[0]))
         self.subnet = subnet
         self.lipschitz = float(lipschitz)
         self.logdet_mode = logdet
         self.terms = terms
         self.samples = samples
         self.last_inverse: dict[str, float] = {}
+        self.train(self.training)
+
+    def train(self, mode: bool = True):
+        """Sets the mode as ``nn.Module.train`` does; the spectral norms themselves stay in eval mode
+        (no power iteration when the map is evaluated): :meth:`forward` updates them explicitly."""
+        super().train(mode)
+        for _, norm in self._norms:
+            norm.eval()
+        return self
+
+    @torch.no_grad()
+    def update_spectral_norms(self) -> None:
+        """Run ``n_power_iterations`` power iterations of every spectral norm (what a training-mode
+        forward does first), updating their ``_u`` / ``_v`` vectors."""
+        for module, norm in self._norms:
+            norm.train()
+            try:
+                getattr(module, "weight")
+            finally:
+                norm.eval()
 
     def g(self, x: torch.Tensor) -> torch.Tensor:
-        """The contractive residual ``lipschitz * subnet(x)``."""
+        """The contractive residual ``lipschitz * subnet(x)``, with the spectral norms as they are."""
         return self.lipschitz * self.subnet(x)
 
     def _leaf(self, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -97,7 +145,8 @@ class InvertibleResidual(nn.Module):
                 total = total + ((-1) ** (k + 1) / k) * (w * v).flatten(1).sum(1)
         return total / self.samples
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _map(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x + g(x), logdet)`` with the spectral norms as they are (no power iteration)."""
         grad_mode = torch.is_grad_enabled()
         with torch.enable_grad():
             leaf, _ = self._leaf(x)
@@ -110,17 +159,40 @@ class InvertibleResidual(nn.Module):
             return x + gx.detach(), logdet.detach()
         return x + gx, logdet
 
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.training:
+            self.update_spectral_norms()
+        return self._map(x)
+
+    def _resolved(self, tol, max_iter, dtype: torch.dtype) -> tuple[float, int]:
+        tol = _check_tol(tol)
+        if max_iter is not None:
+            check_int("InvertibleResidual", "max_iter", max_iter)
+        tol = tol if tol is not None else self.tol if self.tol is not None else 16 * torch.finfo(dtype).eps
+        max_iter = max_iter if max_iter is not None else self.max_iter
+        if max_iter is None:
+            max_iter = 2 * math.ceil(math.log(min(tol, 0.5)) / math.log(self.lipschitz)) + 10
+        return tol, max_iter
+
     @torch.no_grad()
-    def inverse(self, y: torch.Tensor, tol: float = 1e-10, max_iter: int = 200) -> torch.Tensor:
-        if not (isinstance(tol, (int, float)) and tol > 0):
-            raise ValueError(f"InvertibleResidual: tol should be positive, got {tol!r}")
-        if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-            raise ValueError(f"InvertibleResidual: max_iter should be a positive integer, got {max_iter!r}")
-        scale = y.flatten(1).norm(dim=1).clamp_min(torch.finfo(y.dtype).tiny)
+    def inverse(self, y: torch.Tensor, tol: float | None = None, max_iter: int | None = None) -> torch.Tensor:
+        """``x`` with ``x + g(x) = y`` by the fixed-point iteration ``x <- y - g(x)`` from ``x = y``,
+        stopping when every sample's relative residual is at most ``tol``; ``tol`` and ``max_iter``
+        default to the module's (see the class docstring). Never changes the module."""
+        if not isinstance(y, torch.Tensor):
+            raise TypeError(f"InvertibleResidual: y should be a tensor, got {type(y).__name__}")
+        tol, max_iter = self._resolved(tol, max_iter, y.dtype if y.is_floating_point() else torch.float32)
+        if y.shape[0] == 0:
+            self.last_inverse = {"iterations": 0, "residual": 0.0}
+            return y.clone()
+        tiny = torch.finfo(y.dtype).tiny
+        y_norm = y.flatten(1).norm(dim=1)
         x = y.clone()
         residual = math.inf
+        it = 0
         for it in range(1, max_iter + 1):
             x_new = y - self.g(x)
+            scale = (y_norm + x_new.flatten(1).norm(dim=1)).clamp_min(tiny)
             residual = ((x_new - x).flatten(1).norm(dim=1) / scale).max().item()
             x = x_new
             if residual <= tol:
@@ -132,7 +204,18 @@ class InvertibleResidual(nn.Module):
         raise RuntimeError(
             f"InvertibleResidual: the fixed-point inverse did not converge: relative residual {residual:.3g} after "
             f"{it} iterations (tol {tol:g}); g is not contractive enough here (lipschitz={self.lipschitz}; layers "
-            f"other than Linear/Conv must be 1-Lipschitz)")
+            f"other than Linear/Conv must be 1-Lipschitz), or tol is below what {y.dtype} can reach")
+
+    def inverse_backward(self, y: torch.Tensor, grad_y: torch.Tensor, grad_logdet: torch.Tensor):
+        """Memory-free backward (used by :class:`InvertibleSequential`): ``x`` rebuilt by
+        :meth:`inverse`, then the map evaluated again at it with grad (no power iteration: the map
+        of the forward) and back-propagated. Returns ``(x, grad_x, grads)``."""
+        from invkernels.nn.sequential import forward_vjp  # noqa: PLC0415
+
+        x = self.inverse(y)
+        params = [p for p in self.parameters() if p.requires_grad]
+        grad_x, pairs = forward_vjp(self._map, x, grad_y, grad_logdet, params)
+        return x, grad_x, pairs
 
     def extra_repr(self) -> str:
         return f"lipschitz={self.lipschitz}, logdet={self.logdet_mode!r}, terms={self.terms}, samples={self.samples}"

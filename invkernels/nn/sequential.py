@@ -7,7 +7,11 @@ import contextlib
 import inspect
 
 import torch
+import torch.distributed as dist
 from torch import nn
+
+from invkernels import _state
+from invkernels._validation import logdet_dtype
 
 
 def _takes_context(block: nn.Module) -> bool:
@@ -22,6 +26,12 @@ def memory_free_capable(block: nn.Module) -> bool:
     ``memory_free_invertible = False`` (as :class:`~invkernels.nn.Split` does, whose inverse needs
     the factored-out half)."""
     return callable(getattr(block, "inverse", None)) and getattr(block, "memory_free_invertible", True)
+
+
+def _describe(value) -> str:
+    if isinstance(value, tuple):
+        return f"a tuple of {len(value)} ({', '.join(type(v).__name__ for v in value)})"
+    return type(value).__name__
 
 
 class _RngState:
@@ -55,6 +65,22 @@ class _AutocastState:
         return torch.autocast(self.device_type, dtype=self.dtype)
 
 
+def forward_vjp(forward, x: torch.Tensor, grad_y: torch.Tensor, grad_logdet: torch.Tensor,
+                tensors: list[torch.Tensor]):
+    """Run ``forward(leaf) -> (y, logdet)`` with grad on a copy of ``x`` and back-propagate
+    ``(grad_y, grad_logdet)``: ``(grad_x, [(t, grad of t) for t in tensors])``."""
+    leaf = x.detach().requires_grad_()
+    with torch.enable_grad():
+        out, logdet = forward(leaf)
+    outputs, grads = [out], [grad_y]
+    if logdet.requires_grad:
+        outputs.append(logdet)
+        grads.append(grad_logdet.to(logdet.dtype))
+    got = torch.autograd.grad(outputs, [leaf, *tensors], grads, allow_unused=True)
+    grad_x = got[0] if got[0] is not None else torch.zeros_like(x)
+    return grad_x, list(zip(tensors, got[1:]))
+
+
 def _generic_inverse_backward(block: nn.Module, y: torch.Tensor, grad_y: torch.Tensor, grad_logdet: torch.Tensor,
                               kwargs: dict, rng: _RngState | None):
     """Memory-free backward of any block with ``forward -> (y, logdet)`` and ``inverse``: rebuild
@@ -63,18 +89,48 @@ def _generic_inverse_backward(block: nn.Module, y: torch.Tensor, grad_y: torch.T
         x = block.inverse(y, **kwargs)
     if rng is not None:
         rng.restore()
-    leaf = x.detach().requires_grad_()
     context = kwargs.get("context")
     extra = [t for t in (*block.parameters(), context) if t is not None and t.requires_grad]
-    with torch.enable_grad():
-        out, logdet = block(leaf, **kwargs)
-    outputs, grads = [out], [grad_y]
-    if logdet.requires_grad:
-        outputs.append(logdet)
-        grads.append(grad_logdet.to(logdet.dtype))
-    got = torch.autograd.grad(outputs, [leaf, *extra], grads, allow_unused=True)
-    grad_x = got[0] if got[0] is not None else torch.zeros_like(x)
-    return x, grad_x, list(zip(extra, got[1:]))
+    grad_x, pairs = forward_vjp(lambda leaf: block(leaf, **kwargs), x, grad_y, grad_logdet, extra)
+    return x, grad_x, pairs
+
+
+def _fsdp_units(block: nn.Module) -> list[nn.Module]:
+    """The modules inside ``block`` that FSDP2 (``fully_shard``) manages."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return []
+    from torch.distributed.fsdp import FSDPModule  # noqa: PLC0415
+
+    return [m for m in block.modules() if isinstance(m, FSDPModule)]
+
+
+def _watched(seq, indices) -> list[tuple[str, torch.Tensor, int | None]]:
+    """``(name, tensor, version)`` of every parameter and buffer of the blocks ``indices``: what
+    rebuilding their inputs reads, frozen parameters and buffers included."""
+    seen, out = set(), []
+    for i in indices:
+        block = seq.blocks[i]
+        for kind, items in (("parameter", block.named_parameters()), ("buffer", block.named_buffers())):
+            for name, t in items:
+                if id(t) not in seen:
+                    seen.add(id(t))
+                    out.append((f"{kind} blocks.{i}.{name}", t, _state.version(t)))
+    return out
+
+
+def _check_unchanged(seq, indices, watched) -> None:
+    """RuntimeError when a tensor the rebuild reads was modified in place, or replaced, between the
+    forward and this backward (as autograd raises for the tensors it saved)."""
+    now = {id(t) for _, t, _ in _watched(seq, indices)}
+    for name, t, version in watched:
+        changed = _state.version(t) != version
+        if changed or id(t) not in now:
+            what = (f"was modified by an inplace operation (version {version} -> {_state.version(t)})" if changed
+                    else "was replaced by another tensor")
+            raise RuntimeError(
+                f"InvertibleSequential: the {name}, needed to rebuild the activations in the memory-free "
+                f"backward, {what} between the forward and the backward (for example an optimizer step, "
+                f"load_state_dict or a buffer update before backward). Run backward first.")
 
 
 class _MemoryFreeChain(torch.autograd.Function):
@@ -96,7 +152,7 @@ class _MemoryFreeChain(torch.autograd.Function):
             x, block_logdet = seq._call(i, x, context)
             logdet = block_logdet if logdet is None else logdet + block_logdet
         ctx.params = params
-        ctx.versions = [p._version for p in params]
+        ctx.watched = _watched(seq, indices)
         # The chain's input is saved too, only for create_graph=True (its storage is the caller's
         # tensor or the previous chain's saved output, so it costs no memory of its own).
         ctx.save_for_backward(x_in, x, context)
@@ -106,15 +162,10 @@ class _MemoryFreeChain(torch.autograd.Function):
     def backward(ctx, grad_y, grad_logdet):
         seq = ctx.seq
         x_in, y, context = ctx.saved_tensors
-        for p, version in zip(ctx.params, ctx.versions):
-            if p._version != version:
-                raise RuntimeError(
-                    "InvertibleSequential: a parameter was modified in place between forward and backward "
-                    "(for example an optimizer step before backward); the activations cannot be rebuilt. "
-                    "Run backward before updating the parameters.")
+        _check_unchanged(seq, ctx.indices, ctx.watched)
         if torch.is_grad_enabled():
             return _MemoryFreeChain._backward_with_graph(ctx, x_in, context, grad_y, grad_logdet)
-        grads: dict[int, torch.Tensor] = {}
+        grads: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         errors = []
         devices = ctx.rng[0].devices() if ctx.rng and ctx.rng[0] is not None else []
         with torch.random.fork_rng(devices=devices, enabled=seq.preserve_rng_state), ctx.autocast():
@@ -122,18 +173,34 @@ class _MemoryFreeChain(torch.autograd.Function):
                 i, rng = ctx.indices[k], ctx.rng[k]
                 if rng is not None:
                     rng.restore()
-                y, grad_y, pairs = seq._inverse_backward(i, y, grad_y, grad_logdet, context, rng)
+                block = seq.blocks[i]
+                # FSDP2 keeps the parameters sharded outside forwards: gather them for the rebuild;
+                # FSDP reduce-scatters their gradients and reshards at the end of the backward.
+                for unit in _fsdp_units(block):
+                    unit.unshard()
+                # The rebuild reruns the block (train-mode subnets included): what it writes to
+                # buffers (BatchNorm running statistics) goes to copies, so the forward's update counts once.
+                with _state.scratch_buffers(block):
+                    y, grad_y, pairs = seq._inverse_backward(i, y, grad_y, grad_logdet, context, rng)
                 for t, g in pairs:
                     if g is not None:
-                        grads[id(t)] = g if id(t) not in grads else grads[id(t)] + g
+                        previous = grads.get(id(t))
+                        grads[id(t)] = (t, g if previous is None else previous[1] + g)
                 if seq.check_reconstruction:
                     stored = ctx.debug_inputs[k]
                     scale = stored.detach().double().norm().clamp_min(torch.finfo(torch.float64).tiny)
                     errors.append((i, ((y.double() - stored.double()).norm() / scale).item()))
         if seq.check_reconstruction:
             seq.reconstruction_errors = sorted(errors)
-        grad_context = grads.get(id(context)) if context is not None else None
-        return (None, None, grad_y, grad_context, *(grads.get(id(p)) for p in ctx.params))
+        returned = {id(p) for p in ctx.params} | ({id(context)} if context is not None else set())
+        for t, g in grads.values():
+            if id(t) not in returned:
+                # The gathered copy of an FSDP-sharded parameter (not an input of this function):
+                # its gradient goes where autograd would put it, for FSDP to reduce-scatter.
+                t.grad = g if t.grad is None else t.grad + g
+        grad_context = grads[id(context)][1] if context is not None and id(context) in grads else None
+        return (None, None, grad_y, grad_context,
+                *(grads[id(p)][1] if id(p) in grads else None for p in ctx.params))
 
     @staticmethod
     def _backward_with_graph(ctx, x, context, grad_y, grad_logdet):
@@ -141,7 +208,10 @@ class _MemoryFreeChain(torch.autograd.Function):
         back-propagate through it with a graph, so higher derivatives are exact."""
         seq = ctx.seq
         devices = ctx.rng[0].devices() if ctx.rng and ctx.rng[0] is not None else []
-        with torch.random.fork_rng(devices=devices, enabled=seq.preserve_rng_state), ctx.autocast():
+        with torch.random.fork_rng(devices=devices, enabled=seq.preserve_rng_state), ctx.autocast(), \
+                contextlib.ExitStack() as scratch:
+            for i in ctx.indices:
+                scratch.enter_context(_state.scratch_buffers(seq.blocks[i]))
             if ctx.rng and ctx.rng[0] is not None:
                 ctx.rng[0].restore()
             with torch.enable_grad():
@@ -225,17 +295,34 @@ class InvertibleSequential(nn.Module):
         return {"context": context} if context is not None and self._context[i] else {}
 
     def _call(self, i: int, x: torch.Tensor, context: torch.Tensor | None):
-        out = self.blocks[i](x, **self._kwargs(i, context))
-        if not (isinstance(out, tuple) and len(out) == 2):
-            raise TypeError(f"InvertibleSequential: block {i} ({type(self.blocks[i]).__name__}) should return "
-                            f"(y, logdet), got {type(out).__name__}")
+        block = self.blocks[i]
+        out = block(x, **self._kwargs(i, context))
+        if not (isinstance(out, tuple) and len(out) == 2 and all(isinstance(t, torch.Tensor) for t in out)):
+            raise TypeError(f"InvertibleSequential: block {i} ({type(block).__name__}) should return a tuple "
+                            f"(y, logdet) of tensors, got {_describe(out)}")
+        if out[1].shape != (x.shape[0],):
+            raise ValueError(f"InvertibleSequential: block {i} ({type(block).__name__}) returned a logdet of shape "
+                             f"{list(out[1].shape)}; it should have shape [batch] = [{x.shape[0]}]")
         return out
 
     def _inverse(self, i: int, y: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
         block = self.blocks[i]
         if not callable(getattr(block, "inverse", None)):
             raise TypeError(f"InvertibleSequential: block {i} ({type(block).__name__}) has no inverse")
-        return block.inverse(y, **self._kwargs(i, context))
+        if not memory_free_capable(block):
+            raise ValueError(
+                f"InvertibleSequential: block {i} ({type(block).__name__}) cannot be inverted from the chain's "
+                f"output: its inverse needs what its forward factored out (for Split, the half z2), which the "
+                f"chain does not keep. Invert the blocks around it yourself, passing z2 to its inverse, or draw "
+                f"samples with a model's sample()")
+        units = _fsdp_units(block)
+        for unit in units:
+            unit.unshard()
+        try:
+            return block.inverse(y, **self._kwargs(i, context))
+        finally:
+            for unit in units:
+                unit.reshard()
 
     def _inverse_backward(self, i, y, grad_y, grad_logdet, context, rng):
         block = self.blocks[i]
@@ -259,7 +346,7 @@ class InvertibleSequential(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"InvertibleSequential: x should be a tensor, got {type(x).__name__}")
-        logdet = x.new_zeros(x.shape[0])
+        logdet = x.new_zeros(x.shape[0], dtype=logdet_dtype(x.dtype))
         if not self.blocks:
             return x, logdet
         records = torch.is_grad_enabled() and (
@@ -278,6 +365,11 @@ class InvertibleSequential(nn.Module):
         return x, logdet
 
     def inverse(self, y: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` from ``y`` through the blocks' inverses in reverse order. A block whose inverse needs
+        more than its output (``memory_free_invertible = False``, e.g. :class:`~invkernels.nn.Split`)
+        raises ValueError: the chain does not keep what it factored out."""
+        if not isinstance(y, torch.Tensor):
+            raise TypeError(f"InvertibleSequential: y should be a tensor, got {type(y).__name__}")
         for i in reversed(range(len(self.blocks))):
             y = self._inverse(i, y, context)
         return y

@@ -8,20 +8,41 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
 from torch import nn
+
+from invkernels._validation import check_int
 
 SubnetFactory = Callable[[int, int], nn.Module]
 
 
-def _positive(name: str, value: int) -> None:
-    if not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} should be a positive integer, got {value!r}")
+def _describe(value) -> str:
+    if isinstance(value, (tuple, list)):
+        return f"a {type(value).__name__} of {len(value)} ({', '.join(type(v).__name__ for v in value)})"
+    return type(value).__name__
+
+
+def call_subnet(owner: str, subnet: nn.Module, x: torch.Tensor, want: list[int]) -> torch.Tensor:
+    """``subnet(x)``, with errors that name ``owner`` when the input's dtype is not the subnet's
+    (outside autocast) or the subnet returns anything but a tensor of shape ``want``."""
+    param = next((p for p in subnet.parameters() if p.is_floating_point()), None)
+    device_type = x.device.type if x.device.type in ("cpu", "cuda") else "cpu"
+    if param is not None and param.dtype != x.dtype and not torch.is_autocast_enabled(device_type):
+        raise ValueError(f"{owner}: the input has dtype {x.dtype} but the layer's subnet has parameters of dtype "
+                         f"{param.dtype}; convert the model (e.g. model.to({x.dtype})) or the input "
+                         f"(x.to({param.dtype}))")
+    h = subnet(x)
+    if not isinstance(h, torch.Tensor):
+        raise TypeError(f"{owner}: the subnet should return a tensor of shape {want}, got {_describe(h)}")
+    if list(h.shape) != want:
+        raise ValueError(f"{owner}: the subnet output should have shape {want}, got {list(h.shape)}")
+    return h
 
 
 def mlp_subnet(hidden: int = 256, layers: int = 2) -> SubnetFactory:
     """MLP for ``[B, C]`` inputs: ``layers`` hidden Linear+ReLU layers of width ``hidden``."""
-    _positive("hidden", hidden)
-    _positive("layers", layers)
+    check_int("mlp_subnet", "hidden", hidden)
+    check_int("mlp_subnet", "layers", layers)
 
     def make(in_features: int, out_features: int) -> nn.Module:
         mods: list[nn.Module] = []
@@ -40,9 +61,9 @@ def mlp_subnet(hidden: int = 256, layers: int = 2) -> SubnetFactory:
 
 def conv_subnet(hidden: int = 128, kernel_size: int = 3) -> SubnetFactory:
     """Glow's CNN for ``[B, C, H, W]`` inputs: conv k×k → ReLU → conv 1×1 → ReLU → conv k×k."""
-    _positive("hidden", hidden)
-    if kernel_size not in (1, 3, 5, 7):
-        raise ValueError(f"kernel_size should be 1, 3, 5 or 7, got {kernel_size!r}")
+    check_int("conv_subnet", "hidden", hidden)
+    if isinstance(kernel_size, bool) or kernel_size not in (1, 3, 5, 7):
+        raise ValueError(f"conv_subnet: kernel_size should be 1, 3, 5 or 7, got {kernel_size!r}")
     pad = kernel_size // 2
 
     def make(in_channels: int, out_channels: int) -> nn.Module:

@@ -1,0 +1,91 @@
+"""Memory-free backward and the state of the model: every tensor the rebuild reads is checked for
+changes between forward and backward, and the rebuild itself changes nothing (buffers written by
+train-mode subnets, version counters)."""
+
+import pytest
+import torch
+from torch import nn
+
+from invkernels.nn import AffineCoupling, InvConv1x1, InvertibleSequential, Split
+
+
+def bn_subnet(c_in, c_out):
+    return nn.Sequential(nn.Conv2d(c_in, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, c_out, 3, padding=1))
+
+
+def coupling_chain(subnet=bn_subnet):
+    torch.manual_seed(0)
+    model = InvertibleSequential(AffineCoupling(4, subnet), InvConv1x1(4), AffineCoupling(4, subnet)).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def run(model, x):
+    y, logdet = model(x)
+    return (y.square().sum() + logdet.sum())
+
+
+def test_frozen_parameter_changed_before_backward_is_an_error():
+    model = coupling_chain()
+    model[0].subnet[0].weight.requires_grad_(False)
+    loss = run(model, torch.randn(2, 4, 5, 5, dtype=torch.float64))
+    with torch.no_grad():
+        model[0].subnet[0].weight.mul_(2)
+    with pytest.raises(RuntimeError, match=r"parameter blocks\.0\.subnet\.0\.weight, needed to rebuild the "
+                                           r"activations .* modified by an inplace operation"):
+        loss.backward()
+
+
+def test_buffer_changed_before_backward_is_an_error():
+    model = coupling_chain()
+    loss = run(model, torch.randn(2, 4, 5, 5, dtype=torch.float64))
+    with torch.no_grad():
+        model[1].sign.neg_()
+    with pytest.raises(RuntimeError, match=r"buffer blocks\.1\.sign, needed to rebuild the activations"):
+        loss.backward()
+
+
+def test_parameter_replaced_before_backward_is_an_error():
+    model = coupling_chain()
+    loss = run(model, torch.randn(2, 4, 5, 5, dtype=torch.float64))
+    model[1].log_s = nn.Parameter(model[1].log_s.detach() + 0.5)
+    with pytest.raises(RuntimeError, match=r"parameter blocks\.1\.log_s, .* was replaced by another tensor"):
+        loss.backward()
+
+
+def test_batchnorm_statistics_are_updated_once_per_step_as_in_plain_autograd():
+    x = torch.randn(4, 4, 5, 5, dtype=torch.float64)
+    results = {}
+    for memory_free in (True, False):
+        model = coupling_chain()
+        model.memory_free = memory_free
+        loss = run(model, x)
+        grads = torch.autograd.grad(loss, list(model.parameters()))
+        results[memory_free] = (grads, {k: v.clone() for k, v in model.state_dict().items()})
+    (free_grads, free_state), (plain_grads, plain_state) = results[True], results[False]
+    assert free_state["blocks.0.subnet.1.num_batches_tracked"].item() == 1
+    for key, value in plain_state.items():
+        torch.testing.assert_close(free_state[key], value, rtol=1e-12, atol=1e-14, msg=key)
+    for a, b in zip(free_grads, plain_grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_rebuild_leaves_the_version_counters_of_buffers():
+    model = coupling_chain()
+    loss = run(model, torch.randn(2, 4, 5, 5, dtype=torch.float64))
+    versions = {name: buf._version for name, buf in model.named_buffers()}
+    loss.backward()
+    assert {name: buf._version for name, buf in model.named_buffers()} == versions
+
+
+def test_inverse_through_split_is_an_error_naming_it():
+    torch.manual_seed(1)
+    model = InvertibleSequential(AffineCoupling(4, "conv", hidden=8), Split(4)).double()
+    x = torch.randn(2, 4, 4, 4, dtype=torch.float64)
+    with torch.no_grad():
+        y, _ = model(x)
+    with pytest.raises(ValueError, match=r"block 1 \(Split\) cannot be inverted from the chain's output"):
+        model.inverse(y)
