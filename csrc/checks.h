@@ -4,6 +4,7 @@
 // the offending value; the Python backends (invkernels/_validation.py) use the same wording.
 
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 #include <c10/util/Exception.h>
 
 #include <limits>
@@ -72,10 +73,15 @@ inline void check_grad(const char* op, const at::Tensor& grad, const at::Tensor&
              like.device(), "), got ", grad.device());
 }
 
+// The dtype of a log-determinant for inputs of dtype x: the accumulation type, float32 for float16,
+// bfloat16 and float32 (a half-precision log-det overflows at 65504), float64 for float64.
+inline at::ScalarType logdet_dtype(at::ScalarType x) { return at::toOpMathType(x); }
+
 inline void check_grad_logdet(const char* op, const at::Tensor& grad_logdet, const at::Tensor& x) {
   INVK_CHECK(grad_logdet.dim() == 1 && grad_logdet.size(0) == x.size(0), op,
              "grad_logdet should have shape [", x.size(0), "], got ", grad_logdet.sizes());
-  INVK_CHECK(grad_logdet.scalar_type() == x.scalar_type(), op, "grad_logdet should have the dtype of x (",
+  const at::ScalarType want = logdet_dtype(x.scalar_type());
+  INVK_CHECK(grad_logdet.scalar_type() == want, op, "grad_logdet should have the log-det dtype ", want, " (for x of ",
              x.scalar_type(), "), got ", grad_logdet.scalar_type());
   INVK_CHECK(grad_logdet.device() == x.device(), op, "grad_logdet should be on the device of x (", x.device(),
              "), got ", grad_logdet.device());

@@ -7,6 +7,11 @@
 - ``check``: prints the build and runs a quick round trip and gradient check on every backend and
   device available; exits 1 if any fails.
 - ``bench``: runs the benchmarks of a source checkout and writes docs/performance.md and plots.
+
+Bad arguments (numbers out of range, an ``--out`` that cannot take the files, ``demo --backend
+triton`` without a GPU or the interpreter) are usage errors with exit code 2, found before
+anything runs. ``demo`` exits with 1 when a file could not be written after training; it is
+saved to a temporary directory instead, and the message says where.
 """
 
 from __future__ import annotations
@@ -17,26 +22,34 @@ import subprocess
 import sys
 
 
-def _demo(args: argparse.Namespace) -> int:
+def _set_threads(threads: int) -> None:
     import torch  # noqa: PLC0415
 
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def _demo(args: argparse.Namespace) -> int:
     from invkernels import demo  # noqa: PLC0415
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _set_threads(args.threads)
     cfg = demo.DemoConfig(epochs=args.epochs, seed=args.seed, backend=args.backend, out_dir=args.out)
     results = demo.run(cfg, progress=not args.no_progress)
     print(demo.report(results))
+    failures = results["write_failures"]
+    if failures:
+        print(f"demo: {len(failures)} file(s) could not be written to {args.out!r}; the finished work was saved "
+              f"instead to {os.path.dirname(failures[0]['saved_to'])}", file=sys.stderr)
+        for f in failures:
+            print(f"  {f['file']}: {f['error']} -> saved to {f['saved_to']}", file=sys.stderr)
+        return 1
     return 0
 
 
 def _invert(args: argparse.Namespace) -> int:
-    import torch  # noqa: PLC0415
-
     from invkernels import invert_demo  # noqa: PLC0415
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _set_threads(args.threads)
     cfg = invert_demo.InvertDemoConfig(seed=args.seed, out_dir=args.out)
     print(invert_demo.report(invert_demo.run(cfg, progress=not args.no_progress)))
     return 0
@@ -121,36 +134,89 @@ def _bench(args: argparse.Namespace) -> int:
         return 2
     cmd = [sys.executable, script, "--write", os.path.join(root, "docs", "performance.md"),
            "--plots", os.path.join(root, "docs", "plots")]
-    if args.rounds:
+    if args.rounds is not None:
         cmd += ["--rounds", str(args.rounds)]
     return subprocess.call(cmd)
 
 
+def _integer(minimum: int, maximum: int | None = None, note: str = ""):
+    """An argparse ``type``: an integer in ``[minimum, maximum]``, else a usage error (exit 2)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"should be an integer, got {text!r}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}"
+            raise argparse.ArgumentTypeError(f"should be {bound}{note}, got {value}")
+        return value
+
+    return parse
+
+
+def _threads(text: str) -> int:
+    cpus = os.cpu_count() or 1
+    return _integer(0, 4 * cpus, f" (0: torch's default; at most 4 per logical CPU, {cpus} here)")(text)
+
+
+# sklearn's train_test_split takes seeds in [0, 2**32 - 1].
+_seed = _integer(0, 2**32 - 1)
+
+
+def _check_demo(args: argparse.Namespace) -> None:
+    """Usage errors of ``demo`` found before anything runs."""
+    if args.backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        import torch  # noqa: PLC0415
+
+        why = ("the demo runs on CPU tensors, and the Triton kernels run on CPU tensors only under the Triton "
+               "interpreter" if torch.cuda.is_available() else
+               "this machine has no CUDA GPU, and without one the Triton kernels run only under the Triton "
+               "interpreter")
+        args.parser.error(f"--backend triton: {why}, which is far too slow for the demo; use --backend cpp "
+                          f"(or reference), or set TRITON_INTERPRET=1 to run it through the interpreter anyway")
+
+
+# What invert_demo.run writes into its output directory.
+_INVERT_OUTPUTS = ("inversions.png", "results.json")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Runs the command line; returns the exit code (argparse exits with 2 for bad arguments)."""
     parser = argparse.ArgumentParser(prog="python -m invkernels", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="train a memory-free Glow on scikit-learn's digits")
-    demo.add_argument("--epochs", type=int, default=40, help="training epochs (default 40)")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--backend", choices=["cpp", "triton", "reference"], default="cpp")
-    demo.add_argument("--out", default="demo_output", help="directory for the PNGs, checkpoint and results.json")
-    demo.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
-    demo.add_argument("--no-progress", action="store_true", help="no progress bar")
-    demo.set_defaults(run=_demo)
-    invert = sub.add_parser("invert", help="invert a CNN's layers on digits (optimization and decoder)")
-    invert.add_argument("--seed", type=int, default=0)
-    invert.add_argument("--out", default="invert_output", help="directory for the PNG and results.json")
-    invert.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
-    invert.add_argument("--no-progress", action="store_true", help="no progress bars")
-    invert.set_defaults(run=_invert)
-    check = sub.add_parser("check", help="build info and a quick round-trip and gradient check of every backend")
-    check.set_defaults(run=_check)
-    bench = sub.add_parser("bench", help="run the benchmarks (source checkout) and write docs/performance.md")
-    bench.add_argument("--rounds", type=int, default=0)
-    bench.set_defaults(run=_bench)
+    threads_help = "torch threads, at most 4 per logical CPU (default 0: torch's choice)"
+    demo_parser = sub.add_parser("demo", help="train a memory-free Glow on scikit-learn's digits")
+    demo_parser.add_argument("--epochs", type=_integer(1), default=40, help="training epochs (default 40)")
+    demo_parser.add_argument("--seed", type=_seed, default=0)
+    demo_parser.add_argument("--backend", choices=["cpp", "triton", "reference"], default="cpp")
+    demo_parser.add_argument("--out", default="demo_output", help="directory for the PNGs, checkpoint and results.json")
+    demo_parser.add_argument("--threads", type=_threads, default=0, help=threads_help)
+    demo_parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    demo_parser.set_defaults(run=_demo, parser=demo_parser)
+    invert_parser = sub.add_parser("invert", help="invert a CNN's layers on digits (optimization and decoder)")
+    invert_parser.add_argument("--seed", type=_seed, default=0)
+    invert_parser.add_argument("--out", default="invert_output", help="directory for the PNG and results.json")
+    invert_parser.add_argument("--threads", type=_threads, default=0, help=threads_help)
+    invert_parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    invert_parser.set_defaults(run=_invert, parser=invert_parser)
+    check_parser = sub.add_parser("check", help="build info and a quick round-trip and gradient check of every backend")
+    check_parser.set_defaults(run=_check)
+    bench_parser = sub.add_parser("bench", help="run the benchmarks (source checkout) and write docs/performance.md")
+    bench_parser.add_argument("--rounds", type=_integer(1), default=None,
+                              help="timing rounds per benchmark (default: the benchmarks' own)")
+    bench_parser.set_defaults(run=_bench)
     args = parser.parse_args(argv)
-    if getattr(args, "epochs", 1) < 1:
-        parser.error(f"--epochs should be >= 1, got {args.epochs}")
+    if args.command == "demo":
+        _check_demo(args)
+    if args.command in ("demo", "invert"):
+        from invkernels import demo  # noqa: PLC0415
+
+        outputs = demo.OUTPUT_FILES.values() if args.command == "demo" else _INVERT_OUTPUTS
+        try:
+            demo.check_out_dir("--out", args.out, outputs)
+        except ValueError as e:
+            args.parser.error(str(e))
     return args.run(args)
 
 

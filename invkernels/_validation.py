@@ -17,12 +17,39 @@ def _fail(op: str, message: str) -> None:
     raise ValueError(f"{op}: {message}")
 
 
+def logdet_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a log-determinant for inputs of ``dtype``: float32 for float16, bfloat16 and
+    float32 (a half-precision log-det overflows at 65504), float64 for float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def check_int(owner: str, name: str, value, minimum: int = 1) -> int:
+    """``value`` if it is an integer (not a bool) of at least ``minimum``, else a ValueError naming
+    ``owner`` and ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ValueError(f"{owner}: {name} should be {kind}, got {value!r}")
+    return value
+
+
 def check_scale(op: str, scale: str, clamp: float) -> None:
     if scale not in SCALES:
         _fail(op, f"scale should be 'exp' or 'sigmoid', got {scale!r}")
     # 1 / clamp and clamp must both be finite in float32, the compute type of most inputs.
     if scale == "exp" and not (_FLOAT32_MIN <= clamp <= _FLOAT32_MAX):
         _fail(op, f"clamp should be positive and finite (within the float32 range) for scale='exp', got {clamp}")
+
+
+def check_permutation(owner: str, name: str, perm, n: int, key: str) -> None:
+    """ValueError naming ``owner``, the buffer ``name`` and the state-dict ``key`` unless ``perm`` is an
+    integer tensor of shape ``[n]`` holding each of ``0 .. n-1`` once."""
+    if not isinstance(perm, torch.Tensor) or perm.dtype != torch.int64 or perm.shape != (n,):
+        got = f"{perm.dtype} of shape {list(perm.shape)}" if isinstance(perm, torch.Tensor) else type(perm).__name__
+        raise ValueError(f"{owner}: buffer '{name}' (state dict key '{key}') should be an int64 tensor of shape "
+                         f"[{n}], got {got}")
+    if not torch.equal(torch.sort(perm).values.cpu(), torch.arange(n)):
+        raise ValueError(f"{owner}: buffer '{name}' (state dict key '{key}') should be a permutation of 0..{n - 1} "
+                         f"(each index once), got {perm.tolist() if n <= 32 else perm}")
 
 
 def split_channels(channels: int) -> tuple[int, int]:
@@ -67,10 +94,13 @@ def check_grad(op: str, grad: torch.Tensor, like: torch.Tensor, name: str, like_
 
 
 def check_grad_logdet(op: str, grad_logdet: torch.Tensor, x: torch.Tensor) -> None:
+    """Validate the gradient of an op's log-det: shape ``[B]``, dtype ``logdet_dtype(x.dtype)`` (the
+    dtype the op returns its log-det in), on ``x``'s device."""
     if grad_logdet.dim() != 1 or grad_logdet.shape[0] != x.shape[0]:
         _fail(op, f"grad_logdet should have shape [{x.shape[0]}], got {list(grad_logdet.shape)}")
-    if grad_logdet.dtype != x.dtype:
-        _fail(op, f"grad_logdet should have the dtype of x ({x.dtype}), got {grad_logdet.dtype}")
+    want = logdet_dtype(x.dtype)
+    if grad_logdet.dtype != want:
+        _fail(op, f"grad_logdet should have the log-det dtype {want} (for x of {x.dtype}), got {grad_logdet.dtype}")
     if grad_logdet.device != x.device:
         _fail(op, f"grad_logdet should be on the device of x ({x.device}), got {grad_logdet.device}")
 

@@ -5,7 +5,9 @@ The demo trains on a fixed split with a fixed seed, reports test bits/dim next t
 full-covariance Gaussian fitted to the training set, writes a PNG grid of samples and a PNG
 training curve, saves a checkpoint and reloads it (``weights_only=True``), reports the round-trip
 error and scores held-out digits against out-of-distribution inputs (anomaly detection by
-likelihood). Docs: docs/models.md, docs/anomaly.md.
+likelihood). The output directory is checked before training; a file that still cannot be
+written afterwards is saved to a temporary directory instead, so the trained model and the
+results are never lost. Docs: docs/models.md, docs/anomaly.md.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 
@@ -21,6 +24,9 @@ import torch
 from invkernels.models.base import uniform_dequantize
 
 LEVELS = 17  # grey levels of the digits (0..16)
+# What the demo writes into its output directory.
+OUTPUT_FILES = {"samples": "samples.png", "training_curve": "training_curve.png", "checkpoint": "glow_digits.pt",
+                "results": "results.json"}
 
 
 @dataclass
@@ -39,6 +45,69 @@ class DemoConfig:
     backend: str = "cpp"
     out_dir: str = "demo_output"
     temperature: float = 0.8
+
+
+def check_out_dir(owner: str, out_dir: str, names) -> None:
+    """ValueError naming ``owner`` unless ``out_dir`` is a directory (or can be created as one) in
+    which the files ``names`` can be written: no existing non-directory at ``out_dir`` or on the
+    way to it, none of the files an existing directory, and a file can be created there (tried
+    with a temporary file). Creates nothing."""
+    path = os.path.abspath(out_dir)
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise ValueError(f"{owner}: the output directory {out_dir!r} exists and is not a directory")
+    probe = path
+    while not os.path.lexists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise ValueError(f"{owner}: the output directory {out_dir!r} cannot be created: {probe!r} is not a directory")
+    for name in names:
+        target = os.path.join(path, name)
+        if os.path.isdir(target):
+            raise ValueError(f"{owner}: {os.path.join(out_dir, name)!r} is a directory, but the run writes a file "
+                             f"there: remove it or choose another output directory")
+        if os.path.lexists(target) and not os.access(target, os.W_OK):
+            raise ValueError(f"{owner}: {os.path.join(out_dir, name)!r} exists and is not writable")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        where = "in it" if probe == path else f"in {probe!r} to create it"
+        raise ValueError(f"{owner}: the output directory {out_dir!r} is not writable: cannot create a file "
+                         f"{where} ({e.strerror or e})") from e
+
+
+class _Writer:
+    """Writes the demo's files; one that cannot be written where asked is written to a temporary
+    directory instead (created on the first failure), and the failure is recorded in ``failures``."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir = out_dir
+        self.fallback_dir: str | None = None
+        self.failures: list[dict] = []
+
+    def write(self, name: str, write_to) -> str:
+        """``write_to(path)`` for ``out_dir/name``, or the fallback; returns the path written."""
+        path = os.path.join(self.out_dir, name)
+        try:
+            write_to(path)
+            return path
+        except OSError as e:
+            if self.fallback_dir is None:
+                self.fallback_dir = tempfile.mkdtemp(prefix="invkernels-demo-")
+            fallback = os.path.join(self.fallback_dir, name)
+            self.failures.append({"file": path, "error": f"{type(e).__name__}: {e}", "saved_to": fallback})
+            write_to(fallback)
+            return fallback
+
+
+def _save_torch(obj, path: str) -> None:
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+
+
+def _save_json(obj, path: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
 
 
 def load_labelled_digits(seed: int = 0):
@@ -185,11 +254,19 @@ def save_curve(history: list[dict], baseline: float, path: str) -> None:
 
 
 def run(cfg: DemoConfig, progress: bool = True) -> dict:
-    """Runs the whole demo; returns (and writes to ``out_dir/results.json``) the reported numbers."""
+    """Runs the whole demo; returns (and writes to ``out_dir/results.json``) the reported numbers.
+
+    ``out_dir`` is checked before training (:func:`check_out_dir`, ValueError). The checkpoint is
+    saved as soon as training ends. A file that cannot be written to ``out_dir`` after all is
+    written to a temporary directory instead; ``results["write_failures"]`` lists each such file,
+    its error and where it went (empty when everything was written where asked), and
+    ``results["files"]`` holds the paths actually written."""
     import invkernels  # noqa: PLC0415
     from invkernels import anomaly  # noqa: PLC0415
 
+    check_out_dir("demo", cfg.out_dir, OUTPUT_FILES.values())
     os.makedirs(cfg.out_dir, exist_ok=True)
+    writer = _Writer(cfg.out_dir)
     torch.manual_seed(cfg.seed)
     train_x, test_x = load_digits_split(cfg.seed)
     baseline = gaussian_baseline_bits_per_dim(train_x, test_x)
@@ -198,6 +275,8 @@ def run(cfg: DemoConfig, progress: bool = True) -> dict:
     history = train(model, train_x, test_x, cfg, progress)
     train_seconds = time.perf_counter() - start
     model.eval()
+    checkpoint = writer.write(OUTPUT_FILES["checkpoint"],
+                              lambda path: _save_torch({"config": asdict(cfg), "state_dict": model.state_dict()}, path))
 
     torch.manual_seed(cfg.seed + 1)
     test_bpd = mean_bits_per_dim(model, test_x)
@@ -207,8 +286,6 @@ def run(cfg: DemoConfig, progress: bool = True) -> dict:
         torch.manual_seed(cfg.seed + 2)
         samples = model.sample(64, temperature=cfg.temperature)
 
-    checkpoint = os.path.join(cfg.out_dir, "glow_digits.pt")
-    torch.save({"config": asdict(cfg), "state_dict": model.state_dict()}, checkpoint)
     loaded = torch.load(checkpoint, weights_only=True)
     reloaded = build_model(DemoConfig(**loaded["config"]))
     reloaded.load_state_dict(loaded["state_dict"])
@@ -223,10 +300,9 @@ def run(cfg: DemoConfig, progress: bool = True) -> dict:
     for name, data in out_of_distribution(test_x, cfg.seed).items():
         aurocs[name] = anomaly.auroc(inlier, anomaly.score(model, data, levels=LEVELS))
 
-    samples_png = os.path.join(cfg.out_dir, "samples.png")
-    curve_png = os.path.join(cfg.out_dir, "training_curve.png")
-    save_grid(samples, samples_png, f"Glow samples, temperature {cfg.temperature}")
-    save_curve(history, baseline, curve_png)
+    samples_png = writer.write(OUTPUT_FILES["samples"],
+                               lambda path: save_grid(samples, path, f"Glow samples, temperature {cfg.temperature}"))
+    curve_png = writer.write(OUTPUT_FILES["training_curve"], lambda path: save_curve(history, baseline, path))
     results = {
         "backend": cfg.backend,
         "build": {k: str(v) for k, v in invkernels.build_info().items()},
@@ -239,11 +315,11 @@ def run(cfg: DemoConfig, progress: bool = True) -> dict:
         "checkpoint_reload_max_log_prob_difference": reload_diff,
         "auroc": aurocs,
         "files": {"samples": samples_png, "training_curve": curve_png, "checkpoint": checkpoint},
+        "write_failures": writer.failures,
         "history": history,
         "config": asdict(cfg),
     }
-    with open(os.path.join(cfg.out_dir, "results.json"), "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=2)
+    writer.write(OUTPUT_FILES["results"], lambda path: _save_json(results, path))
     return results
 
 
@@ -262,4 +338,6 @@ def report(results: dict) -> str:
     ]
     lines += [f"    {name:20s} {value:.4f}" for name, value in results["auroc"].items()]
     lines += [f"  wrote {path}" for path in results["files"].values()]
+    lines += [f"  could not write {f['file']} ({f['error']}); saved it to {f['saved_to']} instead"
+              for f in results.get("write_failures", [])]
     return "\n".join(lines)

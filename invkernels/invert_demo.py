@@ -105,8 +105,6 @@ def run(cfg: InvertDemoConfig, progress: bool = True) -> dict:
     os.makedirs(cfg.out_dir, exist_ok=True)
     train_x, train_y, test_x, test_y = load_labelled_digits(cfg.seed)
     model, accuracy = train_classifier(train_x, train_y, test_x, test_y, cfg.classifier_epochs, cfg.seed)
-    for p in model.parameters():
-        p.requires_grad_(False)
     x0 = test_x[:cfg.images]
     rows, table = {}, []
     for depth, layer in LAYERS.items():

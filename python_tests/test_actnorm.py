@@ -1,10 +1,9 @@
-"""ActNorm ops of every backend against the float64 reference, and the ActNorm module."""
+"""ActNorm ops of every backend against the float64 reference."""
 
 import pytest
 import torch
 
 import invkernels
-from invkernels.nn import ActNorm
 from invkernels.ops import actnorm as A
 from invkernels.reference import actnorm as R
 from tolerances import assert_close
@@ -157,61 +156,3 @@ BAD = [
 def test_bad_inputs(backend, message, call):
     with pytest.raises((ValueError, RuntimeError), match=message):
         call(ops_of(backend))
-
-
-@pytest.mark.parametrize("backend", ["cpp", pytest.param("triton", marks=pytest.mark.triton), "reference"])
-def test_module_initializes_from_the_first_training_batch(backend):
-    layer = ActNorm(5, backend=backend)
-    x = 3.0 + 2.5 * torch.randn(16, 5, 6, 6)
-    y, logdet = layer(x)
-    dims = (0, 2, 3)
-    assert_close(y.mean(dims), torch.zeros(5, dtype=torch.float64), atol=1e-5)
-    assert_close(y.std(dims, unbiased=False), torch.ones(5, dtype=torch.float64), atol=1e-4)
-    assert layer.initialized.item()
-    bias = layer.bias.detach().clone()
-    layer(x + 10.0)
-    assert torch.equal(layer.bias.detach(), bias)
-    assert_close(logdet, 36 * layer.log_scale.detach().double().sum().expand(16))
-    assert_close(layer.inverse(y), x.double(), atol=1e-5)
-
-
-def test_state_dict_round_trip_does_not_reinitialize():
-    layer = ActNorm(3)
-    layer(torch.randn(8, 3) * 4 + 1)
-    state = layer.state_dict()
-    assert state["initialized"].item()
-    fresh = ActNorm(3)
-    fresh.load_state_dict(state)
-    x = torch.randn(8, 3) * 100
-    y_fresh, _ = fresh(x)
-    assert torch.equal(fresh.bias, layer.bias)
-    assert_close(y_fresh, layer(x)[0].double())
-
-
-def test_module_errors_and_eval_mode():
-    with pytest.raises(ValueError, match="channels should be a positive integer, got 0"):
-        ActNorm(0)
-    layer = ActNorm(4)
-    with pytest.raises(ValueError, match=r"x should have shape \[B, 4, ...\], got \[2, 3\]"):
-        layer(torch.randn(2, 3))
-    with pytest.raises(ValueError, match="at least 2 values per channel"):
-        layer(torch.randn(1, 4))
-    layer.eval()
-    x = torch.randn(2, 4)
-    y, logdet = layer(x)
-    assert torch.equal(y, x) and not layer.initialized.item()
-
-
-def test_module_compiles_fullgraph():
-    torch._dynamo.reset()
-    layer = ActNorm(3).double()
-    layer(torch.randn(8, 3, 4, 4, dtype=torch.float64))
-    compiled = torch.compile(layer, fullgraph=True)
-    x = torch.randn(4, 3, 4, 4, dtype=torch.float64, requires_grad=True)
-    y, logdet = compiled(x)
-    y_ref, logdet_ref = layer(x)
-    assert_close(y, y_ref)
-    assert_close(logdet, logdet_ref)
-    (gc,) = torch.autograd.grad(y.sum() + logdet.sum(), layer.log_scale)
-    (ge,) = torch.autograd.grad(y_ref.sum() + logdet_ref.sum(), layer.log_scale)
-    assert_close(gc, ge)

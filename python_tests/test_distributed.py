@@ -138,7 +138,7 @@ def actnorm_uneven(rank):
 
 
 def fsdp_glow(rank, per_step):
-    from torch.distributed.fsdp import fully_shard  # noqa: PLC0415
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method  # noqa: PLC0415
 
     glow = fresh_glow()
     if per_step:
@@ -146,7 +146,10 @@ def fsdp_glow(rank, per_step):
             for block in flow.blocks[1:]:
                 fully_shard(block)
     fully_shard(glow)
-    return train(glow, glow.parameters, glow_batches(), glow_nll, torch.optim.Adam, rank)
+    register_fsdp_forward_method(glow, "sample")
+    after = train(glow, glow.parameters, glow_batches(), glow_nll, torch.optim.Adam, rank)
+    torch.manual_seed(7)
+    return after, glow.sample(3)
 
 
 SCENARIOS = {
@@ -228,5 +231,11 @@ def test_actnorm_initialization_merges_uneven_shards(ranks):
 def test_fsdp2_memory_free_glow(ranks, key):
     single = fresh_glow()
     after = train(single, single.parameters, glow_batches(), glow_nll, torch.optim.Adam)
+    torch.manual_seed(7)
+    samples = single.sample(3)
+    got = [result(ranks, key, rank) for rank in range(WORLD)]
+    ranks = [{key: got[rank][0]} for rank in range(WORLD)]
     assert_ranks_identical(ranks, key)
     assert_equal_to_single(ranks, key, after)
+    for rank in range(WORLD):
+        torch.testing.assert_close(got[rank][1], samples, rtol=1e-10, atol=1e-12)

@@ -1,16 +1,15 @@
-"""Flow models (Glow, RealNVP), anomaly scores, the demo's pieces and the command line, on tiny
-models and few steps."""
+"""Flow models (Glow, RealNVP), anomaly scores and the demo's pieces, on tiny models and few
+steps. The command line: test_cli.py."""
 
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from invkernels import anomaly
 from invkernels.models import Glow, RealNVP
+from invkernels.models.base import uniform_dequantize
+from invkernels.nn import ActNorm
 
 
 def tiny_glow(**kwargs):
@@ -29,9 +28,8 @@ def randomize(model, scale=0.05):
         for p in model.parameters():
             p.add_(scale * torch.randn_like(p))
     for m in model.modules():
-        if hasattr(m, "initialized"):
-            m.initialized.fill_(True)
-            m._initialized = True
+        if isinstance(m, ActNorm):
+            m.mark_initialized()
 
 
 def grid_density(model, half_width=10.0, n=1001):
@@ -158,6 +156,7 @@ def test_bad_inputs_give_clear_errors():
 def test_anomaly_scores_and_auroc():
     torch.manual_seed(9)
     model = RealNVP(2, blocks=2, hidden=8).double()
+    randomize(model)
     model.eval()
     inliers = torch.randn(200, 2, dtype=torch.float64)
     outliers = 6 + torch.randn(200, 2, dtype=torch.float64)
@@ -184,10 +183,106 @@ def test_gaussian_baseline_and_ood_sets():
         assert torch.equal(k, k.round()) and data.min() >= 0 and data.max() <= 1
 
 
-def test_check_command_exits_zero():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-m", "invkernels", "check"], capture_output=True, text=True, timeout=600,
-                         env=env)
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert "all checks passed" in out.stdout
-    assert out.stdout.count(" ok") >= 3 and "FAILED" not in out.stdout
+def test_score_refuses_an_untrained_model_instead_of_initializing_it():
+    torch.manual_seed(11)
+    model = RealNVP(2, blocks=2, hidden=8).double()  # ActNorm never initialized, in training mode
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"score: the model's ActNorm layers are not initialized \(flow\.\S*0, flow\.\S*3\)"):
+        anomaly.score(model, torch.randn(8, 2, dtype=torch.float64))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert not any(m.is_initialized for m in model.modules() if isinstance(m, ActNorm))
+
+
+def test_score_evaluates_in_eval_mode_and_restores_the_modes():
+    torch.manual_seed(12)
+    model = RealNVP(2, blocks=2, hidden=8).double()
+    randomize(model)
+    model.train()
+    model.flow[2].eval()  # a submodule with its own flag, restored as it was
+    seen = []
+    model.flow.register_forward_pre_hook(lambda module, args: seen.append(module.training))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(10, 2, dtype=torch.float64)
+    scores = anomaly.score(model, x, batch_size=4)
+    assert seen == [False, False, False]
+    assert model.training and model.flow.training and not model.flow[2].training and model.flow[1].training
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(scores, -model.log_prob(x))
+
+
+def test_score_of_a_scalar_or_a_non_tensor_says_what_it_got():
+    model = RealNVP(2, blocks=1, hidden=8)
+    randomize(model)
+    with pytest.raises(ValueError, match=r"score: x should be a batch \[N, \.\.\.\] of inputs, got a 0-D tensor \(1\.0\)"):
+        anomaly.score(model, torch.tensor(1.0))
+    with pytest.raises(TypeError, match=r"score: x should be a tensor \[N, \.\.\.\], got list"):
+        anomaly.score(model, [[0.0, 1.0]])
+
+
+def test_auroc_ranks_infinite_scores_as_the_most_and_least_anomalous():
+    inliers = torch.tensor([0.5, 1.0, 2.0, -math.inf])
+    outliers = torch.tensor([1.5, math.inf, math.inf, 3.0])
+    # Only the order counts: the same AUROC as with the infinities replaced by extreme finite values.
+    expected = anomaly.auroc(torch.tensor([0.5, 1.0, 2.0, -1e300]), torch.tensor([1.5, 1e300, 1e300, 3.0]))
+    assert anomaly.auroc(inliers, outliers) == expected == 15 / 16
+    assert anomaly.auroc(torch.tensor([1.0, 2.0]), torch.tensor([math.inf])) == 1.0
+    assert anomaly.auroc(torch.tensor([math.inf, 1.0]), torch.tensor([math.inf, 0.0])) == 0.375
+
+
+@pytest.mark.parametrize("where", ["inlier_scores", "outlier_scores"])
+def test_auroc_of_nan_scores_names_the_argument(where):
+    scores = {"inlier_scores": torch.tensor([0.1, 0.2, 0.3]), "outlier_scores": torch.tensor([1.0, 2.0])}
+    scores[where] = torch.cat([scores[where], torch.tensor([math.nan])])
+    with pytest.raises(ValueError, match=f"auroc: {where} has 1 NaN score"):
+        anomaly.auroc(**scores)
+
+
+@pytest.mark.parametrize("model_fn,x", [(tiny_glow, torch.rand(2, 1, 8, 8, dtype=torch.float64)),
+                                        (lambda: RealNVP(3, blocks=1, hidden=8), torch.rand(2, 3).half())])
+def test_an_input_of_another_dtype_than_the_model_names_both(model_fn, x):
+    torch.manual_seed(13)
+    model = model_fn()
+    randomize(model)
+    model.eval()
+    name = type(model).__name__
+    with pytest.raises(ValueError, match=rf"{name}: x has dtype {x.dtype} but the model's parameters are "
+                                         rf"torch.float32: pass x.to\(torch.float32\), or convert the model"):
+        model.log_prob(x)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # autocast decides the dtypes itself
+        assert model(x.bfloat16())[1].dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype,levels", [(torch.bfloat16, 50), (torch.bfloat16, 256), (torch.float16, 50),
+                                          (torch.float16, 256), (torch.float16, 1000)])
+def test_bits_per_dim_takes_valid_data_stored_in_half_precision(dtype, levels):
+    torch.manual_seed(14)
+    model = tiny_glow(steps=1)
+    randomize(model)
+    model = model.to(dtype).eval()
+    k = torch.arange(levels).repeat(64 * math.ceil(levels / 64))[:64 * math.ceil(levels / 64)]
+    exact = (k.double() / (levels - 1)).view(-1, 1, 8, 8)
+    x = exact.to(dtype)  # every level k / (levels - 1), rounded to dtype
+    torch.manual_seed(15)
+    y = model.dequantize(x, levels)
+    torch.manual_seed(15)
+    # The same dequantization as of the exact data in float32: k recovered, k + u not rounded in dtype.
+    assert torch.equal(y, uniform_dequantize(exact.float(), levels).to(dtype))
+    with torch.no_grad():
+        bpd = model.bits_per_dim(x, levels)
+    assert bpd.dtype == torch.float32 and bool(torch.isfinite(bpd).all())
+
+
+def test_bits_per_dim_in_half_precision_rejects_what_the_dtype_cannot_hold():
+    model = tiny_glow(steps=1)
+    randomize(model)
+    model = model.bfloat16().eval()
+    with pytest.raises(ValueError, match=r"x in torch.bfloat16 cannot hold 1000 distinct levels in \[0, 1\] "
+                                         r"\(at most 256"):
+        model.bits_per_dim(torch.full((2, 1, 8, 8), 0.7, dtype=torch.bfloat16), 1000)
+    with pytest.raises(ValueError, match="x should lie on the grid of 17 levels k / 16; the value 0.0300293 is 0.48"):
+        model.bits_per_dim(torch.full((2, 1, 8, 8), 0.03, dtype=torch.bfloat16), 17)
+    with pytest.raises(ValueError, match=r"x in torch.float16 cannot hold 4096 distinct levels in \[0, 1\] "
+                                         r"\(at most 2048"):
+        model.half().bits_per_dim(torch.full((2, 1, 8, 8), 0.7, dtype=torch.float16), 4096)

@@ -1,6 +1,8 @@
 // CPU backend of the ActNorm ops (docs/ops/actnorm.md): one parallel pass over the (b, c) planes
 // with the shared formulas of csrc/kernels/actnorm.h; the parameter gradients are per-plane
-// partial sums added over the batch in a fixed order. Compiled once per CPU capability, like
+// partial sums added over the batch in a fixed order. The formulas are additions and
+// multiplications, so the remainder of a plane runs as scalars (Remainder::kScalar): cheaper for
+// the one-element planes of [B, C] inputs. Compiled once per CPU capability, like
 // coupling_kernel.cpp.
 
 #include <ATen/ATen.h>
@@ -32,13 +34,16 @@ bool streaming_output(const at::Tensor& out) {
   return static_cast<int64_t>(out.numel() * out.element_size()) >= kStreamBytes;
 }
 
+// S * sum(log_scale) for every sample, accumulated and returned in acc_t (float32 for half inputs,
+// whose log-det overflows at 65504).
 template <typename scalar_t>
 at::Tensor actnorm_logdet(const at::Tensor& log_scale, const ActNormShape& sh, bool negate, const at::Tensor& like) {
   const scalar_t* ls = log_scale.const_data_ptr<scalar_t>();
   acc_t<scalar_t> total = 0;
   for (int64_t c = 0; c < sh.channels; ++c) total += static_cast<acc_t<scalar_t>>(ls[c]);
   total *= static_cast<acc_t<scalar_t>>(sh.spatial);
-  return at::full({sh.batch}, static_cast<double>(negate ? -total : total), like.options());
+  return at::full({sh.batch}, static_cast<double>(negate ? -total : total),
+                  like.options().dtype(logdet_dtype(like.scalar_type())));
 }
 
 template <bool Inverse>
@@ -62,9 +67,9 @@ std::tuple<at::Tensor, at::Tensor> actnorm(const at::Tensor& in_, const at::Tens
         const A s = std::exp(Inverse ? -static_cast<A>(ls_p[c]) : static_cast<A>(ls_p[c]));
         const scalar_t* src = in_p + plane * sh.spatial;
         scalar_t* dst = out_p + plane * sh.spatial;
-        store_lanes<scalar_t>(dst, sh.spatial, stream, [&](auto lane, int64_t i) {
+        store_lanes<scalar_t, Remainder::kScalar>(dst, sh.spatial, stream, [&](auto lane, int64_t i) {
           using C = typename decltype(lane)::type;
-          const C v = load<C>(src + i);
+          const C v = lane.load(src + i);
           return Inverse ? actnorm_inverse<C>(v, C(b), C(s)) : actnorm_forward<C>(v, C(b), C(s));
         });
       }
@@ -91,21 +96,21 @@ void actnorm_backward_apply(const at::Tensor& g, const at::Tensor& gl, const at:
       const A b = static_cast<A>(b_p[c]), log_s = static_cast<A>(ls_p[c]);
       const A s = std::exp(log_s), inv_s = std::exp(-log_s);
       const int64_t off = plane * sh.spatial;
-      const auto sums = sum_lanes_n<scalar_t, 2>(sh.spatial, [&](auto lane, int64_t i) {
+      const auto sums = sum_lanes_n<scalar_t, 2, Remainder::kScalar>(sh.spatial, [&](auto lane, int64_t i) {
         using C = typename decltype(lane)::type;
         C g_in, g_b, g_ls;
-        actnorm_backward<Reverse, C>(load<C>(g_p + off + i), load<C>(x_p + off + i), C(b), C(s), C(inv_s), g_in, g_b,
-                                     g_ls);
-        store(gin_p + off + i, g_in);
+        actnorm_backward<Reverse, C>(lane.load(g_p + off + i), lane.load(x_p + off + i), C(b), C(s), C(inv_s), g_in,
+                                     g_b, g_ls);
+        lane.store(gin_p + off + i, g_in);
         return std::array<C, 2>{g_b, g_ls};
       });
       part_b[plane] = sums[0];
       part_ls[plane] = sums[1];
     }
   });
-  const scalar_t* gl_p = gl.const_data_ptr<scalar_t>();
+  const A* gl_p = gl.const_data_ptr<A>();
   A gl_total = 0;
-  for (int64_t b = 0; b < sh.batch; ++b) gl_total += static_cast<A>(gl_p[b]);
+  for (int64_t b = 0; b < sh.batch; ++b) gl_total += gl_p[b];
   const A logdet_term = (Reverse ? -gl_total : gl_total) * static_cast<A>(sh.spatial);
   scalar_t* gb_p = gb.mutable_data_ptr<scalar_t>();
   scalar_t* gls_p = gls.mutable_data_ptr<scalar_t>();

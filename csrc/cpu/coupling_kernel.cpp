@@ -64,11 +64,11 @@ template <typename scalar_t>
 void sum_partials(const CouplingShape& sh, const std::vector<acc_t<scalar_t>>& partial, bool negate,
                   at::Tensor& logdet) {
   const int64_t chunks = num_chunks(sh.n2(), kChunk);
-  scalar_t* out = logdet.data_ptr<scalar_t>();
+  acc_t<scalar_t>* out = logdet.mutable_data_ptr<acc_t<scalar_t>>();
   for (int64_t b = 0; b < sh.batch; ++b) {
     acc_t<scalar_t> s = 0;
     for (int64_t j = 0; j < chunks; ++j) s += partial[b * chunks + j];
-    out[b] = static_cast<scalar_t>(negate ? -s : s);
+    out[b] = negate ? -s : s;
   }
 }
 
@@ -91,9 +91,9 @@ void affine_apply(const at::Tensor& in, const at::Tensor& h, at::Tensor& out, at
       using M = MathOps<C>;
       const ScaleParams<C> pc{C(p.clamp), C(p.inv_clamp)};
       C L;
-      const C v = Inverse ? affine_inverse<K, C, M>(load<C>(x2 + i), load<C>(hs + i), load<C>(t + i), pc, L)
-                          : affine_forward<K, C, M>(load<C>(x2 + i), load<C>(hs + i), load<C>(t + i), pc, L);
-      store(y2 + i, v);
+      const C v = Inverse ? affine_inverse<K, C, M>(lane.load(x2 + i), lane.load(hs + i), lane.load(t + i), pc, L)
+                          : affine_forward<K, C, M>(lane.load(x2 + i), lane.load(hs + i), lane.load(t + i), pc, L);
+      lane.store(y2 + i, v);
       return L;
     });
   });
@@ -105,7 +105,7 @@ void affine_backward_apply(const at::Tensor& g, const at::Tensor& gl, const at::
                            at::Tensor& gin, at::Tensor& gh, const CouplingShape& sh, double clamp) {
   using A = acc_t<scalar_t>;
   const scalar_t* g_p = g.const_data_ptr<scalar_t>();
-  const scalar_t* gl_p = gl.const_data_ptr<scalar_t>();
+  const A* gl_p = gl.const_data_ptr<A>();
   const scalar_t* x_p = x.const_data_ptr<scalar_t>();
   const scalar_t* h_p = h.const_data_ptr<scalar_t>();
   scalar_t* gin_p = gin.mutable_data_ptr<scalar_t>();
@@ -115,17 +115,17 @@ void affine_backward_apply(const at::Tensor& g, const at::Tensor& gl, const at::
     const int64_t xo = sh.x2_offset(b) + start;
     const int64_t so = sh.affine_scale_offset(b) + start;
     const int64_t to = sh.affine_shift_offset(b) + start;
-    const A glb = static_cast<A>(gl_p[b]);
+    const A glb = gl_p[b];
     for_lanes<scalar_t>(n, [&](auto lane, int64_t i) {
       using C = typename decltype(lane)::type;
       using M = MathOps<C>;
       const ScaleParams<C> pc{C(p.clamp), C(p.inv_clamp)};
       C g_in, g_hs, g_t;
-      affine_backward<K, Reverse, C, M>(load<C>(g_p + xo + i), C(glb), load<C>(x_p + xo + i), load<C>(h_p + so + i),
-                                        pc, g_in, g_hs, g_t);
-      store(gin_p + xo + i, g_in);
-      store(gh_p + so + i, g_hs);
-      store(gh_p + to + i, g_t);
+      affine_backward<K, Reverse, C, M>(lane.load(g_p + xo + i), C(glb), lane.load(x_p + xo + i),
+                                        lane.load(h_p + so + i), pc, g_in, g_hs, g_t);
+      lane.store(gin_p + xo + i, g_in);
+      lane.store(gh_p + so + i, g_hs);
+      lane.store(gh_p + to + i, g_t);
     });
   });
 }
@@ -138,7 +138,7 @@ std::tuple<at::Tensor, at::Tensor> affine_coupling(const at::Tensor& in_, const 
   const CouplingShape sh = check_coupling(op, in_, h_, /*affine=*/true, Inverse ? "y" : "x");
   const at::Tensor in = in_.contiguous(), h = h_.contiguous();
   at::Tensor out = at::empty(in.sizes(), in.options());
-  at::Tensor logdet = at::empty({sh.batch}, in.options());
+  at::Tensor logdet = at::empty({sh.batch}, in.options().dtype(logdet_dtype(in.scalar_type())));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.scalar_type(), op, [&] {
     dispatch_scale(kind, [&](auto k) { affine_apply<decltype(k)::value, Inverse, scalar_t>(in, h, out, logdet, sh, clamp); });
   });
@@ -175,7 +175,7 @@ void affine_inv_bwd_apply(const at::Tensor& y, const at::Tensor& h, const at::Te
   const scalar_t* y_p = y.const_data_ptr<scalar_t>();
   const scalar_t* h_p = h.const_data_ptr<scalar_t>();
   const scalar_t* g_p = g.const_data_ptr<scalar_t>();
-  const scalar_t* gl_p = gl.const_data_ptr<scalar_t>();
+  const A* gl_p = gl.const_data_ptr<A>();
   scalar_t* x_p = x.mutable_data_ptr<scalar_t>();
   scalar_t* gin_p = gin.mutable_data_ptr<scalar_t>();
   scalar_t* gh_p = gh.mutable_data_ptr<scalar_t>();
@@ -185,18 +185,18 @@ void affine_inv_bwd_apply(const at::Tensor& y, const at::Tensor& h, const at::Te
     const int64_t xo = sh.x2_offset(b) + start;
     const int64_t so = sh.affine_scale_offset(b) + start;
     const int64_t to = sh.affine_shift_offset(b) + start;
-    const A glb = static_cast<A>(gl_p[b]);
+    const A glb = gl_p[b];
     for_lanes<scalar_t>(n, [&](auto lane, int64_t i) {
       using C = typename decltype(lane)::type;
       using M = MathOps<C>;
       const ScaleParams<C> pc{C(p.clamp), C(p.inv_clamp)};
       C x2, g_in, g_hs, g_t;
-      affine_inverse_backward<K, C, M>(load<C>(y_p + xo + i), load<C>(h_p + so + i), load<C>(h_p + to + i),
-                                       load<C>(g_p + xo + i), C(glb), pc, x2, g_in, g_hs, g_t);
-      store(x_p + xo + i, x2);
-      store(gin_p + xo + i, g_in);
-      store(gh_p + so + i, g_hs);
-      store(gh_p + to + i, g_t);
+      affine_inverse_backward<K, C, M>(lane.load(y_p + xo + i), lane.load(h_p + so + i), lane.load(h_p + to + i),
+                                       lane.load(g_p + xo + i), C(glb), pc, x2, g_in, g_hs, g_t);
+      lane.store(x_p + xo + i, x2);
+      lane.store(gin_p + xo + i, g_in);
+      lane.store(gh_p + so + i, g_hs);
+      lane.store(gh_p + to + i, g_t);
     });
   });
 }
@@ -235,8 +235,8 @@ at::Tensor additive_coupling(const at::Tensor& in_, const at::Tensor& h_) {
       const int64_t xo = sh.x2_offset(b) + start, to = sh.additive_shift_offset(b) + start;
       for_lanes<scalar_t>(n, [&](auto lane, int64_t i) {
         using C = typename decltype(lane)::type;
-        const C a = load<C>(in_p + xo + i), t = load<C>(t_p + to + i);
-        store(out_p + xo + i, Inverse ? additive_inverse<C>(a, t) : additive_forward<C>(a, t));
+        const C a = lane.load(in_p + xo + i), t = lane.load(t_p + to + i);
+        lane.store(out_p + xo + i, Inverse ? additive_inverse<C>(a, t) : additive_forward<C>(a, t));
       });
     });
   });
@@ -257,9 +257,9 @@ std::tuple<at::Tensor, at::Tensor> additive_coupling_bwd(const at::Tensor& g_, c
       const int64_t xo = sh.x2_offset(b) + start, to = sh.additive_shift_offset(b) + start;
       for_lanes<scalar_t>(n, [&](auto lane, int64_t i) {
         using C = typename decltype(lane)::type;
-        const C v = load<C>(g_p + xo + i);
-        store(gin_p + xo + i, v);
-        store(gh_p + to + i, reverse ? C(0) - v : v);
+        const C v = lane.load(g_p + xo + i);
+        lane.store(gin_p + xo + i, v);
+        lane.store(gh_p + to + i, reverse ? C(0) - v : v);
       });
     });
   });
@@ -287,10 +287,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> additive_coupling_inv_bwd(const a
       const int64_t xo = sh.x2_offset(b) + start, to = sh.additive_shift_offset(b) + start;
       for_lanes<scalar_t>(n, [&](auto lane, int64_t i) {
         using C = typename decltype(lane)::type;
-        const C v = load<C>(g_p + xo + i);
-        store(x_p + xo + i, additive_inverse<C>(load<C>(y_p + xo + i), load<C>(t_p + to + i)));
-        store(gin_p + xo + i, v);
-        store(gh_p + to + i, v);
+        const C v = lane.load(g_p + xo + i);
+        lane.store(x_p + xo + i, additive_inverse<C>(lane.load(y_p + xo + i), lane.load(t_p + to + i)));
+        lane.store(gin_p + xo + i, v);
+        lane.store(gh_p + to + i, v);
       });
     });
   });

@@ -1,8 +1,16 @@
 #pragma once
 
 // Loop helpers of the CPU kernels: a body written once as a generic lambda runs on
-// Vectorized<scalar_t> lanes (float, double) and on single elements for the tail and for the
-// reduced-precision types, which compute in float.
+// Vectorized<scalar_t> lanes for float and double, and on single elements (computed in float) for
+// the reduced-precision types.
+//
+// The remainder of a float/double loop (and the unaligned head of a streaming store) runs as one
+// partial vector by default (Remainder::kVector): loaded and stored with a count, so every element
+// goes through the vector code and its result depends only on its inputs, not on the tensor's size
+// or on where the element falls in it (a scalar remainder would run libm's functions instead of
+// SLEEF's and round differently). Bodies of additions and multiplications alone, which round the
+// same in a lane and in a scalar, may take Remainder::kScalar, cheaper for remainders of one or
+// two elements.
 
 #include <ATen/OpMathType.h>
 #include <ATen/cpu/vec/vec.h>
@@ -11,6 +19,7 @@
 #include <immintrin.h>
 #endif
 
+#include <algorithm>
 #include <array>
 #include <cstddef>
 #include <cstdint>
@@ -24,43 +33,87 @@ using acc_t = at::opmath_type<scalar_t>;
 template <typename scalar_t>
 inline constexpr bool kVectorized = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>;
 
-template <typename C>
+enum class Remainder { kVector, kScalar };
+
+// Whether the remainder of a loop over scalar_t is a partial vector (else single elements).
+template <typename scalar_t, Remainder R>
+inline constexpr bool kVectorRemainder = kVectorized<scalar_t> && R == Remainder::kVector;
+
+// What a loop body sees: the compute type C (Vectorized<scalar_t>, or acc_t<scalar_t> for one
+// element) and how to move `count` consecutive elements of scalar_t between memory and C. A full
+// vector lane (Partial = false) moves V::size() elements; a partial one moves `count` < V::size().
+// Its padded lanes are never stored and keep() drops them from sums; with AVX2 and AVX512 they
+// hold 0 (masked loads), elsewhere they are zero-filled.
+template <typename scalar_t, typename C, bool Partial = false>
 struct Lane {
   using type = C;
+  int64_t count = 1;
+
+  C load(const scalar_t* p) const {
+    if constexpr (!std::is_same_v<C, at::vec::Vectorized<scalar_t>>) {
+      return static_cast<C>(*p);
+    } else if constexpr (Partial) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+      return C::loadu(p, count);
+#else
+      return C::set(C(scalar_t(0)), C::loadu(p, count), count);
+#endif
+    } else {
+      return C::loadu(p);
+    }
+  }
+
+  void store(scalar_t* p, const C& v) const {
+    if constexpr (!std::is_same_v<C, at::vec::Vectorized<scalar_t>>) {
+      *p = static_cast<scalar_t>(v);
+    } else if constexpr (Partial) {
+      v.store(p, count);
+    } else {
+      v.store(p);
+    }
+  }
+
+  // v on the lanes that hold elements, 0 on the padded lanes: a term of a sum (the padded lanes
+  // compute the body at other inputs, and the body is not 0 at every input, e.g. log sigmoid(0 + 2)).
+  C keep(const C& v) const {
+    if constexpr (Partial) {
+      return C::blendv(C(scalar_t(0)), v, C::arange(scalar_t(0), scalar_t(1)) < C(static_cast<scalar_t>(count)));
+    } else {
+      return v;
+    }
+  }
 };
 
-template <typename C, typename scalar_t>
-inline C load(const scalar_t* p) {
-  if constexpr (std::is_same_v<C, at::vec::Vectorized<scalar_t>>) {
-    return C::loadu(p);
-  } else {
-    return static_cast<C>(*p);
-  }
-}
+template <typename scalar_t>
+using Vec = at::vec::Vectorized<scalar_t>;
+template <typename scalar_t>
+using FullLane = Lane<scalar_t, Vec<scalar_t>, false>;
+template <typename scalar_t>
+using PartialLane = Lane<scalar_t, Vec<scalar_t>, true>;
+template <typename scalar_t>
+using ScalarLane = Lane<scalar_t, acc_t<scalar_t>, false>;
 
-template <typename scalar_t, typename C>
-inline void store(scalar_t* p, const C& v) {
-  if constexpr (std::is_same_v<C, at::vec::Vectorized<scalar_t>>) {
-    v.store(p);
-  } else {
-    *p = static_cast<scalar_t>(v);
-  }
-}
-
-// Calls body(Lane<C>{}, i) over [0, n); body returns std::array<C, N>. Returns the N sums,
-// accumulated in acc_t<scalar_t> per vector lane and then lane by lane in a fixed order.
-template <typename scalar_t, size_t N, typename Body>
+// Calls body(lane, i) over [0, n) in steps of lane.count; body returns std::array<C, N>. Returns
+// the N sums, accumulated in acc_t<scalar_t> per vector lane and then lane by lane in a fixed order.
+template <typename scalar_t, size_t N, Remainder R = Remainder::kVector, typename Body>
 inline std::array<acc_t<scalar_t>, N> sum_lanes_n(int64_t n, const Body& body) {
   using A = acc_t<scalar_t>;
   std::array<A, N> total{};
   int64_t i = 0;
   if constexpr (kVectorized<scalar_t>) {
-    using V = at::vec::Vectorized<scalar_t>;
+    using V = Vec<scalar_t>;
     std::array<V, N> vacc;
     vacc.fill(V(A(0)));
     for (; i + V::size() <= n; i += V::size()) {
-      const std::array<V, N> terms = body(Lane<V>{}, i);
+      const std::array<V, N> terms = body(FullLane<scalar_t>{V::size()}, i);
       for (size_t k = 0; k < N; ++k) vacc[k] = vacc[k] + terms[k];
+    }
+    if constexpr (R == Remainder::kVector) {
+      if (i < n) {
+        const PartialLane<scalar_t> lane{n - i};
+        const std::array<V, N> terms = body(lane, i);
+        for (size_t k = 0; k < N; ++k) vacc[k] = vacc[k] + lane.keep(terms[k]);
+      }
     }
     alignas(64) A lanes[V::size()];
     for (size_t k = 0; k < N; ++k) {
@@ -68,31 +121,38 @@ inline std::array<acc_t<scalar_t>, N> sum_lanes_n(int64_t n, const Body& body) {
       for (int64_t l = 0; l < V::size(); ++l) total[k] += lanes[l];
     }
   }
-  for (; i < n; ++i) {
-    const std::array<A, N> terms = body(Lane<A>{}, i);
-    for (size_t k = 0; k < N; ++k) total[k] += terms[k];
+  if constexpr (!kVectorRemainder<scalar_t, R>) {
+    for (; i < n; ++i) {
+      const std::array<A, N> terms = body(ScalarLane<scalar_t>{}, i);
+      for (size_t k = 0; k < N; ++k) total[k] += terms[k];
+    }
   }
   return total;
 }
 
 // One sum: body returns C.
-template <typename scalar_t, typename Body>
+template <typename scalar_t, Remainder R = Remainder::kVector, typename Body>
 inline acc_t<scalar_t> sum_lanes(int64_t n, const Body& body) {
-  return sum_lanes_n<scalar_t, 1>(n, [&](auto lane, int64_t i) {
+  return sum_lanes_n<scalar_t, 1, R>(n, [&](auto lane, int64_t i) {
     using C = typename decltype(lane)::type;
     return std::array<C, 1>{body(lane, i)};
   })[0];
 }
 
-// Calls body(Lane<C>{}, i) over [0, n).
-template <typename scalar_t, typename Body>
+// Calls body(lane, i) over [0, n) in steps of lane.count.
+template <typename scalar_t, Remainder R = Remainder::kVector, typename Body>
 inline void for_lanes(int64_t n, const Body& body) {
   int64_t i = 0;
   if constexpr (kVectorized<scalar_t>) {
-    using V = at::vec::Vectorized<scalar_t>;
-    for (; i + V::size() <= n; i += V::size()) body(Lane<V>{}, i);
+    using V = Vec<scalar_t>;
+    for (; i + V::size() <= n; i += V::size()) body(FullLane<scalar_t>{V::size()}, i);
+    if constexpr (R == Remainder::kVector) {
+      if (i < n) body(PartialLane<scalar_t>{n - i}, i);
+    }
   }
-  for (; i < n; ++i) body(Lane<acc_t<scalar_t>>{}, i);
+  if constexpr (!kVectorRemainder<scalar_t, R>) {
+    for (; i < n; ++i) body(ScalarLane<scalar_t>{}, i);
+  }
 }
 
 // Streaming (non-temporal) stores exist in this build's vector ISA for float and double.
@@ -106,7 +166,7 @@ inline constexpr bool kStreams =
 
 // Stores v at p (aligned to the vector size) without reading the destination's cache lines first.
 template <typename scalar_t>
-inline void store_stream(scalar_t* p, const at::vec::Vectorized<scalar_t>& v) {
+inline void store_stream(scalar_t* p, const Vec<scalar_t>& v) {
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<scalar_t, float>) {
     _mm512_stream_ps(p, v);
@@ -124,26 +184,37 @@ inline void store_stream(scalar_t* p, const at::vec::Vectorized<scalar_t>& v) {
 #endif
 }
 
-// dst[i] = body(Lane<C>{}, i) over [0, n). With stream = true (for outputs much larger than the
+// dst[i] = body(lane, i) over [0, n). With stream = true (for outputs much larger than the
 // caches, not read back soon) the aligned vector part uses streaming stores, which skip reading
-// the destination first and so cut the memory traffic of a bandwidth-bound pass by a third.
-template <typename scalar_t, typename Body>
+// the destination first and so cut the memory traffic of a bandwidth-bound pass by a third; the
+// unaligned head and the remainder run as R says.
+template <typename scalar_t, Remainder R = Remainder::kVector, typename Body>
 inline void store_lanes(scalar_t* dst, int64_t n, bool stream, const Body& body) {
   if constexpr (kStreams<scalar_t>) {
     if (stream) {
-      using V = at::vec::Vectorized<scalar_t>;
+      using V = Vec<scalar_t>;
       constexpr auto kAlign = static_cast<uintptr_t>(sizeof(V));
-      int64_t i = 0;
-      for (; i < n && reinterpret_cast<uintptr_t>(dst + i) % kAlign != 0; ++i) {
-        dst[i] = static_cast<scalar_t>(body(Lane<acc_t<scalar_t>>{}, i));
-      }
-      for (; i + V::size() <= n; i += V::size()) store_stream(dst + i, body(Lane<V>{}, i));
-      for (; i < n; ++i) dst[i] = static_cast<scalar_t>(body(Lane<acc_t<scalar_t>>{}, i));
+      const auto misaligned = static_cast<int64_t>(reinterpret_cast<uintptr_t>(dst) % kAlign);
+      const int64_t head = misaligned == 0 ? 0 : std::min<int64_t>(n, (kAlign - misaligned) / sizeof(scalar_t));
+      const auto part = [&](int64_t start, int64_t count) {
+        if constexpr (R == Remainder::kVector) {
+          const PartialLane<scalar_t> lane{count};
+          lane.store(dst + start, body(lane, start));
+        } else {
+          for (int64_t j = start; j < start + count; ++j) {
+            dst[j] = static_cast<scalar_t>(body(ScalarLane<scalar_t>{}, j));
+          }
+        }
+      };
+      if (head > 0) part(0, head);
+      int64_t i = head;
+      for (; i + V::size() <= n; i += V::size()) store_stream(dst + i, body(FullLane<scalar_t>{V::size()}, i));
+      if (i < n) part(i, n - i);
       _mm_sfence();
       return;
     }
   }
-  for_lanes<scalar_t>(n, [&](auto lane, int64_t i) { store(dst + i, body(lane, i)); });
+  for_lanes<scalar_t, R>(n, [&](auto lane, int64_t i) { lane.store(dst + i, body(lane, i)); });
 }
 
 }  // namespace invk::cpu

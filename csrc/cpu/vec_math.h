@@ -1,8 +1,8 @@
 #pragma once
 
 // MathOps for at::vec::Vectorized<T>: lets the CPU vector loop run the same templated formulas
-// (csrc/kernels/coupling.h) as the scalar tails and the CUDA threads. The vector functions are
-// SLEEF's 1-ULP versions when the translation unit is compiled for AVX2 or AVX512.
+// (csrc/kernels/coupling.h) as the CUDA threads. The vector functions are SLEEF's 1-ULP versions
+// when the translation unit is compiled for AVX2 or AVX512.
 
 #include <ATen/cpu/vec/vec.h>
 
@@ -16,15 +16,18 @@ struct MathOps<at::vec::Vectorized<T>> {
   using scalar = T;
   static V splat(T v) { return V(v); }
   static V exp(const V& v) { return v.exp(); }
-  // 1 - 2 / (1 + exp(2v)): one SLEEF exp and a division, about half the time of SLEEF's tanh here.
-  // Exact limits (+-1 for +-inf, NaN kept); the absolute error stays within a few ulps of 1,
-  // which is the accuracy the log-scale c * tanh(h / c) and its sums need.
-  static V tanh(const V& v) { return V(T(1)) - V(T(2)) / (V(T(1)) + (v + v).exp()); }
-  // log(1 + v): SLEEF's log1p is several times slower than its log here. The kernels call log1p
-  // only for v = exp(-|z|) in (0, 1] (log-sigmoid), where an absolute error of an ulp of 1 is
-  // the accuracy the result needs.
-  static V log1p(const V& v) { return (V(T(1)) + v).log(); }
+  // log(1 + v) for v in [0, 1] (the kernels call it for v = exp(-|z|)) to a few ulps: u = 1 + v
+  // rounds off r = v - (u - 1), exactly (Fast2Sum), and log(1 + v) = log(u) + log(1 + r / u)
+  // = log(u) + r up to r (u - 1) / u, which is below half an ulp of log(u) >= (u - 1) / u.
+  // log(1 + v) alone is off by an ulp of 1, which is all of log1p(v) once v < 2^-24 (float);
+  // SLEEF's log1p, and Kahan's log(u) * v / (u - 1), cost a division or more here.
+  static V log1p(const V& v) {
+    const V u = V(T(1)) + v;
+    return u.log() + (v - (u - V(T(1))));
+  }
   static V abs(const V& v) { return v.abs(); }
+  // Bit operations: Vectorized::copysign is a call into SLEEF, not inlined.
+  static V copysign(const V& magnitude, const V& sign) { return magnitude.abs() | (sign & V(T(-0.0))); }
   static V min(const V& a, const V& b) { return at::vec::minimum(a, b); }
   static V select_nonneg(const V& z, const V& a, const V& b) { return V::blendv(b, a, z >= V(T(0))); }
 };

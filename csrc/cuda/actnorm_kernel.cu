@@ -91,9 +91,9 @@ std::tuple<at::Tensor, at::Tensor> actnorm(const at::Tensor& in_, const at::Tens
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
-  const auto acc_type = at::toOpMathType(in.scalar_type());
-  const at::Tensor per_sample = ls.to(acc_type).sum() * static_cast<double>(Inverse ? -sh.spatial : sh.spatial);
-  return {out, per_sample.expand({sh.batch}).to(in.scalar_type()).contiguous()};
+  const at::Tensor per_sample =
+      ls.to(logdet_dtype(in.scalar_type())).sum() * static_cast<double>(Inverse ? -sh.spatial : sh.spatial);
+  return {out, per_sample.expand({sh.batch}).contiguous()};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> actnorm_bwd(const at::Tensor& g_, const at::Tensor& gl_,
@@ -128,7 +128,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> actnorm_bwd(const at::Tensor& g_,
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
-  const at::Tensor logdet_term = gl_.to(acc_type).sum() * static_cast<double>(reverse ? -sh.spatial : sh.spatial);
+  const at::Tensor logdet_term = gl_.sum() * static_cast<double>(reverse ? -sh.spatial : sh.spatial);
   return {gin, partial_b.sum(1).to(x.scalar_type()), (partial_ls.sum(1) + logdet_term).to(x.scalar_type())};
 }
 

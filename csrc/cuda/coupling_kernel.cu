@@ -64,9 +64,9 @@ __global__ void affine_apply_kernel(const scalar_t* __restrict__ in, const scala
   }
 }
 
-// g, x, gin: [B, C, S]; h, gh: [B, 2 * C2, S]; gl: [B]. Transformed half only.
+// g, x, gin: [B, C, S]; h, gh: [B, 2 * C2, S]; gl: [B] in acc_t. Transformed half only.
 template <typename scalar_t, ScaleKind K, bool Reverse>
-__global__ void affine_backward_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ gl,
+__global__ void affine_backward_kernel(const scalar_t* __restrict__ g, const acc_t<scalar_t>* __restrict__ gl,
                                        const scalar_t* __restrict__ x, const scalar_t* __restrict__ h,
                                        scalar_t* __restrict__ gin, scalar_t* __restrict__ gh, CouplingShape sh,
                                        ScaleParams<acc_t<scalar_t>> p) {
@@ -78,7 +78,7 @@ __global__ void affine_backward_kernel(const scalar_t* __restrict__ g, const sca
     const int64_t b = idx / n2, i = idx % n2;
     const int64_t xo = sh.x2_offset(b) + i, so = sh.affine_scale_offset(b) + i, to = sh.affine_shift_offset(b) + i;
     A g_in, g_hs, g_t;
-    affine_backward<K, Reverse, A>(A(g[xo]), A(gl[b]), A(x[xo]), A(h[so]), p, g_in, g_hs, g_t);
+    affine_backward<K, Reverse, A>(A(g[xo]), gl[b], A(x[xo]), A(h[so]), p, g_in, g_hs, g_t);
     gin[xo] = static_cast<scalar_t>(g_in);
     gh[so] = static_cast<scalar_t>(g_hs);
     gh[to] = static_cast<scalar_t>(g_t);
@@ -87,10 +87,11 @@ __global__ void affine_backward_kernel(const scalar_t* __restrict__ g, const sca
 
 // Inverse and backward in one pass (memory-free backprop): rebuilds x2 from y2 and back-propagates
 // g (gradient of y2) and gl (of the log-det) through the forward at x2.
-// y, g, x, gin: [B, C, S]; h, gh: [B, 2 * C2, S]; gl: [B]. Transformed half only.
+// y, g, x, gin: [B, C, S]; h, gh: [B, 2 * C2, S]; gl: [B] in acc_t. Transformed half only.
 template <typename scalar_t, ScaleKind K>
 __global__ void affine_inverse_backward_kernel(const scalar_t* __restrict__ y, const scalar_t* __restrict__ h,
-                                               const scalar_t* __restrict__ g, const scalar_t* __restrict__ gl,
+                                               const scalar_t* __restrict__ g,
+                                               const acc_t<scalar_t>* __restrict__ gl,
                                                scalar_t* __restrict__ x, scalar_t* __restrict__ gin,
                                                scalar_t* __restrict__ gh, CouplingShape sh,
                                                ScaleParams<acc_t<scalar_t>> p) {
@@ -102,7 +103,7 @@ __global__ void affine_inverse_backward_kernel(const scalar_t* __restrict__ y, c
     const int64_t b = idx / n2, i = idx % n2;
     const int64_t xo = sh.x2_offset(b) + i, so = sh.affine_scale_offset(b) + i, to = sh.affine_shift_offset(b) + i;
     A x2, g_in, g_hs, g_t;
-    affine_inverse_backward<K, A>(A(y[xo]), A(h[so]), A(h[to]), A(g[xo]), A(gl[b]), p, x2, g_in, g_hs, g_t);
+    affine_inverse_backward<K, A>(A(y[xo]), A(h[so]), A(h[to]), A(g[xo]), gl[b], p, x2, g_in, g_hs, g_t);
     x[xo] = static_cast<scalar_t>(x2);
     gin[xo] = static_cast<scalar_t>(g_in);
     gh[so] = static_cast<scalar_t>(g_hs);
@@ -173,8 +174,8 @@ std::tuple<at::Tensor, at::Tensor> affine_coupling(const at::Tensor& in_, const 
   const at::Tensor in = in_.contiguous(), h = h_.contiguous();
   at::Tensor out = at::empty(in.sizes(), in.options());
   const int64_t chunks = num_chunks(sh.n2(), kChunk);
-  if (sh.batch == 0) return {out, at::empty({0}, in.options())};
-  const auto acc_type = at::toOpMathType(in.scalar_type());
+  const auto acc_type = logdet_dtype(in.scalar_type());
+  if (sh.batch == 0) return {out, at::empty({0}, in.options().dtype(acc_type))};
   at::Tensor partial = at::zeros({sh.batch, chunks}, in.options().dtype(acc_type));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   copy_passthrough(in, out, sh);
@@ -191,7 +192,7 @@ std::tuple<at::Tensor, at::Tensor> affine_coupling(const at::Tensor& in_, const 
       });
     });
   }
-  return {out, partial.sum(1).to(in.scalar_type())};
+  return {out, partial.sum(1)};
 }
 
 std::tuple<at::Tensor, at::Tensor> affine_coupling_bwd(const at::Tensor& g_, const at::Tensor& gl_,
@@ -220,7 +221,7 @@ std::tuple<at::Tensor, at::Tensor> affine_coupling_bwd(const at::Tensor& g_, con
       const int grid = grid_for_elements(total);
       const auto launch = [&](auto rev) {
         affine_backward_kernel<scalar_t, decltype(k)::value, decltype(rev)::value><<<grid, kThreads, 0, stream>>>(
-            g.const_data_ptr<scalar_t>(), gl.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+            g.const_data_ptr<scalar_t>(), gl.const_data_ptr<A>(), x.const_data_ptr<scalar_t>(),
             h.const_data_ptr<scalar_t>(), gin.mutable_data_ptr<scalar_t>(), gh.mutable_data_ptr<scalar_t>(), sh, p);
       };
       if (reverse) {
@@ -258,7 +259,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_coupling_inv_bwd(const at:
     dispatch_scale(kind, [&](auto k) {
       affine_inverse_backward_kernel<scalar_t, decltype(k)::value><<<grid_for_elements(total), kThreads, 0, stream>>>(
           y.const_data_ptr<scalar_t>(), h.const_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(),
-          gl.const_data_ptr<scalar_t>(), x.mutable_data_ptr<scalar_t>(), gin.mutable_data_ptr<scalar_t>(),
+          gl.const_data_ptr<A>(), x.mutable_data_ptr<scalar_t>(), gin.mutable_data_ptr<scalar_t>(),
           gh.mutable_data_ptr<scalar_t>(), sh, p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });

@@ -1,6 +1,7 @@
 // Host tests of the shared coupling math in csrc/kernels/coupling.h (the functions the CPU
 // backend runs and the CUDA kernels compile for the device). Formulas: docs/ops/coupling.md.
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -72,6 +73,55 @@ void test_log_scale_sigmoid() {
   const T inf = std::numeric_limits<T>::infinity();
   CHECK(invk::log_scale<ScaleKind::Sigmoid, T>(inf, p) == T(0));
   CHECK(invk::log_scale<ScaleKind::Sigmoid, T>(-inf, p) == -inf);
+}
+
+// Worst relative errors, in ulps of T, of the soft clamp L = c * tanh(h / c) and of
+// L' = 1 - tanh(h / c)^2 over |h| from 1e-12 to 1e4 against long double, with the clamp the kernel
+// sees. L' at large |u| = |h / c| is conditioned by 2|u| against the rounding of u, so its error is
+// counted in units of (1 + 2|u|) ulps; values of L' near the bottom of T's range are skipped.
+template <typename T>
+void soft_clamp_worst_ulps(double clamp, double& worst_L, double& worst_dL) {
+  const auto p = params<T>(clamp);
+  const long double c = p.clamp;
+  const long double eps = std::numeric_limits<T>::epsilon();
+  worst_L = worst_dL = 0.0;
+  for (double mag = 1e-12; mag < 1e4; mag *= 1.01) {
+    for (double sign : {-1.0, 1.0}) {
+      const T h = static_cast<T>(sign * mag);
+      T L, dL;
+      invk::log_scale_with_grad<ScaleKind::Exp, T>(h, p, L, dL);
+      const long double u = static_cast<long double>(h) / c;
+      const long double L_ref = c * std::tanh(u);
+      const long double dL_ref = 1.0L / (std::cosh(u) * std::cosh(u));
+      worst_L = std::max(worst_L, static_cast<double>(std::fabs(L - L_ref) / (eps * std::fabs(L_ref))));
+      if (dL_ref > 1e6L * std::numeric_limits<T>::min()) {
+        const long double bound = eps * dL_ref * (1.0L + 2.0L * std::fabs(u));
+        worst_dL = std::max(worst_dL, static_cast<double>(std::fabs(dL - dL_ref) / bound));
+      }
+    }
+  }
+}
+
+// The scalar instantiation is what the CUDA threads run. The textbook forms lose accuracy at both
+// ends: c * tanh(h * (1 / c)) for a huge clamp (h / c below T's normal range), 1 - tanh^2 where
+// tanh rounds to 1.
+template <typename T>
+void test_soft_clamp_accuracy() {
+  for (double c : {0.5, 2.0, 100.0, 1e6, 1e30}) {
+    double worst_L, worst_dL;
+    soft_clamp_worst_ulps<T>(c, worst_L, worst_dL);
+    CHECK_CLOSE(worst_L, 0.0, 0.0, 3.0);
+    CHECK_CLOSE(worst_dL, 0.0, 0.0, 4.0);
+  }
+  const auto p = params<T>(2.0);
+  const T inf = std::numeric_limits<T>::infinity();
+  T L, dL;
+  invk::log_scale_with_grad<ScaleKind::Exp, T>(inf, p, L, dL);
+  CHECK(L == T(2) && dL == T(0));
+  invk::log_scale_with_grad<ScaleKind::Exp, T>(-inf, p, L, dL);
+  CHECK(L == T(-2) && dL == T(0));
+  invk::log_scale_with_grad<ScaleKind::Exp, T>(T(0), p, L, dL);
+  CHECK(L == T(0) && dL == T(1));
 }
 
 template <ScaleKind K>
@@ -329,6 +379,8 @@ void invk_test::run_coupling_math_tests() {
   test_log_scale_sigmoid<float>();
   test_log_scale_sigmoid<double>();
   test_log_scale_grad();
+  test_soft_clamp_accuracy<float>();
+  test_soft_clamp_accuracy<double>();
   test_affine_round_trip();
   test_affine_backward();
   test_additive<float>();

@@ -19,8 +19,10 @@ def standard_normal_log_prob(z: torch.Tensor) -> torch.Tensor:
 
 def uniform_dequantize(x: torch.Tensor, levels: int) -> torch.Tensor:
     """``(k + u) / levels`` with ``k = round(x * (levels - 1))`` and ``u ~ U[0, 1)`` (torch's global
-    generator): data on the grid ``k / (levels - 1)`` spread uniformly over ``[0, 1)``."""
-    return (torch.round(x * (levels - 1)) + torch.rand_like(x)) / levels
+    generator): data on the grid ``k / (levels - 1)`` spread uniformly over ``[0, 1)``. Computed in
+    float32 or wider (a float16/bfloat16 ``k + u`` would round ``u`` away), returned in ``x``'s dtype."""
+    xc = x.to(torch.promote_types(x.dtype, torch.float32))
+    return ((torch.round(xc * (levels - 1)) + torch.rand_like(xc)) / levels).to(x.dtype)
 
 
 def check_levels(name: str, levels) -> int:
@@ -41,9 +43,10 @@ class FlowModel(nn.Module):
     ``log_prob(x)``, ``sample(n, temperature)`` and ``bits_per_dim(x, levels)``.
 
     Subclasses define ``event_shape`` (the shape of one sample), ``forward``, ``inverse`` and
-    ``_sample_latent(n, temperature)``; ``forward``'s ``logdet`` already includes the log-density
-    of everything factored out along the way, so ``log p(x) = log N(z_final; 0, I) + logdet`` with
-    ``z_final`` what :meth:`_final_latent` picks out of ``z``.
+    ``_sample(n, temperature)``; ``forward``'s ``logdet`` already includes the log-density of
+    everything factored out along the way, so ``log p(x) = log N(z_final; 0, I) + logdet`` with
+    ``z_final`` what :meth:`_final_latent` picks out of ``z``. Inputs must have the dtype of the
+    model's parameters (outside autocast); log-densities are float32 or wider whatever that dtype.
     """
 
     event_shape: tuple[int, ...]
@@ -57,15 +60,25 @@ class FlowModel(nn.Module):
                              f"got {list(x.shape)}")
         if not x.is_floating_point():
             raise ValueError(f"{cls}: {name} should be a floating-point tensor, got {x.dtype}")
+        dtype = self._parameter_dtype()
+        autocast = torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type)
+        if dtype is not None and x.dtype != dtype and not autocast:
+            raise ValueError(f"{cls}: {name} has dtype {x.dtype} but the model's parameters are {dtype}: pass "
+                             f"{name}.to({dtype}), or convert the model with model.to({x.dtype})")
+
+    def _parameter_dtype(self) -> torch.dtype | None:
+        """The dtype of the model's floating-point parameters (None when it has none)."""
+        return next((p.dtype for p in self.parameters() if p.is_floating_point()), None)
 
     def _final_latent(self, z: torch.Tensor) -> torch.Tensor:
         return z
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        """``log p(x)`` per sample (nats), shape ``[B]``, for continuous ``x``."""
+        """``log p(x)`` per sample (nats), shape ``[B]``, for continuous ``x``; float32 for float16,
+        bfloat16 and float32 models, float64 for float64 ones."""
         z, logdet = self(x)
-        return standard_normal_log_prob(self._final_latent(z)) + logdet.to(torch.promote_types(logdet.dtype,
-                                                                                                torch.float32))
+        logdet = logdet.to(torch.promote_types(logdet.dtype, torch.float32))
+        return standard_normal_log_prob(self._final_latent(z)) + logdet
 
     def sample(self, n: int, temperature: float = 1.0) -> torch.Tensor:
         """``n`` samples, drawn with the latents scaled by ``temperature`` (0 gives the mode path);
@@ -81,25 +94,46 @@ class FlowModel(nn.Module):
 
     def dequantize(self, x: torch.Tensor, levels: int) -> torch.Tensor:
         """Uniform dequantization of data in ``{0, 1/(levels-1), ..., 1}``: ``(k + u) / levels`` with
-        ``k = round(x * (levels - 1))`` and ``u ~ U[0, 1)`` (torch's global generator).
+        ``k = round(x * (levels - 1))`` and ``u ~ U[0, 1)`` (torch's global generator), computed in
+        float32 or wider and returned in ``x``'s dtype.
 
-        Raises ValueError for values outside ``[0, 1]`` or off the ``levels``-level grid."""
+        ``x`` may be stored in any floating dtype: the grid check allows the rounding of that dtype
+        (``k / (levels - 1)`` rounded to float16 or bfloat16 passes). Raises ValueError for values
+        outside ``[0, 1]`` or off the ``levels``-level grid, and for a dtype too coarse to hold
+        ``levels`` distinct values in ``[0, 1]`` (bfloat16: at most 256, float16: 2048)."""
         cls = type(self).__name__
         levels = check_levels(cls, levels)
         self._check_input(x)
+        finfo = torch.finfo(x.dtype)
+        if levels - 1 >= 2 / finfo.eps:
+            raise ValueError(f"{cls}: x in {x.dtype} cannot hold {levels} distinct levels in [0, 1] (at most "
+                             f"{int(2 / finfo.eps)}: its spacing just below 1 is {finfo.eps / 2:.3g}); store the "
+                             f"data and the model in a wider dtype (e.g. model.float() and x.float())")
         if x.numel() and (bool((x < 0).any()) or bool((x > 1).any()) or not bool(torch.isfinite(x).all())):
             raise ValueError(f"{cls}: x should hold values in [0, 1] (data with {levels} levels scaled to "
                              f"[0, 1]), got values in [{x.min().item():.4g}, {x.max().item():.4g}]")
-        k = x * (levels - 1)
-        if x.numel() and (k - k.round()).abs().max().item() > 1e-3:
-            raise ValueError(f"{cls}: x should lie on the grid of {levels} levels k / {levels - 1}; the largest "
-                             f"distance is {(k - k.round()).abs().max().item() / (levels - 1):.3g}")
+        if x.numel():
+            xc = x.to(torch.promote_types(x.dtype, torch.float32))
+            k = xc * (levels - 1)
+            distance = (k - k.round()).abs()
+            # k / (levels - 1) stored in x's dtype is off by at most half its spacing at x,
+            # finfo.eps * 2 ** (exponent - 2) for x = mantissa * 2 ** exponent, mantissa in [0.5, 1).
+            _, exponent = torch.frexp(xc)
+            rounding = torch.ldexp(torch.full_like(xc, finfo.eps / 4), exponent) * (levels - 1)
+            excess = distance - rounding
+            if excess.max().item() > 1e-3:
+                worst = int(excess.flatten().argmax())
+                raise ValueError(f"{cls}: x should lie on the grid of {levels} levels k / {levels - 1}; the value "
+                                 f"{xc.flatten()[worst].item():.6g} is {distance.flatten()[worst].item():.3g} "
+                                 f"levels from it (the rounding of {x.dtype} allows "
+                                 f"{rounding.flatten()[worst].item():.3g})")
         return uniform_dequantize(x, levels)
 
     def bits_per_dim(self, x: torch.Tensor, levels: int = 256) -> torch.Tensor:
         """Negative log-likelihood in bits per dimension of discrete data ``x`` (values
         ``k / (levels - 1)``), per sample: ``-(log p(x̃) - D log(levels)) / (D log 2)`` with ``x̃`` the
-        uniformly dequantized data in ``[0, 1)`` (an upper bound of the discrete model's NLL)."""
+        uniformly dequantized data in ``[0, 1)`` (an upper bound of the discrete model's NLL), in
+        float32 or wider (:meth:`dequantize` says which ``x`` it takes)."""
         dims = math.prod(self.event_shape)
         y = self.dequantize(x, levels)
         return -(self.log_prob(y) - dims * math.log(levels)) / (dims * math.log(2))

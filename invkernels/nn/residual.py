@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-from invkernels._validation import check_int
+from invkernels._validation import check_int, logdet_dtype
 
 _NORMALIZED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -131,18 +131,19 @@ class InvertibleResidual(nn.Module):
             rows = [torch.autograd.grad(flat[:, i].sum(), x, retain_graph=True, create_graph=create_graph)[0].flatten(1)
                     for i in range(d)]
         jac = torch.stack(rows, dim=1)
+        jac = jac.to(logdet_dtype(jac.dtype))
         eye = torch.eye(d, dtype=jac.dtype, device=jac.device)
         return torch.linalg.slogdet(eye + jac).logabsdet
 
     def series_logdet(self, x: torch.Tensor, gx: torch.Tensor, create_graph: bool) -> torch.Tensor:
         """The Hutchinson estimate of the truncated power series (see the class docstring)."""
-        total = x.new_zeros(x.shape[0])
+        total = x.new_zeros(x.shape[0], dtype=logdet_dtype(x.dtype))
         for _ in range(self.samples):
             v = torch.randn_like(x)
             w = v
             for k in range(1, self.terms + 1):
                 (w,) = torch.autograd.grad(gx, x, w, retain_graph=True, create_graph=create_graph)
-                total = total + ((-1) ** (k + 1) / k) * (w * v).flatten(1).sum(1)
+                total = total + ((-1) ** (k + 1) / k) * (w * v).flatten(1).to(total.dtype).sum(1)
         return total / self.samples
 
     def _map(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -104,6 +104,22 @@ def _fsdp_units(block: nn.Module) -> list[nn.Module]:
     return [m for m in block.modules() if isinstance(m, FSDPModule)]
 
 
+@contextlib.contextmanager
+def _gathered(block: nn.Module):
+    """FSDP2 keeps parameters sharded outside forwards: the units inside ``block`` are gathered
+    (``unshard``) for the block's inverse or rebuild and resharded after. Gradients computed for
+    the gathered parameters stay in their ``.grad``, which FSDP reduce-scatters when the
+    backward ends."""
+    units = _fsdp_units(block)
+    for unit in units:
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+
+
 def _watched(seq, indices) -> list[tuple[str, torch.Tensor, int | None]]:
     """``(name, tensor, version)`` of every parameter and buffer of the blocks ``indices``: what
     rebuilding their inputs reads, frozen parameters and buffers included."""
@@ -174,13 +190,9 @@ class _MemoryFreeChain(torch.autograd.Function):
                 if rng is not None:
                     rng.restore()
                 block = seq.blocks[i]
-                # FSDP2 keeps the parameters sharded outside forwards: gather them for the rebuild;
-                # FSDP reduce-scatters their gradients and reshards at the end of the backward.
-                for unit in _fsdp_units(block):
-                    unit.unshard()
                 # The rebuild reruns the block (train-mode subnets included): what it writes to
                 # buffers (BatchNorm running statistics) goes to copies, so the forward's update counts once.
-                with _state.scratch_buffers(block):
+                with _state.scratch_buffers(block), _gathered(block):
                     y, grad_y, pairs = seq._inverse_backward(i, y, grad_y, grad_logdet, context, rng)
                 for t, g in pairs:
                     if g is not None:
@@ -315,14 +327,8 @@ class InvertibleSequential(nn.Module):
                 f"output: its inverse needs what its forward factored out (for Split, the half z2), which the "
                 f"chain does not keep. Invert the blocks around it yourself, passing z2 to its inverse, or draw "
                 f"samples with a model's sample()")
-        units = _fsdp_units(block)
-        for unit in units:
-            unit.unshard()
-        try:
+        with _gathered(block):
             return block.inverse(y, **self._kwargs(i, context))
-        finally:
-            for unit in units:
-                unit.reshard()
 
     def _inverse_backward(self, i, y, grad_y, grad_logdet, context, rng):
         block = self.blocks[i]

@@ -29,20 +29,27 @@ def _contiguous_like(t: torch.Tensor) -> torch.Tensor:
     return torch.empty(t.shape, dtype=t.dtype, device=t.device)
 
 
+def _logdet_like(x: torch.Tensor) -> torch.Tensor:
+    """The log-det of a batch ``x``: ``[B]`` in ``logdet_dtype(x.dtype)``."""
+    return x.new_empty(x.shape[0], dtype=_validation.logdet_dtype(x.dtype))
+
+
 def _register_fakes() -> None:
     @torch.library.register_fake("invkernels::actnorm_fwd")
     def _(x, bias, log_scale):
         _validation.check_actnorm("actnorm_fwd", x, bias, log_scale)
-        return _contiguous_like(x), x.new_empty(x.shape[0])
+        return _contiguous_like(x), _logdet_like(x)
 
     @torch.library.register_fake("invkernels::actnorm_inv")
     def _(y, bias, log_scale):
         _validation.check_actnorm("actnorm_inv", y, bias, log_scale, "y")
-        return _contiguous_like(y), y.new_empty(y.shape[0])
+        return _contiguous_like(y), _logdet_like(y)
 
     @torch.library.register_fake("invkernels::actnorm_bwd")
     def _(grad_out, grad_logdet, x, bias, log_scale, reverse):
         _validation.check_actnorm("actnorm_bwd", x, bias, log_scale)
+        _validation.check_grad("actnorm_bwd", grad_out, x, "grad_out", "x")
+        _validation.check_grad_logdet("actnorm_bwd", grad_logdet, x)
         return _contiguous_like(x), _contiguous_like(bias), _contiguous_like(log_scale)
 
 
@@ -78,6 +85,9 @@ def actnorm_fwd(x: torch.Tensor, bias: torch.Tensor, log_scale: torch.Tensor, *,
                 backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused ActNorm ``y = (x + bias) * exp(log_scale)`` per channel and ``logdet = S * Σ log_scale``.
 
+    ``y`` has the dtype of ``x``; ``logdet`` (``[B]``) has ``logdet_dtype(x.dtype)``: float32 for
+    float16/bfloat16/float32 inputs (a half log-det overflows at 65504), float64 for float64.
+
     Args:
         x: ``[B, C, *spatial]``.
         bias, log_scale: ``[C]``, same dtype and device as ``x``.
@@ -103,10 +113,13 @@ def actnorm_inv(y: torch.Tensor, bias: torch.Tensor, log_scale: torch.Tensor, *,
 def actnorm_vjp(grad_out: torch.Tensor, grad_logdet: torch.Tensor, x: torch.Tensor, bias: torch.Tensor,
                 log_scale: torch.Tensor, *, backend: str | None = None):
     """``(grad_x, grad_bias, grad_log_scale)`` of :func:`actnorm_fwd` at ``x`` for the gradients
-    ``(grad_out, grad_logdet)`` of its outputs: the registered ``actnorm_bwd`` op (the reference
-    formulas for ``backend="reference"``). Not differentiable (it is a backward)."""
+    ``(grad_out, grad_logdet)`` of its outputs (``grad_logdet`` in the log-det dtype, float32 for
+    half inputs): the registered ``actnorm_bwd`` op (the reference formulas for
+    ``backend="reference"``). Not differentiable (it is a backward)."""
     ops = _ops_for(backend, x)
     if ops is None:
         _validation.check_actnorm("actnorm_bwd", x, bias, log_scale)
+        _validation.check_grad("actnorm_bwd", grad_out, x, "grad_out", "x")
+        _validation.check_grad_logdet("actnorm_bwd", grad_logdet, x)
         return reference.actnorm_vjp(grad_out, grad_logdet, x, bias, log_scale, False)
     return ops.bwd(grad_out, grad_logdet, x, bias, log_scale, False)

@@ -45,6 +45,11 @@ def _contiguous_like(t: torch.Tensor) -> torch.Tensor:
     return torch.empty(t.shape, dtype=t.dtype, device=t.device)
 
 
+def _logdet_like(x: torch.Tensor) -> torch.Tensor:
+    """The log-det of a batch ``x``: ``[B]`` in ``logdet_dtype(x.dtype)``."""
+    return x.new_empty(x.shape[0], dtype=_validation.logdet_dtype(x.dtype))
+
+
 def _register_fakes() -> None:
     """Shape functions of the C++ ops, for torch.compile and meta tensors."""
 
@@ -52,13 +57,13 @@ def _register_fakes() -> None:
     def _(x, h, scale, clamp):
         _validation.check_scale("affine_coupling_fwd", scale, clamp)
         _validation.check_coupling("affine_coupling_fwd", x, h, affine=True)
-        return _contiguous_like(x), x.new_empty(x.shape[0])
+        return _contiguous_like(x), _logdet_like(x)
 
     @torch.library.register_fake("invkernels::affine_coupling_inv")
     def _(y, h, scale, clamp):
         _validation.check_scale("affine_coupling_inv", scale, clamp)
         _validation.check_coupling("affine_coupling_inv", y, h, affine=True, x_name="y")
-        return _contiguous_like(y), y.new_empty(y.shape[0])
+        return _contiguous_like(y), _logdet_like(y)
 
     @torch.library.register_fake("invkernels::affine_coupling_bwd")
     def _(grad_out, grad_logdet, x, h, scale, clamp, reverse):
@@ -168,7 +173,9 @@ def affine_coupling_fwd(x: torch.Tensor, h: torch.Tensor, scale: str = "exp", cl
         backend: ``"cpp"``, ``"triton"``, ``"reference"`` or None for ``invkernels.get_backend()``.
 
     Returns:
-        ``(y, logdet)`` with ``y`` shaped like ``x`` and ``logdet`` of shape ``[B]``.
+        ``(y, logdet)`` with ``y`` shaped like ``x`` (its dtype) and ``logdet`` of shape ``[B]`` in
+        ``logdet_dtype(x.dtype)``: float32 for float16/bfloat16/float32 inputs (a half log-det
+        overflows at 65504), float64 for float64.
     """
     ops = _ops_for(backend, x)
     if ops is None:
@@ -209,7 +216,8 @@ def affine_coupling_inv_bwd(y: torch.Tensor, h: torch.Tensor, grad_y: torch.Tens
     first half, which equals ``x1``): ``x`` rebuilt, and the gradients of
     :func:`affine_coupling_fwd` at ``(x, h)`` for ``(grad_y, grad_logdet)``. ``grad_x[:, :C // 2]``
     is ``grad_y[:, :C // 2]``: the caller adds the gradient that reaches ``x1`` through the subnet.
-    Not differentiable (it is a backward); ``grad_logdet``: ``[B]``.
+    Not differentiable (it is a backward); ``grad_logdet``: ``[B]`` in the log-det dtype (float32 for
+    half inputs, as :func:`affine_coupling_fwd` returns it).
 
     Returns:
         ``(x, grad_x, grad_h)``, contiguous.

@@ -290,13 +290,15 @@ def conv1x1_vjp(grad_y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: to
 def lu_logdet(log_s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``log|det dy/dx|`` per sample of ``y = W x`` at every position of ``x``: ``S * Σ log_s``
     (``log|det W| = Σ log_s`` as ``|det P| = det L = 1``), accumulated in the widest of float32,
-    ``log_s``'s and ``x``'s dtypes; shape ``[B]``, dtype of ``x``."""
+    ``log_s``'s and ``x``'s dtypes; shape ``[B]``, dtype ``logdet_dtype(x.dtype)`` (float32 for half
+    inputs, whose log-det overflows at 65504)."""
     acc = torch.promote_types(torch.promote_types(log_s.dtype, x.dtype), torch.float32)
     total = spatial_size(x) * log_s.to(acc).sum()
-    return total.expand(x.shape[0]).to(x.dtype).clone()
+    return total.expand(x.shape[0]).to(_validation.logdet_dtype(x.dtype)).clone()
 
 
 def dense_logdet(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``S * log|det w|`` per sample (``torch.linalg.slogdet`` in float64), shape ``[B]``, dtype of ``x``."""
+    """``S * log|det w|`` per sample (``torch.linalg.slogdet`` in float64), shape ``[B]``, dtype
+    ``logdet_dtype(x.dtype)`` (float32 for half inputs)."""
     total = spatial_size(x) * torch.linalg.slogdet(w.to(torch.float64)).logabsdet
-    return total.expand(x.shape[0]).to(x.dtype).clone()
+    return total.expand(x.shape[0]).to(_validation.logdet_dtype(x.dtype)).clone()

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from invkernels._validation import logdet_dtype
+
 
 def _per_channel(p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return p.reshape(1, -1, *([1] * (x.dim() - 2)))
@@ -19,18 +21,22 @@ def _spatial(x: torch.Tensor) -> int:
     return n
 
 
+def _logdet(log_scale: torch.Tensor, x: torch.Tensor, sign: int) -> torch.Tensor:
+    """``sign * S * Σ_c log_scale[c]`` for every sample, in ``logdet_dtype(x.dtype)`` (float32 for
+    half inputs, whose log-det overflows at 65504)."""
+    return (sign * _spatial(x) * log_scale.sum(dtype=logdet_dtype(x.dtype))).expand(x.shape[0])
+
+
 def actnorm_fwd(x: torch.Tensor, bias: torch.Tensor, log_scale: torch.Tensor):
     """``(y, logdet)``; ``logdet = S * Σ_c log_scale[c]`` for every sample (S = spatial size)."""
     y = (x + _per_channel(bias, x)) * torch.exp(_per_channel(log_scale, x))
-    logdet = (_spatial(x) * log_scale.sum()).expand(x.shape[0]).to(x.dtype)
-    return y, logdet
+    return y, _logdet(log_scale, x, 1)
 
 
 def actnorm_inv(y: torch.Tensor, bias: torch.Tensor, log_scale: torch.Tensor):
     """``(x, -logdet)`` of :func:`actnorm_fwd`."""
     x = y * torch.exp(-_per_channel(log_scale, y)) - _per_channel(bias, y)
-    logdet = (-_spatial(y) * log_scale.sum()).expand(y.shape[0]).to(y.dtype)
-    return x, logdet
+    return x, _logdet(log_scale, y, -1)
 
 
 def actnorm_init(x: torch.Tensor, eps: float = 1e-6):
@@ -46,12 +52,17 @@ def actnorm_vjp(grad_out: torch.Tensor, grad_logdet: torch.Tensor, x: torch.Tens
                 log_scale: torch.Tensor, reverse: bool = False):
     """``(grad_in, grad_bias, grad_log_scale)`` by the formulas of docs/ops/actnorm.md, in
     differentiable tensor ops (what the fused ``actnorm_bwd`` computes; used for double backward).
-    ``x`` is the data-side tensor: the forward's input or the inverse's output."""
+    ``x`` is the data-side tensor: the forward's input or the inverse's output. ``grad_logdet`` has
+    the log-det dtype (float32 for half inputs); the parameter gradients are summed in it and
+    returned in the parameters' dtype."""
     dims = [0, *range(2, x.dim())]
     b, ls = _per_channel(bias, x), _per_channel(log_scale, x)
-    logdet_term = _spatial(x) * grad_logdet.sum()
+    acc = logdet_dtype(x.dtype)
+    logdet_term = _spatial(x) * grad_logdet.sum(dtype=acc)
     if reverse:
         grad_in = grad_out * torch.exp(-ls)
-        return grad_in, -grad_out.sum(dims), -(grad_out * (x + b)).sum(dims) - logdet_term
+        grad_ls = -(grad_out * (x + b)).sum(dims, dtype=acc) - logdet_term
+        return grad_in, -grad_out.sum(dims), grad_ls.to(log_scale.dtype)
     grad_in = grad_out * torch.exp(ls)
-    return grad_in, grad_in.sum(dims), (grad_in * (x + b)).sum(dims) + logdet_term
+    grad_ls = (grad_in * (x + b)).sum(dims, dtype=acc) + logdet_term
+    return grad_in, grad_in.sum(dims), grad_ls.to(log_scale.dtype)

@@ -9,7 +9,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from invkernels._validation import check_coupling, check_grad, check_grad_logdet, check_scale, split_channels
+from invkernels._validation import (
+    check_coupling,
+    check_grad,
+    check_grad_logdet,
+    check_scale,
+    logdet_dtype,
+    split_channels,
+)
 
 
 def log_scale(hs: torch.Tensor, scale: str = "exp", clamp: float = 2.0) -> torch.Tensor:
@@ -20,7 +27,8 @@ def log_scale(hs: torch.Tensor, scale: str = "exp", clamp: float = 2.0) -> torch
 
 
 def _sum_per_sample(v: torch.Tensor) -> torch.Tensor:
-    return v.flatten(1).sum(dim=1)
+    """Per-sample sum, accumulated and returned in ``logdet_dtype`` (float32 for half inputs)."""
+    return v.flatten(1).sum(dim=1, dtype=logdet_dtype(v.dtype))
 
 
 def affine_coupling_fwd(x: torch.Tensor, h: torch.Tensor, scale: str = "exp", clamp: float = 2.0):
@@ -71,7 +79,8 @@ def log_scale_grad(hs: torch.Tensor, scale: str = "exp", clamp: float = 2.0) -> 
 def affine_coupling_vjp(grad_out: torch.Tensor, grad_logdet: torch.Tensor, x: torch.Tensor, h: torch.Tensor,
                         scale: str = "exp", clamp: float = 2.0, reverse: bool = False):
     """``(grad_in, grad_h)`` by the formulas of docs/ops/coupling.md, in differentiable tensor ops
-    (what the fused ``affine_coupling_bwd`` computes; used for double backward)."""
+    (what the fused ``affine_coupling_bwd`` computes; used for double backward). ``grad_logdet`` has
+    the log-det dtype (float32 for half inputs); the gradients have the dtype of ``x``."""
     c1, _ = split_channels(x.shape[1])
     g1, g2 = grad_out[:, :c1], grad_out[:, c1:]
     x2 = x[:, c1:]
@@ -87,7 +96,7 @@ def affine_coupling_vjp(grad_out: torch.Tensor, grad_logdet: torch.Tensor, x: to
         g_in2 = g2 * torch.exp(log_s)
         g_t = g2
         g_hs = (g_in2 * x2 + gl) * dlog_s
-    return torch.cat([g1, g_in2], dim=1), torch.cat([g_hs, g_t], dim=1)
+    return torch.cat([g1, g_in2], dim=1), torch.cat([g_hs.to(x.dtype), g_t], dim=1)
 
 
 def additive_coupling_vjp(grad_out: torch.Tensor, reverse: bool = False):

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from invkernels._validation import logdet_dtype
+
 
 def invconv_lower(lower: torch.Tensor) -> torch.Tensor:
     """``L = tril(lower, -1) + I`` (unit lower-triangular)."""
@@ -106,8 +108,8 @@ def conv1x1_vjp(grad_y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: to
 
 def conv1x1_logdet(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``log|det dy/dx|`` of :func:`conv1x1` per sample: ``S * log|det w|`` (S = spatial size), by
-    ``torch.linalg.slogdet`` in ``w``'s dtype."""
+    ``torch.linalg.slogdet`` in ``logdet_dtype(w.dtype)`` (``w``'s dtype, float32 for half weights)."""
     spatial = 1
     for d in x.shape[2:]:
         spatial *= d
-    return (spatial * torch.linalg.slogdet(w).logabsdet).expand(x.shape[0])
+    return (spatial * torch.linalg.slogdet(w.to(logdet_dtype(w.dtype))).logabsdet).expand(x.shape[0])

@@ -23,8 +23,10 @@ always the data-side tensor (the forward's input or the inverse's output), so
         dy = g * exp(-log_scale),  dbias[c] = -sum g,    dlog_scale[c] = -sum g * (x + b)  - S * sum_b gl
 
 Numerics. Elementwise math runs in float32 for float16/bfloat16/float32 inputs and in float64 for
-float64 inputs; results are stored in the input dtype. The log-det depends on ``log_scale`` alone,
-so the launchers compute it with torch in the compute dtype and repeat it over the batch.
+float64 inputs; tensor results are stored in the input dtype. The log-det depends on ``log_scale``
+alone, so the launchers compute it with torch in the compute dtype and repeat it over the batch; it
+is returned in that dtype (float32 for half inputs, whose log-det overflows at 65504), and
+``grad_logdet`` has it too.
 
 Tiling. Each program handles a tile of ``ROWS`` samples by ``CHANS`` channels by ``BLOCK`` spatial
 positions. ``BLOCK`` covers ``S`` first, then ``CHANS`` covers the channels and ``ROWS`` the samples,
@@ -44,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from invkernels._validation import check_actnorm, check_grad, check_grad_logdet
+from invkernels._validation import check_actnorm, check_grad, check_grad_logdet, logdet_dtype
 from invkernels.triton._common import check_device, compute_dtype, device_guard, max_tile_elements
 
 __all__ = [
@@ -194,7 +196,7 @@ def _apply(src: torch.Tensor, bias: torch.Tensor, log_scale: torch.Tensor, inver
     geo = _geometry(src)
     acc_torch, acc_tl = compute_dtype(src.dtype)
     per_sample = log_scale.to(acc_torch).sum() * (-geo.spatial if inverse else geo.spatial)
-    logdet = per_sample.to(src.dtype).repeat(geo.batch)
+    logdet = per_sample.repeat(geo.batch)
     out = torch.empty(src.shape, dtype=src.dtype, device=src.device)
     if out.numel() == 0:
         return out, logdet
@@ -310,7 +312,7 @@ def actnorm_fwd(x: torch.Tensor, bias: torch.Tensor, log_scale: torch.Tensor) ->
 @actnorm_fwd.register_fake
 def _actnorm_fwd_fake(x, bias, log_scale):
     check_actnorm("actnorm_fwd", x, bias, log_scale, "x")
-    return x.new_empty(x.shape), x.new_empty((x.shape[0],))
+    return x.new_empty(x.shape), x.new_empty((x.shape[0],), dtype=logdet_dtype(x.dtype))
 
 
 @torch.library.custom_op(
@@ -325,7 +327,7 @@ def actnorm_inv(y: torch.Tensor, bias: torch.Tensor, log_scale: torch.Tensor) ->
 @actnorm_inv.register_fake
 def _actnorm_inv_fake(y, bias, log_scale):
     check_actnorm("actnorm_inv", y, bias, log_scale, "y")
-    return y.new_empty(y.shape), y.new_empty((y.shape[0],))
+    return y.new_empty(y.shape), y.new_empty((y.shape[0],), dtype=logdet_dtype(y.dtype))
 
 
 @torch.library.custom_op(

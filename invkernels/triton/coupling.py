@@ -32,13 +32,24 @@ Vector-Jacobian products, with ``g = (g1, g2)`` the gradient of the op's output 
         dx1 = g1,  dx2 = g2 * exp(L),  dt = g2,  dhs = (g2 * (y2 - t) + gl) * L'
 
 Numerics. Elementwise math runs in float32 for float16/bfloat16/float32 inputs and in float64 for
-float64 inputs; results are stored in the input dtype. ``tanh`` and ``log1p`` are built from
-``exp``/``log`` because ``tl.math`` has neither and ``libdevice.tanh`` does not run under
-``TRITON_INTERPRET=1``: ``tanh(u) = sign(u) * (1 - e) / (1 + e)`` with ``e = exp(-2|u|)`` never
-overflows, maps +-inf to +-1 and keeps NaN; its error is a few ulps of 1 in absolute terms, which
-is the accuracy ``L``, ``exp(L)`` and the log-det sums need. ``L' = 4e / (1 + e)^2`` is the same
-quantity as ``1 - tanh^2`` without its cancellation for large ``|u|``. ``log1p(e)`` for ``e`` in
-``(0, 1]`` is ``log(1 + e)``, again accurate to an ulp of 1 in absolute terms.
+float64 inputs; tensor results are stored in the input dtype, log-dets in the compute dtype
+(float32 for half inputs: a half log-det overflows at 65504). ``tl.math`` has no ``tanh`` or
+``log1p`` and ``libdevice`` does not run under ``TRITON_INTERPRET=1``, so both are built from
+``exp``, ``log`` and arithmetic, accurate to a few ulps relative for every input (the formulas of
+``soft_clamp`` in csrc/kernels/coupling.h, which the C++ and CUDA kernels run)::
+
+    u = hs / c,  a = |u|
+    a <= 0.625:  tanh(u) = u (1 + q),  q = u^2 P(u^2) (float32) or u^2 P(u^2) / Q(u^2) (float64),
+                 Cephes' minimax fit;  L = hs + hs * q,  L' = 1 - tanh(u)^2
+    otherwise:   e = exp(-2a);  L = sign(hs) * c * (1 - e) / (1 + e),  L' = 4e / (1 + e)^2
+    log1p(e) = log(w) + (e - (w - 1)),  w = 1 + e   (adds the rounding error of w, which is exact:
+                 a few ulps for e in [0, 1], where log(w) alone is off by an ulp of 1)
+
+The small branch needs no ``exp`` at all; the textbook ``tanh(u) = (1 - e) / (1 + e)`` for every
+``u`` has an absolute error of an ulp of 1, which is all of ``tanh(u)`` as ``u -> 0`` (a large
+clamp). Both formulas map +-inf to the limits and keep NaN. Their accuracy is measured under the
+interpreter (numpy's ``exp`` and ``log``); compiled for a GPU the large branch and ``log1p`` are as
+accurate as ``tl.exp`` and ``tl.log`` there, while the small branch uses neither.
 
 Each program handles a tile of ``ROWS`` samples by ``BLOCK`` elements of the transformed half and
 the matching elements of the passthrough half (``N1 <= N2``, so the tiles of the transformed half
@@ -57,7 +68,14 @@ import torch
 import triton
 import triton.language as tl
 
-from invkernels._validation import check_coupling, check_grad, check_grad_logdet, check_scale, split_channels
+from invkernels._validation import (
+    check_coupling,
+    check_grad,
+    check_grad_logdet,
+    check_scale,
+    logdet_dtype,
+    split_channels,
+)
 from invkernels.triton._common import check_device, compute_dtype, device_guard, max_tile_elements
 
 __all__ = [
@@ -103,18 +121,36 @@ def _copy_passthrough(src_ptr, dst_ptr, sample_off, cols, row_ok, N1):
 
 
 @triton.jit
-def _scale_terms(hs, c, SCALE: tl.constexpr):
-    # (L, L') of the raw log-scale hs; c is the clamp in the compute dtype (unused for sigmoid).
+def _scale_terms(hs, c, SCALE: tl.constexpr, ACC: tl.constexpr):
+    # (L, L') of the raw log-scale hs; c is the clamp in the compute dtype ACC (unused for sigmoid).
+    # The formulas of soft_clamp in csrc/kernels/coupling.h and of the CPU's log1p (module docstring).
     if SCALE == "exp":
         u = hs / c
-        e = tl.exp(-2.0 * tl.abs(u))
-        th = (1.0 - e) / (1.0 + e)
-        th = tl.where(u < 0.0, -th, th)
-        log_s = c * th
-        dlog_s = 4.0 * e / ((1.0 + e) * (1.0 + e))
+        a = tl.abs(u)
+        small = a <= 0.625
+        # The first branch runs on 0 where it is not taken, so an infinite hs makes no inf * 0.
+        us = tl.where(small, u, 0.0)
+        z = us * us
+        if ACC == tl.float64:
+            q = (z * ((-9.64399179425052238628e-1 * z - 9.92877231001918586564e1) * z - 1.61468768441708447952e3)
+                 / (((z + 1.12811678491632931402e2) * z + 2.23548839060100448583e3) * z + 4.84406305325125486048e3))
+        else:
+            q = z * (
+                (((-5.70498872745e-3 * z + 2.06390887954e-2) * z - 5.37397155531e-2) * z + 1.33314422036e-1) * z
+                - 3.33332819422e-1
+            )
+        e = tl.exp(-2.0 * a)
+        one_e = 1.0 + e
+        signed_clamp = tl.where(hs < 0.0, -c, c)
+        hss = tl.where(small, hs, 0.0)
+        log_s = tl.where(small, hss + hss * q, (signed_clamp - signed_clamp * e) / one_e)
+        t = us + us * q
+        dlog_s = tl.where(small, 1.0 - t * t, 4.0 * e / (one_e * one_e))
     else:
         z = hs + 2.0
-        lp = tl.log(1.0 + tl.exp(-tl.abs(z)))
+        e = tl.exp(-tl.abs(z))
+        one_e = 1.0 + e
+        lp = tl.log(one_e) + (e - (one_e - 1.0))
         log_s = tl.where(z < 0.0, z, 0.0) - lp
         dlog_s = tl.exp(tl.where(z > 0.0, -z, 0.0) - lp)
     return log_s, dlog_s
@@ -155,7 +191,7 @@ def _affine_coupling_fwd_kernel(
     x2 = tl.load(in_ptr + x_off + N1 + cols[None, :], mask=mask2, other=0.0).to(ACC)
     hs = tl.load(h_ptr + h_off, mask=mask2, other=0.0).to(ACC)
     t = tl.load(h_ptr + h_off + N2, mask=mask2, other=0.0).to(ACC)
-    log_s, _ = _scale_terms(hs, c, SCALE)
+    log_s, _ = _scale_terms(hs, c, SCALE, ACC)
     y2 = x2 * tl.exp(log_s) + t
     tl.store(out_ptr + x_off + N1 + cols[None, :], y2.to(out_ptr.dtype.element_ty), mask=mask2)
     # Masked lanes hold L(0), which is not 0 for the sigmoid scale: zero them before summing.
@@ -188,7 +224,7 @@ def _affine_coupling_inv_kernel(
     y2 = tl.load(in_ptr + x_off + N1 + cols[None, :], mask=mask2, other=0.0).to(ACC)
     hs = tl.load(h_ptr + h_off, mask=mask2, other=0.0).to(ACC)
     t = tl.load(h_ptr + h_off + N2, mask=mask2, other=0.0).to(ACC)
-    log_s, _ = _scale_terms(hs, c, SCALE)
+    log_s, _ = _scale_terms(hs, c, SCALE, ACC)
     x2 = (y2 - t) * _inverse_scale(hs, log_s, SCALE)
     tl.store(out_ptr + x_off + N1 + cols[None, :], x2.to(out_ptr.dtype.element_ty), mask=mask2)
     part = -tl.sum(tl.where(mask2, log_s, 0.0), axis=1)
@@ -224,7 +260,7 @@ def _affine_coupling_bwd_kernel(
     x2 = tl.load(x_ptr + x_off + N1 + cols[None, :], mask=mask2, other=0.0).to(ACC)
     hs = tl.load(h_ptr + h_off, mask=mask2, other=0.0).to(ACC)
     gl = tl.load(gl_ptr + rows, mask=row_ok, other=0.0).to(ACC)[:, None]
-    log_s, dlog_s = _scale_terms(hs, c, SCALE)
+    log_s, dlog_s = _scale_terms(hs, c, SCALE, ACC)
     if REVERSE:
         gin2 = g2 * _inverse_scale(hs, log_s, SCALE)
         gt = -gin2
@@ -272,7 +308,7 @@ def _affine_coupling_inv_bwd_kernel(
     hs = tl.load(h_ptr + h_off, mask=mask2, other=0.0).to(ACC)
     t = tl.load(h_ptr + h_off + N2, mask=mask2, other=0.0).to(ACC)
     gl = tl.load(gl_ptr + rows, mask=row_ok, other=0.0).to(ACC)[:, None]
-    log_s, dlog_s = _scale_terms(hs, c, SCALE)
+    log_s, dlog_s = _scale_terms(hs, c, SCALE, ACC)
     shifted = y2 - t
     out_ty = gin_ptr.dtype.element_ty
     tl.store(x_ptr + x_off + N1 + cols[None, :], (shifted * _inverse_scale(hs, log_s, SCALE)).to(out_ty), mask=mask2)
@@ -404,9 +440,9 @@ def _affine_apply(kernel, src: torch.Tensor, h: torch.Tensor, scale: str, clamp:
     h = h.contiguous()
     batch, n1, n2 = _geometry(src)
     out = torch.empty(src.shape, dtype=src.dtype, device=src.device)
-    if out.numel() == 0:
-        return out, torch.zeros(batch, dtype=src.dtype, device=src.device)
     acc_torch, acc_tl = compute_dtype(src.dtype)
+    if out.numel() == 0:
+        return out, torch.zeros(batch, dtype=acc_torch, device=src.device)
     tiling = _tiling(batch, n2)
     partial = torch.empty((batch, tiling.nblk), dtype=acc_torch, device=src.device)
     with device_guard(src):
@@ -427,7 +463,7 @@ def _affine_apply(kernel, src: torch.Tensor, h: torch.Tensor, scale: str, clamp:
             BLOCK=tiling.block,
             num_warps=tiling.num_warps,
         )
-    return out, partial.sum(dim=1).to(src.dtype)
+    return out, partial.sum(dim=1)
 
 
 def affine_coupling_forward(
@@ -681,7 +717,7 @@ def affine_coupling_fwd(
 @affine_coupling_fwd.register_fake
 def _affine_coupling_fwd_fake(x, h, scale, clamp):
     _check_affine("affine_coupling_fwd", x, h, scale, clamp, "x")
-    return x.new_empty(x.shape), x.new_empty((x.shape[0],))
+    return x.new_empty(x.shape), x.new_empty((x.shape[0],), dtype=logdet_dtype(x.dtype))
 
 
 @torch.library.custom_op(
@@ -698,7 +734,7 @@ def affine_coupling_inv(
 @affine_coupling_inv.register_fake
 def _affine_coupling_inv_fake(y, h, scale, clamp):
     _check_affine("affine_coupling_inv", y, h, scale, clamp, "y")
-    return y.new_empty(y.shape), y.new_empty((y.shape[0],))
+    return y.new_empty(y.shape), y.new_empty((y.shape[0],), dtype=logdet_dtype(y.dtype))
 
 
 @torch.library.custom_op(
