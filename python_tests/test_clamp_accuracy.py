@@ -128,25 +128,27 @@ def size_case(n, dtype, scale):
     return x.contiguous(), h.contiguous(), g_out.contiguous()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("scale,clamp", SIZE_CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_each_element_is_bit_identical_for_every_tensor_size(scale, clamp, dtype):
-    """Sizes 1..257 put an element in the vector loop or in its remainder at every position."""
-    ops = C.cpp_ops()
-    x, h, g = size_case(257, dtype, scale)
-    gl = torch.full((1,), 0.5, dtype=torch.promote_types(dtype, torch.float32))
+def test_each_element_is_bit_identical_for_every_tensor_size(scale, clamp, dtype, backend):
+    """Sizes 1..257 put an element in the vector loop or in its remainder at every position (C++),
+    in tiles of every width (Triton)."""
+    ops, device = ops_of(backend)
+    x, h, g = (t.to(device) for t in size_case(257, dtype, scale))
+    gl = torch.full((1,), 0.5, dtype=torch.promote_types(dtype, torch.float32), device=device)
     full = {
         "fwd": ops.affine_fwd(x, h, scale, clamp)[0],
         "inv": ops.affine_inv(x, h, scale, clamp)[0],
         "bwd": ops.affine_bwd(g, gl, x, h, scale, clamp, False),
         "inv_bwd": ops.affine_inv_bwd(x, h, g, gl, scale, clamp),
     }
-    hs = h[0, 0]
+    hs = h[0, 0].cpu()
     neutral = 0.0 if scale == "exp" else math.inf
-    xo, ho, _ = one_hot_inputs(hs, neutral, spatial=257)
+    xo, ho, _ = (t.to(device) for t in one_hot_inputs(hs, neutral, spatial=257))
     log_scales = ops.affine_fwd(xo, ho, scale, clamp)[1]
     for n in range(1, 258):
-        xn, hn, gn = size_case(n, dtype, scale)
+        xn, hn, gn = (t.to(device) for t in size_case(n, dtype, scale))
         got = {
             "fwd": ops.affine_fwd(xn, hn, scale, clamp)[0],
             "inv": ops.affine_inv(xn, hn, scale, clamp)[0],
@@ -158,5 +160,5 @@ def test_each_element_is_bit_identical_for_every_tensor_size(scale, clamp, dtype
             wants = full[name] if isinstance(full[name], tuple) else (full[name],)
             for out, want in zip(outs, wants):
                 assert torch.equal(out, want[..., :n]), (name, n)
-        xo, ho, _ = one_hot_inputs(hs[:n], neutral, spatial=n)
+        xo, ho, _ = (t.to(device) for t in one_hot_inputs(hs[:n], neutral, spatial=n))
         assert torch.equal(ops.affine_fwd(xo, ho, scale, clamp)[1], log_scales[:n]), ("log-scale", n)

@@ -77,3 +77,12 @@ def test_reconstruction_error_leaves_batchnorm_statistics():
     assert report.total < 1e-5
     for key, value in model.state_dict().items():
         assert torch.equal(value, state[key]), key
+
+
+def test_glow_inverse_of_latents_of_another_dtype_names_both():
+    from invkernels.models import Glow  # noqa: PLC0415
+
+    glow = Glow((1, 4, 4), levels=1, steps=1, hidden=8)
+    with pytest.raises(ValueError, match=r"Glow: z has dtype torch.float64 but the model's parameters are "
+                                         r"torch.float32"):
+        glow.inverse(torch.randn(2, 16, dtype=torch.float64))

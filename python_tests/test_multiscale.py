@@ -253,7 +253,7 @@ def test_squeeze_then_split_shapes():
     ((4, "laplace"), {}, "prior should be 'gaussian' or 'learned', got 'laplace'"),
     ((4,), {"hidden": 8}, "hidden and subnet apply to prior='learned' only"),
     ((4,), {"subnet": "mlp"}, "hidden and subnet apply to prior='learned' only"),
-    ((4, "learned"), {"hidden": 0}, "hidden should be a positive integer or None, got 0"),
+    ((4, "learned"), {"hidden": 0}, "hidden should be a positive integer, got 0"),
     ((4, "learned"), {"subnet": "resnet"}, "subnet should be 'conv', 'mlp' or a factory"),
     ((4, "learned"), {"subnet": mlp_subnet(8), "hidden": 8}, "hidden applies to subnet='conv' or 'mlp' only"),
     ((4, "learned"), {"clamp": 0.0}, "clamp should be a positive finite number, got 0.0"),

@@ -8,6 +8,8 @@ import math
 import torch
 from torch import nn
 
+from invkernels._validation import check_int
+
 _LOG_2PI = math.log(2 * math.pi)
 
 
@@ -26,9 +28,7 @@ def uniform_dequantize(x: torch.Tensor, levels: int) -> torch.Tensor:
 
 
 def check_levels(name: str, levels) -> int:
-    if isinstance(levels, bool) or not isinstance(levels, int) or levels < 2:
-        raise ValueError(f"{name}: levels should be an integer >= 2, got {levels!r}")
-    return levels
+    return check_int(name, "levels", levels, minimum=2)
 
 
 def check_temperature(name: str, temperature) -> float:
@@ -58,6 +58,12 @@ class FlowModel(nn.Module):
         if x.dim() != len(self.event_shape) + 1 or tuple(x.shape[1:]) != tuple(self.event_shape):
             raise ValueError(f"{cls}: {name} should have shape [B, {', '.join(map(str, self.event_shape))}], "
                              f"got {list(x.shape)}")
+        self._check_dtype(x, name)
+
+    def _check_dtype(self, x: torch.Tensor, name: str) -> None:
+        """ValueError naming both dtypes when ``x`` is not floating-point or (outside autocast) not
+        of the parameters' dtype."""
+        cls = type(self).__name__
         if not x.is_floating_point():
             raise ValueError(f"{cls}: {name} should be a floating-point tensor, got {x.dtype}")
         dtype = self._parameter_dtype()
@@ -83,8 +89,7 @@ class FlowModel(nn.Module):
     def sample(self, n: int, temperature: float = 1.0) -> torch.Tensor:
         """``n`` samples, drawn with the latents scaled by ``temperature`` (0 gives the mode path);
         uses torch's global generator. Runs without grad."""
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ValueError(f"{type(self).__name__}: n should be an integer >= 0, got {n!r}")
+        check_int(type(self).__name__, "n", n, minimum=0)
         temperature = check_temperature(type(self).__name__, temperature)
         with torch.no_grad():
             return self._sample(n, temperature)

@@ -91,8 +91,11 @@ class Glow(FlowModel):
 
     def inverse(self, z: torch.Tensor) -> torch.Tensor:
         total = sum(self._sizes())
+        if not isinstance(z, torch.Tensor):
+            raise TypeError(f"Glow: z should be a tensor, got {type(z).__name__}")
         if z.dim() != 2 or z.shape[1] != total:
             raise ValueError(f"Glow: z should have shape [B, {total}] (forward's latents), got {list(z.shape)}")
+        self._check_dtype(z, "z")
         parts = list(torch.split(z, self._sizes(), dim=1))
         h = parts[-1].reshape(z.shape[0], *self._latent_shapes[-1])
         for level in reversed(range(self.levels)):

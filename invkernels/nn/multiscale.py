@@ -126,8 +126,8 @@ class Split(nn.Module):
         _validation.check_int("Split", "channels", channels, minimum=2)
         if not isinstance(prior, str) or prior not in _PRIORS:
             raise ValueError(f"Split: prior should be 'gaussian' or 'learned', got {prior!r}")
-        if hidden is not None and (isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1):
-            raise ValueError(f"Split: hidden should be a positive integer or None, got {hidden!r}")
+        if hidden is not None:
+            _validation.check_int("Split", "hidden", hidden)
         self.channels = channels
         self.c1, self.c2 = _validation.split_channels(channels)
         self.prior = prior
