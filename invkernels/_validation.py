@@ -1,7 +1,8 @@
-"""Argument checks shared by the Python backends (Triton, reference).
+"""Argument checks shared by the Python backends (Triton, reference) and the modules.
 
-The C++ backend performs the same checks in csrc/checks.h with the same wording, so a user sees
-one message for one mistake whichever backend runs.
+The C++ backend performs the op checks in csrc/checks.h with the same wording, so a user sees
+one message for one mistake whichever backend runs. The log-det dtype rule (``logdet_dtype``)
+and the integer, permutation and value descriptions used in error messages live here too.
 """
 
 from __future__ import annotations
@@ -21,6 +22,13 @@ def logdet_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype of a log-determinant for inputs of ``dtype``: float32 for float16, bfloat16 and
     float32 (a half-precision log-det overflows at 65504), float64 for float64."""
     return torch.promote_types(dtype, torch.float32)
+
+
+def describe(value) -> str:
+    """What ``value`` is, for an error message: its type, and for a tuple or list its items' types."""
+    if isinstance(value, (tuple, list)):
+        return f"a {type(value).__name__} of {len(value)} ({', '.join(type(v).__name__ for v in value)})"
+    return type(value).__name__
 
 
 def check_int(owner: str, name: str, value, minimum: int = 1) -> int:

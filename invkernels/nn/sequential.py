@@ -11,7 +11,7 @@ import torch.distributed as dist
 from torch import nn
 
 from invkernels import _state
-from invkernels._validation import logdet_dtype
+from invkernels._validation import describe, logdet_dtype
 
 
 def _takes_context(block: nn.Module) -> bool:
@@ -26,12 +26,6 @@ def memory_free_capable(block: nn.Module) -> bool:
     ``memory_free_invertible = False`` (as :class:`~invkernels.nn.Split` does, whose inverse needs
     the factored-out half)."""
     return callable(getattr(block, "inverse", None)) and getattr(block, "memory_free_invertible", True)
-
-
-def _describe(value) -> str:
-    if isinstance(value, tuple):
-        return f"a tuple of {len(value)} ({', '.join(type(v).__name__ for v in value)})"
-    return type(value).__name__
 
 
 class _RngState:
@@ -311,7 +305,7 @@ class InvertibleSequential(nn.Module):
         out = block(x, **self._kwargs(i, context))
         if not (isinstance(out, tuple) and len(out) == 2 and all(isinstance(t, torch.Tensor) for t in out)):
             raise TypeError(f"InvertibleSequential: block {i} ({type(block).__name__}) should return a tuple "
-                            f"(y, logdet) of tensors, got {_describe(out)}")
+                            f"(y, logdet) of tensors, got {describe(out)}")
         if out[1].shape != (x.shape[0],):
             raise ValueError(f"InvertibleSequential: block {i} ({type(block).__name__}) returned a logdet of shape "
                              f"{list(out[1].shape)}; it should have shape [batch] = [{x.shape[0]}]")

@@ -11,15 +11,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from invkernels._validation import check_int
+from invkernels._validation import check_int, describe
 
 SubnetFactory = Callable[[int, int], nn.Module]
-
-
-def _describe(value) -> str:
-    if isinstance(value, (tuple, list)):
-        return f"a {type(value).__name__} of {len(value)} ({', '.join(type(v).__name__ for v in value)})"
-    return type(value).__name__
 
 
 def call_subnet(owner: str, subnet: nn.Module, x: torch.Tensor, want: list[int]) -> torch.Tensor:
@@ -33,7 +27,7 @@ def call_subnet(owner: str, subnet: nn.Module, x: torch.Tensor, want: list[int])
                          f"(x.to({param.dtype}))")
     h = subnet(x)
     if not isinstance(h, torch.Tensor):
-        raise TypeError(f"{owner}: the subnet should return a tensor of shape {want}, got {_describe(h)}")
+        raise TypeError(f"{owner}: the subnet should return a tensor of shape {want}, got {describe(h)}")
     if list(h.shape) != want:
         raise ValueError(f"{owner}: the subnet output should have shape {want}, got {list(h.shape)}")
     return h
