@@ -8,8 +8,9 @@
 #include <c10/util/Exception.h>
 
 #include <limits>
-#include <utility>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "kernels/actnorm.h"
 #include "kernels/coupling.h"
@@ -29,14 +30,34 @@ inline ScaleKind parse_scale(const char* op, c10::string_view scale, double clam
   return ScaleKind::Sigmoid;
 }
 
-// Validates x ([B, C, *spatial]) and the subnet output h and returns the coupling geometry.
-inline CouplingShape check_coupling(const char* op, const at::Tensor& x, const at::Tensor& h, bool affine,
-                                    const char* x_name = "x") {
+// Validates a coupling input x ([B, C, *spatial], C >= 2) and returns the coupling geometry.
+inline CouplingShape check_coupling_input(const char* op, const at::Tensor& x, const char* x_name = "x") {
   INVK_CHECK(at::isFloatingType(x.scalar_type()), op, x_name, " should be a floating-point tensor, got ",
              x.scalar_type());
   INVK_CHECK(x.dim() >= 2, op, x_name, " should be at least 2-D (B, C, ...), got ", x.dim(), "-D");
   const int64_t channels = x.size(1);
   INVK_CHECK(channels >= 2, op, x_name, " should have at least 2 channels to split, got C=", channels);
+  CouplingShape shape{};
+  shape.batch = x.size(0);
+  shape.channels = channels;
+  shape.c1 = channels / 2;
+  shape.c2 = channels - shape.c1;
+  shape.spatial = 1;
+  for (int64_t d = 2; d < x.dim(); ++d) shape.spatial *= x.size(d);
+  return shape;
+}
+
+// Sizes of the additive shift h (and of its gradient) for a coupling input x: [B, C2, *spatial].
+inline std::vector<int64_t> additive_shift_sizes(const at::Tensor& x, const CouplingShape& shape) {
+  std::vector<int64_t> sizes = x.sizes().vec();
+  sizes[1] = shape.c2;
+  return sizes;
+}
+
+// Validates x ([B, C, *spatial]) and the subnet output h and returns the coupling geometry.
+inline CouplingShape check_coupling(const char* op, const at::Tensor& x, const at::Tensor& h, bool affine,
+                                    const char* x_name = "x") {
+  const CouplingShape shape = check_coupling_input(op, x, x_name);
   INVK_CHECK(h.scalar_type() == x.scalar_type(), op, x_name, " and h should have the same dtype, got ", x_name, " ",
              x.scalar_type(), " and h ", h.scalar_type());
   INVK_CHECK(h.device() == x.device(), op, x_name, " and h should be on the same device, got ", x_name, " on ",
@@ -47,19 +68,9 @@ inline CouplingShape check_coupling(const char* op, const at::Tensor& x, const a
              h.size(0));
   INVK_CHECK(h.sizes().slice(2) == x.sizes().slice(2), op, "h should have the spatial shape of ", x_name, " ",
              x.sizes().slice(2), ", got ", h.sizes().slice(2));
-  CouplingShape shape{};
-  shape.batch = x.size(0);
-  shape.channels = channels;
-  shape.c1 = channels / 2;
-  shape.c2 = channels - shape.c1;
-  shape.spatial = x.numel() / std::max<int64_t>(int64_t{1}, shape.batch * channels);
-  if (shape.batch == 0) {
-    shape.spatial = 1;
-    for (int64_t d = 2; d < x.dim(); ++d) shape.spatial *= x.size(d);
-  }
   const int64_t want = affine ? 2 * shape.c2 : shape.c2;
   INVK_CHECK(h.size(1) == want, op, "h should have ", (affine ? "2 * (C - C // 2)" : "C - C // 2"), " = ", want,
-             " channels for ", x_name, " with C=", channels, ", got ", h.size(1));
+             " channels for ", x_name, " with C=", shape.channels, ", got ", h.size(1));
   return shape;
 }
 

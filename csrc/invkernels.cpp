@@ -26,7 +26,8 @@ TORCH_LIBRARY(invkernels, m) {
       "-> (Tensor x, Tensor grad_x, Tensor grad_h)");
   m.def("additive_coupling_fwd(Tensor x, Tensor h) -> Tensor");
   m.def("additive_coupling_inv(Tensor y, Tensor h) -> Tensor");
-  m.def("additive_coupling_bwd(Tensor grad_out, Tensor h, bool reverse) -> (Tensor grad_in, Tensor grad_h)");
+  // grad_h has C - C // 2 channels and the batch and spatial sizes of grad_out.
+  m.def("additive_coupling_bwd(Tensor grad_out, bool reverse) -> (Tensor grad_in, Tensor grad_h)");
   m.def("additive_coupling_inv_bwd(Tensor y, Tensor h, Tensor grad_y) -> (Tensor x, Tensor grad_x, Tensor grad_h)");
 
   // ActNorm: docs/ops/actnorm.md.

@@ -45,7 +45,7 @@ def check_scale(op: str, scale: str, clamp: float) -> None:
         _fail(op, f"scale should be 'exp' or 'sigmoid', got {scale!r}")
     # 1 / clamp and clamp must both be finite in float32, the compute type of most inputs.
     if scale == "exp" and not (_FLOAT32_MIN <= clamp <= _FLOAT32_MAX):
-        _fail(op, f"clamp should be positive and finite (within the float32 range) for scale='exp', got {clamp}")
+        _fail(op, f"clamp should be positive and finite (within the float32 range) for scale='exp', got {clamp:g}")
 
 
 def check_permutation(owner: str, name: str, perm, n: int, key: str) -> None:
@@ -66,15 +66,20 @@ def split_channels(channels: int) -> tuple[int, int]:
     return c1, channels - c1
 
 
-def check_coupling(op: str, x: torch.Tensor, h: torch.Tensor, affine: bool, x_name: str = "x") -> None:
-    """Validate a coupling input ``x`` ([B, C, *spatial]) and subnet output ``h``."""
+def check_coupling_input(op: str, x: torch.Tensor, x_name: str = "x") -> None:
+    """Validate a coupling input ``x``: floating point, ``[B, C, *spatial]`` with ``C >= 2``."""
     if not x.is_floating_point():
         _fail(op, f"{x_name} should be a floating-point tensor, got {x.dtype}")
     if x.dim() < 2:
         _fail(op, f"{x_name} should be at least 2-D (B, C, ...), got {x.dim()}-D")
+    if x.shape[1] < 2:
+        _fail(op, f"{x_name} should have at least 2 channels to split, got C={x.shape[1]}")
+
+
+def check_coupling(op: str, x: torch.Tensor, h: torch.Tensor, affine: bool, x_name: str = "x") -> None:
+    """Validate a coupling input ``x`` ([B, C, *spatial]) and subnet output ``h``."""
+    check_coupling_input(op, x, x_name)
     channels = x.shape[1]
-    if channels < 2:
-        _fail(op, f"{x_name} should have at least 2 channels to split, got C={channels}")
     if h.dtype != x.dtype:
         _fail(op, f"{x_name} and h should have the same dtype, got {x_name} {x.dtype} and h {h.dtype}")
     if h.device != x.device:

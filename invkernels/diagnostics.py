@@ -81,20 +81,20 @@ def reconstruction_error(model: nn.Module, x: torch.Tensor, context: torch.Tenso
         for i in range(len(model)):
             inputs.append(h)
             states.append(torch.get_rng_state())
-            h, _ = model._call(i, h, context)
+            h, _ = model.forward_block(i, h, context)
         local = []
         for i in range(len(model)):
             torch.set_rng_state(states[i])
-            out, _ = model._call(i, inputs[i], context)
+            out, _ = model.forward_block(i, inputs[i], context)
             torch.set_rng_state(states[i])
-            local.append(_rel(model._inverse(i, out, context), inputs[i]) if memory_free_capable(model[i])
+            local.append(_rel(model.inverse_block(i, out, context), inputs[i]) if memory_free_capable(model[i])
                          else 0.0)
         per_block = [0.0] * len(model)
         rebuilt = h
         for i in reversed(range(len(model))):
             if memory_free_capable(model[i]):
                 torch.set_rng_state(states[i])
-                rebuilt = model._inverse(i, rebuilt, context)
+                rebuilt = model.inverse_block(i, rebuilt, context)
             else:
                 rebuilt = inputs[i]
             per_block[i] = _rel(rebuilt, inputs[i])

@@ -102,6 +102,24 @@ def test_additive_backward_matches_reference(backend, direction):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", SHAPES + [(0, 5, 3, 3), (3, 5, 0, 4)])
+def test_additive_bwd_op_takes_only_grad_out_and_matches_reference(backend, reverse, dtype, shape):
+    """``additive_coupling_bwd(grad_out, reverse)``: grad_h's shape [B, C - C // 2, *spatial]
+    follows from grad_out's; strided gradients give the same result."""
+    g = torch.randn(2 * shape[0], *shape[1:], dtype=dtype)[::2]
+    want_in, want_h = R.additive_coupling_vjp(g.double(), reverse)
+    for grad_out in (g, g.contiguous()):
+        grad_in, grad_h = ops_of(backend).additive_bwd(grad_out, reverse)
+        assert grad_h.shape == (shape[0], shape[1] - shape[1] // 2, *shape[2:])
+        for got in (grad_in, grad_h):
+            assert got.dtype == dtype and got.is_contiguous()
+        assert_close(grad_in, want_in)
+        assert_close(grad_h, want_h)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("scale", SCALES)
 @pytest.mark.parametrize("direction", ["fwd", "inv"])
 def test_affine_gradcheck(backend, scale, direction):
@@ -149,7 +167,7 @@ def test_opcheck(backend, dtype, requires_grad):
     torch.library.opcheck(getattr(ns, "additive_coupling_inv" + suffix),
                           (xa.clone().requires_grad_(**rg), ha.clone().requires_grad_(**rg)))
     for reverse in (False, True):
-        torch.library.opcheck(getattr(ns, "additive_coupling_bwd" + suffix), (g, ha, reverse))
+        torch.library.opcheck(getattr(ns, "additive_coupling_bwd" + suffix), (g, reverse))
 
 
 @pytest.mark.parametrize("backend", BACKENDS + ["reference"])
@@ -350,6 +368,9 @@ BAD_INPUTS = [
     ("grad_out should have the shape of x",
      lambda ops: ops.affine_bwd(torch.randn(2, 5), torch.randn(2), torch.randn(2, 4), torch.randn(2, 4), "exp", 2.0,
                                 False)),
+    ("grad_out should have at least 2 channels to split, got C=1",
+     lambda ops: ops.additive_bwd(torch.randn(2, 1, 3), False)),
+    ("grad_out should be at least 2-D", lambda ops: ops.additive_bwd(torch.randn(4), True)),
     ("grad_logdet should have shape [2]",
      lambda ops: ops.affine_bwd(torch.randn(2, 4), torch.randn(3), torch.randn(2, 4), torch.randn(2, 4), "exp", 2.0,
                                 False)),

@@ -53,6 +53,14 @@ def test_cuda_opcheck_and_additive(backend):
     torch.library.opcheck(getattr(ns, "additive_coupling_fwd" + suffix), (x, ha))
     y = getattr(ns, "additive_coupling_fwd" + suffix)(x, ha)
     assert_close(y, R.additive_coupling_fwd(x.double(), ha.double()))
+    for reverse in (False, True):
+        g = torch.randn(2, 5, 3, 4, device="cuda")
+        torch.library.opcheck(getattr(ns, "additive_coupling_bwd" + suffix), (g, reverse))
+        grad_in, grad_h = getattr(ns, "additive_coupling_bwd" + suffix)(g, reverse)
+        want_in, want_h = R.additive_coupling_vjp(g.double(), reverse)
+        assert grad_h.shape == ha.shape and grad_h.device == g.device
+        assert_close(grad_in, want_in)
+        assert_close(grad_h, want_h)
 
 
 def test_cuda_cpu_mix_is_rejected():

@@ -398,3 +398,19 @@ def test_reconstruction_error_diagnostic():
     assert bf16.total < 1e-2
     with pytest.raises(TypeError, match=r"model \(NoInverse\) has no inverse"):
         reconstruction_error(NoInverse(4), x)
+
+
+def test_every_block_of_the_package_has_a_fused_memory_free_backward():
+    from invkernels.nn import InvertibleResidual  # noqa: PLC0415
+    from invkernels.nn.sequential import FusedInverseBackward  # noqa: PLC0415
+
+    blocks = [block_of(kind, 4) for kind in KINDS if kind != "user"]
+    blocks.append(InvertibleResidual(nn.Linear(4, 4)))
+    for block in blocks:
+        assert isinstance(block, FusedInverseBackward), type(block).__name__
+    assert not isinstance(ChannelAffine(4), FusedInverseBackward)
+
+
+def test_glow_step_names_itself_for_a_wrong_input():
+    with pytest.raises(ValueError, match=r"GlowStep: x should have shape \[B, 4, ...\], got \[2, 3, 4, 4\]"):
+        GlowStep(4, hidden=8)(torch.randn(2, 3, 4, 4))

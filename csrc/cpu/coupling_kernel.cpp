@@ -243,12 +243,13 @@ at::Tensor additive_coupling(const at::Tensor& in_, const at::Tensor& h_) {
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> additive_coupling_bwd(const at::Tensor& g_, const at::Tensor& h, bool reverse) {
+// grad_h has the shape of the shift, [B, C2, *spatial], which follows from grad_out's.
+std::tuple<at::Tensor, at::Tensor> additive_coupling_bwd(const at::Tensor& g_, bool reverse) {
   constexpr const char* op = "additive_coupling_bwd";
-  const CouplingShape sh = check_coupling(op, g_, h, /*affine=*/false, "grad_out");
+  const CouplingShape sh = check_coupling_input(op, g_, "grad_out");
   const at::Tensor g = g_.contiguous();
   at::Tensor gin = at::empty(g.sizes(), g.options());
-  at::Tensor gh = at::empty(h.sizes(), h.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor gh = at::empty(additive_shift_sizes(g, sh), g.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g.scalar_type(), op, [&] {
     const scalar_t* g_p = g.const_data_ptr<scalar_t>();
     scalar_t* gin_p = gin.mutable_data_ptr<scalar_t>();

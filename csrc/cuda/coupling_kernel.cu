@@ -286,13 +286,14 @@ at::Tensor additive_coupling(const at::Tensor& in_, const at::Tensor& h_) {
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> additive_coupling_bwd(const at::Tensor& g_, const at::Tensor& h, bool reverse) {
+// grad_h has the shape of the shift, [B, C2, *spatial], which follows from grad_out's.
+std::tuple<at::Tensor, at::Tensor> additive_coupling_bwd(const at::Tensor& g_, bool reverse) {
   constexpr const char* op = "additive_coupling_bwd";
-  const CouplingShape sh = check_coupling(op, g_, h, /*affine=*/false, "grad_out");
+  const CouplingShape sh = check_coupling_input(op, g_, "grad_out");
   const c10::cuda::CUDAGuard guard(g_.device());
   const at::Tensor g = g_.contiguous();
   at::Tensor gin = at::empty(g.sizes(), g.options());
-  at::Tensor gh = at::empty(h.sizes(), h.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor gh = at::empty(additive_shift_sizes(g, sh), g.options());
   const int64_t total = sh.batch * sh.n2();
   if (total == 0) return {gin, gh};
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();

@@ -46,8 +46,10 @@ class GlowStep(nn.Module):
 
     def _front(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """ActNorm and the 1x1 convolution as one GEMM with a bias, and their summed log-det."""
+        if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[1] != self.channels:
+            got = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"GlowStep: x should have shape [B, {self.channels}, ...], got {got}")
         an = self.actnorm
-        an._check(x, "x")
         an.initialize_if_needed(x)
         y = invconv_ops.conv1x1(x, self.invconv.weight(x.dtype), an.bias.to(x.dtype), an.log_scale.to(x.dtype),
                                 backend=self.invconv.backend)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.distributed as dist
@@ -12,6 +13,21 @@ from torch import nn
 
 from invkernels import _state
 from invkernels._validation import describe, logdet_dtype
+
+
+Gradients = list[tuple[torch.Tensor, "torch.Tensor | None"]]
+
+
+@runtime_checkable
+class FusedInverseBackward(Protocol):
+    """A block with its own memory-free backward (every block of this package has one):
+    ``inverse_backward(y, grad_y, grad_logdet[, context]) -> (x, grad_x, grads)`` rebuilds the
+    block's input ``x`` from its output ``y`` and back-propagates the gradients of ``(y, logdet)``
+    through the block at ``x``; ``grads`` pairs each tensor that requires grad (parameters, the
+    context) with its gradient (None for unused ones). ``grad_x`` is the full gradient of ``x``."""
+
+    def inverse_backward(self, y: torch.Tensor, grad_y: torch.Tensor, grad_logdet: torch.Tensor,
+                         **kwargs) -> tuple[torch.Tensor, torch.Tensor, Gradients]: ...
 
 
 def _takes_context(block: nn.Module) -> bool:
@@ -159,7 +175,7 @@ class _MemoryFreeChain(torch.autograd.Function):
             ctx.rng.append(_RngState(x) if seq.preserve_rng_state else None)
             if seq.check_reconstruction:
                 ctx.debug_inputs.append(x)
-            x, block_logdet = seq._call(i, x, context)
+            x, block_logdet = seq.forward_block(i, x, context)
             logdet = block_logdet if logdet is None else logdet + block_logdet
         ctx.params = params
         ctx.watched = _watched(seq, indices)
@@ -223,7 +239,7 @@ class _MemoryFreeChain(torch.autograd.Function):
             with torch.enable_grad():
                 out, logdet = x, None
                 for i in ctx.indices:
-                    out, block_logdet = seq._call(i, out, context)
+                    out, block_logdet = seq.forward_block(i, out, context)
                     logdet = block_logdet if logdet is None else logdet + block_logdet
         given_context = context is not None and context.requires_grad
         inputs = [t for t in (x, context if given_context else None, *ctx.params)
@@ -300,7 +316,9 @@ class InvertibleSequential(nn.Module):
     def _kwargs(self, i: int, context: torch.Tensor | None) -> dict:
         return {"context": context} if context is not None and self._context[i] else {}
 
-    def _call(self, i: int, x: torch.Tensor, context: torch.Tensor | None):
+    def forward_block(self, i: int, x: torch.Tensor, context: torch.Tensor | None = None):
+        """``(y, logdet)`` of block ``i`` alone at ``x`` (with ``context`` if the block takes one),
+        checked to be a pair of tensors with a ``[batch]`` log-det."""
         block = self.blocks[i]
         out = block(x, **self._kwargs(i, context))
         if not (isinstance(out, tuple) and len(out) == 2 and all(isinstance(t, torch.Tensor) for t in out)):
@@ -311,7 +329,10 @@ class InvertibleSequential(nn.Module):
                              f"{list(out[1].shape)}; it should have shape [batch] = [{x.shape[0]}]")
         return out
 
-    def _inverse(self, i: int, y: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+    def inverse_block(self, i: int, y: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """Block ``i``'s inverse at ``y`` (its parameters gathered when FSDP2 shards them); TypeError
+        for a block without ``inverse``, ValueError for one whose inverse needs more than its output
+        (``memory_free_invertible = False``)."""
         block = self.blocks[i]
         if not callable(getattr(block, "inverse", None)):
             raise TypeError(f"InvertibleSequential: block {i} ({type(block).__name__}) has no inverse")
@@ -327,9 +348,8 @@ class InvertibleSequential(nn.Module):
     def _inverse_backward(self, i, y, grad_y, grad_logdet, context, rng):
         block = self.blocks[i]
         kwargs = self._kwargs(i, context)
-        fused = getattr(block, "inverse_backward", None)
-        if fused is not None:
-            return fused(y, grad_y, grad_logdet, **kwargs)
+        if isinstance(block, FusedInverseBackward):
+            return block.inverse_backward(y, grad_y, grad_logdet, **kwargs)
         return _generic_inverse_backward(block, y, grad_y, grad_logdet, kwargs, rng)
 
     def _runs(self) -> list[tuple[bool, tuple[int, ...]]]:
@@ -360,7 +380,7 @@ class InvertibleSequential(nn.Module):
                 logdet = logdet + run_logdet
             else:
                 for i in indices:
-                    x, block_logdet = self._call(i, x, context)
+                    x, block_logdet = self.forward_block(i, x, context)
                     logdet = logdet + block_logdet
         return x, logdet
 
@@ -371,7 +391,7 @@ class InvertibleSequential(nn.Module):
         if not isinstance(y, torch.Tensor):
             raise TypeError(f"InvertibleSequential: y should be a tensor, got {type(y).__name__}")
         for i in reversed(range(len(self.blocks))):
-            y = self._inverse(i, y, context)
+            y = self.inverse_block(i, y, context)
         return y
 
     def extra_repr(self) -> str:

@@ -1,43 +1,127 @@
-"""Per-backend registration of an op family (coupling, ActNorm, ...).
+"""Registration of an op family (coupling, ActNorm, ...) on every backend, from the C++ schemas.
 
-The C++ ops get their fake implementations and autograd formulas on first use, the Triton ops
-(``<name>_triton``) their autograd formulas when the Triton module is first imported. After
-that, a call only looks the ops up, which keeps the lookup traceable by torch.compile.
+Every schema is written once, in csrc/invkernels.cpp. A family describes each of its ops once, as
+an :class:`OpDef` (the argument checks and the empty outputs of valid arguments), and gets from
+:class:`OpFamily`:
+
+- one fake implementation per op (checks, then empty outputs), which serves the C++ op
+  ``invkernels::<name>`` and its Triton twin ``invkernels::<name>_triton`` alike;
+- the Triton twins, defined by one loop over the registered C++ schemas
+  (:func:`register_triton_twins`): each twin is a ``torch.library.custom_op`` with the C++ op's
+  schema but the name, whose implementation runs the op's checks and then the family's Triton
+  launcher (``LAUNCHERS[name]`` of its Triton module). A ``custom_op`` around the launch, with
+  ``register_fake``, passes ``torch.library.opcheck`` and ``torch.compile(fullgraph=True)`` under
+  ``TRITON_INTERPRET=1``; ``triton_op`` + ``wrap_triton`` fails opcheck there (DESIGN.md). The
+  Triton backend therefore needs the compiled extension: it holds the schemas;
+- autograd for both backends from the family's one formula (``register_autograd(suffix, ops)``).
+
+Registration happens on a backend's first use. After that, a call only looks the ops up, which
+keeps the lookup traceable by torch.compile.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Callable, NamedTuple
+from typing import Callable, Mapping, NamedTuple
 
 import torch
 
-from invkernels import _backend
+from invkernels import _backend, _validation
+
+
+class OpDef(NamedTuple):
+    """One registered op, as its fake implementation and the Triton backend see it.
+
+    Args:
+        check: ``check(name, *args, **kwargs)`` validates the schema's arguments (keyword-only ones
+            by keyword): a ValueError naming the op ``name``, the argument and its value, with the
+            wording of csrc/checks.h. It checks everything any backend checks.
+        outputs: ``outputs(*args, **kwargs)`` returns empty outputs with the shapes and dtypes the
+            op returns for valid arguments (contiguous).
+    """
+
+    check: Callable[..., None]
+    outputs: Callable[..., object]
+
+
+def contiguous_like(t: torch.Tensor) -> torch.Tensor:
+    """An empty contiguous tensor with the shape, dtype and device of ``t`` (a fake output)."""
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device)
+
+
+def logdet_like(x: torch.Tensor) -> torch.Tensor:
+    """An empty log-det of a batch ``x``: ``[B]`` in ``logdet_dtype(x.dtype)`` (a fake output)."""
+    return x.new_empty(x.shape[0], dtype=_validation.logdet_dtype(x.dtype))
+
+
+def schema_of(name: str) -> str:
+    """The schema of the registered C++ op ``invkernels::<name>`` without its name:
+    ``"(Tensor x, ...) -> (...)"``."""
+    from invkernels import _extension  # noqa: PLC0415
+
+    _extension.load()
+    schema = str(getattr(torch.ops.invkernels, name).default._schema)
+    return schema[schema.index("("):]
+
+
+def make_fake(name: str, op: OpDef) -> Callable:
+    """The fake implementation of op ``name``: its checks, then its empty outputs."""
+
+    def fake(*args, **kwargs):
+        op.check(name, *args, **kwargs)
+        return op.outputs(*args, **kwargs)
+
+    return fake
+
+
+def _twin_impl(name: str, op: OpDef, launcher: Callable) -> Callable:
+    def impl(*args, **kwargs):
+        op.check(name, *args, **kwargs)
+        return launcher(*args, **kwargs)
+
+    return impl
+
+
+def register_triton_twins(defs: Mapping[str, OpDef], fakes: Mapping[str, Callable],
+                          launchers: Mapping[str, Callable]) -> None:
+    """Define ``invkernels::<name>_triton`` for every op of ``defs``: the schema of the C++ op
+    ``<name>``, the fake ``fakes[name]`` and, as implementation, the op's checks followed by
+    ``launchers[name]`` (called with the schema's arguments: positional ones by position,
+    keyword-only ones by keyword)."""
+    missing = [name for name in defs if name not in launchers]
+    if missing:
+        raise ValueError(f"register_triton_twins: no Triton launcher for the ops {missing}")
+    for name, op in defs.items():
+        twin = torch.library.custom_op(f"invkernels::{name}_triton", _twin_impl(name, op, launchers[name]),
+                                       mutates_args=(), schema=schema_of(name))
+        twin.register_fake(fakes[name])
 
 
 class OpFamily:
     """The registered ops of one family, per backend.
 
     Args:
-        names: op names in ``torch.ops.invkernels``, in the order of ``ops_type``'s fields.
+        defs: op name in ``torch.ops.invkernels`` -> :class:`OpDef`, in the order of ``ops_type``'s
+            fields.
         ops_type: a NamedTuple type holding one backend's ops.
-        triton_module: the module that registers the ``<name>_triton`` ops when imported.
-        register_fakes: registers the fake implementations of the C++ ops.
-        register_autograd: ``register_autograd(suffix, ops)`` registers autograd for one backend.
+        triton_module: the module whose ``LAUNCHERS`` maps every op name to its Triton launcher.
+        register_autograd: ``register_autograd(suffix, ops)`` registers autograd for one backend
+            (``suffix`` is ``""`` or ``"_triton"``).
     """
 
-    def __init__(self, names: tuple[str, ...], ops_type: type[NamedTuple], triton_module: str,
-                 register_fakes: Callable[[], None], register_autograd: Callable[[str, NamedTuple], None]):
-        self._names = names
+    def __init__(self, defs: Mapping[str, OpDef], ops_type: type[NamedTuple], triton_module: str,
+                 register_autograd: Callable[[str, NamedTuple], None]):
+        self.defs = dict(defs)
+        self.names = tuple(self.defs)
+        self.fakes = {name: make_fake(name, op) for name, op in self.defs.items()}
         self._ops_type = ops_type
         self._triton_module = triton_module
-        self._register_fakes = register_fakes
         self._register_autograd = register_autograd
         self._registered: dict[str, NamedTuple] = {}
 
     def _bind(self, suffix: str) -> NamedTuple:
         ns = torch.ops.invkernels
-        return self._ops_type(*(getattr(ns, name + suffix).default for name in self._names))
+        return self._ops_type(*(getattr(ns, name + suffix).default for name in self.names))
 
     def cpp(self) -> NamedTuple:
         """The C++ ops (CPU and CUDA kernels), with autograd and fake implementations registered."""
@@ -45,16 +129,19 @@ class OpFamily:
             from invkernels import _extension  # noqa: PLC0415
 
             _extension.load()
-            self._register_fakes()
+            for name, fake in self.fakes.items():
+                torch.library.register_fake(f"invkernels::{name}", fake)
             ops = self._bind("")
             self._register_autograd("", ops)
             self._registered["cpp"] = ops
         return self._registered["cpp"]
 
     def triton(self) -> NamedTuple:
-        """The Triton ops, with autograd registered (imports triton on first use)."""
+        """The Triton ops, defined from the C++ schemas with autograd registered (imports triton
+        and loads the compiled extension on first use)."""
         if "triton" not in self._registered:
-            importlib.import_module(self._triton_module)
+            launchers = importlib.import_module(self._triton_module).LAUNCHERS
+            register_triton_twins(self.defs, self.fakes, launchers)
             ops = self._bind("_triton")
             self._register_autograd("_triton", ops)
             self._registered["triton"] = ops

@@ -1,19 +1,21 @@
 """Functional ActNorm: backend choice, autograd and fake implementations.
 
-The C++ ops (``torch.ops.invkernels.actnorm_fwd`` ...) and their Triton twins (``..._triton``)
-share one autograd formula: the forward saves its input, the inverse its output (the data-side
+The C++ ops (``torch.ops.invkernels.actnorm_fwd`` ...) and their Triton twins (``..._triton``,
+defined from the C++ schemas by invkernels.ops._registry) share one fake implementation per op and
+one autograd formula: the forward saves its input, the inverse its output (the data-side
 tensor ``x`` in both cases) with the parameters, and backward is the registered ``actnorm_bwd``
 op (the same formulas in tensor ops under ``create_graph=True``). Math: docs/ops/actnorm.md.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import NamedTuple
 
 import torch
 
 from invkernels import _validation
-from invkernels.ops._registry import OpFamily
+from invkernels.ops._registry import OpDef, OpFamily, contiguous_like, logdet_like
 from invkernels.reference import actnorm as reference
 
 
@@ -25,32 +27,21 @@ class ActNormOps(NamedTuple):
     bwd: object
 
 
-def _contiguous_like(t: torch.Tensor) -> torch.Tensor:
-    return torch.empty(t.shape, dtype=t.dtype, device=t.device)
+def _check_bwd(op, grad_out, grad_logdet, x, bias, log_scale, reverse):
+    _validation.check_actnorm(op, x, bias, log_scale)
+    _validation.check_grad(op, grad_out, x, "grad_out", "x")
+    _validation.check_grad_logdet(op, grad_logdet, x)
 
 
-def _logdet_like(x: torch.Tensor) -> torch.Tensor:
-    """The log-det of a batch ``x``: ``[B]`` in ``logdet_dtype(x.dtype)``."""
-    return x.new_empty(x.shape[0], dtype=_validation.logdet_dtype(x.dtype))
-
-
-def _register_fakes() -> None:
-    @torch.library.register_fake("invkernels::actnorm_fwd")
-    def _(x, bias, log_scale):
-        _validation.check_actnorm("actnorm_fwd", x, bias, log_scale)
-        return _contiguous_like(x), _logdet_like(x)
-
-    @torch.library.register_fake("invkernels::actnorm_inv")
-    def _(y, bias, log_scale):
-        _validation.check_actnorm("actnorm_inv", y, bias, log_scale, "y")
-        return _contiguous_like(y), _logdet_like(y)
-
-    @torch.library.register_fake("invkernels::actnorm_bwd")
-    def _(grad_out, grad_logdet, x, bias, log_scale, reverse):
-        _validation.check_actnorm("actnorm_bwd", x, bias, log_scale)
-        _validation.check_grad("actnorm_bwd", grad_out, x, "grad_out", "x")
-        _validation.check_grad_logdet("actnorm_bwd", grad_logdet, x)
-        return _contiguous_like(x), _contiguous_like(bias), _contiguous_like(log_scale)
+# The three ops of docs/ops/actnorm.md (schemas in csrc/invkernels.cpp), in ActNormOps' order: their
+# checks and outputs, which the fake implementations and the Triton twins share.
+_DEFS = {
+    "actnorm_fwd": OpDef(_validation.check_actnorm, lambda x, *_: (contiguous_like(x), logdet_like(x))),
+    "actnorm_inv": OpDef(partial(_validation.check_actnorm, x_name="y"),
+                         lambda y, *_: (contiguous_like(y), logdet_like(y))),
+    "actnorm_bwd": OpDef(_check_bwd, lambda grad_out, grad_logdet, x, bias, log_scale, reverse: (
+        contiguous_like(x), contiguous_like(bias), contiguous_like(log_scale))),
+}
 
 
 def _register_autograd(suffix: str, ops: ActNormOps) -> None:
@@ -73,8 +64,7 @@ def _register_autograd(suffix: str, ops: ActNormOps) -> None:
         setup_context=lambda ctx, inputs, output: setup(ctx, output[0], *inputs[1:]))
 
 
-_FAMILY = OpFamily(("actnorm_fwd", "actnorm_inv", "actnorm_bwd"), ActNormOps, "invkernels.triton.actnorm",
-                   _register_fakes, _register_autograd)
+_FAMILY = OpFamily(_DEFS, ActNormOps, "invkernels.triton.actnorm", _register_autograd)
 cpp_ops = _FAMILY.cpp
 triton_ops = _FAMILY.triton
 prepare = _FAMILY.prepare
@@ -118,8 +108,6 @@ def actnorm_vjp(grad_out: torch.Tensor, grad_logdet: torch.Tensor, x: torch.Tens
     ``backend="reference"``). Not differentiable (it is a backward)."""
     ops = _ops_for(backend, x)
     if ops is None:
-        _validation.check_actnorm("actnorm_bwd", x, bias, log_scale)
-        _validation.check_grad("actnorm_bwd", grad_out, x, "grad_out", "x")
-        _validation.check_grad_logdet("actnorm_bwd", grad_logdet, x)
+        _check_bwd("actnorm_bwd", grad_out, grad_logdet, x, bias, log_scale, False)
         return reference.actnorm_vjp(grad_out, grad_logdet, x, bias, log_scale, False)
     return ops.bwd(grad_out, grad_logdet, x, bias, log_scale, False)

@@ -1,31 +1,23 @@
 """Functional affine and additive coupling: backend choice, autograd and fake implementations.
 
 The C++ ops (``torch.ops.invkernels.affine_coupling_fwd`` ...) and their Triton twins
-(``..._triton``) share one autograd formula, registered here for both: the forward saves its
-input ``x`` and the subnet output ``h``; the inverse saves its output ``x`` and ``h``; backward
-is the registered ``*_bwd`` op. Math: docs/ops/coupling.md.
+(``..._triton``, defined from the C++ schemas by invkernels.ops._registry) share one fake
+implementation per op and one autograd formula, registered here for both: the affine forward
+saves its input ``x`` and the subnet output ``h``; the affine inverse saves its output ``x`` and
+``h``; the additive ops save nothing; backward is the registered ``*_bwd`` op. Math:
+docs/ops/coupling.md.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable, NamedTuple
 
 import torch
 
 from invkernels import _validation
-from invkernels.ops._registry import OpFamily
+from invkernels.ops._registry import OpDef, OpFamily, contiguous_like, logdet_like
 from invkernels.reference import coupling as reference
-
-_OPS = (
-    "affine_coupling_fwd",
-    "affine_coupling_inv",
-    "affine_coupling_bwd",
-    "affine_coupling_inv_bwd",
-    "additive_coupling_fwd",
-    "additive_coupling_inv",
-    "additive_coupling_bwd",
-    "additive_coupling_inv_bwd",
-)
 
 
 class CouplingOps(NamedTuple):
@@ -41,68 +33,60 @@ class CouplingOps(NamedTuple):
     additive_inv_bwd: Callable
 
 
-def _contiguous_like(t: torch.Tensor) -> torch.Tensor:
-    return torch.empty(t.shape, dtype=t.dtype, device=t.device)
+def _shift_like(x: torch.Tensor) -> torch.Tensor:
+    """The additive shift of a coupling input ``x``: ``[B, C - C // 2, *spatial]``, contiguous."""
+    _, c2 = _validation.split_channels(x.shape[1])
+    return x.new_empty((x.shape[0], c2, *x.shape[2:]))
 
 
-def _logdet_like(x: torch.Tensor) -> torch.Tensor:
-    """The log-det of a batch ``x``: ``[B]`` in ``logdet_dtype(x.dtype)``."""
-    return x.new_empty(x.shape[0], dtype=_validation.logdet_dtype(x.dtype))
+def _check_affine(op, x, h, scale, clamp, x_name="x"):
+    _validation.check_scale(op, scale, clamp)
+    _validation.check_coupling(op, x, h, affine=True, x_name=x_name)
 
 
-def _register_fakes() -> None:
-    """Shape functions of the C++ ops, for torch.compile and meta tensors."""
+def _check_affine_bwd(op, grad_out, grad_logdet, x, h, scale, clamp, reverse):
+    _check_affine(op, x, h, scale, clamp)
+    _validation.check_grad(op, grad_out, x, "grad_out", "x")
+    _validation.check_grad_logdet(op, grad_logdet, x)
 
-    @torch.library.register_fake("invkernels::affine_coupling_fwd")
-    def _(x, h, scale, clamp):
-        _validation.check_scale("affine_coupling_fwd", scale, clamp)
-        _validation.check_coupling("affine_coupling_fwd", x, h, affine=True)
-        return _contiguous_like(x), _logdet_like(x)
 
-    @torch.library.register_fake("invkernels::affine_coupling_inv")
-    def _(y, h, scale, clamp):
-        _validation.check_scale("affine_coupling_inv", scale, clamp)
-        _validation.check_coupling("affine_coupling_inv", y, h, affine=True, x_name="y")
-        return _contiguous_like(y), _logdet_like(y)
+def _check_affine_inv_bwd(op, y, h, grad_y, grad_logdet, scale, clamp):
+    _check_affine(op, y, h, scale, clamp, "y")
+    _validation.check_grad(op, grad_y, y, "grad_y", "y")
+    _validation.check_grad_logdet(op, grad_logdet, y)
 
-    @torch.library.register_fake("invkernels::affine_coupling_bwd")
-    def _(grad_out, grad_logdet, x, h, scale, clamp, reverse):
-        _validation.check_scale("affine_coupling_bwd", scale, clamp)
-        _validation.check_coupling("affine_coupling_bwd", x, h, affine=True)
-        _validation.check_grad("affine_coupling_bwd", grad_out, x, "grad_out", "x")
-        _validation.check_grad_logdet("affine_coupling_bwd", grad_logdet, x)
-        return _contiguous_like(x), _contiguous_like(h)
 
-    @torch.library.register_fake("invkernels::affine_coupling_inv_bwd")
-    def _(y, h, grad_y, grad_logdet, scale, clamp):
-        op = "affine_coupling_inv_bwd"
-        _validation.check_scale(op, scale, clamp)
-        _validation.check_coupling(op, y, h, affine=True, x_name="y")
-        _validation.check_grad(op, grad_y, y, "grad_y", "y")
-        _validation.check_grad_logdet(op, grad_logdet, y)
-        return _contiguous_like(y), _contiguous_like(y), _contiguous_like(h)
+def _check_additive(op, x, h, x_name="x"):
+    _validation.check_coupling(op, x, h, affine=False, x_name=x_name)
 
-    @torch.library.register_fake("invkernels::additive_coupling_inv_bwd")
-    def _(y, h, grad_y):
-        op = "additive_coupling_inv_bwd"
-        _validation.check_coupling(op, y, h, affine=False, x_name="y")
-        _validation.check_grad(op, grad_y, y, "grad_y", "y")
-        return _contiguous_like(y), _contiguous_like(y), _contiguous_like(h)
 
-    @torch.library.register_fake("invkernels::additive_coupling_fwd")
-    def _(x, h):
-        _validation.check_coupling("additive_coupling_fwd", x, h, affine=False)
-        return _contiguous_like(x)
+def _check_additive_bwd(op, grad_out, reverse):
+    _validation.check_coupling_input(op, grad_out, "grad_out")
 
-    @torch.library.register_fake("invkernels::additive_coupling_inv")
-    def _(y, h):
-        _validation.check_coupling("additive_coupling_inv", y, h, affine=False, x_name="y")
-        return _contiguous_like(y)
 
-    @torch.library.register_fake("invkernels::additive_coupling_bwd")
-    def _(grad_out, h, reverse):
-        _validation.check_coupling("additive_coupling_bwd", grad_out, h, affine=False, x_name="grad_out")
-        return _contiguous_like(grad_out), _contiguous_like(h)
+def _check_additive_inv_bwd(op, y, h, grad_y):
+    _check_additive(op, y, h, "y")
+    _validation.check_grad(op, grad_y, y, "grad_y", "y")
+
+
+# The eight ops of docs/ops/coupling.md (schemas in csrc/invkernels.cpp), in CouplingOps' order:
+# their checks and outputs, which the fake implementations and the Triton twins share.
+_DEFS = {
+    "affine_coupling_fwd": OpDef(_check_affine, lambda x, *_: (contiguous_like(x), logdet_like(x))),
+    "affine_coupling_inv": OpDef(partial(_check_affine, x_name="y"),
+                                 lambda y, *_: (contiguous_like(y), logdet_like(y))),
+    "affine_coupling_bwd": OpDef(_check_affine_bwd,
+                                 lambda grad_out, grad_logdet, x, h, *_: (contiguous_like(x), contiguous_like(h))),
+    "affine_coupling_inv_bwd": OpDef(_check_affine_inv_bwd,
+                                     lambda y, h, *_: (contiguous_like(y), contiguous_like(y), contiguous_like(h))),
+    "additive_coupling_fwd": OpDef(_check_additive, lambda x, h: contiguous_like(x)),
+    "additive_coupling_inv": OpDef(partial(_check_additive, x_name="y"), lambda y, h: contiguous_like(y)),
+    "additive_coupling_bwd": OpDef(_check_additive_bwd,
+                                   lambda grad_out, reverse: (contiguous_like(grad_out), _shift_like(grad_out))),
+    "additive_coupling_inv_bwd": OpDef(_check_additive_inv_bwd,
+                                       lambda y, h, grad_y: (contiguous_like(y), contiguous_like(y),
+                                                             contiguous_like(h))),
+}
 
 
 def _register_autograd(suffix: str, ops: CouplingOps) -> None:
@@ -135,25 +119,18 @@ def _register_autograd(suffix: str, ops: CouplingOps) -> None:
         lambda ctx, grad_x, grad_logdet: affine_grads(ctx, grad_x, grad_logdet, True),
         setup_context=lambda ctx, inputs, output: save_affine(ctx, output[0], *inputs[1:]))
 
-    def save_additive(ctx, inputs, output):
-        # Only the shape of h is needed: nothing is saved, so h can be freed after the forward.
-        ctx.h_shape = inputs[1].shape
-
+    # The additive gradients follow from grad_out alone: nothing is saved, so h can be freed after
+    # the forward.
     def additive_grads(ctx, grad_out, reverse):
-        if torch.is_grad_enabled():
-            grad_in, grad_h = reference.additive_coupling_vjp(grad_out, reverse)
-        else:
-            h_like = grad_out.new_zeros(()).expand(ctx.h_shape)
-            grad_in, grad_h = ops.additive_bwd(grad_out, h_like, reverse)
+        bwd = reference.additive_coupling_vjp if torch.is_grad_enabled() else ops.additive_bwd
+        grad_in, grad_h = bwd(grad_out, reverse)
         return grad_in if ctx.needs_input_grad[0] else None, grad_h if ctx.needs_input_grad[1] else None
 
-    torch.library.register_autograd(
-        name("additive_coupling_fwd"), lambda ctx, g: additive_grads(ctx, g, False), setup_context=save_additive)
-    torch.library.register_autograd(
-        name("additive_coupling_inv"), lambda ctx, g: additive_grads(ctx, g, True), setup_context=save_additive)
+    torch.library.register_autograd(name("additive_coupling_fwd"), lambda ctx, g: additive_grads(ctx, g, False))
+    torch.library.register_autograd(name("additive_coupling_inv"), lambda ctx, g: additive_grads(ctx, g, True))
 
 
-_FAMILY = OpFamily(_OPS, CouplingOps, "invkernels.triton.coupling", _register_fakes, _register_autograd)
+_FAMILY = OpFamily(_DEFS, CouplingOps, "invkernels.triton.coupling", _register_autograd)
 cpp_ops = _FAMILY.cpp
 triton_ops = _FAMILY.triton
 prepare = _FAMILY.prepare

@@ -2,32 +2,34 @@
 per-pixel product and log-determinant.
 
 ``W = P L U'`` is assembled from its factors by the registered op
-``torch.ops.invkernels.invconv_weight`` (backward: ``invconv_weight_bwd``; under
-``create_graph=True`` the same formulas in differentiable tensor ops from the reference). The
-assembly is a C x C computation through torch's BLAS (``at::matmul``) on every backend: there is
-no Triton twin, and ``prepare("triton")`` registers the C++ op, which the Triton backend uses.
-``W⁻¹ = U'⁻¹ L⁻¹ Pᵀ`` is built from the factors by two triangular solves in float64 (plain torch
-ops, differentiable), never by inverting the dense ``W``. The per-pixel product ``y = W x`` is one
-GEMM through torch over the whole input (:func:`conv1x1`). Math: docs/ops/invconv.md.
+``torch.ops.invkernels.invconv_weight`` (backward: ``invconv_weight_bwd``), and the per-pixel
+product ``y = W x`` (with an ActNorm optionally folded in) by ``conv1x1`` (backward:
+``conv1x1_bwd``). The C++ ops run their products through torch's BLAS / cuBLAS; their Triton twins
+(``..._triton``, defined from the C++ schemas by invkernels.ops._registry) launch the Triton GEMMs
+of invkernels/triton/invconv.py. Both backends share one fake implementation per op and one
+autograd formula (under ``create_graph=True`` the same formulas in differentiable tensor ops from
+the reference). ``W⁻¹ = U'⁻¹ L⁻¹ Pᵀ`` is built from the factors by two triangular solves in float64
+(plain torch ops, differentiable), never by inverting the dense ``W``. Math: docs/ops/invconv.md.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 
-from invkernels import _backend, _validation
+from invkernels import _validation
+from invkernels.ops._registry import OpDef, OpFamily, contiguous_like
 from invkernels.reference import invconv as reference
 
 
 class InvConvOps(NamedTuple):
-    """The C++ ops: weight assembly and the per-position product."""
+    """One backend's four ops: weight assembly and the per-position product, with their backwards."""
 
-    weight: object
-    weight_bwd: object
-    conv1x1: object
-    conv1x1_bwd: object
+    weight: Callable
+    weight_bwd: Callable
+    conv1x1: Callable
+    conv1x1_bwd: Callable
 
 
 def _fail(op: str, message: str) -> None:
@@ -57,44 +59,45 @@ def check_factors(op: str, perm: torch.Tensor, lower: torch.Tensor, upper: torch
             _fail(op, f"{name} should be on the device of lower ({lower.device}), got {t.device}")
 
 
-def _register_fakes() -> None:
-    """Shape functions of the C++ ops, for torch.compile and meta tensors."""
-
-    @torch.library.register_fake("invkernels::invconv_weight")
-    def _(perm, lower, upper, sign, log_s):
-        check_factors("invconv_weight", perm, lower, upper, sign, log_s)
-        return lower.new_empty(lower.shape)
-
-    @torch.library.register_fake("invkernels::invconv_weight_bwd")
-    def _(grad_w, perm, lower, upper, sign, log_s):
-        op = "invconv_weight_bwd"
-        check_factors(op, perm, lower, upper, sign, log_s)
-        if grad_w.shape != lower.shape:
-            _fail(op, f"grad_w should have the shape of lower {list(lower.shape)}, got {list(grad_w.shape)}")
-        if grad_w.dtype != lower.dtype:
-            _fail(op, f"grad_w should have the dtype of lower ({lower.dtype}), got {grad_w.dtype}")
-        if grad_w.device != lower.device:
-            _fail(op, f"grad_w should be on the device of lower ({lower.device}), got {grad_w.device}")
-        return lower.new_empty(lower.shape), upper.new_empty(upper.shape), log_s.new_empty(log_s.shape)
-
-    @torch.library.register_fake("invkernels::conv1x1")
-    def _(x, weight, bias=None, log_scale=None):
-        check_product("conv1x1", x, weight, bias, log_scale)
-        return product_like(x)
-
-    @torch.library.register_fake("invkernels::conv1x1_bwd")
-    def _(grad_y, x, weight, bias, log_scale, output_mask):
-        op = "conv1x1_bwd"
-        check_product(op, x, weight, bias, log_scale)
-        _validation.check_grad(op, grad_y, x, "grad_y", "x")
-        folded = bias is not None and output_mask[2]
-        return (product_like(x) if output_mask[0] else None,
-                weight.new_empty(weight.shape) if output_mask[1] else None,
-                bias.new_empty(bias.shape) if folded else None,
-                log_scale.new_empty(log_scale.shape) if folded else None)
+def _check_weight_bwd(op, grad_w, perm, lower, upper, sign, log_s):
+    check_factors(op, perm, lower, upper, sign, log_s)
+    if grad_w.shape != lower.shape:
+        _fail(op, f"grad_w should have the shape of lower {list(lower.shape)}, got {list(grad_w.shape)}")
+    if grad_w.dtype != lower.dtype:
+        _fail(op, f"grad_w should have the dtype of lower ({lower.dtype}), got {grad_w.dtype}")
+    if grad_w.device != lower.device:
+        _fail(op, f"grad_w should be on the device of lower ({lower.device}), got {grad_w.device}")
 
 
-def _register_autograd(ops: InvConvOps) -> None:
+def _check_conv1x1(op, x, weight, bias=None, log_scale=None):
+    check_product(op, x, weight, bias, log_scale)
+
+
+def _check_conv1x1_bwd(op, grad_y, x, weight, bias, log_scale, output_mask):
+    check_product(op, x, weight, bias, log_scale)
+    _validation.check_grad(op, grad_y, x, "grad_y", "x")
+
+
+def _conv1x1_bwd_outputs(grad_y, x, weight, bias, log_scale, output_mask):
+    folded = bias is not None and output_mask[2]
+    return (product_like(x) if output_mask[0] else None,
+            contiguous_like(weight) if output_mask[1] else None,
+            contiguous_like(bias) if folded else None,
+            contiguous_like(log_scale) if folded else None)
+
+
+# The four ops of docs/ops/invconv.md (schemas in csrc/invkernels.cpp), in InvConvOps' order: their
+# checks and outputs, which the fake implementations and the Triton twins share.
+_DEFS = {
+    "invconv_weight": OpDef(check_factors, lambda perm, lower, *_: contiguous_like(lower)),
+    "invconv_weight_bwd": OpDef(_check_weight_bwd, lambda grad_w, perm, lower, upper, sign, log_s: (
+        contiguous_like(lower), contiguous_like(upper), contiguous_like(log_s))),
+    "conv1x1": OpDef(_check_conv1x1, lambda x, *_, **__: product_like(x)),
+    "conv1x1_bwd": OpDef(_check_conv1x1_bwd, _conv1x1_bwd_outputs),
+}
+
+
+def _register_autograd(suffix: str, ops: InvConvOps) -> None:
     """``perm`` and ``sign`` are constants of the parameterization: they get no gradient."""
 
     def setup_context(ctx, inputs, output):
@@ -110,7 +113,7 @@ def _register_autograd(ops: InvConvOps) -> None:
         return (None, grad_lower if needs[1] else None, grad_upper if needs[2] else None, None,
                 grad_log_s if needs[4] else None)
 
-    torch.library.register_autograd("invkernels::invconv_weight", backward, setup_context=setup_context)
+    torch.library.register_autograd(f"invkernels::invconv_weight{suffix}", backward, setup_context=setup_context)
 
     def conv1x1_backward(ctx, grad_y):
         # bias and log_scale may have been left to their defaults: then neither is an input.
@@ -124,32 +127,14 @@ def _register_autograd(ops: InvConvOps) -> None:
         grads = vjp(grad_y, *saved, mask)
         return tuple(g if need else None for g, need in zip(grads, needs))[:given]
 
-    torch.library.register_autograd("invkernels::conv1x1", conv1x1_backward, setup_context=setup_context)
+    torch.library.register_autograd(f"invkernels::conv1x1{suffix}", conv1x1_backward, setup_context=setup_context)
 
 
-_registered: dict[str, InvConvOps] = {}
-
-
-def cpp_ops() -> InvConvOps:
-    """The C++ ops (CPU and CUDA), with autograd and fake implementations registered."""
-    if "cpp" not in _registered:
-        from invkernels import _extension  # noqa: PLC0415
-
-        _extension.load()
-        _register_fakes()
-        ns = torch.ops.invkernels
-        ops = InvConvOps(ns.invconv_weight.default, ns.invconv_weight_bwd.default, ns.conv1x1.default,
-                         ns.conv1x1_bwd.default)
-        _register_autograd(ops)
-        _registered["cpp"] = ops
-    return _registered["cpp"]
-
-
-def prepare(backend: str) -> None:
-    """Register the ops ``backend`` uses now, so later (possibly compiled) calls only look them up.
-    The weight assembly has no Triton kernel: ``"triton"`` uses the C++ op as ``"cpp"`` does."""
-    if backend in ("cpp", "triton"):
-        cpp_ops()
+_FAMILY = OpFamily(_DEFS, InvConvOps, "invkernels.triton.invconv", _register_autograd)
+cpp_ops = _FAMILY.cpp
+triton_ops = _FAMILY.triton
+prepare = _FAMILY.prepare
+_ops_for = _FAMILY.for_tensor
 
 
 def invconv_weight(perm: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, sign: torch.Tensor,
@@ -161,16 +146,15 @@ def invconv_weight(perm: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor,
         perm: ``[C]`` int64 permutation.
         lower, upper: ``[C, C]`` (only the strict lower / strict upper triangle is read).
         sign: ``[C]``, entries +1 or -1. log_s: ``[C]``. Same dtype and device as ``lower``.
-        backend: ``"cpp"`` or ``"triton"`` (the registered C++ op on CPU and CUDA tensors, the
-            reference on other devices), ``"reference"`` (pure torch), or None for
+        backend: ``"cpp"`` (the C++ op on CPU and CUDA tensors, the reference on other devices),
+            ``"triton"`` (the Triton kernel), ``"reference"`` (pure torch), or None for
             ``invkernels.get_backend()``.
     """
-    name = _backend.resolve(backend)
-    if name == "reference" or lower.device.type not in ("cpu", "cuda"):
+    ops = _ops_for(backend, lower)
+    if ops is None:
         check_factors("invconv_weight", perm, lower, upper, sign, log_s)
         return reference.invconv_weight(perm, lower, upper, sign, log_s)
-    ops = _registered.get("cpp")
-    return (ops if ops is not None else cpp_ops()).weight(perm, lower, upper, sign, log_s)
+    return ops.weight(perm, lower, upper, sign, log_s)
 
 
 def invconv_inverse_weight(perm: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, sign: torch.Tensor,
@@ -253,23 +237,25 @@ def conv1x1(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
     ActNorm folded in) ``y = w @ ((x + bias) * exp(log_scale))``, computed as one GEMM with the
     weight ``w · diag(exp(log_scale))`` and the bias ``w · (exp(log_scale) ⊙ bias)``.
 
-    The registered op ``torch.ops.invkernels.conv1x1`` (backward ``conv1x1_bwd``; both run their
-    products through torch's BLAS / cuBLAS, never a hand-written GEMM): ``[B, C]`` inputs and
-    channels-last inputs are one GEMM over all positions (channels-last result), any other input
-    one batched GEMM with the weight broadcast (contiguous result). Differentiable in every tensor.
+    The registered op ``torch.ops.invkernels.conv1x1`` (backward ``conv1x1_bwd``). The C++ op runs
+    its products through torch's BLAS / cuBLAS: ``[B, C]`` inputs and channels-last inputs are one
+    GEMM over all positions, any other input one batched GEMM with the weight broadcast. The
+    Triton twin is one Triton GEMM with the folded ActNorm in its epilogue. Either gives a
+    channels-last result for a channels-last-like ``x``, a contiguous one otherwise.
+    Differentiable in every tensor.
 
     Args:
         x: ``[B, C, *spatial]`` or ``[B, C]``, any strides.
         w: ``[C, C]``. bias, log_scale: ``[C]`` or both None. Same dtype and device as ``x``.
-        backend: ``"cpp"`` or ``"triton"`` (the C++ op on CPU and CUDA tensors, the reference on
-            other devices), ``"reference"`` (einsum), or None for ``invkernels.get_backend()``.
+        backend: ``"cpp"`` (the C++ op on CPU and CUDA tensors, the reference on other devices),
+            ``"triton"`` (the Triton kernels), ``"reference"`` (einsum), or None for
+            ``invkernels.get_backend()``.
     """
-    name = _backend.resolve(backend)
-    if name == "reference" or x.device.type not in ("cpu", "cuda"):
+    ops = _ops_for(backend, x)
+    if ops is None:
         check_product("conv1x1", x, w, bias, log_scale)
         return reference.conv1x1(x, w, bias, log_scale)
-    ops = _registered.get("cpp")
-    return (ops if ops is not None else cpp_ops()).conv1x1(x, w, bias, log_scale)
+    return ops.conv1x1(x, w, bias, log_scale)
 
 
 def conv1x1_vjp(grad_y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
@@ -279,12 +265,11 @@ def conv1x1_vjp(grad_y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: to
     ``grad_y`` of its output: the registered ``conv1x1_bwd`` op (the reference formulas for
     ``backend="reference"``). ``output_mask`` picks ``(grad_x, grad_w, the ActNorm pair)``; the
     others are None. Not differentiable (it is a backward)."""
-    name = _backend.resolve(backend)
-    if name == "reference" or x.device.type not in ("cpu", "cuda"):
-        check_product("conv1x1_bwd", x, w, bias, log_scale)
+    ops = _ops_for(backend, x)
+    if ops is None:
+        _check_conv1x1_bwd("conv1x1_bwd", grad_y, x, w, bias, log_scale, output_mask)
         return reference.conv1x1_vjp(grad_y, x, w, bias, log_scale, output_mask)
-    ops = _registered.get("cpp")
-    return (ops if ops is not None else cpp_ops()).conv1x1_bwd(grad_y, x, w, bias, log_scale, list(output_mask))
+    return ops.conv1x1_bwd(grad_y, x, w, bias, log_scale, list(output_mask))
 
 
 def lu_logdet(log_s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Pure-PyTorch reference implementations (float64-capable test oracle and eager baseline)."""
 
-from invkernels.reference.actnorm import actnorm_fwd, actnorm_init, actnorm_inv, actnorm_vjp
+from invkernels.reference.actnorm import actnorm_fwd, actnorm_inv, actnorm_vjp
 from invkernels.reference.coupling import (
     additive_coupling_fwd,
     additive_coupling_inv,
@@ -21,7 +21,6 @@ from invkernels.reference.invconv import (
 
 __all__ = [
     "actnorm_fwd",
-    "actnorm_init",
     "actnorm_inv",
     "actnorm_vjp",
     "additive_coupling_fwd",

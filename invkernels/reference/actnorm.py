@@ -39,15 +39,6 @@ def actnorm_inv(y: torch.Tensor, bias: torch.Tensor, log_scale: torch.Tensor):
     return x, _logdet(log_scale, y, -1)
 
 
-def actnorm_init(x: torch.Tensor, eps: float = 1e-6):
-    """Data-dependent initialization: ``bias = -mean``, ``log_scale = -log(std + eps)`` per channel,
-    so the first batch comes out with zero mean and unit variance per channel."""
-    dims = [0, *range(2, x.dim())]
-    mean = x.mean(dim=dims)
-    std = x.std(dim=dims, unbiased=False)
-    return -mean, -torch.log(std + eps)
-
-
 def actnorm_vjp(grad_out: torch.Tensor, grad_logdet: torch.Tensor, x: torch.Tensor, bias: torch.Tensor,
                 log_scale: torch.Tensor, reverse: bool = False):
     """``(grad_in, grad_bias, grad_log_scale)`` by the formulas of docs/ops/actnorm.md, in

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from invkernels._validation import logdet_dtype
+from invkernels.reference import actnorm
 
 
 def invconv_lower(lower: torch.Tensor) -> torch.Tensor:
@@ -69,41 +70,34 @@ def eager_inverse_weight(w: torch.Tensor) -> torch.Tensor:
     return torch.inverse(w)
 
 
-def _per_channel(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return v.view(-1, *([1] * (x.dim() - 2)))
-
-
-def _reduce_dims(x: torch.Tensor) -> list[int]:
-    return [0, *range(2, x.dim())]
-
-
 def conv1x1(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
             log_scale: torch.Tensor | None = None) -> torch.Tensor:
     """``y[b, :, p] = w @ x[b, :, p]`` at every position ``p`` of ``x`` (``[B, C, *spatial]`` or ``[B, C]``);
-    with ``bias`` and ``log_scale`` (an ActNorm before it) ``y = w @ ((x + bias) * exp(log_scale))``."""
+    with ``bias`` and ``log_scale`` an ActNorm (:func:`invkernels.reference.actnorm.actnorm_fwd`)
+    before it: ``y = w @ ((x + bias) * exp(log_scale))``."""
     if bias is not None:
-        x = (x + _per_channel(bias, x)) * _per_channel(torch.exp(log_scale), x)
+        x, _ = actnorm.actnorm_fwd(x, bias, log_scale)
     return torch.einsum("oc,bc...->bo...", w, x)
 
 
 def conv1x1_vjp(grad_y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
                 log_scale: torch.Tensor | None, output_mask=(True, True, True)):
     """``(grad_x, grad_w, grad_bias, grad_log_scale)`` of :func:`conv1x1` in differentiable tensor ops
-    (what the registered ``conv1x1_bwd`` computes; used for double backward). With
-    ``x̂ = (x + bias) * exp(log_scale)``: ``grad_x̂ = w^T g``, ``grad_w = Σ g x̂^T``,
-    ``grad_x = grad_x̂ * exp(log_scale)``, ``grad_bias = Σ grad_x``, ``grad_log_scale = Σ grad_x̂ * x̂``.
-    Entries not asked for by ``output_mask`` (x, w, the ActNorm pair) and the ActNorm pair without
-    ``bias`` are None."""
-    x_hat = x if bias is None else (x + _per_channel(bias, x)) * _per_channel(torch.exp(log_scale), x)
+    (what the registered ``conv1x1_bwd`` computes; used for double backward). With ``x̂`` the
+    ActNorm's output: ``grad_x̂ = w^T g``, ``grad_w = Σ g x̂^T``, and the ActNorm's VJP
+    (:func:`invkernels.reference.actnorm.actnorm_vjp`, no log-det term) takes ``grad_x̂`` to
+    ``(grad_x, grad_bias, grad_log_scale)``. Entries not asked for by ``output_mask`` (x, w, the
+    ActNorm pair) and the ActNorm pair without ``bias`` are None."""
+    x_hat = x if bias is None else actnorm.actnorm_fwd(x, bias, log_scale)[0]
     grad_w = torch.einsum("bo...,bc...->oc", grad_y, x_hat) if output_mask[1] else None
+    grad_x_hat = torch.einsum("oc,bo...->bc...", w, grad_y) if (output_mask[0] or bias is not None) else None
     if bias is None:
-        return (torch.einsum("oc,bo...->bc...", w, grad_y) if output_mask[0] else None), grad_w, None, None
-    grad_x_hat = torch.einsum("oc,bo...->bc...", w, grad_y)
-    grad_x = grad_x_hat * _per_channel(torch.exp(log_scale), x)
+        return grad_x_hat, grad_w, None, None
+    no_logdet = torch.zeros(x.shape[0], dtype=logdet_dtype(x.dtype), device=x.device)
+    grad_x, grad_bias, grad_log_scale = actnorm.actnorm_vjp(grad_x_hat, no_logdet, x, bias, log_scale)
     if not output_mask[2]:
         return (grad_x if output_mask[0] else None), grad_w, None, None
-    dims = _reduce_dims(x)
-    return ((grad_x if output_mask[0] else None), grad_w, grad_x.sum(dims), (grad_x_hat * x_hat).sum(dims))
+    return (grad_x if output_mask[0] else None), grad_w, grad_bias, grad_log_scale
 
 
 def conv1x1_logdet(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

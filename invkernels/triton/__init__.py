@@ -1,5 +1,7 @@
-"""Triton backend: kernels, launchers and the ``torch.ops.invkernels.*_triton`` ops.
+"""Triton backend: kernels and launchers, one module per op family (``invkernels.triton.coupling``, ...).
 
-One module per op family (``invkernels.triton.coupling``, ...); importing a module registers its
-ops. Nothing is imported here, so that Triton loads only when the ops layer asks for this backend.
+Each module maps the names of its family's registered ops to their launchers in ``LAUNCHERS``;
+invkernels.ops defines the ops ``torch.ops.invkernels.<op>_triton`` from the C++ schemas with them
+(invkernels.ops._registry), so the Triton backend needs the compiled extension. Nothing is imported
+here, so that Triton loads only when the ops layer asks for this backend.
 """

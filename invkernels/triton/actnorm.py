@@ -1,6 +1,8 @@
-"""Triton kernels, launchers and ops of ActNorm (Glow's per-channel affine normalization).
+"""Triton kernels and launchers of ActNorm (Glow's per-channel affine normalization).
 
-Formulas, layout and op schemas: docs/ops/actnorm.md. The contiguous input is viewed as
+The ops ``torch.ops.invkernels.<op>_triton`` are defined by invkernels.ops.actnorm from the C++
+schemas, one per entry of :data:`LAUNCHERS`; they check their arguments and call the launchers
+here, which only check the device. Formulas, layout and op schemas: docs/ops/actnorm.md. The contiguous input is viewed as
 ``[B, C, S]`` (``S`` the product of the spatial sizes, 1 for vectors); element ``(b, c, s)`` sits at
 ``(b * C + c) * S + s``. ``bias`` and ``log_scale`` have shape ``[C]``.
 
@@ -46,15 +48,12 @@ import torch
 import triton
 import triton.language as tl
 
-from invkernels._validation import check_actnorm, check_grad, check_grad_logdet, logdet_dtype
 from invkernels.triton._common import check_device, compute_dtype, device_guard, max_tile_elements
 
 __all__ = [
+    "LAUNCHERS",
     "actnorm_backward",
-    "actnorm_bwd",
     "actnorm_forward",
-    "actnorm_fwd",
-    "actnorm_inv",
     "actnorm_inverse",
 ]
 
@@ -164,15 +163,6 @@ class _Geometry(NamedTuple):
     spatial: int
 
 
-def _check_bwd(
-    grad_out: torch.Tensor, grad_logdet: torch.Tensor, x: torch.Tensor, bias: torch.Tensor, log_scale: torch.Tensor
-) -> None:
-    op = "actnorm_bwd"
-    check_actnorm(op, x, bias, log_scale, "x")
-    check_grad(op, grad_out, x, "grad_out", "x")
-    check_grad_logdet(op, grad_logdet, x)
-
-
 def _geometry(x: torch.Tensor) -> _Geometry:
     return _Geometry(x.shape[0], x.shape[1], math.prod(x.shape[2:]))
 
@@ -226,9 +216,7 @@ def actnorm_forward(
     x: torch.Tensor, bias: torch.Tensor, log_scale: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(y, logdet)`` of the ActNorm forward."""
-    op = "actnorm_fwd"
-    check_actnorm(op, x, bias, log_scale, "x")
-    check_device(op, x, "x")
+    check_device("actnorm_fwd", x, "x")
     return _apply(x, bias, log_scale, inverse=False)
 
 
@@ -236,9 +224,7 @@ def actnorm_inverse(
     y: torch.Tensor, bias: torch.Tensor, log_scale: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x, logdet_inv)`` of the ActNorm inverse; ``logdet_inv = -logdet``."""
-    op = "actnorm_inv"
-    check_actnorm(op, y, bias, log_scale, "y")
-    check_device(op, y, "y")
+    check_device("actnorm_inv", y, "y")
     return _apply(y, bias, log_scale, inverse=True)
 
 
@@ -252,7 +238,6 @@ def actnorm_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(grad_in, grad_bias, grad_log_scale)`` of the ActNorm forward (``reverse=False``, ``x`` its
     input) or inverse (``reverse=True``, ``x`` its output)."""
-    _check_bwd(grad_out, grad_logdet, x, bias, log_scale)
     check_device("actnorm_bwd", x, "x")
     grad_out = grad_out.contiguous()
     x = x.contiguous()
@@ -295,61 +280,11 @@ def actnorm_backward(
     return grad_in, sum_b.to(x.dtype), (sum_ls + logdet_term).to(x.dtype)
 
 
-# Registered ops: the schemas of docs/ops/actnorm.md with a _triton suffix. Autograd is registered
-# by invkernels.ops for every backend; the fake impls validate like the real ones, so a mistake
-# fails at trace time under torch.compile too.
-
-
-@torch.library.custom_op(
-    "invkernels::actnorm_fwd_triton",
-    mutates_args=(),
-    schema="(Tensor x, Tensor bias, Tensor log_scale) -> (Tensor y, Tensor logdet)",
-)
-def actnorm_fwd(x: torch.Tensor, bias: torch.Tensor, log_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return actnorm_forward(x, bias, log_scale)
-
-
-@actnorm_fwd.register_fake
-def _actnorm_fwd_fake(x, bias, log_scale):
-    check_actnorm("actnorm_fwd", x, bias, log_scale, "x")
-    return x.new_empty(x.shape), x.new_empty((x.shape[0],), dtype=logdet_dtype(x.dtype))
-
-
-@torch.library.custom_op(
-    "invkernels::actnorm_inv_triton",
-    mutates_args=(),
-    schema="(Tensor y, Tensor bias, Tensor log_scale) -> (Tensor x, Tensor logdet)",
-)
-def actnorm_inv(y: torch.Tensor, bias: torch.Tensor, log_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return actnorm_inverse(y, bias, log_scale)
-
-
-@actnorm_inv.register_fake
-def _actnorm_inv_fake(y, bias, log_scale):
-    check_actnorm("actnorm_inv", y, bias, log_scale, "y")
-    return y.new_empty(y.shape), y.new_empty((y.shape[0],), dtype=logdet_dtype(y.dtype))
-
-
-@torch.library.custom_op(
-    "invkernels::actnorm_bwd_triton",
-    mutates_args=(),
-    schema=(
-        "(Tensor grad_out, Tensor grad_logdet, Tensor x, Tensor bias, Tensor log_scale, bool reverse)"
-        " -> (Tensor grad_in, Tensor grad_bias, Tensor grad_log_scale)"
-    ),
-)
-def actnorm_bwd(
-    grad_out: torch.Tensor,
-    grad_logdet: torch.Tensor,
-    x: torch.Tensor,
-    bias: torch.Tensor,
-    log_scale: torch.Tensor,
-    reverse: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return actnorm_backward(grad_out, grad_logdet, x, bias, log_scale, reverse)
-
-
-@actnorm_bwd.register_fake
-def _actnorm_bwd_fake(grad_out, grad_logdet, x, bias, log_scale, reverse):
-    _check_bwd(grad_out, grad_logdet, x, bias, log_scale)
-    return x.new_empty(x.shape), bias.new_empty(bias.shape), log_scale.new_empty(log_scale.shape)
+# The launcher of each registered op (docs/ops/actnorm.md). invkernels.ops.actnorm defines the
+# Triton twins <op>_triton from the C++ schemas with them; the twins check their arguments (the
+# checks of the C++ ops) before calling a launcher.
+LAUNCHERS = {
+    "actnorm_fwd": actnorm_forward,
+    "actnorm_inv": actnorm_inverse,
+    "actnorm_bwd": actnorm_backward,
+}

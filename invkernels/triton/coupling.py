@@ -1,6 +1,8 @@
-"""Triton kernels, launchers and ops of the affine and additive coupling layers.
+"""Triton kernels and launchers of the affine and additive coupling layers.
 
-Formulas, layout and op schemas: docs/ops/coupling.md. Per sample ``b`` the contiguous input is
+The ops ``torch.ops.invkernels.<op>_triton`` are defined by invkernels.ops.coupling from the C++
+schemas, one per entry of :data:`LAUNCHERS`; they check their arguments and call the launchers
+here, which only check the device. Formulas, layout and op schemas: docs/ops/coupling.md. Per sample ``b`` the contiguous input is
 viewed as ``[C, S]`` and split into the passthrough half ``x1`` (``C1 = C // 2`` channels,
 ``N1 = C1 * S`` elements, at offset ``b * C * S``) and the transformed half ``x2`` (``C2 = C - C1``
 channels, ``N2 = C2 * S`` elements, at offset ``b * C * S + N1``). The affine subnet output ``h``
@@ -68,56 +70,50 @@ import torch
 import triton
 import triton.language as tl
 
-from invkernels._validation import (
-    check_coupling,
-    check_grad,
-    check_grad_logdet,
-    check_scale,
-    logdet_dtype,
-    split_channels,
-)
+from invkernels._validation import split_channels
 from invkernels.triton._common import check_device, compute_dtype, device_guard, max_tile_elements
 
 __all__ = [
+    "LAUNCHERS",
     "additive_coupling_backward",
-    "additive_coupling_bwd",
     "additive_coupling_forward",
-    "additive_coupling_fwd",
-    "additive_coupling_inv",
-    "additive_coupling_inv_bwd",
     "additive_coupling_inverse",
     "additive_coupling_inverse_backward",
     "affine_coupling_backward",
-    "affine_coupling_bwd",
     "affine_coupling_forward",
-    "affine_coupling_fwd",
-    "affine_coupling_inv",
-    "affine_coupling_inv_bwd",
     "affine_coupling_inverse",
     "affine_coupling_inverse_backward",
 ]
 
 
 @triton.jit
-def _tile(B, N2, NBLK, ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    # Program pid covers samples rows (ROWS of them) and elements cols (BLOCK of them) of the
-    # transformed half. rows and cols are int64 and every offset multiplies them before adding
-    # (N1 and N2 arrive as int32 when below 2^31), so offsets past 2^31 elements do not wrap.
+def _tile(B, N1, N2, NBLK, H_PARTS: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    # The indexing of every coupling kernel. Program pid covers samples rows (ROWS of them) and
+    # columns cols (BLOCK of them) of each sample's transformed half, and the same columns of its
+    # passthrough half (N1 <= N2). Returns, for a tensor shaped like x ([B, C, S]: x1 at
+    # b * (N1 + N2) + col, x2 at that + N1) and one shaped like h ([B, H_PARTS * C2, S]: part k at
+    # b * H_PARTS * N2 + k * N2 + col):
+    #   rows, col_blk, row_ok   the samples, the tile's column block, which rows exist
+    #   mask1, x1_off           passthrough elements of the tile and their offsets in x
+    #   mask2, x2_off, h_off    transformed elements, their offsets in x and in h (part 0)
+    # rows and cols are int64 and every offset multiplies them before adding (N1 and N2 arrive as
+    # int32 when below 2^31), so offsets past 2^31 elements do not wrap.
     pid = tl.program_id(0).to(tl.int64)
     col_blk = pid % NBLK
     rows = (pid // NBLK) * ROWS + tl.arange(0, ROWS)
     cols = col_blk * BLOCK + tl.arange(0, BLOCK)
     row_ok = rows < B
+    mask1 = row_ok[:, None] & (cols < N1)[None, :]
     mask2 = row_ok[:, None] & (cols < N2)[None, :]
-    return rows, cols, col_blk, row_ok, mask2
+    x1_off = rows[:, None] * N1 + rows[:, None] * N2 + cols[None, :]
+    h_off = H_PARTS * (rows[:, None] * N2) + cols[None, :]
+    return rows, col_blk, row_ok, mask1, x1_off, mask2, x1_off + N1, h_off
 
 
 @triton.jit
-def _copy_passthrough(src_ptr, dst_ptr, sample_off, cols, row_ok, N1):
-    # src_ptr, dst_ptr: [B, C, S] contiguous; copies the first N1 elements of each sample.
-    mask1 = row_ok[:, None] & (cols < N1)[None, :]
-    offs = sample_off + cols[None, :]
-    tl.store(dst_ptr + offs, tl.load(src_ptr + offs, mask=mask1), mask=mask1)
+def _copy_passthrough(src_ptr, dst_ptr, x1_off, mask1):
+    # src_ptr, dst_ptr: [B, C, S] contiguous; copies the tile's passthrough elements.
+    tl.store(dst_ptr + x1_off, tl.load(src_ptr + x1_off, mask=mask1), mask=mask1)
 
 
 @triton.jit
@@ -183,17 +179,15 @@ def _affine_coupling_fwd_kernel(
     ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    rows, cols, col_blk, row_ok, mask2 = _tile(B, N2, NBLK, ROWS, BLOCK)
-    x_off = rows[:, None] * N1 + rows[:, None] * N2
-    h_off = 2 * (rows[:, None] * N2) + cols[None, :]
-    _copy_passthrough(in_ptr, out_ptr, x_off, cols, row_ok, N1)
+    rows, col_blk, row_ok, mask1, x1_off, mask2, x2_off, h_off = _tile(B, N1, N2, NBLK, 2, ROWS, BLOCK)
+    _copy_passthrough(in_ptr, out_ptr, x1_off, mask1)
     c = tl.cast(clamp_hi, ACC) + tl.cast(clamp_lo, ACC)
-    x2 = tl.load(in_ptr + x_off + N1 + cols[None, :], mask=mask2, other=0.0).to(ACC)
+    x2 = tl.load(in_ptr + x2_off, mask=mask2, other=0.0).to(ACC)
     hs = tl.load(h_ptr + h_off, mask=mask2, other=0.0).to(ACC)
     t = tl.load(h_ptr + h_off + N2, mask=mask2, other=0.0).to(ACC)
     log_s, _ = _scale_terms(hs, c, SCALE, ACC)
     y2 = x2 * tl.exp(log_s) + t
-    tl.store(out_ptr + x_off + N1 + cols[None, :], y2.to(out_ptr.dtype.element_ty), mask=mask2)
+    tl.store(out_ptr + x2_off, y2.to(out_ptr.dtype.element_ty), mask=mask2)
     # Masked lanes hold L(0), which is not 0 for the sigmoid scale: zero them before summing.
     part = tl.sum(tl.where(mask2, log_s, 0.0), axis=1)
     tl.store(partial_ptr + rows * NBLK + col_blk, part, mask=row_ok)
@@ -216,17 +210,15 @@ def _affine_coupling_inv_kernel(
     ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    rows, cols, col_blk, row_ok, mask2 = _tile(B, N2, NBLK, ROWS, BLOCK)
-    x_off = rows[:, None] * N1 + rows[:, None] * N2
-    h_off = 2 * (rows[:, None] * N2) + cols[None, :]
-    _copy_passthrough(in_ptr, out_ptr, x_off, cols, row_ok, N1)
+    rows, col_blk, row_ok, mask1, x1_off, mask2, x2_off, h_off = _tile(B, N1, N2, NBLK, 2, ROWS, BLOCK)
+    _copy_passthrough(in_ptr, out_ptr, x1_off, mask1)
     c = tl.cast(clamp_hi, ACC) + tl.cast(clamp_lo, ACC)
-    y2 = tl.load(in_ptr + x_off + N1 + cols[None, :], mask=mask2, other=0.0).to(ACC)
+    y2 = tl.load(in_ptr + x2_off, mask=mask2, other=0.0).to(ACC)
     hs = tl.load(h_ptr + h_off, mask=mask2, other=0.0).to(ACC)
     t = tl.load(h_ptr + h_off + N2, mask=mask2, other=0.0).to(ACC)
     log_s, _ = _scale_terms(hs, c, SCALE, ACC)
     x2 = (y2 - t) * _inverse_scale(hs, log_s, SCALE)
-    tl.store(out_ptr + x_off + N1 + cols[None, :], x2.to(out_ptr.dtype.element_ty), mask=mask2)
+    tl.store(out_ptr + x2_off, x2.to(out_ptr.dtype.element_ty), mask=mask2)
     part = -tl.sum(tl.where(mask2, log_s, 0.0), axis=1)
     tl.store(partial_ptr + rows * NBLK + col_blk, part, mask=row_ok)
 
@@ -251,13 +243,11 @@ def _affine_coupling_bwd_kernel(
     ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    rows, cols, col_blk, row_ok, mask2 = _tile(B, N2, NBLK, ROWS, BLOCK)
-    x_off = rows[:, None] * N1 + rows[:, None] * N2
-    h_off = 2 * (rows[:, None] * N2) + cols[None, :]
-    _copy_passthrough(g_ptr, gin_ptr, x_off, cols, row_ok, N1)
+    rows, col_blk, row_ok, mask1, x1_off, mask2, x2_off, h_off = _tile(B, N1, N2, NBLK, 2, ROWS, BLOCK)
+    _copy_passthrough(g_ptr, gin_ptr, x1_off, mask1)
     c = tl.cast(clamp_hi, ACC) + tl.cast(clamp_lo, ACC)
-    g2 = tl.load(g_ptr + x_off + N1 + cols[None, :], mask=mask2, other=0.0).to(ACC)
-    x2 = tl.load(x_ptr + x_off + N1 + cols[None, :], mask=mask2, other=0.0).to(ACC)
+    g2 = tl.load(g_ptr + x2_off, mask=mask2, other=0.0).to(ACC)
+    x2 = tl.load(x_ptr + x2_off, mask=mask2, other=0.0).to(ACC)
     hs = tl.load(h_ptr + h_off, mask=mask2, other=0.0).to(ACC)
     gl = tl.load(gl_ptr + rows, mask=row_ok, other=0.0).to(ACC)[:, None]
     log_s, dlog_s = _scale_terms(hs, c, SCALE, ACC)
@@ -270,7 +260,7 @@ def _affine_coupling_bwd_kernel(
         gt = g2
         ghs = (gin2 * x2 + gl) * dlog_s
     out_ty = gin_ptr.dtype.element_ty
-    tl.store(gin_ptr + x_off + N1 + cols[None, :], gin2.to(out_ty), mask=mask2)
+    tl.store(gin_ptr + x2_off, gin2.to(out_ty), mask=mask2)
     tl.store(gh_ptr + h_off, ghs.to(out_ty), mask=mask2)
     tl.store(gh_ptr + h_off + N2, gt.to(out_ty), mask=mask2)
 
@@ -297,22 +287,20 @@ def _affine_coupling_inv_bwd_kernel(
 ):
     # Inverse and forward VJP in one pass: x2 = (y2 - t) * exp(-L), dx2 = g2 * exp(L), dt = g2,
     # dhs = (g2 * (y2 - t) + gl) * L' (g2 * x2 * exp(L) with x2 * exp(L) = y2 - t).
-    rows, cols, col_blk, row_ok, mask2 = _tile(B, N2, NBLK, ROWS, BLOCK)
-    x_off = rows[:, None] * N1 + rows[:, None] * N2
-    h_off = 2 * (rows[:, None] * N2) + cols[None, :]
-    _copy_passthrough(y_ptr, x_ptr, x_off, cols, row_ok, N1)
-    _copy_passthrough(g_ptr, gin_ptr, x_off, cols, row_ok, N1)
+    rows, col_blk, row_ok, mask1, x1_off, mask2, x2_off, h_off = _tile(B, N1, N2, NBLK, 2, ROWS, BLOCK)
+    _copy_passthrough(y_ptr, x_ptr, x1_off, mask1)
+    _copy_passthrough(g_ptr, gin_ptr, x1_off, mask1)
     c = tl.cast(clamp_hi, ACC) + tl.cast(clamp_lo, ACC)
-    y2 = tl.load(y_ptr + x_off + N1 + cols[None, :], mask=mask2, other=0.0).to(ACC)
-    g2 = tl.load(g_ptr + x_off + N1 + cols[None, :], mask=mask2, other=0.0).to(ACC)
+    y2 = tl.load(y_ptr + x2_off, mask=mask2, other=0.0).to(ACC)
+    g2 = tl.load(g_ptr + x2_off, mask=mask2, other=0.0).to(ACC)
     hs = tl.load(h_ptr + h_off, mask=mask2, other=0.0).to(ACC)
     t = tl.load(h_ptr + h_off + N2, mask=mask2, other=0.0).to(ACC)
     gl = tl.load(gl_ptr + rows, mask=row_ok, other=0.0).to(ACC)[:, None]
     log_s, dlog_s = _scale_terms(hs, c, SCALE, ACC)
     shifted = y2 - t
     out_ty = gin_ptr.dtype.element_ty
-    tl.store(x_ptr + x_off + N1 + cols[None, :], (shifted * _inverse_scale(hs, log_s, SCALE)).to(out_ty), mask=mask2)
-    tl.store(gin_ptr + x_off + N1 + cols[None, :], (g2 * tl.exp(log_s)).to(out_ty), mask=mask2)
+    tl.store(x_ptr + x2_off, (shifted * _inverse_scale(hs, log_s, SCALE)).to(out_ty), mask=mask2)
+    tl.store(gin_ptr + x2_off, (g2 * tl.exp(log_s)).to(out_ty), mask=mask2)
     tl.store(gh_ptr + h_off, ((g2 * shifted + gl) * dlog_s).to(out_ty), mask=mask2)
     tl.store(gh_ptr + h_off + N2, g2.to(out_ty), mask=mask2)
 
@@ -333,16 +321,14 @@ def _additive_coupling_inv_bwd_kernel(
     ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    rows, cols, col_blk, row_ok, mask2 = _tile(B, N2, NBLK, ROWS, BLOCK)
-    x_off = rows[:, None] * N1 + rows[:, None] * N2
-    t_off = rows[:, None] * N2 + cols[None, :]
-    _copy_passthrough(y_ptr, x_ptr, x_off, cols, row_ok, N1)
-    _copy_passthrough(g_ptr, gin_ptr, x_off, cols, row_ok, N1)
-    y2 = tl.load(y_ptr + x_off + N1 + cols[None, :], mask=mask2, other=0.0).to(ACC)
+    rows, col_blk, row_ok, mask1, x1_off, mask2, x2_off, t_off = _tile(B, N1, N2, NBLK, 1, ROWS, BLOCK)
+    _copy_passthrough(y_ptr, x_ptr, x1_off, mask1)
+    _copy_passthrough(g_ptr, gin_ptr, x1_off, mask1)
+    y2 = tl.load(y_ptr + x2_off, mask=mask2, other=0.0).to(ACC)
     t = tl.load(h_ptr + t_off, mask=mask2, other=0.0).to(ACC)
-    g2 = tl.load(g_ptr + x_off + N1 + cols[None, :], mask=mask2, other=0.0)
-    tl.store(x_ptr + x_off + N1 + cols[None, :], (y2 - t).to(x_ptr.dtype.element_ty), mask=mask2)
-    tl.store(gin_ptr + x_off + N1 + cols[None, :], g2, mask=mask2)
+    g2 = tl.load(g_ptr + x2_off, mask=mask2, other=0.0)
+    tl.store(x_ptr + x2_off, (y2 - t).to(x_ptr.dtype.element_ty), mask=mask2)
+    tl.store(gin_ptr + x2_off, g2, mask=mask2)
     tl.store(gh_ptr + t_off, g2, mask=mask2)
 
 
@@ -360,16 +346,15 @@ def _additive_coupling_kernel(
     ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    rows, cols, col_blk, row_ok, mask2 = _tile(B, N2, NBLK, ROWS, BLOCK)
-    x_off = rows[:, None] * N1 + rows[:, None] * N2
-    _copy_passthrough(in_ptr, out_ptr, x_off, cols, row_ok, N1)
-    a = tl.load(in_ptr + x_off + N1 + cols[None, :], mask=mask2, other=0.0).to(ACC)
-    t = tl.load(h_ptr + rows[:, None] * N2 + cols[None, :], mask=mask2, other=0.0).to(ACC)
+    rows, col_blk, row_ok, mask1, x1_off, mask2, x2_off, t_off = _tile(B, N1, N2, NBLK, 1, ROWS, BLOCK)
+    _copy_passthrough(in_ptr, out_ptr, x1_off, mask1)
+    a = tl.load(in_ptr + x2_off, mask=mask2, other=0.0).to(ACC)
+    t = tl.load(h_ptr + t_off, mask=mask2, other=0.0).to(ACC)
     if SIGN > 0:
         b = a + t
     else:
         b = a - t
-    tl.store(out_ptr + x_off + N1 + cols[None, :], b.to(out_ptr.dtype.element_ty), mask=mask2)
+    tl.store(out_ptr + x2_off, b.to(out_ptr.dtype.element_ty), mask=mask2)
 
 
 @triton.jit
@@ -385,14 +370,13 @@ def _additive_coupling_bwd_kernel(
     ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    rows, cols, col_blk, row_ok, mask2 = _tile(B, N2, NBLK, ROWS, BLOCK)
-    x_off = rows[:, None] * N1 + rows[:, None] * N2
-    _copy_passthrough(g_ptr, gin_ptr, x_off, cols, row_ok, N1)
-    g2 = tl.load(g_ptr + x_off + N1 + cols[None, :], mask=mask2, other=0.0)
-    tl.store(gin_ptr + x_off + N1 + cols[None, :], g2, mask=mask2)
+    rows, col_blk, row_ok, mask1, x1_off, mask2, x2_off, t_off = _tile(B, N1, N2, NBLK, 1, ROWS, BLOCK)
+    _copy_passthrough(g_ptr, gin_ptr, x1_off, mask1)
+    g2 = tl.load(g_ptr + x2_off, mask=mask2, other=0.0)
+    tl.store(gin_ptr + x2_off, g2, mask=mask2)
     if SIGN < 0:
         g2 = -g2
-    tl.store(gh_ptr + rows[:, None] * N2 + cols[None, :], g2, mask=mask2)
+    tl.store(gh_ptr + t_off, g2, mask=mask2)
 
 
 class _Tiling(NamedTuple):
@@ -401,11 +385,6 @@ class _Tiling(NamedTuple):
     nblk: int
     grid: tuple[int]
     num_warps: int
-
-
-def _check_affine(op: str, x: torch.Tensor, h: torch.Tensor, scale: str, clamp: float, x_name: str) -> None:
-    check_scale(op, scale, clamp)
-    check_coupling(op, x, h, affine=True, x_name=x_name)
 
 
 def _split_clamp(scale: str, clamp: float) -> tuple[float, float]:
@@ -434,7 +413,7 @@ def _tiling(batch: int, n2: int) -> _Tiling:
     return _Tiling(rows, block, nblk, (triton.cdiv(batch, rows) * nblk,), num_warps)
 
 
-def _affine_apply(kernel, src: torch.Tensor, h: torch.Tensor, scale: str, clamp: float, op: str):
+def _affine_apply(kernel, src: torch.Tensor, h: torch.Tensor, scale: str, clamp: float):
     clamp_hi, clamp_lo = _split_clamp(scale, clamp)
     src = src.contiguous()
     h = h.contiguous()
@@ -470,20 +449,16 @@ def affine_coupling_forward(
     x: torch.Tensor, h: torch.Tensor, scale: str = "exp", clamp: float = 2.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(y, logdet)`` of the affine coupling forward."""
-    op = "affine_coupling_fwd"
-    _check_affine(op, x, h, scale, clamp, "x")
-    check_device(op, x, "x")
-    return _affine_apply(_affine_coupling_fwd_kernel, x, h, scale, clamp, op)
+    check_device("affine_coupling_fwd", x, "x")
+    return _affine_apply(_affine_coupling_fwd_kernel, x, h, scale, clamp)
 
 
 def affine_coupling_inverse(
     y: torch.Tensor, h: torch.Tensor, scale: str = "exp", clamp: float = 2.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x, logdet_inv)`` of the affine coupling inverse; ``logdet_inv = -logdet``."""
-    op = "affine_coupling_inv"
-    _check_affine(op, y, h, scale, clamp, "y")
-    check_device(op, y, "y")
-    return _affine_apply(_affine_coupling_inv_kernel, y, h, scale, clamp, op)
+    check_device("affine_coupling_inv", y, "y")
+    return _affine_apply(_affine_coupling_inv_kernel, y, h, scale, clamp)
 
 
 def affine_coupling_backward(
@@ -497,11 +472,7 @@ def affine_coupling_backward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(grad_in, grad_h)`` of the affine coupling forward (``reverse=False``, ``x`` its input) or
     inverse (``reverse=True``, ``x`` its output)."""
-    op = "affine_coupling_bwd"
-    _check_affine(op, x, h, scale, clamp, "x")
-    check_grad(op, grad_out, x, "grad_out", "x")
-    check_grad_logdet(op, grad_logdet, x)
-    check_device(op, x, "x")
+    check_device("affine_coupling_bwd", x, "x")
     clamp_hi, clamp_lo = _split_clamp(scale, clamp)
     grad_out = grad_out.contiguous()
     grad_logdet = grad_logdet.contiguous()
@@ -567,31 +538,24 @@ def _additive_apply(src: torch.Tensor, h: torch.Tensor, sign: int) -> torch.Tens
 
 def additive_coupling_forward(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """``y`` of the additive coupling forward (its log-det is 0)."""
-    op = "additive_coupling_fwd"
-    check_coupling(op, x, h, affine=False)
-    check_device(op, x, "x")
+    check_device("additive_coupling_fwd", x, "x")
     return _additive_apply(x, h, 1)
 
 
 def additive_coupling_inverse(y: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """``x`` of the additive coupling inverse."""
-    op = "additive_coupling_inv"
-    check_coupling(op, y, h, affine=False, x_name="y")
-    check_device(op, y, "y")
+    check_device("additive_coupling_inv", y, "y")
     return _additive_apply(y, h, -1)
 
 
-def additive_coupling_backward(
-    grad_out: torch.Tensor, h: torch.Tensor, reverse: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(grad_in, grad_h)`` of the additive coupling forward (``reverse=False``) or inverse."""
-    op = "additive_coupling_bwd"
-    check_coupling(op, grad_out, h, affine=False, x_name="grad_out")
-    check_device(op, grad_out, "grad_out")
+def additive_coupling_backward(grad_out: torch.Tensor, reverse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(grad_in, grad_h)`` of the additive coupling forward (``reverse=False``) or inverse;
+    ``grad_h`` has the shift's shape ``[B, C - C // 2, *spatial]``."""
+    check_device("additive_coupling_bwd", grad_out, "grad_out")
     grad_out = grad_out.contiguous()
     batch, n1, n2 = _geometry(grad_out)
     grad_in = torch.empty(grad_out.shape, dtype=grad_out.dtype, device=grad_out.device)
-    grad_h = torch.empty(h.shape, dtype=h.dtype, device=h.device)
+    grad_h = grad_out.new_empty((batch, split_channels(grad_out.shape[1])[1], *grad_out.shape[2:]))
     if grad_in.numel() == 0:
         return grad_in, grad_h
     tiling = _tiling(batch, n2)
@@ -622,11 +586,7 @@ def affine_coupling_inverse_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(x, grad_x, grad_h)``: the forward's input rebuilt from its output ``y`` and the gradients
     of the forward at it, in one pass (memory-free backprop)."""
-    op = "affine_coupling_inv_bwd"
-    _check_affine(op, y, h, scale, clamp, "y")
-    check_grad(op, grad_y, y, "grad_y", "y")
-    check_grad_logdet(op, grad_logdet, y)
-    check_device(op, y, "y")
+    check_device("affine_coupling_inv_bwd", y, "y")
     clamp_hi, clamp_lo = _split_clamp(scale, clamp)
     y, h, grad_y, grad_logdet = (t.contiguous() for t in (y, h, grad_y, grad_logdet))
     batch, n1, n2 = _geometry(y)
@@ -665,10 +625,7 @@ def additive_coupling_inverse_backward(
     y: torch.Tensor, h: torch.Tensor, grad_y: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(x, grad_x, grad_h)`` of the additive coupling, as :func:`affine_coupling_inverse_backward`."""
-    op = "additive_coupling_inv_bwd"
-    check_coupling(op, y, h, affine=False, x_name="y")
-    check_grad(op, grad_y, y, "grad_y", "y")
-    check_device(op, y, "y")
+    check_device("additive_coupling_inv_bwd", y, "y")
     y, h, grad_y = (t.contiguous() for t in (y, h, grad_y))
     batch, n1, n2 = _geometry(y)
     x = torch.empty(y.shape, dtype=y.dtype, device=y.device)
@@ -698,156 +655,16 @@ def additive_coupling_inverse_backward(
     return x, grad_x, grad_h
 
 
-# Registered ops: the schemas of docs/ops/coupling.md with a _triton suffix. Autograd is registered
-# by invkernels.ops for every backend; the fake impls validate like the real ones, so a mistake
-# fails at trace time under torch.compile too.
-
-
-@torch.library.custom_op(
-    "invkernels::affine_coupling_fwd_triton",
-    mutates_args=(),
-    schema="(Tensor x, Tensor h, str scale, float clamp) -> (Tensor y, Tensor logdet)",
-)
-def affine_coupling_fwd(
-    x: torch.Tensor, h: torch.Tensor, scale: str, clamp: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return affine_coupling_forward(x, h, scale, clamp)
-
-
-@affine_coupling_fwd.register_fake
-def _affine_coupling_fwd_fake(x, h, scale, clamp):
-    _check_affine("affine_coupling_fwd", x, h, scale, clamp, "x")
-    return x.new_empty(x.shape), x.new_empty((x.shape[0],), dtype=logdet_dtype(x.dtype))
-
-
-@torch.library.custom_op(
-    "invkernels::affine_coupling_inv_triton",
-    mutates_args=(),
-    schema="(Tensor y, Tensor h, str scale, float clamp) -> (Tensor x, Tensor logdet)",
-)
-def affine_coupling_inv(
-    y: torch.Tensor, h: torch.Tensor, scale: str, clamp: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return affine_coupling_inverse(y, h, scale, clamp)
-
-
-@affine_coupling_inv.register_fake
-def _affine_coupling_inv_fake(y, h, scale, clamp):
-    _check_affine("affine_coupling_inv", y, h, scale, clamp, "y")
-    return y.new_empty(y.shape), y.new_empty((y.shape[0],), dtype=logdet_dtype(y.dtype))
-
-
-@torch.library.custom_op(
-    "invkernels::affine_coupling_bwd_triton",
-    mutates_args=(),
-    schema=(
-        "(Tensor grad_out, Tensor grad_logdet, Tensor x, Tensor h, str scale, float clamp, bool reverse)"
-        " -> (Tensor grad_in, Tensor grad_h)"
-    ),
-)
-def affine_coupling_bwd(
-    grad_out: torch.Tensor,
-    grad_logdet: torch.Tensor,
-    x: torch.Tensor,
-    h: torch.Tensor,
-    scale: str,
-    clamp: float,
-    reverse: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return affine_coupling_backward(grad_out, grad_logdet, x, h, scale, clamp, reverse)
-
-
-@affine_coupling_bwd.register_fake
-def _affine_coupling_bwd_fake(grad_out, grad_logdet, x, h, scale, clamp, reverse):
-    op = "affine_coupling_bwd"
-    _check_affine(op, x, h, scale, clamp, "x")
-    check_grad(op, grad_out, x, "grad_out", "x")
-    check_grad_logdet(op, grad_logdet, x)
-    return x.new_empty(x.shape), h.new_empty(h.shape)
-
-
-@torch.library.custom_op(
-    "invkernels::additive_coupling_fwd_triton",
-    mutates_args=(),
-    schema="(Tensor x, Tensor h) -> Tensor",
-)
-def additive_coupling_fwd(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    return additive_coupling_forward(x, h)
-
-
-@additive_coupling_fwd.register_fake
-def _additive_coupling_fwd_fake(x, h):
-    check_coupling("additive_coupling_fwd", x, h, affine=False)
-    return x.new_empty(x.shape)
-
-
-@torch.library.custom_op(
-    "invkernels::additive_coupling_inv_triton",
-    mutates_args=(),
-    schema="(Tensor y, Tensor h) -> Tensor",
-)
-def additive_coupling_inv(y: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    return additive_coupling_inverse(y, h)
-
-
-@additive_coupling_inv.register_fake
-def _additive_coupling_inv_fake(y, h):
-    check_coupling("additive_coupling_inv", y, h, affine=False, x_name="y")
-    return y.new_empty(y.shape)
-
-
-@torch.library.custom_op(
-    "invkernels::additive_coupling_bwd_triton",
-    mutates_args=(),
-    schema="(Tensor grad_out, Tensor h, bool reverse) -> (Tensor grad_in, Tensor grad_h)",
-)
-def additive_coupling_bwd(grad_out: torch.Tensor, h: torch.Tensor, reverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return additive_coupling_backward(grad_out, h, reverse)
-
-
-@additive_coupling_bwd.register_fake
-def _additive_coupling_bwd_fake(grad_out, h, reverse):
-    check_coupling("additive_coupling_bwd", grad_out, h, affine=False, x_name="grad_out")
-    return grad_out.new_empty(grad_out.shape), h.new_empty(h.shape)
-
-
-@torch.library.custom_op(
-    "invkernels::affine_coupling_inv_bwd_triton",
-    mutates_args=(),
-    schema=(
-        "(Tensor y, Tensor h, Tensor grad_y, Tensor grad_logdet, str scale, float clamp)"
-        " -> (Tensor x, Tensor grad_x, Tensor grad_h)"
-    ),
-)
-def affine_coupling_inv_bwd(
-    y: torch.Tensor, h: torch.Tensor, grad_y: torch.Tensor, grad_logdet: torch.Tensor, scale: str, clamp: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return affine_coupling_inverse_backward(y, h, grad_y, grad_logdet, scale, clamp)
-
-
-@affine_coupling_inv_bwd.register_fake
-def _affine_coupling_inv_bwd_fake(y, h, grad_y, grad_logdet, scale, clamp):
-    op = "affine_coupling_inv_bwd"
-    _check_affine(op, y, h, scale, clamp, "y")
-    check_grad(op, grad_y, y, "grad_y", "y")
-    check_grad_logdet(op, grad_logdet, y)
-    return y.new_empty(y.shape), y.new_empty(y.shape), h.new_empty(h.shape)
-
-
-@torch.library.custom_op(
-    "invkernels::additive_coupling_inv_bwd_triton",
-    mutates_args=(),
-    schema="(Tensor y, Tensor h, Tensor grad_y) -> (Tensor x, Tensor grad_x, Tensor grad_h)",
-)
-def additive_coupling_inv_bwd(
-    y: torch.Tensor, h: torch.Tensor, grad_y: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return additive_coupling_inverse_backward(y, h, grad_y)
-
-
-@additive_coupling_inv_bwd.register_fake
-def _additive_coupling_inv_bwd_fake(y, h, grad_y):
-    op = "additive_coupling_inv_bwd"
-    check_coupling(op, y, h, affine=False, x_name="y")
-    check_grad(op, grad_y, y, "grad_y", "y")
-    return y.new_empty(y.shape), y.new_empty(y.shape), h.new_empty(h.shape)
+# The launcher of each registered op (docs/ops/coupling.md). invkernels.ops.coupling defines the
+# Triton twins <op>_triton from the C++ schemas with them; the twins check their arguments (the
+# checks of the C++ ops) before calling a launcher.
+LAUNCHERS = {
+    "affine_coupling_fwd": affine_coupling_forward,
+    "affine_coupling_inv": affine_coupling_inverse,
+    "affine_coupling_bwd": affine_coupling_backward,
+    "affine_coupling_inv_bwd": affine_coupling_inverse_backward,
+    "additive_coupling_fwd": additive_coupling_forward,
+    "additive_coupling_inv": additive_coupling_inverse,
+    "additive_coupling_bwd": additive_coupling_backward,
+    "additive_coupling_inv_bwd": additive_coupling_inverse_backward,
+}

@@ -1,0 +1,281 @@
+"""The Triton twins of the C++ ops (coupling, ActNorm, LU 1x1 convolution) are derived from the
+C++ ops: the same schema but the name, the same fake implementation, the same argument checks
+(invkernels/ops/_registry.py); each launches Triton kernels of its own, never a C++ op."""
+
+import warnings
+
+import pytest
+import torch
+
+from invkernels.ops import _registry
+from invkernels.ops import actnorm as A
+from invkernels.ops import coupling as C
+from invkernels.ops import invconv as I
+from tolerances import assert_close
+
+pytestmark = pytest.mark.triton
+
+FAMILIES = {"coupling": C, "actnorm": A, "invconv": I}
+NS = torch.ops.invkernels
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _registered():
+    for family in FAMILIES.values():
+        family.cpp_ops()
+        family.triton_ops()
+
+
+def family_op_names():
+    return [name for family in FAMILIES.values() for name in family._FAMILY.names]
+
+
+def cpp_op_names():
+    """Every op the compiled extension registers (csrc/invkernels.cpp)."""
+    names = (n for n in dir(NS) if isinstance(getattr(NS, n, None), torch._ops.OpOverloadPacket))
+    return sorted(n for n in names if not n.endswith("_triton"))
+
+
+def test_every_cpp_op_has_a_twin_with_its_schema():
+    cpp_names = cpp_op_names()
+    assert cpp_names == sorted(family_op_names())
+    assert len(cpp_names) == 15
+    for name in cpp_names:
+        cpp_schema = str(getattr(NS, name).default._schema)
+        twin_schema = str(getattr(NS, name + "_triton").default._schema)
+        assert twin_schema == cpp_schema.replace(f"invkernels::{name}(", f"invkernels::{name}_triton(", 1)
+
+
+def test_additive_coupling_bwd_takes_no_h():
+    args = [(a.name, str(a.type)) for a in NS.additive_coupling_bwd.default._schema.arguments]
+    assert args == [("grad_out", "Tensor"), ("reverse", "bool")]
+
+
+def test_a_family_without_a_launcher_for_an_op_is_refused():
+    defs = {"actnorm_fwd": A._FAMILY.defs["actnorm_fwd"]}
+    with pytest.raises(ValueError, match=r"no Triton launcher for the ops \['actnorm_fwd'\]"):
+        _registry.register_triton_twins(defs, {"actnorm_fwd": A._FAMILY.fakes["actnorm_fwd"]}, {})
+
+
+def coupling_case(c=5, spatial=(3,)):
+    c2 = c - c // 2
+    x = torch.randn(2, c, *spatial)
+    return x, torch.randn(2, 2 * c2, *spatial), torch.randn(2, c2, *spatial), torch.randn(2)
+
+
+def valid_args(name):
+    """Valid float32 CPU arguments of op ``name``."""
+    x, h, ha, gl = coupling_case()
+    g = torch.randn_like(x)
+    b, ls = torch.randn(5), 0.3 * torch.randn(5)
+    return {
+        "affine_coupling_fwd": (x, h, "exp", 2.0),
+        "affine_coupling_inv": (x, h, "exp", 2.0),
+        "affine_coupling_bwd": (g, gl, x, h, "sigmoid", 2.0, True),
+        "affine_coupling_inv_bwd": (x, h, g, gl, "exp", 2.0),
+        "additive_coupling_fwd": (x, ha),
+        "additive_coupling_inv": (x, ha),
+        "additive_coupling_bwd": (g, True),
+        "additive_coupling_inv_bwd": (x, ha, g),
+        "actnorm_fwd": (x, b, ls),
+        "actnorm_inv": (x, b, ls),
+        "actnorm_bwd": (g, gl, x, b, ls, False),
+        "invconv_weight": weight_factors(),
+        "invconv_weight_bwd": (torch.randn(5, 5), *weight_factors()),
+        "conv1x1": (x, torch.randn(5, 5), b, ls),
+        "conv1x1_bwd": (g, x, torch.randn(5, 5), b, ls, [True, True, True]),
+    }[name]
+
+
+def weight_factors(c=5):
+    return torch.randperm(c), torch.randn(c, c), torch.randn(c, c), torch.ones(c), 0.3 * torch.randn(c)
+
+
+def replaced(args, index, value):
+    return (*args[:index], value, *args[index + 1:])
+
+
+# (op, argument index, bad value): every check of every op, in the C++ kernels' order.
+BAD = [
+    ("affine_coupling_fwd", 0, torch.randn(5)),
+    ("affine_coupling_fwd", 0, torch.randn(2, 1, 3)),
+    ("affine_coupling_fwd", 0, torch.ones(2, 5, 3, dtype=torch.long)),
+    ("affine_coupling_fwd", 1, torch.randn(2, 5, 3)),
+    ("affine_coupling_fwd", 1, torch.randn(3, 6, 3)),
+    ("affine_coupling_fwd", 1, torch.randn(2, 6, 4)),
+    ("affine_coupling_fwd", 1, torch.randn(2, 6)),
+    ("affine_coupling_fwd", 1, torch.randn(2, 6, 3, dtype=torch.float64)),
+    ("affine_coupling_fwd", 2, "softplus"),
+    ("affine_coupling_fwd", 3, -1.0),
+    ("affine_coupling_inv", 1, torch.randn(2, 4, 3)),
+    ("affine_coupling_inv", 3, 1e39),
+    ("affine_coupling_bwd", 0, torch.randn(2, 4, 3)),
+    ("affine_coupling_bwd", 0, torch.randn(2, 5, 3, dtype=torch.float64)),
+    ("affine_coupling_bwd", 1, torch.randn(3)),
+    ("affine_coupling_bwd", 1, torch.randn(2, dtype=torch.float64)),
+    ("affine_coupling_bwd", 3, torch.randn(2, 3, 3)),
+    ("affine_coupling_bwd", 4, "softplus"),
+    ("affine_coupling_inv_bwd", 1, torch.randn(2, 5, 3)),
+    ("affine_coupling_inv_bwd", 2, torch.randn(2, 5, 4)),
+    ("affine_coupling_inv_bwd", 3, torch.randn(1)),
+    ("affine_coupling_inv_bwd", 5, 0.0),
+    ("additive_coupling_fwd", 1, torch.randn(2, 6, 3)),
+    ("additive_coupling_fwd", 1, torch.randn(3, 3, 3)),
+    ("additive_coupling_inv", 0, torch.randn(2, 1, 3)),
+    ("additive_coupling_inv", 1, torch.randn(2, 3, 3, dtype=torch.float64)),
+    ("additive_coupling_bwd", 0, torch.randn(2)),
+    ("additive_coupling_bwd", 0, torch.randn(2, 1, 3)),
+    ("additive_coupling_bwd", 0, torch.ones(2, 5, 3, dtype=torch.long)),
+    ("additive_coupling_inv_bwd", 1, torch.randn(2, 2, 3)),
+    ("additive_coupling_inv_bwd", 2, torch.randn(2, 4, 3)),
+    ("additive_coupling_inv_bwd", 2, torch.randn(2, 5, 3, dtype=torch.float64)),
+    ("actnorm_fwd", 0, torch.randn(5)),
+    ("actnorm_fwd", 1, torch.randn(4)),
+    ("actnorm_fwd", 2, torch.randn(5, dtype=torch.float64)),
+    ("actnorm_inv", 1, torch.randn(5, 1)),
+    ("actnorm_bwd", 0, torch.randn(2, 5, 4)),
+    ("actnorm_bwd", 0, torch.randn(2, 5, 3, dtype=torch.float64)),
+    ("actnorm_bwd", 1, torch.randn(3)),
+    ("actnorm_bwd", 1, torch.randn(2, dtype=torch.float64)),
+    ("actnorm_bwd", 3, torch.randn(4)),
+    ("actnorm_bwd", 4, torch.randn(5, dtype=torch.float64)),
+    ("invconv_weight", 0, torch.randperm(4)),
+    ("invconv_weight", 0, torch.arange(5, dtype=torch.int32)),
+    ("invconv_weight", 1, torch.randn(5, 4)),
+    ("invconv_weight", 1, torch.ones(5, 5, dtype=torch.long)),
+    ("invconv_weight", 2, torch.randn(4, 4)),
+    ("invconv_weight", 2, torch.randn(5, 5, dtype=torch.float64)),
+    ("invconv_weight", 3, torch.ones(4)),
+    ("invconv_weight", 4, torch.randn(5, dtype=torch.float64)),
+    ("invconv_weight_bwd", 0, torch.randn(4, 4)),
+    ("invconv_weight_bwd", 0, torch.randn(5, 5, dtype=torch.float64)),
+    ("invconv_weight_bwd", 5, torch.randn(3)),
+    ("conv1x1", 0, torch.randn(5)),
+    ("conv1x1", 0, torch.ones(2, 5, 3, dtype=torch.long)),
+    ("conv1x1", 1, torch.randn(4, 4)),
+    ("conv1x1", 1, torch.randn(5, 5, dtype=torch.float64)),
+    ("conv1x1", 2, None),
+    ("conv1x1", 2, torch.randn(4)),
+    ("conv1x1", 3, torch.randn(5, dtype=torch.float64)),
+    ("conv1x1_bwd", 0, torch.randn(2, 5, 4)),
+    ("conv1x1_bwd", 0, torch.randn(2, 5, 3, dtype=torch.float64)),
+    ("conv1x1_bwd", 2, torch.randn(5, 4)),
+    ("conv1x1_bwd", 4, None),
+]
+
+# Python prints torch.float32 where C++ prints Float.
+CPP_DTYPE_NAMES = {str(torch.float32): "Float", str(torch.float64): "Double", str(torch.long): "Long",
+                   str(torch.int32): "Int"}
+
+
+def message(call):
+    with pytest.raises(ValueError) as info:
+        call()
+    text = str(info.value)
+    for python_name, cpp_name in CPP_DTYPE_NAMES.items():
+        text = text.replace(python_name, cpp_name)
+    return text
+
+
+def on_meta(args):
+    return tuple(a.to("meta") if isinstance(a, torch.Tensor) else a for a in args)
+
+
+def test_every_op_has_bad_argument_cases():
+    assert {name for name, _, _ in BAD} == set(family_op_names())
+
+
+@pytest.mark.parametrize("name,index,bad", BAD, ids=[f"{n}-{i}-{k}" for k, (n, i, _) in enumerate(BAD)])
+def test_both_backends_and_both_fakes_refuse_bad_arguments_with_one_message(name, index, bad):
+    """The one fake checks everything the C++ kernel checks, with its wording, and the Triton twin
+    runs the same checks."""
+    args = replaced(valid_args(name), index, bad)
+    cpp, twin = getattr(NS, name), getattr(NS, name + "_triton")
+    expected = message(lambda: cpp(*args))
+    assert expected.startswith(f"{name}: ")
+    assert message(lambda: twin(*args)) == expected
+    assert message(lambda: cpp(*on_meta(args))) == expected
+    assert message(lambda: twin(*on_meta(args))) == expected
+
+
+def as_tuple(out):
+    return out if isinstance(out, tuple) else (out,)
+
+
+@pytest.mark.parametrize("name", family_op_names())
+def test_twin_and_cpp_op_have_the_same_fake_outputs_and_real_outputs(name):
+    args = valid_args(name)
+    fakes = [as_tuple(getattr(NS, n)(*on_meta(args))) for n in (name, name + "_triton")]
+    reals = [as_tuple(getattr(NS, n)(*args)) for n in (name, name + "_triton")]
+    for fake_cpp, fake_twin, real_cpp, real_twin in zip(*fakes, *reals):
+        for t in (fake_twin, real_cpp, real_twin):
+            assert (t.shape, t.dtype, t.is_contiguous()) == (fake_cpp.shape, fake_cpp.dtype, True)
+        assert_close(real_twin, real_cpp.double(), reduce_len=15)
+
+
+def test_twins_compile_fullgraph_with_gradients():
+    """custom_op + register_fake around the launch traces under torch.compile (DESIGN.md)."""
+    torch._dynamo.reset()
+    ops, an = C.triton_ops(), A.triton_ops()
+
+    def step(x, h, ha, b, ls):
+        y, logdet = an.fwd(x, b, ls)
+        y, logdet2 = ops.affine_fwd(y, h, "exp", 2.0)
+        y = ops.additive_inv(y, ha)
+        return y, logdet + logdet2
+
+    x, h, ha, _ = coupling_case(spatial=(2, 2))
+    inputs = [t.double() for t in (x, h, ha, torch.randn(5), 0.3 * torch.randn(5))]
+    eager_in = [t.clone().requires_grad_() for t in inputs]
+    comp_in = [t.clone().requires_grad_() for t in inputs]
+    y, logdet = step(*eager_in)
+    yc, logdetc = torch.compile(step, fullgraph=True, backend="aot_eager")(*comp_in)
+    assert_close(yc, y)
+    assert_close(logdetc, logdet)
+    eager_grads = torch.autograd.grad(y.square().sum() + logdet.sum(), eager_in)
+    comp_grads = torch.autograd.grad(yc.square().sum() + logdetc.sum(), comp_in)
+    for got, want in zip(comp_grads, eager_grads):
+        assert_close(got, want)
+
+
+@pytest.fixture
+def cpp_kernels_raise():
+    """Every C++ op's CPU kernel replaced by one that raises, for the test's duration."""
+    lib = torch.library.Library("invkernels", "IMPL")
+
+    def raising(*args, **kwargs):
+        raise AssertionError("a C++ op ran")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name in cpp_op_names():
+            lib.impl(name, raising, "CPU", allow_override=True)
+    yield
+    lib._destroy()
+
+
+@pytest.mark.parametrize("name", family_op_names())
+def test_the_patch_makes_every_cpp_op_raise(name, cpp_kernels_raise):
+    with pytest.raises(AssertionError, match=r"a C\+\+ op ran"):
+        getattr(NS, name)(*valid_args(name))
+
+
+@pytest.mark.parametrize("name", family_op_names())
+def test_every_twin_runs_with_the_cpp_ops_raising(name, cpp_kernels_raise):
+    args = valid_args(name)
+    for out in as_tuple(getattr(NS, name + "_triton")(*args)):
+        assert torch.isfinite(out).all()
+
+
+def test_a_glow_step_trains_on_the_triton_backend_with_the_cpp_ops_raising(cpp_kernels_raise):
+    """Plain autograd and the memory-free backward (the fused inverse-backward ops) of Glow steps."""
+    from invkernels.nn import GlowStep, InvertibleSequential  # noqa: PLC0415
+
+    for memory_free in (False, True):
+        chain = InvertibleSequential(*(GlowStep(4, hidden=8, backend="triton") for _ in range(2)),
+                                     memory_free=memory_free).double()
+        x = torch.randn(3, 4, 2, 2, dtype=torch.float64, requires_grad=True)
+        y, logdet = chain(x)
+        (y.square().sum() + logdet.sum()).backward()
+        grads = [x.grad] + [p.grad for p in chain.parameters() if p.requires_grad]
+        assert all(g is not None and torch.isfinite(g).all() for g in grads)
