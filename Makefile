@@ -10,9 +10,19 @@ BUILD_LOG := build/build.log
 # them (the same setting for every provider in the benchmark).
 BENCH_ENV := MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=4294967296
 
-.PHONY: env build demo test test-python test-cpp test-gpu bench clean
+.PHONY: env build demo test test-python test-cpp gpu-check bench clean
 
+# With nvcc on PATH the build must contain the CUDA backend; test_build.py checks it.
+EXPECT_CUDA := $(shell command -v nvcc >/dev/null 2>&1 && echo 1 || echo 0)
+
+ifeq ($(origin PY),command line)
+# A ready environment (`make gpu-check PY=python3` where no package registry can be reached):
+# nothing is installed into it.
+env:
+	@$(PY) -c "import torch" || { echo "PY=$(PY) cannot import torch"; exit 1; }
+else
 env: $(VENV)/.deps-installed
+endif
 
 $(VENV)/.deps-installed: requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -27,21 +37,40 @@ build: env
 		{ tail -n 60 $(BUILD_LOG); exit 1; }
 	@$(PY) scripts/build_report.py $(BUILD_LOG)
 
+# The CMake build (CMakeLists.txt): the math unit tests and the operator libraries against the
+# installed torch, and its ctest. With nvcc it compiles the CUDA kernels too, for one arch: what is
+# checked here is the CMake configuration, while setup.py's build compiles every arch. A CUDA
+# build of torch without nvcc cannot be configured (torch's CMake package needs the toolkit):
+# then the unit tests alone are built.
+CMAKE_DIR := build/cmake
+CMAKE_LOG := build/cmake.log
+CMAKE_WITHOUT_NVCC = $(if $(shell $(PY) -c "import torch; print(torch.version.cuda or '')"),-DINVKERNELS_BUILD_LIBRARY=OFF)
+CMAKE_FLAGS = -DPython3_EXECUTABLE=$(abspath $(shell command -v $(PY))) $\
+	$(if $(filter 1,$(EXPECT_CUDA)),-DINVKERNELS_WITH_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=80,$(CMAKE_WITHOUT_NVCC))
+CMAKE_ENV := PATH=$(abspath $(VENV))/bin:$$PATH
+
 test-cpp: env
 	@mkdir -p build
-	PATH=$(abspath $(VENV))/bin:$$PATH cmake -S . -B build/cmake-tests -G Ninja -DINVKERNELS_BUILD_LIBRARY=OFF > build/cmake-tests.log
-	PATH=$(abspath $(VENV))/bin:$$PATH cmake --build build/cmake-tests >> build/cmake-tests.log
-	ctest --test-dir build/cmake-tests --output-on-failure
-
-# With nvcc on PATH the build must contain the CUDA backend; test_build.py checks it.
-EXPECT_CUDA := $(shell command -v nvcc >/dev/null 2>&1 && echo 1 || echo 0)
+	@echo "CMake build: cmake $(CMAKE_FLAGS) (log: $(CMAKE_LOG))"
+	@{ $(CMAKE_ENV) cmake -S . -B $(CMAKE_DIR) -G Ninja $(CMAKE_FLAGS) && $(CMAKE_ENV) cmake --build $(CMAKE_DIR); } \
+		> $(CMAKE_LOG) 2>&1 || { tail -n 60 $(CMAKE_LOG); exit 1; }
+	ctest --test-dir $(CMAKE_DIR) --output-on-failure
 
 test-python: build
 	INVKERNELS_EXPECT_CUDA_BUILD=$(EXPECT_CUDA) $(PY) -m pytest python_tests -p no:cacheprovider -q -rs
 
-# On a machine with a GPU: the cuda-marked tests, with Triton compiled for the GPU.
-test-gpu: build
-	INVKERNELS_TEST_CUDA=1 $(PY) -m pytest python_tests -p no:cacheprovider -q -rs -m cuda
+# On a machine with an NVIDIA GPU (scripts/gpu_check.py; exits at once without one): the build for
+# the visible GPU's arch on every core, the cuda-marked tests (CUDA C++ and compiled Triton
+# backends), the GPU benchmarks into docs/performance-gpu.md; each stage timed. (The sub-make is
+# named through a variable so that `make -n gpu-check` does not run it.)
+GPU_CHECK_BUILD = $(MAKE) --no-print-directory build
+
+gpu-check:
+	@$(PYTHON) scripts/gpu_check.py \
+		--setup build "$(GPU_CHECK_BUILD)" \
+		--setup device "$(PY) scripts/gpu_check.py --report-device" \
+		--stage tests "INVKERNELS_TEST_CUDA=1 $(PY) -m pytest python_tests -p no:cacheprovider -q -rs -m cuda" \
+		--stage bench "$(PY) benchmarks/run.py --device cuda --write docs/performance-gpu.md"
 
 test: build test-cpp test-python
 

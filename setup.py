@@ -1,14 +1,15 @@
 """Build of invkernels: the op schemas + CUDA kernels (invkernels._C) and the CPU kernels.
 
 The CPU kernels are compiled once per CPU capability into invkernels._cpu_default,
-_cpu_avx2 and _cpu_avx512; at import, invkernels loads the one matching
-torch.backends.cpu.get_cpu_capability(). The CUDA kernels are compiled when torch was built
-with CUDA and nvcc is found (a visible GPU is not needed).
+_cpu_avx2 and _cpu_avx512, with the flags and defines of build_config.json (which CMakeLists.txt
+reads too); at import, invkernels loads the one matching torch.backends.cpu.get_cpu_capability().
+The CUDA kernels are compiled when torch was built with CUDA and nvcc is found (a visible GPU is
+not needed).
 
 Environment:
   INVKERNELS_WITH_CUDA   auto (default) | 0 | 1
   INVKERNELS_CUDA_ARCHS  e.g. "8.0;9.0" (default: TORCH_CUDA_ARCH_LIST, else the archs of the
-                         visible GPUs, else "8.0;9.0")
+                         visible GPUs, else build_config.json's cuda_archs, "8.0;9.0")
   MAX_JOBS               parallel compile jobs (ninja)
   DEBUG                  1 for -O0 -g
 Build with `pip install -e . --no-build-isolation` so the extension compiles against the
@@ -18,6 +19,7 @@ installed torch.
 from __future__ import annotations
 
 import glob
+import json
 import os
 import platform
 import re
@@ -28,6 +30,15 @@ import sys
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _build_config() -> dict:
+    """The compile settings shared with CMakeLists.txt: CPU capabilities and default CUDA archs."""
+    with open(os.path.join(ROOT, "build_config.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+BUILD_CONFIG = _build_config()
 
 
 def _log(msg: str) -> None:
@@ -77,15 +88,13 @@ if WITH_CUDA:
         caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
         CUDA_ARCHS = ";".join(f"{major}.{minor}" for major, minor in caps)
     if not CUDA_ARCHS:
-        CUDA_ARCHS = "8.0;9.0"
+        CUDA_ARCHS = ";".join(BUILD_CONFIG["cuda_archs"])
     os.environ["TORCH_CUDA_ARCH_LIST"] = CUDA_ARCHS
 
 OPT = ["-O0", "-g"] if DEBUG else ["-O3", "-g0"]
 CXX_FLAGS = OPT + ["-std=c++20", "-fopenmp", "-Wno-unknown-pragmas"]
-CPU_CAPABILITIES = {"default": []}
-if platform.machine().lower() in ("x86_64", "amd64"):
-    CPU_CAPABILITIES["avx2"] = ["-mavx2", "-mfma", "-mf16c"]
-    CPU_CAPABILITIES["avx512"] = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"]
+CPU_CAPABILITIES = [cap for cap in BUILD_CONFIG["cpu_capabilities"]
+                    if not cap["machines"] or platform.machine().lower() in cap["machines"]]
 
 
 def _sources(pattern: str) -> list[str]:
@@ -117,11 +126,10 @@ def extensions():
             extra_compile_args={"cxx": CXX_FLAGS + defines + ["-DINVK_WITH_CUDA"], "nvcc": nvcc}))
     else:
         exts.append(CppExtension("invkernels._C", main_sources, extra_compile_args={"cxx": CXX_FLAGS + defines}))
-    for name, flags in CPU_CAPABILITIES.items():
-        cap = name.upper()
+    for cap in CPU_CAPABILITIES:
         exts.append(CppExtension(
-            f"invkernels._cpu_{name}", _sources("csrc/cpu/*.cpp"),
-            extra_compile_args={"cxx": CXX_FLAGS + flags + [f"-DCPU_CAPABILITY={cap}", f"-DCPU_CAPABILITY_{cap}"]},
+            f"invkernels._cpu_{cap['name'].lower()}", _sources("csrc/cpu/*.cpp"),
+            extra_compile_args={"cxx": CXX_FLAGS + cap["flags"] + [f"-D{d}" for d in cap["defines"]]},
             extra_link_args=["-fopenmp"]))
     return exts
 
@@ -142,7 +150,7 @@ class Build(BuildExtension):
 _log(f"torch {torch.__version__} (CUDA {torch.version.cuda}); CUDA toolkit: {_cuda_root}; "
      f"CUDA backend: {'yes' if WITH_CUDA else 'no'}"
      + (f" for archs {CUDA_ARCHS}" if WITH_CUDA else "")
-     + f"; CPU capabilities: {', '.join(CPU_CAPABILITIES)}; {'debug' if DEBUG else 'release'} build")
+     + f"; CPU capabilities: {', '.join(cap['name'] for cap in CPU_CAPABILITIES)}; {'debug' if DEBUG else 'release'} build")
 
 setup(
     packages=find_packages(include=["invkernels", "invkernels.*"]),

@@ -1,6 +1,11 @@
-"""What the build produced: backends, CPU capability libraries, versions."""
+"""What the build produced: backends, CPU capability libraries, versions; the compile settings
+that setup.py and CMake read from build_config.json; `make gpu-check` (scripts/gpu_check.py)."""
 
+import importlib.util
+import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -10,7 +15,10 @@ import torch
 
 import invkernels
 
-CAPABILITIES = ["DEFAULT", "AVX2", "AVX512"]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+with open(os.path.join(ROOT, "build_config.json"), encoding="utf-8") as _f:
+    BUILD_CONFIG = json.load(_f)
+CAPABILITIES = [cap["name"] for cap in BUILD_CONFIG["cpu_capabilities"]]
 
 
 def test_build_info_reports_the_backends_and_versions():
@@ -25,7 +33,7 @@ def test_build_info_reports_the_backends_and_versions():
     if os.environ.get("INVKERNELS_EXPECT_CUDA_BUILD") == "1":
         assert info["cuda"], "nvcc and a CUDA torch are present but the CUDA backend was not compiled"
         if not torch.cuda.is_available():
-            assert "8.0" in info["cuda_archs"] and "9.0" in info["cuda_archs"], info["cuda_archs"]
+            assert info["cuda_archs"] == ";".join(BUILD_CONFIG["cuda_archs"]), info["cuda_archs"]
         assert hasattr(torch.ops.invkernels.affine_coupling_fwd.default, "_schema")
         assert torch._C._dispatch_has_kernel_for_dispatch_key("invkernels::affine_coupling_fwd", "CUDA")
 
@@ -55,3 +63,126 @@ def test_each_cpu_capability_build_matches_the_reference(capability):
     library, err = out.stdout.split()
     assert library.startswith(f"_cpu_{capability.lower()}.")
     assert float(err) < 1e-5
+
+
+# Runs setup.py with setuptools.setup replaced, so nothing is built: prints the extensions'
+# C++ flags and the resolved CUDA archs.
+SETUP_CAPTURE = textwrap.dedent("""
+    import json, runpy, setuptools
+    captured = {}
+    setuptools.setup = lambda **kwargs: captured.update(kwargs)
+    config = runpy.run_path("setup.py", run_name="__main__")
+    print(json.dumps({
+        "cxx": {ext.name: ext.extra_compile_args["cxx"] for ext in captured["ext_modules"]},
+        "cuda": config["WITH_CUDA"], "cuda_archs": config["CUDA_ARCHS"]}))
+""")
+
+
+def _isa_flags(args):
+    return [a for a in args if a.startswith("-m")]
+
+
+def _defines(args):
+    return [a[2:] for a in args if a.startswith("-DCPU_CAPABILITY")]
+
+
+def test_setup_py_takes_the_capability_flags_and_cuda_archs_from_build_config():
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCH_CUDA_ARCH_LIST", "INVKERNELS_CUDA_ARCHS")}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    out = subprocess.run([sys.executable, "-c", SETUP_CAPTURE], cwd=ROOT, env=env, capture_output=True, text=True,
+                         check=True)
+    built = json.loads(out.stdout.strip().splitlines()[-1])
+    for cap in BUILD_CONFIG["cpu_capabilities"]:
+        cxx = built["cxx"][f"invkernels._cpu_{cap['name'].lower()}"]
+        assert _isa_flags(cxx) == cap["flags"], cap["name"]
+        assert _defines(cxx) == cap["defines"], cap["name"]
+    if built["cuda"]:
+        assert built["cuda_archs"] == ";".join(BUILD_CONFIG["cuda_archs"])
+
+
+def test_the_capability_flags_are_written_only_in_build_config():
+    for name in ("setup.py", "CMakeLists.txt"):
+        with open(os.path.join(ROOT, name), encoding="utf-8") as f:
+            text = f.read()
+        for cap in BUILD_CONFIG["cpu_capabilities"]:
+            for flag in cap["flags"] + cap["defines"]:
+                assert flag not in text, f"{name} spells {flag!r}; it belongs in build_config.json only"
+
+
+def test_cmake_takes_the_capability_flags_and_cuda_archs_from_build_config(tmp_path):
+    if torch.version.cuda and shutil.which("nvcc") is None:
+        pytest.skip("CMake cannot configure against a CUDA build of torch without the CUDA toolkit (nvcc)")
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    env.pop("TORCH_CUDA_ARCH_LIST", None)
+    out = subprocess.run(["cmake", "-S", ROOT, "-B", str(tmp_path), "-G", "Ninja", f"-DPython3_EXECUTABLE={sys.executable}"],
+                         env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    with open(tmp_path / "compile_commands.json", encoding="utf-8") as f:
+        commands = json.load(f)
+    for cap in BUILD_CONFIG["cpu_capabilities"]:
+        target = f"invkernels_cpu_{cap['name'].lower()}.dir"
+        args = [c["command"].split() for c in commands if f"/{target}/" in c["command"]]
+        assert args, f"CMake made no target {target}"
+        for a in args:
+            assert _isa_flags(a) == cap["flags"], cap["name"]
+            assert _defines(a) == cap["defines"], cap["name"]
+    archs = re.search(r"CUDA kernels OFF \(archs ([^)]*)\)", out.stdout)
+    if torch.version.cuda:
+        assert archs and archs.group(1) == ";".join(BUILD_CONFIG["cuda_archs"]), out.stdout[-2000:]
+
+
+def _gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", os.path.join(ROOT, "scripts", "gpu_check.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_make_gpu_check_without_a_gpu_exits_at_once_with_no_cuda_device():
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    out = subprocess.run(["make", "--no-print-directory", "gpu-check"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode != 0
+    assert "gpu-check: no CUDA device (CUDA_VISIBLE_DEVICES='' hides every GPU)" in out.stderr
+    assert "building invkernels" not in out.stdout + out.stderr
+
+
+def test_gpu_check_without_nvidia_smi_reports_no_cuda_device(tmp_path, capsys):
+    rc = _gpu_check().main(["--setup", "build", "exit 0"], env={"PATH": str(tmp_path)})
+    assert rc == 1
+    assert "no CUDA device (nvidia-smi is not on PATH" in capsys.readouterr().err
+
+
+def _fake_nvidia_smi(directory, output):
+    smi = directory / "nvidia-smi"
+    smi.write_text(f"#!/bin/sh\nprintf '{output}'\n")
+    smi.chmod(0o755)
+    return {"PATH": f"{directory}{os.pathsep}{os.environ['PATH']}"}
+
+
+def test_gpu_check_builds_for_the_visible_archs_on_every_core_and_runs_the_stages(tmp_path):
+    env = _fake_nvidia_smi(tmp_path, "NVIDIA H200, 9.0\\nNVIDIA A100-SXM4-80GB, 8.0\\n")
+    seen = tmp_path / "seen.json"
+    record = (f"{sys.executable} -c \"import json, os; json.dump({{k: os.environ.get(k) for k in "
+              f"('MAX_JOBS', 'INVKERNELS_CUDA_ARCHS', 'INVKERNELS_WITH_CUDA')}}, open('{seen}', 'w'))\"")
+    rc = _gpu_check().main(["--setup", "build", record, "--stage", "tests", "exit 3",
+                            "--stage", "bench", f"touch {tmp_path / 'bench'}"], env=env)
+    assert rc == 1
+    assert json.loads(seen.read_text()) == {
+        "MAX_JOBS": str(os.cpu_count()), "INVKERNELS_CUDA_ARCHS": "8.0;9.0", "INVKERNELS_WITH_CUDA": "1"}
+    assert (tmp_path / "bench").exists(), "a failing --stage stopped the stages after it"
+
+
+def test_gpu_check_stops_after_a_failing_setup_stage(tmp_path, capsys):
+    env = _fake_nvidia_smi(tmp_path, "NVIDIA H200, 9.0\\n")
+    rc = _gpu_check().main(["--setup", "build", "exit 4", "--stage", "tests", f"touch {tmp_path / 'tests'}"], env=env)
+    assert rc == 1
+    assert not (tmp_path / "tests").exists()
+    assert re.search(r"tests +0\.0 s +not run", capsys.readouterr().out)
+
+
+def test_parse_gpus_names_each_gpu_and_refuses_other_output():
+    gpus = _gpu_check().parse_gpus("NVIDIA H200, 9.0\nNVIDIA H100 80GB HBM3, 9.0\n\n")
+    assert gpus == [("NVIDIA H200", "9.0"), ("NVIDIA H100 80GB HBM3", "9.0")]
+    with pytest.raises(ValueError, match="parse_gpus: expected 'name, major.minor' per line, got 'No devices were found'"):
+        _gpu_check().parse_gpus("No devices were found")
