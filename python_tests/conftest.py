@@ -1,7 +1,7 @@
 import os
 
 # The Triton backend runs on CPU tensors through the interpreter. The variable must be set before
-# triton is first imported (invkernels imports it lazily). `make test-gpu` sets
+# triton is first imported (invkernels imports it lazily). `make gpu-check` sets
 # INVKERNELS_TEST_CUDA=1 to run the cuda-marked tests with Triton compiled for the GPU instead.
 if os.environ.get("INVKERNELS_TEST_CUDA") != "1":
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -95,3 +95,31 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="backend should be one of"):
         GlowStep(4, backend="fast")
     assert invkernels.get_backend() == "cpp"
+
+
+@pytest.mark.parametrize("backend", ["cpp", pytest.param("triton", marks=pytest.mark.triton), "reference"])
+@pytest.mark.parametrize("shape", [(3, 5, 2, 3), (4, 6)])
+def test_the_ops_front_is_actnorm_then_the_conv_with_actnorms_logdet(backend, shape):
+    """``ops.actnorm_conv1x1`` and its VJP against ActNorm's reference followed by the product, by
+    float64 autograd (the log-det's gradient reaches log_scale)."""
+    from invkernels import reference as R  # noqa: PLC0415
+
+    c = shape[1]
+    x = torch.randn(shape, dtype=torch.float64)
+    w = torch.randn(c, c, dtype=torch.float64) / c**0.5
+    bias, log_scale = 0.5 * torch.randn(c, dtype=torch.float64), 0.3 * torch.randn(c, dtype=torch.float64)
+    gy, gl = torch.randn(shape, dtype=torch.float64), torch.randn(shape[0], dtype=torch.float64)
+    y, logdet = invkernels.ops.actnorm_conv1x1(x, w, bias, log_scale, backend=backend)
+    inputs = [t.clone().requires_grad_() for t in (x, w, bias, log_scale)]
+    u, want_logdet = R.actnorm_fwd(inputs[0], inputs[2], inputs[3])
+    want_y = R.conv1x1(u, inputs[1])
+    assert_close(y, want_y)
+    assert_close(logdet, want_logdet)
+    want = torch.autograd.grad((want_y * gy).sum() + (want_logdet * gl).sum(), inputs)
+    got = invkernels.ops.actnorm_conv1x1_vjp(gy, gl, x, w, bias, log_scale, backend=backend)
+    for g, e in zip(got, want):
+        assert_close(g, e)
+    autograd = torch.autograd.grad(
+        [(t * g).sum() for t, g in zip(invkernels.ops.actnorm_conv1x1(*inputs, backend=backend), (gy, gl))], inputs)
+    for g, e in zip(autograd, want):
+        assert_close(g, e)

@@ -63,9 +63,9 @@ def coupling_case(c=5, spatial=(3,)):
     return x, torch.randn(2, 2 * c2, *spatial), torch.randn(2, c2, *spatial), torch.randn(2)
 
 
-def valid_args(name):
-    """Valid float32 CPU arguments of op ``name``."""
-    x, h, ha, gl = coupling_case()
+def valid_args(name, spatial=(3,)):
+    """Valid float32 CPU arguments of op ``name`` (5 channels, 2 samples)."""
+    x, h, ha, gl = coupling_case(spatial=spatial)
     g = torch.randn_like(x)
     b, ls = torch.randn(5), 0.3 * torch.randn(5)
     return {
@@ -279,3 +279,18 @@ def test_a_glow_step_trains_on_the_triton_backend_with_the_cpp_ops_raising(cpp_k
         (y.square().sum() + logdet.sum()).backward()
         grads = [x.grad] + [p.grad for p in chain.parameters() if p.requires_grad]
         assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("spatial", [(1,), (2,), (20,), (300,)])
+def test_the_gpu_tiles_give_the_cpp_results_under_the_interpreter(spatial, monkeypatch):
+    """The coupling and ActNorm launchers with their GPU tile choice (every tile of their
+    ``gpu_configs()`` for these sizes, several tiles per sample for S = 300)."""
+    from invkernels.triton import actnorm as actnorm_triton  # noqa: PLC0415
+    from invkernels.triton import coupling as coupling_triton  # noqa: PLC0415
+
+    monkeypatch.setattr(coupling_triton, "interpreting", lambda: False)
+    monkeypatch.setattr(actnorm_triton, "interpreting", lambda: False)
+    for name in C._FAMILY.names + A._FAMILY.names:
+        args = valid_args(name, spatial)
+        for got, want in zip(as_tuple(getattr(NS, name + "_triton")(*args)), as_tuple(getattr(NS, name)(*args))):
+            assert_close(got, want.double(), reduce_len=15 * spatial[0])

@@ -9,6 +9,7 @@ from invkernels.nn.actnorm import ActNorm
 from invkernels.nn.coupling import AffineCoupling
 from invkernels.nn.invconv import InvConv1x1
 from invkernels.nn.subnets import SubnetFactory, conv_subnet
+from invkernels.ops import glow as glow_ops
 from invkernels.ops import invconv as invconv_ops
 
 
@@ -51,9 +52,8 @@ class GlowStep(nn.Module):
             raise ValueError(f"GlowStep: x should have shape [B, {self.channels}, ...], got {got}")
         an = self.actnorm
         an.initialize_if_needed(x)
-        y = invconv_ops.conv1x1(x, self.invconv.weight(x.dtype), an.bias.to(x.dtype), an.log_scale.to(x.dtype),
-                                backend=self.invconv.backend)
-        logdet_actnorm = invconv_ops.lu_logdet(an.log_scale, x)
+        y, logdet_actnorm = glow_ops.actnorm_conv1x1(x, self.invconv.weight(x.dtype), an.bias, an.log_scale,
+                                                     backend=self.invconv.backend)
         logdet_conv = (invconv_ops.lu_logdet(self.invconv.log_s, x) if self.invconv.lu
                        else invconv_ops.dense_logdet(self.invconv.w, x))
         return y, logdet_actnorm + logdet_conv
@@ -84,10 +84,8 @@ class GlowStep(nn.Module):
             x = an.inverse(conv.inverse(x_mid))
         with torch.enable_grad():
             w = conv.weight(x.dtype)
-        grad_x, grad_w, grad_bias, grad_log_scale = invconv_ops.conv1x1_vjp(
-            grad_mid, x, w.detach(), an.bias.to(x.dtype), an.log_scale.to(x.dtype), backend=conv.backend)
-        grad_log_scale = grad_log_scale + invconv_ops.spatial_size(x) * grad_logdet.sum()
-        grads += [(p, g.to(p.dtype)) for p, g in ((an.bias, grad_bias), (an.log_scale, grad_log_scale))
-                  if p.requires_grad]
+        grad_x, grad_w, grad_bias, grad_log_scale = glow_ops.actnorm_conv1x1_vjp(
+            grad_mid, grad_logdet, x, w.detach(), an.bias, an.log_scale, backend=conv.backend)
+        grads += [(p, g) for p, g in ((an.bias, grad_bias), (an.log_scale, grad_log_scale)) if p.requires_grad]
         grads += conv.weight_backward(w, grad_w, x, grad_logdet)
         return x, grad_x, grads

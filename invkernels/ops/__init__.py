@@ -1,6 +1,6 @@
 """Functional API over the registered ops (``torch.ops.invkernels``), one module per op family."""
 
-from invkernels.ops import actnorm, coupling, invconv
+from invkernels.ops import actnorm, coupling, glow, invconv
 from invkernels.ops.actnorm import actnorm_fwd, actnorm_inv
 from invkernels.ops.coupling import (
     additive_coupling_fwd,
@@ -8,7 +8,8 @@ from invkernels.ops.coupling import (
     affine_coupling_fwd,
     affine_coupling_inv,
 )
-from invkernels.ops.invconv import invconv_inverse_weight, invconv_weight
+from invkernels.ops.glow import actnorm_conv1x1, actnorm_conv1x1_vjp
+from invkernels.ops.invconv import conv1x1, invconv_inverse_weight, invconv_weight
 
 
 def prepare(backend: str) -> None:
@@ -19,12 +20,15 @@ def prepare(backend: str) -> None:
 
 
 __all__ = [
+    "actnorm_conv1x1",
+    "actnorm_conv1x1_vjp",
     "actnorm_fwd",
     "actnorm_inv",
     "additive_coupling_fwd",
     "additive_coupling_inv",
     "affine_coupling_fwd",
     "affine_coupling_inv",
+    "conv1x1",
     "invconv_inverse_weight",
     "invconv_weight",
     "prepare",

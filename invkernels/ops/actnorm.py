@@ -17,6 +17,10 @@ import torch
 from invkernels import _validation
 from invkernels.ops._registry import OpDef, OpFamily, contiguous_like, logdet_like
 from invkernels.reference import actnorm as reference
+from invkernels.reference.actnorm import actnorm_logdet, actnorm_logdet_grad
+
+__all__ = ["actnorm_fwd", "actnorm_inv", "actnorm_logdet", "actnorm_logdet_grad", "actnorm_vjp", "cpp_ops",
+           "prepare", "triton_ops"]
 
 
 class ActNormOps(NamedTuple):

@@ -21,22 +21,28 @@ def _spatial(x: torch.Tensor) -> int:
     return n
 
 
-def _logdet(log_scale: torch.Tensor, x: torch.Tensor, sign: int) -> torch.Tensor:
-    """``sign * S * Σ_c log_scale[c]`` for every sample, in ``logdet_dtype(x.dtype)`` (float32 for
-    half inputs, whose log-det overflows at 65504)."""
+def actnorm_logdet(log_scale: torch.Tensor, x: torch.Tensor, sign: int = 1) -> torch.Tensor:
+    """``sign * S * Σ_c log_scale[c]`` for every sample of ``x``, in ``logdet_dtype(x.dtype)``
+    (float32 for half inputs, whose log-det overflows at 65504); differentiable in ``log_scale``."""
     return (sign * _spatial(x) * log_scale.sum(dtype=logdet_dtype(x.dtype))).expand(x.shape[0])
+
+
+def actnorm_logdet_grad(grad_logdet: torch.Tensor, x: torch.Tensor, sign: int = 1) -> torch.Tensor:
+    """The gradient of :func:`actnorm_logdet` w.r.t. every entry of ``log_scale`` for the gradient
+    ``grad_logdet`` of the log-det: ``sign * S * Σ_b grad_logdet[b]`` (a scalar in the log-det dtype)."""
+    return sign * _spatial(x) * grad_logdet.sum(dtype=logdet_dtype(x.dtype))
 
 
 def actnorm_fwd(x: torch.Tensor, bias: torch.Tensor, log_scale: torch.Tensor):
     """``(y, logdet)``; ``logdet = S * Σ_c log_scale[c]`` for every sample (S = spatial size)."""
     y = (x + _per_channel(bias, x)) * torch.exp(_per_channel(log_scale, x))
-    return y, _logdet(log_scale, x, 1)
+    return y, actnorm_logdet(log_scale, x)
 
 
 def actnorm_inv(y: torch.Tensor, bias: torch.Tensor, log_scale: torch.Tensor):
     """``(x, -logdet)`` of :func:`actnorm_fwd`."""
     x = y * torch.exp(-_per_channel(log_scale, y)) - _per_channel(bias, y)
-    return x, _logdet(log_scale, y, -1)
+    return x, actnorm_logdet(log_scale, y, -1)
 
 
 def actnorm_vjp(grad_out: torch.Tensor, grad_logdet: torch.Tensor, x: torch.Tensor, bias: torch.Tensor,
@@ -49,7 +55,7 @@ def actnorm_vjp(grad_out: torch.Tensor, grad_logdet: torch.Tensor, x: torch.Tens
     dims = [0, *range(2, x.dim())]
     b, ls = _per_channel(bias, x), _per_channel(log_scale, x)
     acc = logdet_dtype(x.dtype)
-    logdet_term = _spatial(x) * grad_logdet.sum(dtype=acc)
+    logdet_term = actnorm_logdet_grad(grad_logdet, x)
     if reverse:
         grad_in = grad_out * torch.exp(-ls)
         grad_ls = -(grad_out * (x + b)).sum(dims, dtype=acc) - logdet_term

@@ -32,7 +32,11 @@ is returned in that dtype (float32 for half inputs, whose log-det overflows at 6
 
 Tiling. Each program handles a tile of ``ROWS`` samples by ``CHANS`` channels by ``BLOCK`` spatial
 positions. ``BLOCK`` covers ``S`` first, then ``CHANS`` covers the channels and ``ROWS`` the samples,
-so for small ``S`` (vectors: ``S = 1``) a tile still reads runs of consecutive elements. The
+so for small ``S`` (vectors: ``S = 1``) a tile still reads runs of consecutive elements. On a GPU
+the tile is one of the explicit set :func:`gpu_configs` (2048 elements: ``BLOCK`` the first of 1,
+16, 256, 2048 that covers ``S``, ``CHANS`` 16 or 128 channels within the rest), which is what is
+compiled ahead of time (invkernels.triton.aot); the interpreter, which runs each program as numpy
+operations, gets tiles of up to 32768 elements. The
 backward kernel sums its bias and log-scale terms over the samples and spatial positions of the
 tile and writes one partial sum per channel and tile into ``[C, NRT * NST]`` buffers in the compute
 dtype; torch adds the partials of a channel in a fixed order, so the parameter gradients are
@@ -48,13 +52,17 @@ import torch
 import triton
 import triton.language as tl
 
-from invkernels.triton._common import check_device, compute_dtype, device_guard, max_tile_elements
+from invkernels.triton._common import MAX_TILE_GPU, MAX_TILE_INTERPRETER, check_device, compute_dtype, device_guard, \
+    interpreting
 
 __all__ = [
     "LAUNCHERS",
+    "TileConfig",
     "actnorm_backward",
     "actnorm_forward",
     "actnorm_inverse",
+    "gpu_configs",
+    "tile_config",
 ]
 
 
@@ -147,6 +155,45 @@ def _actnorm_bwd_kernel(
     tl.store(partial_ls_ptr + partial_offs, part_ls, mask=chan_ok)
 
 
+class TileConfig(NamedTuple):
+    """One program's tile: ``rows`` samples by ``chans`` channels by ``block`` spatial positions."""
+
+    rows: int
+    chans: int
+    block: int
+    num_warps: int
+
+
+# The GPU tiles (2048 elements, 8 per thread at 8 warps): BLOCK from this ladder, then CHANS.
+_GPU_BLOCKS = (1, 16, 256, MAX_TILE_GPU)
+_GPU_CHANS = (16, 128)
+_GPU_WARPS = 8
+
+
+def tile_config(batch: int, channels: int, spatial: int) -> TileConfig:
+    """The tile the launchers use for ``x`` of ``[batch, channels, spatial]``."""
+    if not interpreting():
+        block = next((b for b in _GPU_BLOCKS if b >= spatial), _GPU_BLOCKS[-1])
+        room = MAX_TILE_GPU // block
+        chans = min(next((c for c in _GPU_CHANS if c >= channels), _GPU_CHANS[-1]), room)
+        return TileConfig(room // chans, chans, block, _GPU_WARPS)
+    block = min(triton.next_power_of_2(spatial), MAX_TILE_INTERPRETER)
+    chans = min(triton.next_power_of_2(channels), MAX_TILE_INTERPRETER // block)
+    rows = min(triton.next_power_of_2(batch), MAX_TILE_INTERPRETER // (block * chans))
+    return TileConfig(rows, chans, block, 4)
+
+
+def gpu_configs() -> dict[str, tuple[TileConfig, ...]]:
+    """Every tile each kernel launches with on a GPU (:func:`tile_config`): the set compiled ahead
+    of time."""
+    tiles = []
+    for block in _GPU_BLOCKS:
+        room = MAX_TILE_GPU // block
+        for chans in sorted({min(c, room) for c in _GPU_CHANS}):
+            tiles.append(TileConfig(room // chans, chans, block, _GPU_WARPS))
+    return {"_actnorm_apply_kernel": tuple(tiles), "_actnorm_bwd_kernel": tuple(tiles)}
+
+
 class _Tiling(NamedTuple):
     rows: int
     chans: int
@@ -168,15 +215,11 @@ def _geometry(x: torch.Tensor) -> _Geometry:
 
 
 def _tiling(geo: _Geometry) -> _Tiling:
-    max_tile = max_tile_elements()
-    block = min(triton.next_power_of_2(geo.spatial), max_tile)
-    chans = min(triton.next_power_of_2(geo.channels), max_tile // block)
-    rows = min(triton.next_power_of_2(geo.batch), max_tile // (block * chans))
-    nrt = triton.cdiv(geo.batch, rows)
-    nst = triton.cdiv(geo.spatial, block)
-    grid = (triton.cdiv(geo.channels, chans) * nrt * nst,)
-    num_warps = min(8, max(1, rows * chans * block // 256))
-    return _Tiling(rows, chans, block, nrt, nst, grid, num_warps)
+    tile = tile_config(*geo)
+    nrt = triton.cdiv(geo.batch, tile.rows)
+    nst = triton.cdiv(geo.spatial, tile.block)
+    grid = (triton.cdiv(geo.channels, tile.chans) * nrt * nst,)
+    return _Tiling(tile.rows, tile.chans, tile.block, nrt, nst, grid, tile.num_warps)
 
 
 def _apply(src: torch.Tensor, bias: torch.Tensor, log_scale: torch.Tensor, inverse: bool):

@@ -55,7 +55,10 @@ accurate as ``tl.exp`` and ``tl.log`` there, while the small branch uses neither
 
 Each program handles a tile of ``ROWS`` samples by ``BLOCK`` elements of the transformed half and
 the matching elements of the passthrough half (``N1 <= N2``, so the tiles of the transformed half
-cover it). The affine forward and inverse kernels write one partial log-det per sample and tile
+cover it). On a GPU the tile is one of the explicit set :data:`GPU_TILES` (from 128 samples by 8
+elements to 2 samples by 512: the first whose ``BLOCK`` covers ``N2``, else the last), which is what
+is compiled ahead of time (invkernels.triton.aot); the interpreter runs each program as numpy
+operations, so there a tile covers up to 32768 elements. The affine forward and inverse kernels write one partial log-det per sample and tile
 into a ``[B, NBLK]`` buffer, in the compute dtype; torch adds the partials of a sample in a fixed
 order, so the log-det is deterministic (no atomics).
 """
@@ -71,10 +74,12 @@ import triton
 import triton.language as tl
 
 from invkernels._validation import split_channels
-from invkernels.triton._common import check_device, compute_dtype, device_guard, max_tile_elements
+from invkernels.triton._common import MAX_TILE_INTERPRETER, check_device, compute_dtype, device_guard, interpreting
 
 __all__ = [
+    "GPU_TILES",
     "LAUNCHERS",
+    "TileConfig",
     "additive_coupling_backward",
     "additive_coupling_forward",
     "additive_coupling_inverse",
@@ -83,6 +88,8 @@ __all__ = [
     "affine_coupling_forward",
     "affine_coupling_inverse",
     "affine_coupling_inverse_backward",
+    "gpu_configs",
+    "tile_config",
 ]
 
 
@@ -379,6 +386,29 @@ def _additive_coupling_bwd_kernel(
     tl.store(gh_ptr + t_off, g2, mask=mask2)
 
 
+class TileConfig(NamedTuple):
+    """One program's tile: ``rows`` samples by ``block`` elements of the transformed half."""
+
+    rows: int
+    block: int
+    num_warps: int
+
+
+# The GPU tiles, for N2 up to 8, 64 and beyond (then several tiles per sample): 1024 elements at 8
+# warps, 4 per thread. (8 per thread spill registers in the float64 backward kernels on sm_80, and
+# with tiles of one sample ptxas spills 4 bytes in the float64 sigmoid inverse on sm_90, at 1024 or
+# 512 elements, 4 or 8 warps: measured with invkernels.triton.aot.)
+GPU_TILES = (TileConfig(128, 8, 8), TileConfig(16, 64, 8), TileConfig(2, 512, 8))
+
+
+def tile_config(batch: int, n2: int) -> TileConfig:
+    """The tile the launchers use for ``batch`` samples of ``n2`` transformed elements each."""
+    if not interpreting():
+        return next((t for t in GPU_TILES if t.block >= n2), GPU_TILES[-1])
+    block = min(triton.next_power_of_2(n2), MAX_TILE_INTERPRETER)
+    return TileConfig(min(triton.next_power_of_2(batch), MAX_TILE_INTERPRETER // block), block, 4)
+
+
 class _Tiling(NamedTuple):
     rows: int
     block: int
@@ -405,12 +435,9 @@ def _geometry(x: torch.Tensor) -> tuple[int, int, int]:
 
 
 def _tiling(batch: int, n2: int) -> _Tiling:
-    max_tile = max_tile_elements()
-    block = min(triton.next_power_of_2(n2), max_tile)
-    rows = min(triton.next_power_of_2(batch), max_tile // block)
-    nblk = triton.cdiv(n2, block)
-    num_warps = min(8, max(1, rows * block // 256))
-    return _Tiling(rows, block, nblk, (triton.cdiv(batch, rows) * nblk,), num_warps)
+    tile = tile_config(batch, n2)
+    nblk = triton.cdiv(n2, tile.block)
+    return _Tiling(tile.rows, tile.block, nblk, (triton.cdiv(batch, tile.rows) * nblk,), tile.num_warps)
 
 
 def _affine_apply(kernel, src: torch.Tensor, h: torch.Tensor, scale: str, clamp: float):
@@ -653,6 +680,17 @@ def additive_coupling_inverse_backward(
             num_warps=tiling.num_warps,
         )
     return x, grad_x, grad_h
+
+
+_KERNELS = ("_affine_coupling_fwd_kernel", "_affine_coupling_inv_kernel", "_affine_coupling_bwd_kernel",
+            "_affine_coupling_inv_bwd_kernel", "_additive_coupling_kernel", "_additive_coupling_bwd_kernel",
+            "_additive_coupling_inv_bwd_kernel")
+
+
+def gpu_configs() -> dict[str, tuple[TileConfig, ...]]:
+    """Every tile each kernel launches with on a GPU (:func:`tile_config`): the set compiled ahead
+    of time."""
+    return {name: GPU_TILES for name in _KERNELS}
 
 
 # The launcher of each registered op (docs/ops/coupling.md). invkernels.ops.coupling defines the

@@ -1,0 +1,49 @@
+"""Every Triton kernel compiles ahead of time for sm_80 and sm_90, in every configuration its
+launcher can launch with on a GPU, without register spills (invkernels.triton.aot; no GPU needed).
+
+The compilation runs in a subprocess without ``TRITON_INTERPRET``: this test process interprets."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from invkernels.triton import actnorm, aot, coupling, invconv
+
+MODULES = (coupling, actnorm, invconv)
+
+
+def kernel_names(module):
+    return {name for name, value in vars(module).items() if name.endswith("_kernel") and callable(value)}
+
+
+@pytest.mark.parametrize("module", MODULES, ids=lambda m: m.__name__.rsplit(".", 1)[1])
+def test_every_kernel_of_a_module_has_its_gpu_configurations(module):
+    configs = module.gpu_configs()
+    assert set(configs) == kernel_names(module)
+    assert all(len(c) >= 1 for c in configs.values())
+
+
+def test_every_kernel_compiles_for_both_targets_in_every_configuration(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "aot.json"
+    proc = subprocess.run([sys.executable, "-m", "invkernels.triton.aot", "--json", str(out)], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    results = json.loads(out.read_text())
+    assert {r["kernel"] for r in results} == set().union(*(kernel_names(m) for m in MODULES))
+    by_key = {}
+    for r in results:
+        by_key.setdefault(r["key"], set()).add(r["arch"])
+        assert r["registers"] > 0
+        assert (r["spill_stores"], r["spill_loads"]) == (0, 0), r
+    assert all(archs == set(aot.TARGETS.values()) for archs in by_key.values())
+    assert "Triton backend:" in proc.stdout and "0 with register spills" in proc.stdout
+
+
+def test_compiling_under_the_interpreter_is_refused():
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1 is set"):
+        aot.launches()
