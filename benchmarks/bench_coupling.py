@@ -1,22 +1,30 @@
-"""Affine coupling benchmark: the fused C++ op against the eager reference and torch.compile of
-the reference, CPU float32, forward and forward+backward, in one process.
+"""Affine coupling benchmark: the fused invkernels op against the eager reference and
+torch.compile of the reference, float32, forward and forward+backward, in one process; on the CPU
+also the forward of each CPU-capability build.
 
-Part of ``make bench`` (``benchmarks/run.py``).
+A pytest-benchmark suite (``pytest benchmarks/``); :func:`report` is its part of the report
+written by ``benchmarks/run.py``.
 """
 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
+import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness
 
-import harness  # noqa: E402
+# The extra_info sections these benchmarks write (report() renders them).
+RESULT_SECTIONS = {"coupling", "capability"}
 
 SHAPES = [(16, 32, 32, 32), (64, 64, 64, 64)]
+MODES = ("fwd", "fwd+bwd")
+CASES = [(shape, mode) for shape in SHAPES for mode in MODES]
+GOAL_VS_EAGER = 2.0
+GOAL_VS_COMPILE = {"fwd": 1.0, "fwd+bwd": 1.2}
+CAPABILITIES = ("DEFAULT", "AVX2", "AVX512")
+CAPABILITY_CALLS = 60
 
 
 def bytes_moved(shape: tuple[int, ...], mode: str) -> int:
@@ -32,22 +40,20 @@ def bytes_moved(shape: tuple[int, ...], mode: str) -> int:
     return 4 * (fwd if mode == "fwd" else fwd + bwd)
 
 
-def providers_for(shape, mode):
+def providers_for(shape, mode, device, backends):
     import invkernels  # noqa: PLC0415
     from invkernels.reference import coupling as R  # noqa: PLC0415
 
-    x = torch.randn(shape)
+    x = torch.randn(shape, device=device)
     c2 = shape[1] - shape[1] // 2
-    h = torch.randn((shape[0], 2 * c2, *shape[2:]))
-    fns = {
-        "eager": R.affine_coupling_fwd,
-        "compile": torch.compile(R.affine_coupling_fwd),
-        "invkernels": lambda a, b: invkernels.ops.affine_coupling_fwd(a, b, backend="cpp"),
-    }
+    h = torch.randn((shape[0], 2 * c2, *shape[2:]), device=device)
+    fns = {"eager": R.affine_coupling_fwd, "compile": torch.compile(R.affine_coupling_fwd)}
+    for b in backends:
+        fns[b] = lambda a, c, b=b: invkernels.ops.affine_coupling_fwd(a, c, backend=b)
     if mode == "fwd":
         return {name: (lambda f=f: f(x, h)) for name, f in fns.items()}
     xr, hr = x.clone().requires_grad_(), h.clone().requires_grad_()
-    gy, gl = torch.randn_like(x), torch.randn(shape[0])
+    gy, gl = torch.randn_like(x), torch.randn(shape[0], device=device)
 
     def fwd_bwd(f):
         y, logdet = f(xr, hr)
@@ -56,56 +62,71 @@ def providers_for(shape, mode):
     return {name: (lambda f=f: fwd_bwd(f)) for name, f in fns.items()}
 
 
+@pytest.mark.benchmark(group="coupling")
+@pytest.mark.parametrize(("shape", "mode"), CASES, ids=[f"{'x'.join(map(str, s))}-{m}" for s, m in CASES])
+def test_affine_coupling(benchmark, settings, shape, mode):
+    n = bytes_moved(shape, mode)
+    harness.interleaved(benchmark, providers_for(shape, mode, settings.device, settings.backends), settings.rounds,
+                        harness.reps_for(n), settings.device, section="coupling", kind="op", op="affine_coupling",
+                        label=str(list(shape)), mode=mode, bytes=n)
+
+
 CAPABILITY_SCRIPT = """
-import sys, torch, invkernels
+import json, sys, torch, invkernels
 sys.path.insert(0, {bench_dir!r})
 import harness
 torch.set_num_threads({threads})
 x = torch.randn({shape}); h = torch.randn({shape})
-t = harness.measure({{"f": lambda: torch.ops.invkernels.affine_coupling_fwd(x, h, "exp", 2.0)}}, rounds=1, reps=60)
-print(invkernels.build_info()["cpu_library"].split(".")[0], t["f"].median)
+t = harness.measure({{"f": lambda: torch.ops.invkernels.affine_coupling_fwd(x, h, "exp", 2.0)}}, rounds=1,
+                    reps={calls})
+print(json.dumps({{"library": invkernels.build_info()["cpu_library"].split(".")[0], "median_ms": t["f"].median}}))
 """
 
 
-def capability_rows(threads: int) -> list[list[str]]:
-    """Forward time of each CPU-capability build, each in its own process: shows which vector
-    path runs and what it is worth."""
-    rows = []
+def _capabilities() -> list[str]:
     native = torch.backends.cpu.get_cpu_capability()
-    order = ["DEFAULT", "AVX2", "AVX512"]
-    for cap in order[: order.index(native) + 1] if native in order else ["DEFAULT"]:
-        script = CAPABILITY_SCRIPT.format(bench_dir=os.path.dirname(os.path.abspath(__file__)), threads=threads,
-                                          shape=SHAPES[0])
-        out = subprocess.run([sys.executable, "-c", script], env=dict(os.environ, ATEN_CPU_CAPABILITY=cap.lower()),
-                             capture_output=True, text=True, check=True).stdout.split()
-        rows.append([cap, out[0], f"{float(out[1]):.3f}"])
-    return rows
+    return list(CAPABILITIES[: CAPABILITIES.index(native) + 1]) if native in CAPABILITIES else ["DEFAULT"]
 
 
-def section(rounds: int, threads: int, meta: dict[str, str]) -> tuple[str, list[list[str]], list[str]]:
-    """The coupling part of docs/performance.md, its CSV rows and goal verdicts."""
-    cases = []
-    for shape in SHAPES:
-        for mode in ("fwd", "fwd+bwd"):
-            goal_compile = 1.0 if mode == "fwd" else 1.2
-            cases.append(harness.Case(str(list(shape)), mode, providers_for(shape, mode), bytes_moved(shape, mode),
-                                      goal_vs_eager=2.0, goal_vs_compile=goal_compile))
-    rows, csv_rows, verdicts = harness.run_cases(cases, rounds, meta, "affine_coupling")
-    caps = capability_rows(threads)
-    text = f"""## Affine coupling (CPU, float32, scale="exp")
+@pytest.mark.benchmark(group="coupling")
+@pytest.mark.parametrize("capability", _capabilities())
+def test_cpu_capability(benchmark, settings, capability):
+    """Forward time of one CPU-capability build in a process of its own (``ATEN_CPU_CAPABILITY``
+    makes it load that build): shows which vector path runs and what it is worth."""
+    if settings.device != "cpu":
+        pytest.skip("the CPU vector paths are measured in the CPU run")
+    script = CAPABILITY_SCRIPT.format(bench_dir=harness.BENCH_DIR, threads=settings.threads, shape=SHAPES[0],
+                                      calls=CAPABILITY_CALLS)
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability.lower())
+    harness.record_once(benchmark, lambda: harness.run_child(["-c", script], env=env), section="capability",
+                        capability=capability)
+
+
+def report(res: harness.Results) -> tuple[str, list[str]]:
+    """The coupling part of the report and its goal verdicts."""
+    rows, verdicts = harness.op_rows(res, res.all("coupling"), "affine_coupling",
+                                     lambda e: {"eager": GOAL_VS_EAGER, "compile": GOAL_VS_COMPILE[e["mode"]]})
+    invk = ", ".join(f"`{res.label(b)}` is the fused op (`backend=\"{b}\"`)" for b in res.backends)
+    text = f"""## Affine coupling ({res.device.upper()}, float32, scale="exp")
 
 `eager` is `invkernels.reference.affine_coupling_fwd` (chunk, tanh, exp, cat, sum), `compile` is
-`torch.compile` of it, `invkernels` the fused C++ op (`backend="cpp"`). Forward+backward is one
-forward and `torch.autograd.grad` for x and h. GB/s counts the minimal traffic (forward: read x and
-h, write y; backward: read grad_y, x2 and h, write grad_x and grad_h) over the median time.
+`torch.compile` of it;
+{invk}.
+Forward+backward is one forward and `torch.autograd.grad` for x and h. GB/s counts the minimal
+traffic (forward: read x and h, write y; backward: read grad_y, x2 and h, write grad_x and grad_h)
+over the median time.
 
-{harness.markdown_table(harness.HEADER, rows)}
-
+{harness.markdown_table(harness.op_header(res), rows)}
+"""
+    caps = res.all("capability")
+    if caps:
+        cap_rows = [[e["capability"], e["library"], f"{e['median_ms']:.3f}"] for e in caps]
+        text += f"""
 ### Which CPU vector path runs
 
 The CPU kernels are built once per capability; each row runs in its own process with
-`ATEN_CPU_CAPABILITY` set, so it loads that build (median of 60 forward calls, [16, 32, 32, 32]).
+`ATEN_CPU_CAPABILITY` set, so it loads that build (median of {CAPABILITY_CALLS} forward calls, {list(SHAPES[0])}).
 
-{harness.markdown_table(["capability", "library loaded", "fused fwd ms [16,32,32,32]"], caps)}
+{harness.markdown_table(["capability", "library loaded", f"fused fwd ms {list(SHAPES[0])}"], cap_rows)}
 """
-    return text, csv_rows, verdicts
+    return text, verdicts

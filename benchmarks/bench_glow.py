@@ -1,26 +1,29 @@
-"""Glow layers benchmark (CPU, float32): InvConv1x1 inverse (float64-built and cached vs the eager
+"""Glow layers benchmark (float32): InvConv1x1 inverse (float64-built and cached vs the eager
 torch.inverse route), ActNorm + InvConv1x1 folded into one GEMM vs the two eager layers, and a
 whole Glow step against the eager reference step, with the time outside the subnet convolutions.
 
-Part of ``make bench`` (``benchmarks/run.py``).
+A pytest-benchmark suite (``pytest benchmarks/``); :func:`report` is its part of the report
+written by ``benchmarks/run.py``.
 """
 
 from __future__ import annotations
 
-import os
-import sys
-
+import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness
 
-import harness  # noqa: E402
+# The extra_info sections these benchmarks write (report() renders them).
+RESULT_SECTIONS = {"invconv_inverse", "glow_front", "glow_step", "glow_step_outside"}
 
 STEP_SHAPE = (16, 64, 32, 32)
 HIDDEN = 128
+INVERSE_CHANNELS = (64, 256, 512)
+GOAL_OUTSIDE_VS_EAGER = 3.0
 
 
-def _randomized_step(channels: int, hidden: int):
+def _randomized_step(channels: int, hidden: int, device: str = "cpu"):
+    """A GlowStep with random (not identity) ActNorm and last subnet layer, marked initialized."""
     from invkernels.nn import GlowStep  # noqa: PLC0415
 
     step = GlowStep(channels, hidden=hidden)
@@ -30,7 +33,7 @@ def _randomized_step(channels: int, hidden: int):
         step.actnorm.bias.copy_(0.1 * torch.randn(channels))
         step.actnorm.log_scale.copy_(0.1 * torch.randn(channels))
     step.actnorm.mark_initialized()
-    return step
+    return step.to(device)
 
 
 def eager_step(step, x):
@@ -51,48 +54,62 @@ def eager_step(step, x):
     return y, ld1 + ld2 + ld3
 
 
-def inverse_rows(rounds: int) -> list[list[str]]:
+
+
+def _with_backend(backend: str, fn):
+    """``fn`` run with ``backend`` as invkernels' default (for the modules' providers)."""
+    import invkernels  # noqa: PLC0415
+
+    def run(*args):
+        with invkernels.use_backend(backend):
+            return fn(*args)
+
+    return run
+
+
+@pytest.mark.benchmark(group="glow")
+@pytest.mark.parametrize("channels", INVERSE_CHANNELS)
+def test_invconv_inverse(benchmark, settings, channels):
     from invkernels.nn import InvConv1x1  # noqa: PLC0415
     from invkernels.reference import invconv as RI  # noqa: PLC0415
 
-    rows = []
-    for c in (64, 256, 512):
-        conv = InvConv1x1(c)
+    conv = InvConv1x1(channels).to(settings.device)
+    with torch.no_grad():
+        conv.log_s.add_(torch.empty(channels, device=settings.device).uniform_(-0.5, 0.5))
+    y = torch.randn(16, channels, 16, 16, device=settings.device)
+
+    def eager():
         with torch.no_grad():
-            conv.log_s.add_(torch.empty(c).uniform_(-0.5, 0.5))
-        y = torch.randn(16, c, 16, 16)
+            return RI.conv1x1(y, RI.eager_inverse_weight(conv.weight()))
 
-        def eager():
-            with torch.no_grad():
-                return RI.conv1x1(y, RI.eager_inverse_weight(conv.weight()))
+    def uncached():
+        conv.clear_inverse_cache()
+        with torch.no_grad():
+            return conv.inverse(y)
 
-        def uncached():
-            conv.clear_inverse_cache()
-            with torch.no_grad():
-                return conv.inverse(y)
+    def cached():
+        with torch.no_grad():
+            return conv.inverse(y)
 
-        def cached():
-            with torch.no_grad():
-                return conv.inverse(y)
+    def gemm():
+        with torch.no_grad():
+            return torch.matmul(conv.weight(), y.reshape(16, channels, -1))
 
-        def gemm_only():
-            with torch.no_grad():
-                return torch.matmul(conv.weight(), y.reshape(16, c, -1))
-
-        t = harness.measure({"eager": eager, "uncached": uncached, "cached": cached, "gemm": gemm_only},
-                            rounds=rounds, reps=5)
-        rows.append([str(c), str(list(y.shape))] + [harness.fmt_ms(t[k]) for k in ("eager", "uncached", "cached",
-                                                                                     "gemm")]
-                    + [f"{t['eager'].median / t['cached'].median:.2f}x"])
-    return rows
+    harness.interleaved(benchmark, {"eager": eager, "uncached": uncached, "cached": cached, "gemm": gemm},
+                        settings.rounds, 5, settings.device, section="invconv_inverse", channels=channels,
+                        label=str(list(y.shape)))
 
 
-def front_cases():
+@pytest.mark.benchmark(group="glow")
+@pytest.mark.parametrize("mode", ("fwd", "fwd+bwd"))
+def test_glow_front(benchmark, settings, mode):
+    """ActNorm + InvConv1x1: the two eager layers (and torch.compile of them) against GlowStep's
+    front, one GEMM with the ActNorm folded in."""
     from invkernels.reference import actnorm as RA  # noqa: PLC0415
     from invkernels.reference import invconv as RI  # noqa: PLC0415
 
-    step = _randomized_step(STEP_SHAPE[1], 8)
-    x = torch.randn(STEP_SHAPE)
+    step = _randomized_step(STEP_SHAPE[1], 8, settings.device)
+    x = torch.randn(STEP_SHAPE, device=settings.device)
 
     def eager_front(inp):
         y, ld1 = RA.actnorm_fwd(inp, step.actnorm.bias, step.actnorm.log_scale)
@@ -100,22 +117,25 @@ def front_cases():
         w = RI.invconv_weight(conv.perm, conv.lower, conv.upper, conv.sign, conv.log_s)
         return torch.nn.functional.conv2d(y, w[:, :, None, None]), ld1 + y[0, 0].numel() * conv.log_s.sum()
 
-    fns = {"eager": eager_front, "compile": torch.compile(eager_front), "invkernels": step._front}
+    fns = {"eager": eager_front, "compile": torch.compile(eager_front)}
+    fns.update({b: _with_backend(b, step._front) for b in settings.backends})
     n = x.numel()
-    cases = [harness.Case(str(list(STEP_SHAPE)), "fwd", {k: (lambda f=f: f(x)) for k, f in fns.items()}, 4 * 2 * n,
-                          goal_vs_eager=None)]
-    xr = x.clone().requires_grad_()
-    params = [xr, step.actnorm.bias, step.actnorm.log_scale, step.invconv.lower, step.invconv.upper,
-              step.invconv.log_s]
-    g = torch.randn_like(x)
+    if mode == "fwd":
+        providers, moved = {k: (lambda f=f: f(x)) for k, f in fns.items()}, 4 * 2 * n
+    else:
+        xr = x.clone().requires_grad_()
+        params = [xr, step.actnorm.bias, step.actnorm.log_scale, step.invconv.lower, step.invconv.upper,
+                  step.invconv.log_s]
+        g, ones = torch.randn_like(x), torch.ones(x.shape[0], device=settings.device)
 
-    def fwd_bwd(f):
-        y, logdet = f(xr)
-        return torch.autograd.grad((y, logdet), params, (g, torch.ones(x.shape[0])))
+        def fwd_bwd(f):
+            y, logdet = f(xr)
+            return torch.autograd.grad((y, logdet), params, (g, ones))
 
-    cases.append(harness.Case(str(list(STEP_SHAPE)), "fwd+bwd", {k: (lambda f=f: fwd_bwd(f)) for k, f in fns.items()},
-                              4 * 5 * n))
-    return cases
+        providers, moved = {k: (lambda f=f: fwd_bwd(f)) for k, f in fns.items()}, 4 * 5 * n
+    harness.interleaved(benchmark, providers, settings.rounds, harness.reps_for(moved), settings.device,
+                        section="glow_front", kind="op", op="actnorm+invconv", label=str(list(STEP_SHAPE)), mode=mode,
+                        bytes=moved)
 
 
 class _Replay(torch.autograd.Function):
@@ -143,97 +163,146 @@ class ReplayedSubnet(torch.nn.Module):
         return _Replay.apply(x1, self.h, self.grad_x1)
 
 
-def step_rows(rounds: int) -> tuple[list[list[str]], list[list[str]], str]:
-    step = _randomized_step(STEP_SHAPE[1], HIDDEN)
-    x = torch.randn(STEP_SHAPE, requires_grad=True)
-    g = torch.randn(STEP_SHAPE)
-    ones = torch.ones(STEP_SHAPE[0])
 
-    def run(f, params):
+def _step_inputs(device: str):
+    x = torch.randn(STEP_SHAPE, device=device, requires_grad=True)
+    return x, torch.randn(STEP_SHAPE, device=device), torch.ones(STEP_SHAPE[0], device=device)
+
+
+@pytest.mark.benchmark(group="glow")
+def test_glow_step(benchmark, settings):
+    """A whole Glow step, forward+backward: the eager step against GlowStep."""
+    step = _randomized_step(STEP_SHAPE[1], HIDDEN, settings.device)
+    x, g, ones = _step_inputs(settings.device)
+    params = [x, *step.parameters()]
+
+    def run(f):
         y, logdet = f(x)
         return torch.autograd.grad((y, logdet), params, (g, ones))
 
-    real = [x, *step.parameters()]
-    totals = harness.measure({"eager": lambda: run(lambda v: eager_step(step, v), real),
-                              "invkernels": lambda: run(step, real)}, rounds=rounds, reps=2)
+    providers = {"eager": lambda: run(lambda v: eager_step(step, v))}
+    providers.update({b: (lambda f=_with_backend(b, step): run(f)) for b in settings.backends})
+    harness.interleaved(benchmark, providers, settings.rounds, 2, settings.device, section="glow_step",
+                        label=str(list(STEP_SHAPE)))
 
-    subnet = step.coupling.subnet
-    with torch.no_grad():
-        h = subnet(torch.randn(STEP_SHAPE[0], step.coupling.c1, *STEP_SHAPE[2:]))
-    step.coupling.subnet = ReplayedSubnet(h, torch.randn(STEP_SHAPE[0], step.coupling.c1, *STEP_SHAPE[2:]))
+
+@pytest.mark.benchmark(group="glow")
+def test_glow_step_outside(benchmark, settings):
+    """The same steps with the subnet replaced by :class:`ReplayedSubnet` (the time outside the
+    subnet convolutions), and the 1x1 GEMMs alone."""
     from invkernels.ops import invconv as invconv_ops  # noqa: PLC0415
 
-    outside_params = [x, *step.actnorm.parameters(), *step.invconv.parameters()]
-    w_leaf = step.invconv.weight().detach().requires_grad_()
+    step = _randomized_step(STEP_SHAPE[1], HIDDEN, settings.device)
+    x, g, ones = _step_inputs(settings.device)
+    half = (STEP_SHAPE[0], step.coupling.c1, *STEP_SHAPE[2:])
+    with torch.no_grad():
+        h = step.coupling.subnet(torch.randn(half, device=settings.device))
+    step.coupling.subnet = ReplayedSubnet(h, torch.randn(half, device=settings.device))
+    params = [x, *step.actnorm.parameters(), *step.invconv.parameters()]
     an = step.actnorm
-    gemm_params = [x, w_leaf, an.bias, an.log_scale]
+    w_leaf = step.invconv.weight().detach().requires_grad_()
+
+    def run(f):
+        y, logdet = f(x)
+        return torch.autograd.grad((y, logdet), params, (g, ones))
 
     def eager_gemm():
         y = torch.nn.functional.conv2d(x, w_leaf[:, :, None, None])
         return torch.autograd.grad(y, [x, w_leaf], g)
 
-    def invkernels_gemm():
-        return torch.autograd.grad(invconv_ops.conv1x1(x, w_leaf, an.bias, an.log_scale), gemm_params, g)
+    def gemm(backend):
+        y = invconv_ops.conv1x1(x, w_leaf, an.bias, an.log_scale, backend=backend)
+        return torch.autograd.grad(y, [x, w_leaf, an.bias, an.log_scale], g)
 
-    t = harness.measure({"eager": lambda: run(lambda v: eager_step(step, v), outside_params),
-                         "invkernels": lambda: run(step, outside_params),
-                         "eager_gemm": eager_gemm, "invkernels_gemm": invkernels_gemm}, rounds=rounds, reps=3)
-    step.coupling.subnet = subnet
-    e, k = t["eager"].median, t["invkernels"].median
-    ge, gk = t["eager_gemm"].median, t["invkernels_gemm"].median
-    total_rows = [[str(list(STEP_SHAPE)), str(HIDDEN), harness.fmt_ms(totals["eager"]),
-                   harness.fmt_ms(totals["invkernels"]),
-                   f"{totals['eager'].median / totals['invkernels'].median:.2f}x"]]
-    outside_rows = [[str(list(STEP_SHAPE)), harness.fmt_ms(t["eager"]), harness.fmt_ms(t["invkernels"]), f"{e / k:.2f}x",
-                     harness.fmt_ms(t["eager_gemm"]), harness.fmt_ms(t["invkernels_gemm"]), f"{e - ge:.2f}",
-                     f"{k - gk:.2f}", f"{(e - ge) / (k - gk):.2f}x"]]
-    verdict = (f"- glow_step {list(STEP_SHAPE)} fwd+bwd outside the subnet: {e / k:.2f}x eager "
-               f"(goal ≥ 3.0x): {'met' if e / k >= 3.0 else 'NOT met'}")
-    return total_rows, outside_rows, verdict
+    providers = {"eager": lambda: run(lambda v: eager_step(step, v))}
+    providers.update({b: (lambda f=_with_backend(b, step): run(f)) for b in settings.backends})
+    providers["eager_gemm"] = eager_gemm
+    providers.update({f"{b}_gemm": (lambda b=b: gemm(b)) for b in settings.backends})
+    harness.interleaved(benchmark, providers, settings.rounds, 3, settings.device, section="glow_step_outside",
+                        label=str(list(STEP_SHAPE)))
 
 
-def section(rounds: int, threads: int, meta: dict[str, str]) -> tuple[str, list[list[str]], list[str]]:
-    """The Glow-layers part of docs/performance.md, its CSV rows and goal verdicts."""
-    inv = inverse_rows(rounds)
-    front, csv_rows, verdicts = harness.run_cases(front_cases(), rounds, meta, "actnorm+invconv")
-    totals, outside, verdict = step_rows(rounds)
-    verdicts.append(verdict)
-    text = f"""## InvConv1x1 inverse (CPU, float32, no grad)
+def report(res: harness.Results) -> tuple[str, list[str]]:
+    """The Glow-layers part of the report and its goal verdicts."""
+    parts, verdicts = [], []
+    dev = res.device.upper()
+    inverse = res.all("invconv_inverse")
+    if inverse:
+        rows = []
+        for e in inverse:
+            t = res.timings(e)
+            rows.append([str(e["channels"]), e["label"]]
+                        + [harness.fmt_ms(t.get(k)) for k in ("eager", "uncached", "cached", "gemm")]
+                        + [harness.fmt_ratio(harness.ratio(t, "eager", "cached"))])
+        parts.append(f"""## InvConv1x1 inverse ({dev}, float32, no grad)
 
 `eager`: `torch.inverse` of the float32 weight, then the product (what Glow ports do on every
 inverse); `uncached`: the module's inverse with its cache cleared (W⁻¹ from the LU factors by
 float64 triangular solves, cast once, then the product); `cached`: the module's inverse with W⁻¹
 cached (the parameters did not change); `gemm`: the forward direction for comparison (W assembled
-by the `invconv_weight` op, then one `matmul`).
+by the `invconv_weight` op, then one `matmul`). The module runs invkernels' default backend.
 
-{harness.markdown_table(["C", "input", "eager ms", "uncached ms", "cached ms", "gemm ms", "eager / cached"], inv)}
-
-## ActNorm + InvConv1x1 folded into one GEMM (CPU, float32)
+{harness.markdown_table(["C", "input", "eager ms", "uncached ms", "cached ms", "gemm ms", "eager / cached"], rows)}
+""")
+    front = res.all("glow_front")
+    if front:
+        rows, _ = harness.op_rows(res, front, "actnorm+invconv", lambda e: {})
+        parts.append(f"""## ActNorm + InvConv1x1 folded into one GEMM ({dev}, float32)
 
 `eager`: the two reference layers in turn (ActNorm, weight from the LU factors, 1x1 product);
-`compile`: torch.compile of that; `invkernels`: `GlowStep`'s front, one GEMM with
+`compile`: torch.compile of that; invkernels: `GlowStep`'s front, one GEMM with
 `W · diag(exp(log_scale))` and bias `W · (exp(log_scale) ⊙ bias)`. Forward+backward computes the
 gradients of x and of all five parameters.
 
-{harness.markdown_table(harness.HEADER, front)}
-
-## Glow step (CPU, float32, forward+backward)
+{harness.markdown_table(harness.op_header(res), rows)}
+""")
+    steps = res.all("glow_step")
+    outside = res.all("glow_step_outside")
+    if steps or outside:
+        text = f"""## Glow step ({dev}, float32, forward+backward)
 
 ActNorm → InvConv1x1 (LU) → affine coupling (sigmoid scale) with Glow's 3-conv subnet of width
 {HIDDEN}; gradients of x and of every parameter. `eager` is the same step as Glow ports write it
 (`benchmarks/bench_glow.py:eager_step`: reference ActNorm, weight from the LU factors, `F.conv2d`,
-log-det `S·Σ log_s`, reference coupling), `invkernels` is `invkernels.nn.GlowStep`.
-
-{harness.markdown_table(["shape", "hidden", "eager ms", "invkernels ms", "eager / invkernels"], totals)}
-
+log-det `S·Σ log_s`, reference coupling), invkernels is `invkernels.nn.GlowStep`.
+"""
+        labels = [res.label(b) for b in res.backends]
+        for e in steps:
+            t = res.timings(e)
+            rows = [[e["label"], str(HIDDEN), harness.fmt_ms(t.get("eager"))]
+                    + [harness.fmt_ms(t.get(b)) for b in res.backends]
+                    + [harness.fmt_ratio(harness.ratio(t, "eager", b)) for b in res.backends]]
+            text += "\n" + harness.markdown_table(["shape", "hidden", "eager ms"] + [f"{x} ms" for x in labels]
+                                                   + [f"eager / {x}" for x in labels], rows) + "\n"
+        for e in outside:
+            t = res.timings(e)
+            rows = []
+            for b, name in zip(res.backends, labels):
+                outside_ratio = harness.ratio(t, "eager", b)
+                rest = ["–", "–", "–"]
+                if all(k in t for k in ("eager", b, "eager_gemm", f"{b}_gemm")):
+                    eager_rest = t["eager"].median - t["eager_gemm"].median
+                    kernel_rest = t[b].median - t[f"{b}_gemm"].median
+                    rest = [f"{eager_rest:.2f}", f"{kernel_rest:.2f}", f"{eager_rest / kernel_rest:.2f}x"]
+                rows.append([e["label"], name, harness.fmt_ms(t.get("eager")), harness.fmt_ms(t.get(b)),
+                             harness.fmt_ratio(outside_ratio), harness.fmt_ms(t.get("eager_gemm")),
+                             harness.fmt_ms(t.get(f"{b}_gemm")), *rest])
+                who = f", {name}" if len(res.backends) > 1 else ""
+                verdict = ("failed" if outside_ratio is None else
+                           f"{outside_ratio:.2f}x eager (goal ≥ {GOAL_OUTSIDE_VS_EAGER}x)")
+                ok = outside_ratio is not None and outside_ratio >= GOAL_OUTSIDE_VS_EAGER
+                verdicts.append(f"- glow_step {e['label']} fwd+bwd outside the subnet{who}: {verdict}: "
+                                f"{'met' if ok else 'NOT met'}")
+            text += f"""
 Outside the subnet: the same two steps with the subnet replaced by `ReplayedSubnet`, which returns
 a stored output and input gradient and does no work, so the whole time is spent outside the
 subnet convolutions (gradients of x, ActNorm and InvConv1x1). `1x1 GEMMs` is the per-position
 product alone, forward+backward with the gradients of x and the weight: `F.conv2d` for eager, the
 `conv1x1` op with the ActNorm folded in for invkernels; the last three columns subtract it.
 
-{harness.markdown_table(["shape", "eager outside ms", "invkernels outside ms", "eager / invkernels",
+{harness.markdown_table(["shape", "invkernels", "eager outside ms", "invkernels outside ms", "eager / invkernels",
                          "eager 1x1 GEMMs ms", "invkernels 1x1 GEMMs ms", "eager rest ms", "invkernels rest ms",
-                         "rest: eager / invkernels"], outside)}
+                         "rest: eager / invkernels"], rows)}
 """
-    return text, csv_rows, verdicts
+        parts.append(text)
+    return "\n".join(parts), verdicts
