@@ -547,6 +547,16 @@ def _chunks(position_tiles: int, channel_tiles: int) -> tuple[int, int]:
     return triton.cdiv(position_tiles, chunk), chunk
 
 
+def _factor_args(perm: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, sign: torch.Tensor,
+                 log_s: torch.Tensor, cfg: GemmConfig) -> dict:
+    """The launch arguments the two weight kernels share: the factors, their strides, the compute
+    dtype and the tiles."""
+    return dict(perm_ptr=perm, lower_ptr=lower, upper_ptr=upper, sign_ptr=sign, log_s_ptr=log_s, s_perm=perm.stride(0),
+                s_lo0=lower.stride(0), s_lo1=lower.stride(1), s_up0=upper.stride(0), s_up1=upper.stride(1),
+                s_sign=sign.stride(0), s_log_s=log_s.stride(0), ACC=compute_dtype(lower.dtype)[1],
+                BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps)
+
+
 def invconv_weight(perm: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, sign: torch.Tensor,
                    log_s: torch.Tensor) -> torch.Tensor:
     """``W = P L U'`` (contiguous, ``lower``'s dtype) from the LU factors, as ``invkernels::invconv_weight``."""
@@ -556,28 +566,12 @@ def invconv_weight(perm: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor,
     if c == 0:
         return w
     cfg = invconv_weight_config(c)
-    _, acc = compute_dtype(lower.dtype)
     tiles = triton.cdiv(c, cfg.block_m) ** 2
     with device_guard(lower):
         _invconv_weight_kernel[(tiles,)](
-            perm_ptr=perm,
-            lower_ptr=lower,
-            upper_ptr=upper,
-            sign_ptr=sign,
-            log_s_ptr=log_s,
             w_ptr=w,
             C=c,
-            s_perm=perm.stride(0),
-            s_lo0=lower.stride(0),
-            s_lo1=lower.stride(1),
-            s_up0=upper.stride(0),
-            s_up1=upper.stride(1),
-            s_sign=sign.stride(0),
-            s_log_s=log_s.stride(0),
-            ACC=acc,
-            BLOCK_M=cfg.block_m,
-            BLOCK_K=cfg.block_k,
-            num_warps=cfg.num_warps,
+            **_factor_args(perm, lower, upper, sign, log_s, cfg),
         )
     return w
 
@@ -594,33 +588,17 @@ def invconv_weight_bwd(grad_w: torch.Tensor, perm: torch.Tensor, lower: torch.Te
     if c == 0:
         return grad_lower, grad_upper, grad_log_s
     cfg = invconv_weight_bwd_config(c)
-    _, acc = compute_dtype(lower.dtype)
     tiles = triton.cdiv(c, cfg.block_m) ** 2
     with device_guard(lower):
         _invconv_weight_bwd_kernel[(2 * tiles,)](
             grad_w_ptr=grad_w,
-            perm_ptr=perm,
-            lower_ptr=lower,
-            upper_ptr=upper,
-            sign_ptr=sign,
-            log_s_ptr=log_s,
             grad_lower_ptr=grad_lower,
             grad_upper_ptr=grad_upper,
             grad_log_s_ptr=grad_log_s,
             C=c,
             s_g0=grad_w.stride(0),
             s_g1=grad_w.stride(1),
-            s_perm=perm.stride(0),
-            s_lo0=lower.stride(0),
-            s_lo1=lower.stride(1),
-            s_up0=upper.stride(0),
-            s_up1=upper.stride(1),
-            s_sign=sign.stride(0),
-            s_log_s=log_s.stride(0),
-            ACC=acc,
-            BLOCK_M=cfg.block_m,
-            BLOCK_K=cfg.block_k,
-            num_warps=cfg.num_warps,
+            **_factor_args(perm, lower, upper, sign, log_s, cfg),
         )
     return grad_lower, grad_upper, grad_log_s
 
