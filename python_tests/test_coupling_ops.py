@@ -136,13 +136,6 @@ def test_additive_gradcheck(backend, direction):
     assert torch.autograd.gradcheck(op, (x.requires_grad_(), h.requires_grad_()))
 
 
-def test_reference_gradcheck():
-    x, h = make((2, 3, 2, 1))
-    for scale in SCALES:
-        assert torch.autograd.gradcheck(lambda a, b: R.affine_coupling_fwd(a, b, scale, 1.3),
-                                        (x.clone().requires_grad_(), h.clone().requires_grad_()))
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("requires_grad", [False, True])
