@@ -1,7 +1,8 @@
-"""Argument checks shared by the Python backends (Triton, reference) and the modules.
+"""Argument checks of every op wrapper (the one fake implementation per op, the Triton twins, the
+reference path) and the modules.
 
-The C++ backend performs the op checks in csrc/checks.h with the same wording, so a user sees
-one message for one mistake whichever backend runs. The log-det dtype rule (``logdet_dtype``)
+The C++ backend performs the op checks in csrc/checks.h and csrc/ops/*.h with the same wording, so
+a user sees one message for one mistake whichever backend runs. The log-det dtype rule (``logdet_dtype``)
 and the integer, permutation and value descriptions used in error messages live here too.
 """
 
@@ -66,12 +67,17 @@ def split_channels(channels: int) -> tuple[int, int]:
     return c1, channels - c1
 
 
-def check_coupling_input(op: str, x: torch.Tensor, x_name: str = "x") -> None:
-    """Validate a coupling input ``x``: floating point, ``[B, C, *spatial]`` with ``C >= 2``."""
+def check_input(op: str, x: torch.Tensor, x_name: str = "x") -> None:
+    """Validate an op's data input ``x``: floating point, ``[B, C, *spatial]``."""
     if not x.is_floating_point():
         _fail(op, f"{x_name} should be a floating-point tensor, got {x.dtype}")
     if x.dim() < 2:
         _fail(op, f"{x_name} should be at least 2-D (B, C, ...), got {x.dim()}-D")
+
+
+def check_coupling_input(op: str, x: torch.Tensor, x_name: str = "x") -> None:
+    """Validate a coupling input ``x``: floating point, ``[B, C, *spatial]`` with ``C >= 2``."""
+    check_input(op, x, x_name)
     if x.shape[1] < 2:
         _fail(op, f"{x_name} should have at least 2 channels to split, got C={x.shape[1]}")
 
@@ -120,10 +126,7 @@ def check_grad_logdet(op: str, grad_logdet: torch.Tensor, x: torch.Tensor) -> No
 
 def check_actnorm(op: str, x: torch.Tensor, bias: torch.Tensor, log_scale: torch.Tensor, x_name: str = "x") -> None:
     """Validate an ActNorm input ``x`` ([B, C, *spatial]) and its parameters ``bias``, ``log_scale`` ([C])."""
-    if not x.is_floating_point():
-        _fail(op, f"{x_name} should be a floating-point tensor, got {x.dtype}")
-    if x.dim() < 2:
-        _fail(op, f"{x_name} should be at least 2-D (B, C, ...), got {x.dim()}-D")
+    check_input(op, x, x_name)
     channels = x.shape[1]
     for p, name in ((bias, "bias"), (log_scale, "log_scale")):
         if p.dim() != 1 or p.shape[0] != channels:
@@ -134,3 +137,46 @@ def check_actnorm(op: str, x: torch.Tensor, bias: torch.Tensor, log_scale: torch
         if p.device != x.device:
             _fail(op, f"{x_name} and {name} should be on the same device, got {x_name} on {x.device} and {name} "
                       f"on {p.device}")
+
+
+def check_factors(op: str, perm: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, sign: torch.Tensor,
+                  log_s: torch.Tensor) -> None:
+    """Validate the LU factors of an invertible 1x1 convolution (csrc/ops/invconv_weight.h)."""
+    if lower.dim() != 2 or lower.shape[0] != lower.shape[1]:
+        _fail(op, f"lower should be a square matrix, got shape {list(lower.shape)}")
+    c = lower.shape[0]
+    if not lower.is_floating_point():
+        _fail(op, f"lower should be a floating-point tensor, got {lower.dtype}")
+    if upper.shape != lower.shape:
+        _fail(op, f"upper should have the shape of lower {list(lower.shape)}, got {list(upper.shape)}")
+    if perm.dim() != 1 or perm.shape[0] != c or perm.dtype != torch.int64:
+        _fail(op, f"perm should be an int64 vector of length {c}, got {perm.dtype} of shape {list(perm.shape)}")
+    for t, name in ((sign, "sign"), (log_s, "log_s")):
+        if t.dim() != 1 or t.shape[0] != c:
+            _fail(op, f"{name} should have shape [{c}], got {list(t.shape)}")
+    for t, name in ((upper, "upper"), (sign, "sign"), (log_s, "log_s")):
+        if t.dtype != lower.dtype:
+            _fail(op, f"{name} should have the dtype of lower ({lower.dtype}), got {t.dtype}")
+    for t, name in ((perm, "perm"), (upper, "upper"), (sign, "sign"), (log_s, "log_s")):
+        if t.device != lower.device:
+            _fail(op, f"{name} should be on the device of lower ({lower.device}), got {t.device}")
+
+
+def check_product(op: str, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
+                  log_scale: torch.Tensor | None, x_name: str = "x") -> None:
+    """Validate the per-position product's input ``x``, weight ``w`` ([C, C]) and the optional folded
+    ActNorm ``bias``, ``log_scale`` (csrc/ops/conv1x1.h)."""
+    check_input(op, x, x_name)
+    c = x.shape[1]
+    if w.dim() != 2 or w.shape[0] != c or w.shape[1] != c:
+        _fail(op, f"weight should have shape [C, C] = [{c}, {c}] for {x_name} with C={c}, got {list(w.shape)}")
+    if w.dtype != x.dtype:
+        _fail(op, f"{x_name} and weight should have the same dtype, got {x_name} {x.dtype} and weight {w.dtype}")
+    if w.device != x.device:
+        _fail(op, f"{x_name} and weight should be on the same device, got {x_name} on {x.device} and weight on "
+                  f"{w.device}")
+    if (bias is None) != (log_scale is None):
+        _fail(op, "bias and log_scale (the folded ActNorm) should be given together or both be None, got "
+                  f"{'bias' if bias is not None else 'log_scale'} alone")
+    if bias is not None:
+        check_actnorm(op, x, bias, log_scale, x_name)

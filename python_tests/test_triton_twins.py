@@ -11,6 +11,7 @@ from invkernels.ops import _registry
 from invkernels.ops import actnorm as A
 from invkernels.ops import coupling as C
 from invkernels.ops import invconv as I
+from optest import as_tuple, coupling_case, valid_args
 from tolerances import assert_close
 
 pytestmark = pytest.mark.triton
@@ -55,40 +56,6 @@ def test_a_family_without_a_launcher_for_an_op_is_refused():
     defs = {"actnorm_fwd": A._FAMILY.defs["actnorm_fwd"]}
     with pytest.raises(ValueError, match=r"no Triton launcher for the ops \['actnorm_fwd'\]"):
         _registry.register_triton_twins(defs, {"actnorm_fwd": A._FAMILY.fakes["actnorm_fwd"]}, {})
-
-
-def coupling_case(c=5, spatial=(3,)):
-    c2 = c - c // 2
-    x = torch.randn(2, c, *spatial)
-    return x, torch.randn(2, 2 * c2, *spatial), torch.randn(2, c2, *spatial), torch.randn(2)
-
-
-def valid_args(name, spatial=(3,)):
-    """Valid float32 CPU arguments of op ``name`` (5 channels, 2 samples)."""
-    x, h, ha, gl = coupling_case(spatial=spatial)
-    g = torch.randn_like(x)
-    b, ls = torch.randn(5), 0.3 * torch.randn(5)
-    return {
-        "affine_coupling_fwd": (x, h, "exp", 2.0),
-        "affine_coupling_inv": (x, h, "exp", 2.0),
-        "affine_coupling_bwd": (g, gl, x, h, "sigmoid", 2.0, True),
-        "affine_coupling_inv_bwd": (x, h, g, gl, "exp", 2.0),
-        "additive_coupling_fwd": (x, ha),
-        "additive_coupling_inv": (x, ha),
-        "additive_coupling_bwd": (g, True),
-        "additive_coupling_inv_bwd": (x, ha, g),
-        "actnorm_fwd": (x, b, ls),
-        "actnorm_inv": (x, b, ls),
-        "actnorm_bwd": (g, gl, x, b, ls, False),
-        "invconv_weight": weight_factors(),
-        "invconv_weight_bwd": (torch.randn(5, 5), *weight_factors()),
-        "conv1x1": (x, torch.randn(5, 5), b, ls),
-        "conv1x1_bwd": (g, x, torch.randn(5, 5), b, ls, [True, True, True]),
-    }[name]
-
-
-def weight_factors(c=5):
-    return torch.randperm(c), torch.randn(c, c), torch.randn(c, c), torch.ones(c), 0.3 * torch.randn(c)
 
 
 def replaced(args, index, value):
@@ -196,10 +163,6 @@ def test_both_backends_and_both_fakes_refuse_bad_arguments_with_one_message(name
     assert message(lambda: twin(*args)) == expected
     assert message(lambda: cpp(*on_meta(args))) == expected
     assert message(lambda: twin(*on_meta(args))) == expected
-
-
-def as_tuple(out):
-    return out if isinstance(out, tuple) else (out,)
 
 
 @pytest.mark.parametrize("name", family_op_names())

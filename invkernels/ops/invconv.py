@@ -14,6 +14,7 @@ the reference). ``W⁻¹ = U'⁻¹ L⁻¹ Pᵀ`` is built from the factors by tw
 
 from __future__ import annotations
 
+import math
 from typing import Callable, NamedTuple
 
 import torch
@@ -32,49 +33,17 @@ class InvConvOps(NamedTuple):
     conv1x1_bwd: Callable
 
 
-def _fail(op: str, message: str) -> None:
-    raise ValueError(f"{op}: {message}")
-
-
-def check_factors(op: str, perm: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, sign: torch.Tensor,
-                  log_s: torch.Tensor) -> None:
-    """The checks of the C++ op (csrc/ops/invconv_weight.h), with the same wording."""
-    if lower.dim() != 2 or lower.shape[0] != lower.shape[1]:
-        _fail(op, f"lower should be a square matrix, got shape {list(lower.shape)}")
-    c = lower.shape[0]
-    if not lower.is_floating_point():
-        _fail(op, f"lower should be a floating-point tensor, got {lower.dtype}")
-    if upper.shape != lower.shape:
-        _fail(op, f"upper should have the shape of lower {list(lower.shape)}, got {list(upper.shape)}")
-    if perm.dim() != 1 or perm.shape[0] != c or perm.dtype != torch.int64:
-        _fail(op, f"perm should be an int64 vector of length {c}, got {perm.dtype} of shape {list(perm.shape)}")
-    for t, name in ((sign, "sign"), (log_s, "log_s")):
-        if t.dim() != 1 or t.shape[0] != c:
-            _fail(op, f"{name} should have shape [{c}], got {list(t.shape)}")
-    for t, name in ((upper, "upper"), (sign, "sign"), (log_s, "log_s")):
-        if t.dtype != lower.dtype:
-            _fail(op, f"{name} should have the dtype of lower ({lower.dtype}), got {t.dtype}")
-    for t, name in ((perm, "perm"), (upper, "upper"), (sign, "sign"), (log_s, "log_s")):
-        if t.device != lower.device:
-            _fail(op, f"{name} should be on the device of lower ({lower.device}), got {t.device}")
-
-
 def _check_weight_bwd(op, grad_w, perm, lower, upper, sign, log_s):
-    check_factors(op, perm, lower, upper, sign, log_s)
-    if grad_w.shape != lower.shape:
-        _fail(op, f"grad_w should have the shape of lower {list(lower.shape)}, got {list(grad_w.shape)}")
-    if grad_w.dtype != lower.dtype:
-        _fail(op, f"grad_w should have the dtype of lower ({lower.dtype}), got {grad_w.dtype}")
-    if grad_w.device != lower.device:
-        _fail(op, f"grad_w should be on the device of lower ({lower.device}), got {grad_w.device}")
+    _validation.check_factors(op, perm, lower, upper, sign, log_s)
+    _validation.check_grad(op, grad_w, lower, "grad_w", "lower")
 
 
 def _check_conv1x1(op, x, weight, bias=None, log_scale=None):
-    check_product(op, x, weight, bias, log_scale)
+    _validation.check_product(op, x, weight, bias, log_scale)
 
 
 def _check_conv1x1_bwd(op, grad_y, x, weight, bias, log_scale, output_mask):
-    check_product(op, x, weight, bias, log_scale)
+    _validation.check_product(op, x, weight, bias, log_scale)
     _validation.check_grad(op, grad_y, x, "grad_y", "x")
 
 
@@ -89,7 +58,7 @@ def _conv1x1_bwd_outputs(grad_y, x, weight, bias, log_scale, output_mask):
 # The four ops of docs/ops/invconv.md (schemas in csrc/invkernels.cpp), in InvConvOps' order: their
 # checks and outputs, which the fake implementations and the Triton twins share.
 _DEFS = {
-    "invconv_weight": OpDef(check_factors, lambda perm, lower, *_: contiguous_like(lower)),
+    "invconv_weight": OpDef(_validation.check_factors, lambda perm, lower, *_: contiguous_like(lower)),
     "invconv_weight_bwd": OpDef(_check_weight_bwd, lambda grad_w, perm, lower, upper, sign, log_s: (
         contiguous_like(lower), contiguous_like(upper), contiguous_like(log_s))),
     "conv1x1": OpDef(_check_conv1x1, lambda x, *_, **__: product_like(x)),
@@ -152,7 +121,7 @@ def invconv_weight(perm: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor,
     """
     ops = _ops_for(backend, lower)
     if ops is None:
-        check_factors("invconv_weight", perm, lower, upper, sign, log_s)
+        _validation.check_factors("invconv_weight", perm, lower, upper, sign, log_s)
         return reference.invconv_weight(perm, lower, upper, sign, log_s)
     return ops.weight(perm, lower, upper, sign, log_s)
 
@@ -165,7 +134,7 @@ def invconv_inverse_weight(perm: torch.Tensor, lower: torch.Tensor, upper: torch
     The dense ``W`` is never formed or inverted. Plain torch ops: differentiable in ``lower``,
     ``upper`` and ``log_s``. Cost ``O(C³)``; the modules cache the result.
     """
-    check_factors("invconv_inverse_weight", perm, lower, upper, sign, log_s)
+    _validation.check_factors("invconv_inverse_weight", perm, lower, upper, sign, log_s)
     f64 = torch.float64
     lower64 = reference.invconv_lower(lower.to(f64))
     upper64 = reference.invconv_upper(upper.to(f64), sign.to(f64), log_s.to(f64))
@@ -181,33 +150,11 @@ def dense_inverse_weight(w: torch.Tensor, *, dtype: torch.dtype | None = None) -
     ``dtype`` (default: ``w``'s); differentiable. Raises ValueError when ``w`` is singular."""
     inv, info = torch.linalg.inv_ex(w.to(torch.float64))
     if info.item() != 0:
-        _fail("invconv", f"weight is singular: its LU decomposition has a zero pivot at position {info.item()}, "
-                         "so it has no inverse")
+        raise ValueError("invconv: weight is singular: its LU decomposition has a zero pivot at position "
+                         f"{info.item()}, so it has no inverse")
     if not bool(torch.isfinite(inv).all()):
-        _fail("invconv", "weight is singular to float64 precision (its inverse is not finite)")
+        raise ValueError("invconv: weight is singular to float64 precision (its inverse is not finite)")
     return inv.to(w.dtype if dtype is None else dtype)
-
-
-def check_product(op: str, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
-                  log_scale: torch.Tensor | None, x_name: str = "x") -> None:
-    """The checks of the C++ op ``conv1x1`` (csrc/ops/conv1x1.h), with the same wording."""
-    if not x.is_floating_point():
-        _fail(op, f"{x_name} should be a floating-point tensor, got {x.dtype}")
-    if x.dim() < 2:
-        _fail(op, f"{x_name} should be at least 2-D (B, C, ...), got {x.dim()}-D")
-    c = x.shape[1]
-    if w.dim() != 2 or w.shape[0] != c or w.shape[1] != c:
-        _fail(op, f"weight should have shape [C, C] = [{c}, {c}] for {x_name} with C={c}, got {list(w.shape)}")
-    if w.dtype != x.dtype:
-        _fail(op, f"{x_name} and weight should have the same dtype, got {x_name} {x.dtype} and weight {w.dtype}")
-    if w.device != x.device:
-        _fail(op, f"{x_name} and weight should be on the same device, got {x_name} on {x.device} and weight on "
-                  f"{w.device}")
-    if (bias is None) != (log_scale is None):
-        _fail(op, "bias and log_scale (the folded ActNorm) should be given together or both be None, got "
-                  f"{'bias' if bias is not None else 'log_scale'} alone")
-    if bias is not None:
-        _validation.check_actnorm(op, x, bias, log_scale, x_name)
 
 
 def channels_last_like(x: torch.Tensor) -> bool:
@@ -221,14 +168,6 @@ def product_like(x: torch.Tensor) -> torch.Tensor:
     if channels_last_like(x):
         return x.new_empty(x.movedim(1, -1).shape).movedim(-1, 1)
     return x.new_empty(x.shape)
-
-
-def spatial_size(x: torch.Tensor) -> int:
-    """``S``: the product of the sizes after the channel dimension (1 for ``[B, C]``)."""
-    n = 1
-    for d in x.shape[2:]:
-        n *= d
-    return n
 
 
 def conv1x1(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
@@ -253,7 +192,7 @@ def conv1x1(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
     """
     ops = _ops_for(backend, x)
     if ops is None:
-        check_product("conv1x1", x, w, bias, log_scale)
+        _validation.check_product("conv1x1", x, w, bias, log_scale)
         return reference.conv1x1(x, w, bias, log_scale)
     return ops.conv1x1(x, w, bias, log_scale)
 
@@ -278,12 +217,12 @@ def lu_logdet(log_s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     ``log_s``'s and ``x``'s dtypes; shape ``[B]``, dtype ``logdet_dtype(x.dtype)`` (float32 for half
     inputs, whose log-det overflows at 65504)."""
     acc = torch.promote_types(torch.promote_types(log_s.dtype, x.dtype), torch.float32)
-    total = spatial_size(x) * log_s.to(acc).sum()
+    total = math.prod(x.shape[2:]) * log_s.to(acc).sum()
     return total.expand(x.shape[0]).to(_validation.logdet_dtype(x.dtype)).clone()
 
 
 def dense_logdet(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``S * log|det w|`` per sample (``torch.linalg.slogdet`` in float64), shape ``[B]``, dtype
     ``logdet_dtype(x.dtype)`` (float32 for half inputs)."""
-    total = spatial_size(x) * torch.linalg.slogdet(w.to(torch.float64)).logabsdet
+    total = math.prod(x.shape[2:]) * torch.linalg.slogdet(w.to(torch.float64)).logabsdet
     return total.expand(x.shape[0]).to(_validation.logdet_dtype(x.dtype)).clone()

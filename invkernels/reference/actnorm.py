@@ -5,6 +5,8 @@ The test oracle (run in float64) and the eager baseline of the benchmarks.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from invkernels._validation import logdet_dtype
@@ -14,23 +16,16 @@ def _per_channel(p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return p.reshape(1, -1, *([1] * (x.dim() - 2)))
 
 
-def _spatial(x: torch.Tensor) -> int:
-    n = 1
-    for d in x.shape[2:]:
-        n *= d
-    return n
-
-
 def actnorm_logdet(log_scale: torch.Tensor, x: torch.Tensor, sign: int = 1) -> torch.Tensor:
     """``sign * S * Σ_c log_scale[c]`` for every sample of ``x``, in ``logdet_dtype(x.dtype)``
     (float32 for half inputs, whose log-det overflows at 65504); differentiable in ``log_scale``."""
-    return (sign * _spatial(x) * log_scale.sum(dtype=logdet_dtype(x.dtype))).expand(x.shape[0])
+    return (sign * math.prod(x.shape[2:]) * log_scale.sum(dtype=logdet_dtype(x.dtype))).expand(x.shape[0])
 
 
 def actnorm_logdet_grad(grad_logdet: torch.Tensor, x: torch.Tensor, sign: int = 1) -> torch.Tensor:
     """The gradient of :func:`actnorm_logdet` w.r.t. every entry of ``log_scale`` for the gradient
     ``grad_logdet`` of the log-det: ``sign * S * Σ_b grad_logdet[b]`` (a scalar in the log-det dtype)."""
-    return sign * _spatial(x) * grad_logdet.sum(dtype=logdet_dtype(x.dtype))
+    return sign * math.prod(x.shape[2:]) * grad_logdet.sum(dtype=logdet_dtype(x.dtype))
 
 
 def actnorm_fwd(x: torch.Tensor, bias: torch.Tensor, log_scale: torch.Tensor):

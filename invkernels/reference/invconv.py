@@ -10,6 +10,8 @@ Parameterization (docs/ops/invconv.md)::
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from invkernels._validation import logdet_dtype
@@ -103,7 +105,4 @@ def conv1x1_vjp(grad_y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: to
 def conv1x1_logdet(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``log|det dy/dx|`` of :func:`conv1x1` per sample: ``S * log|det w|`` (S = spatial size), by
     ``torch.linalg.slogdet`` in ``logdet_dtype(w.dtype)`` (``w``'s dtype, float32 for half weights)."""
-    spatial = 1
-    for d in x.shape[2:]:
-        spatial *= d
-    return (spatial * torch.linalg.slogdet(w.to(logdet_dtype(w.dtype))).logabsdet).expand(x.shape[0])
+    return (math.prod(x.shape[2:]) * torch.linalg.slogdet(w.to(logdet_dtype(w.dtype))).logabsdet).expand(x.shape[0])

@@ -1,0 +1,130 @@
+"""The shared op tester (the pattern of torchvision's ``RoIOpTester``): every registered op, on every
+kernel backend and device, with valid arguments built in one place and its float64 reference.
+
+:data:`KERNEL_BACKENDS` are ``(backend, device)`` pytest params: the C++ ops and their Triton twins
+on CPU tensors (Triton under the interpreter) and on CUDA tensors (skipped without a GPU; ``make
+gpu-check`` runs them, with Triton compiled). :func:`valid_args` gives each op's arguments for a
+dtype and device, :data:`REFERENCE` its float64 reference in ``invkernels.reference``, whose
+functions take the op's arguments in the op's order.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from invkernels import reference as R
+from invkernels._validation import logdet_dtype
+from invkernels.ops import actnorm, coupling, invconv
+from invkernels.reference import coupling as RC
+from invkernels.reference import invconv as RI
+
+FAMILIES = (coupling, actnorm, invconv)
+NS = torch.ops.invkernels
+
+KERNEL_BACKENDS = [
+    pytest.param(("cpp", "cpu"), id="cpp-cpu"),
+    pytest.param(("triton", "cpu"), id="triton-cpu", marks=pytest.mark.triton),
+    pytest.param(("cpp", "cuda"), id="cpp-cuda", marks=pytest.mark.cuda),
+    pytest.param(("triton", "cuda"), id="triton-cuda", marks=pytest.mark.cuda),
+]
+
+# The float64 reference of every op: the same arguments, the same outputs.
+REFERENCE = {
+    "affine_coupling_fwd": R.affine_coupling_fwd,
+    "affine_coupling_inv": R.affine_coupling_inv,
+    "affine_coupling_bwd": R.affine_coupling_vjp,
+    "affine_coupling_inv_bwd": RC.affine_coupling_inv_bwd,
+    "additive_coupling_fwd": R.additive_coupling_fwd,
+    "additive_coupling_inv": R.additive_coupling_inv,
+    "additive_coupling_bwd": R.additive_coupling_vjp,
+    "additive_coupling_inv_bwd": RC.additive_coupling_inv_bwd,
+    "actnorm_fwd": R.actnorm_fwd,
+    "actnorm_inv": R.actnorm_inv,
+    "actnorm_bwd": R.actnorm_vjp,
+    "invconv_weight": RI.invconv_weight,
+    "invconv_weight_bwd": RI.invconv_weight_vjp,
+    "conv1x1": RI.conv1x1,
+    "conv1x1_bwd": RI.conv1x1_vjp,
+}
+
+# The argument positions of the differentiable forward ops that get gradients (perm and sign are
+# constants of the LU parameterization).
+DIFFERENTIABLE = {
+    "affine_coupling_fwd": (0, 1),
+    "affine_coupling_inv": (0, 1),
+    "additive_coupling_fwd": (0, 1),
+    "additive_coupling_inv": (0, 1),
+    "actnorm_fwd": (0, 1, 2),
+    "actnorm_inv": (0, 1, 2),
+    "invconv_weight": (1, 2, 4),
+    "conv1x1": (0, 1, 2, 3),
+}
+
+
+def op_names() -> list[str]:
+    """Every op of every family, in the families' order."""
+    return [name for family in FAMILIES for name in family._FAMILY.names]
+
+
+def op(name: str, backend: str):
+    """The registered op ``name`` of ``backend`` (``"cpp"`` or ``"triton"``), its family registered."""
+    family = next(f for f in FAMILIES if name in f._FAMILY.names)
+    (family.cpp_ops if backend == "cpp" else family.triton_ops)()
+    return getattr(NS, name if backend == "cpp" else name + "_triton")
+
+
+def coupling_case(c=5, spatial=(3,), dtype=torch.float32, device="cpu"):
+    """``(x, h affine, h additive, grad_logdet)`` of a coupling with ``c`` channels, 2 samples."""
+    c2 = c - c // 2
+
+    def rand(*shape, dt=dtype):
+        return torch.randn(shape, dtype=dt, device=device)
+
+    return rand(2, c, *spatial), rand(2, 2 * c2, *spatial), rand(2, c2, *spatial), rand(2, dt=logdet_dtype(dtype))
+
+
+def weight_factors(c=5, dtype=torch.float32, device="cpu"):
+    """LU factors ``(perm, lower, upper, sign, log_s)`` (full matrices: the op reads one triangle each)."""
+    sign = torch.where(torch.rand(c) < 0.5, -1.0, 1.0)
+    return (torch.randperm(c).to(device), *(t.to(dtype=dtype, device=device) for t in (
+        0.5 * torch.randn(c, c), 0.5 * torch.randn(c, c), sign, 0.3 * torch.randn(c))))
+
+
+def valid_args(name, spatial=(3,), dtype=torch.float32, device="cpu"):
+    """Valid arguments of op ``name`` (5 channels, 2 samples)."""
+    x, h, ha, gl = coupling_case(spatial=spatial, dtype=dtype, device=device)
+    g = torch.randn_like(x)
+    b, ls = torch.randn(5, dtype=dtype, device=device), 0.3 * torch.randn(5, dtype=dtype, device=device)
+    w = torch.randn(5, 5, dtype=dtype, device=device) / 5**0.5
+    return {
+        "affine_coupling_fwd": (x, h, "exp", 2.0),
+        "affine_coupling_inv": (x, h, "exp", 2.0),
+        "affine_coupling_bwd": (g, gl, x, h, "sigmoid", 2.0, True),
+        "affine_coupling_inv_bwd": (x, h, g, gl, "exp", 2.0),
+        "additive_coupling_fwd": (x, ha),
+        "additive_coupling_inv": (x, ha),
+        "additive_coupling_bwd": (g, True),
+        "additive_coupling_inv_bwd": (x, ha, g),
+        "actnorm_fwd": (x, b, ls),
+        "actnorm_inv": (x, b, ls),
+        "actnorm_bwd": (g, gl, x, b, ls, False),
+        "invconv_weight": weight_factors(dtype=dtype, device=device),
+        "invconv_weight_bwd": (w, *weight_factors(dtype=dtype, device=device)),
+        "conv1x1": (x, w, b, ls),
+        "conv1x1_bwd": (g, x, w, b, ls, [True, True, True]),
+    }[name]
+
+
+def as_tuple(out):
+    return out if isinstance(out, tuple) else (out,)
+
+
+def in_float64(args):
+    """The arguments with every floating-point tensor in float64 (the reference's inputs)."""
+    return tuple(a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+
+
+def strided(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s values in a non-contiguous view (every other element of a buffer twice as large)."""
+    return torch.stack([t, torch.zeros_like(t)], dim=-1)[..., 0]
