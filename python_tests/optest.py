@@ -128,3 +128,31 @@ def in_float64(args):
 def strided(t: torch.Tensor) -> torch.Tensor:
     """``t``'s values in a non-contiguous view (every other element of a buffer twice as large)."""
     return torch.stack([t, torch.zeros_like(t)], dim=-1)[..., 0]
+
+
+# The 1x1 convolution's operands and layouts (test_conv1x1.py, test_triton_invconv.py).
+
+
+def operands(shape, dtype=torch.float64, folded=True):
+    c = shape[1]
+    x = torch.randn(shape, dtype=dtype)
+    w = torch.randn(c, c, dtype=dtype) / c**0.5
+    if not folded:
+        return x, w, None, None
+    return x, w, 0.5 * torch.randn(c, dtype=dtype), 0.3 * torch.randn(c, dtype=dtype)
+
+
+def layouts(x):
+    """The same values in hostile layouts: channels-last (-like), spatial dims transposed (a copy),
+    a strided slice along the channels."""
+    out = {"contiguous": x}
+    if x.dim() >= 3:
+        out["channels_last"] = x.movedim(1, -1).contiguous().movedim(-1, 1)
+    if x.dim() >= 4:
+        out["transposed"] = x.transpose(-1, -2).contiguous().transpose(-1, -2)
+    out["sliced"] = torch.stack([x, torch.zeros_like(x)], dim=2).select(2, 0)
+    return out
+
+
+def as_double(*ts):
+    return [None if t is None else t.detach().double() for t in ts]

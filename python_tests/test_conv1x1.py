@@ -9,33 +9,10 @@ import torch
 from invkernels.ops import invconv as F
 from invkernels.reference import actnorm as RA
 from invkernels.reference import invconv as R
+from optest import as_double, layouts, operands
 from tolerances import assert_close
 
 SHAPES = [(6, 5), (3, 5, 4, 3), (2, 5, 7), (1, 5, 2, 3, 2), (3, 8, 1, 2)]
-
-
-def operands(shape, dtype=torch.float64, folded=True):
-    c = shape[1]
-    x = torch.randn(shape, dtype=dtype)
-    w = torch.randn(c, c, dtype=dtype) / c**0.5
-    if not folded:
-        return x, w, None, None
-    return x, w, 0.5 * torch.randn(c, dtype=dtype), 0.3 * torch.randn(c, dtype=dtype)
-
-
-def layouts(x):
-    """The same values in hostile layouts: channels-last, spatial dims transposed, a strided slice."""
-    out = {"contiguous": x}
-    if x.dim() == 4:
-        out["channels_last"] = x.contiguous(memory_format=torch.channels_last)
-    if x.dim() >= 4:
-        out["transposed"] = x.transpose(-1, -2).contiguous().transpose(-1, -2)
-    out["sliced"] = torch.stack([x, torch.zeros_like(x)], dim=1).select(1, 0)
-    return out
-
-
-def as_double(*ts):
-    return [None if t is None else t.detach().double() for t in ts]
 
 
 @pytest.mark.parametrize("folded", [False, True])

@@ -10,6 +10,7 @@ import torch
 from invkernels.ops import invconv as F
 from invkernels.reference import invconv as R
 from invkernels.triton import invconv as T
+from optest import as_double, layouts, operands
 from tolerances import assert_close
 
 pytestmark = pytest.mark.triton
@@ -36,31 +37,6 @@ def strided_factors(fs):
         return torch.stack([v, torch.zeros_like(v)], dim=1)[:, 0]
 
     return spread(perm), lower.t().contiguous().t(), upper.t().contiguous().t(), spread(sign), spread(log_s)
-
-
-def operands(shape, dtype=torch.float64, folded=True):
-    c = shape[1]
-    x = torch.randn(shape, dtype=dtype)
-    w = torch.randn(c, c, dtype=dtype) / c**0.5
-    if not folded:
-        return x, w, None, None
-    return x, w, 0.5 * torch.randn(c, dtype=dtype), 0.3 * torch.randn(c, dtype=dtype)
-
-
-def layouts(x):
-    """The same values in hostile layouts: channels-last (-like), spatial dims transposed (a copy),
-    a strided slice along the channels."""
-    out = {"contiguous": x}
-    if x.dim() >= 3:
-        out["channels_last"] = x.movedim(1, -1).contiguous().movedim(-1, 1)
-    if x.dim() >= 4:
-        out["transposed"] = x.transpose(-1, -2).contiguous().transpose(-1, -2)
-    out["sliced"] = torch.stack([x, torch.zeros_like(x)], dim=2).select(2, 0)
-    return out
-
-
-def as_double(*ts):
-    return [None if t is None else t.detach().double() for t in ts]
 
 
 def rel_err(a, exact):
