@@ -9,7 +9,7 @@ import torch
 from invkernels.ops import invconv as F
 from invkernels.reference import actnorm as RA
 from invkernels.reference import invconv as R
-from optest import as_double, layouts, operands
+from optest import as_double, layouts, op, operands
 from tolerances import assert_close
 
 SHAPES = [(6, 5), (3, 5, 4, 3), (2, 5, 7), (1, 5, 2, 3, 2), (3, 8, 1, 2)]
@@ -42,12 +42,13 @@ def test_channels_last_in_gives_channels_last_out():
 
 @pytest.mark.parametrize("folded", [False, True])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_bwd_op_matches_reference_vjp_for_every_mask(shape, folded):
+@pytest.mark.parametrize("backend", ["cpp", pytest.param("triton", marks=pytest.mark.triton)])
+def test_bwd_op_matches_reference_vjp_for_every_mask(backend, shape, folded):
     x, w, b, ls = operands(shape, folded=folded)
     g = torch.randn(shape, dtype=torch.float64)
     full = R.conv1x1_vjp(g, x, w, b, ls)
     for mask in itertools.product([False, True], repeat=3):
-        got = torch.ops.invkernels.conv1x1_bwd(g, x, w, b, ls, list(mask))
+        got = op("conv1x1_bwd", backend)(g, x, w, b, ls, list(mask))
         wanted = (mask[0], mask[1], folded and mask[2], folded and mask[2])
         for value, want, ref in zip(got, wanted, full):
             if want:

@@ -64,22 +64,19 @@ def schema_of(name: str) -> str:
     return schema[schema.index("("):]
 
 
-def make_fake(name: str, op: OpDef) -> Callable:
-    """The fake implementation of op ``name``: its checks, then its empty outputs."""
+def _checked(name: str, op: OpDef, run: Callable) -> Callable:
+    """Op ``name``'s checks, then ``run`` with the same arguments."""
 
-    def fake(*args, **kwargs):
-        op.check(name, *args, **kwargs)
-        return op.outputs(*args, **kwargs)
-
-    return fake
-
-
-def _twin_impl(name: str, op: OpDef, launcher: Callable) -> Callable:
     def impl(*args, **kwargs):
         op.check(name, *args, **kwargs)
-        return launcher(*args, **kwargs)
+        return run(*args, **kwargs)
 
     return impl
+
+
+def make_fake(name: str, op: OpDef) -> Callable:
+    """The fake implementation of op ``name``: its checks, then its empty outputs."""
+    return _checked(name, op, op.outputs)
 
 
 def register_triton_twins(defs: Mapping[str, OpDef], fakes: Mapping[str, Callable],
@@ -92,7 +89,7 @@ def register_triton_twins(defs: Mapping[str, OpDef], fakes: Mapping[str, Callabl
     if missing:
         raise ValueError(f"register_triton_twins: no Triton launcher for the ops {missing}")
     for name, op in defs.items():
-        twin = torch.library.custom_op(f"invkernels::{name}_triton", _twin_impl(name, op, launchers[name]),
+        twin = torch.library.custom_op(f"invkernels::{name}_triton", _checked(name, op, launchers[name]),
                                        mutates_args=(), schema=schema_of(name))
         twin.register_fake(fakes[name])
 
