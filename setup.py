@@ -122,7 +122,7 @@ def extensions():
         for inc in _cuda_extra_includes():
             nvcc += ["-isystem", inc]
         exts.append(CUDAExtension(
-            "invkernels._C", main_sources + _sources("csrc/cuda/*.cu"),
+            "invkernels._C", main_sources + _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*.cpp"),
             extra_compile_args={"cxx": CXX_FLAGS + defines + ["-DINVK_WITH_CUDA"], "nvcc": nvcc}))
     else:
         exts.append(CppExtension("invkernels._C", main_sources, extra_compile_args={"cxx": CXX_FLAGS + defines}))

@@ -64,7 +64,7 @@ std::tuple<at::Tensor, at::Tensor> actnorm(const at::Tensor& in_, const at::Tens
       for (int64_t plane = begin; plane < end; ++plane) {
         const int64_t c = plane % sh.channels;
         const A b = static_cast<A>(b_p[c]);
-        const A s = std::exp(Inverse ? -static_cast<A>(ls_p[c]) : static_cast<A>(ls_p[c]));
+        const A s = Inverse ? actnorm_inv_scale(static_cast<A>(ls_p[c])) : actnorm_scale(static_cast<A>(ls_p[c]));
         const scalar_t* src = in_p + plane * sh.spatial;
         scalar_t* dst = out_p + plane * sh.spatial;
         store_lanes<scalar_t, Remainder::kScalar>(dst, sh.spatial, stream, [&](auto lane, int64_t i) {
@@ -94,7 +94,7 @@ void actnorm_backward_apply(const at::Tensor& g, const at::Tensor& gl, const at:
     for (int64_t plane = begin; plane < end; ++plane) {
       const int64_t c = plane % sh.channels;
       const A b = static_cast<A>(b_p[c]), log_s = static_cast<A>(ls_p[c]);
-      const A s = std::exp(log_s), inv_s = std::exp(-log_s);
+      const A s = actnorm_scale(log_s), inv_s = actnorm_inv_scale(log_s);
       const int64_t off = plane * sh.spatial;
       const auto sums = sum_lanes_n<scalar_t, 2, Remainder::kScalar>(sh.spatial, [&](auto lane, int64_t i) {
         using C = typename decltype(lane)::type;

@@ -33,8 +33,8 @@ __global__ void actnorm_apply_kernel(const scalar_t* __restrict__ in, const scal
     const int64_t c = (idx / sh.spatial) % sh.channels;
     const A b = A(bias[c]), ls = A(log_scale[c]);
     const A v = A(in[idx]);
-    out[idx] = static_cast<scalar_t>(Inverse ? actnorm_inverse<A>(v, b, MathOps<A>::exp(-ls))
-                                             : actnorm_forward<A>(v, b, MathOps<A>::exp(ls)));
+    out[idx] = static_cast<scalar_t>(Inverse ? actnorm_inverse<A>(v, b, actnorm_inv_scale(ls))
+                                             : actnorm_forward<A>(v, b, actnorm_scale(ls)));
   }
 }
 
@@ -53,7 +53,7 @@ __global__ void actnorm_backward_kernel(const scalar_t* __restrict__ g, const sc
     const int64_t start = (tile % chunks) * kChunk;
     const int64_t stop = min(start + kChunk, per_channel);
     const A b = A(bias[c]), ls = A(log_scale[c]);
-    const A s = MathOps<A>::exp(ls), inv_s = MathOps<A>::exp(-ls);
+    const A s = actnorm_scale(ls), inv_s = actnorm_inv_scale(ls);
     A sum_b = 0, sum_ls = 0;
     for (int64_t k = start + threadIdx.x; k < stop; k += kThreads) {
       const int64_t idx = sh.channel_element(c, k);

@@ -9,6 +9,7 @@
 //   VJP with g = dy and the sums over batch and positions:
 //     dx = W'^T g,  A = sum g x^T,  gb = sum g,  dW' = A + gb bias^T,
 //     dW = dW' diag(exp(log_scale)),  dbias = W'^T gb,  dlog_scale = colsum(W' * dW').
+//   ActNorm's factors and the dW / dlog_scale terms come from csrc/kernels/actnorm.h.
 //
 // The products run in the dtype of x even under autocast (the layers of a flow keep their inputs'
 // precision, so the inverse stays exact to it): autocast is excluded inside the ops.
@@ -100,11 +101,27 @@ inline at::Tensor positionwise_product(const at::Tensor& x, const at::Tensor& w,
   return y3.view(x.sizes());
 }
 
-// The folded weight W' and bias b' in the accumulation type (float32 for reduced precision).
-inline std::pair<at::Tensor, at::Tensor> fold_actnorm(const at::Tensor& weight, const at::Tensor& bias,
-                                                      const at::Tensor& log_scale, at::ScalarType acc) {
-  const at::Tensor w = weight.to(acc) * at::exp(log_scale.to(acc)).unsqueeze(0);
-  return {w, at::mv(w, bias.to(acc))};
+// The ActNorm formulas of csrc/kernels/actnorm.h over whole tensors (the folded ActNorm's factors).
+template <>
+struct MathOps<at::Tensor> {
+  static at::Tensor exp(const at::Tensor& v) { return at::exp(v); }
+};
+
+// An ActNorm folded into the weight, in the accumulation type (float32 for reduced precision):
+// W' = W diag(s), ActNorm's scale applied to the weight's columns, and b' = W' bias.
+struct FoldedActNorm {
+  at::Tensor weight;  // W [C, C]
+  at::Tensor scale;  // s [1, C]
+  at::Tensor folded_weight;  // W'
+  at::Tensor folded_bias;  // b'
+};
+
+inline FoldedActNorm fold_actnorm(const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& log_scale,
+                                  at::ScalarType acc) {
+  FoldedActNorm f{weight.to(acc), actnorm_scale(log_scale.to(acc)).unsqueeze(0), {}, {}};
+  f.folded_weight = f.weight * f.scale;
+  f.folded_bias = at::mv(f.folded_weight, bias.to(acc));
+  return f;
 }
 
 inline at::ScalarType conv1x1_acc_type(const at::Tensor& x) {
@@ -116,8 +133,9 @@ inline at::Tensor conv1x1(const at::Tensor& x, const at::Tensor& weight, const s
   check_conv1x1("conv1x1", x, weight, bias, log_scale);
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   if (!bias.has_value()) return positionwise_product(x, weight, std::nullopt, channels_last_like(x));
-  const auto [w, b] = fold_actnorm(weight, *bias, *log_scale, conv1x1_acc_type(x));
-  return positionwise_product(x, w.to(x.scalar_type()), b.to(x.scalar_type()), channels_last_like(x));
+  const FoldedActNorm f = fold_actnorm(weight, *bias, *log_scale, conv1x1_acc_type(x));
+  return positionwise_product(x, f.folded_weight.to(x.scalar_type()), f.folded_bias.to(x.scalar_type()),
+                              channels_last_like(x));
 }
 
 // A = sum over batch and positions of g x^T, in the accumulation type.
@@ -165,19 +183,24 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv1x1_bwd(
     auto [grad_x, outer] = product_bwd(grad_y, x, weight, channels_last, output_mask[0], output_mask[1], acc);
     return {grad_x, output_mask[1] ? outer.to(weight.scalar_type()) : outer, grad_bias, grad_log_scale};
   }
-  const auto [w, b] = fold_actnorm(weight, *bias, *log_scale, acc);
+  const FoldedActNorm f = fold_actnorm(weight, *bias, *log_scale, acc);
   const bool need_outer = output_mask[1] || output_mask[2];
-  auto [grad_x, outer] = product_bwd(grad_y, x, w.to(x.scalar_type()), channels_last, output_mask[0], need_outer, acc);
+  auto [grad_x, outer] =
+      product_bwd(grad_y, x, f.folded_weight.to(x.scalar_type()), channels_last, output_mask[0], need_outer, acc);
   if (!need_outer) return {grad_x, at::Tensor(), grad_bias, grad_log_scale};
   std::vector<int64_t> reduce_dims{0};
   for (int64_t d = 2; d < x.dim(); ++d) reduce_dims.push_back(d);
   const at::Tensor gb = at::sum(grad_y, reduce_dims, false, acc);
   const at::Tensor grad_w_folded = outer + at::outer(gb, bias->to(acc));
+  // ActNorm's VJP with W's entries as the centred values: dW and the terms of dlog_scale per entry.
+  at::Tensor grad_w, grad_b_terms, grad_ls_terms;
+  actnorm_backward_centred<false>(grad_w_folded, f.weight, f.scale, at::Tensor() /* inv_s: unused forward */, grad_w,
+                                  grad_b_terms, grad_ls_terms);
   at::Tensor grad_weight;
-  if (output_mask[1]) grad_weight = (grad_w_folded * at::exp(log_scale->to(acc)).unsqueeze(0)).to(weight.scalar_type());
+  if (output_mask[1]) grad_weight = grad_w.to(weight.scalar_type());
   if (output_mask[2]) {
-    grad_bias = at::mv(w.t(), gb).to(bias->scalar_type());
-    grad_log_scale = (w * grad_w_folded).sum(0).to(log_scale->scalar_type());
+    grad_bias = at::mv(f.folded_weight.t(), gb).to(bias->scalar_type());
+    grad_log_scale = grad_ls_terms.sum(0).to(log_scale->scalar_type());
   }
   return {grad_x, grad_weight, grad_bias, grad_log_scale};
 }

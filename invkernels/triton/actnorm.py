@@ -61,9 +61,36 @@ __all__ = [
     "actnorm_backward",
     "actnorm_forward",
     "actnorm_inverse",
+    "backward_terms",
     "gpu_configs",
+    "inv_scale",
+    "scale",
     "tile_config",
 ]
+
+
+@triton.jit
+def scale(log_scale):
+    """ActNorm's per-channel scale ``exp(log_scale)`` (also what the folded 1x1 convolution,
+    invkernels.triton.invconv, applies to its weight's columns)."""
+    return tl.exp(log_scale)
+
+
+@triton.jit
+def inv_scale(log_scale):
+    """The inverse's per-channel scale ``exp(-log_scale)``: the inverse multiplies, never divides."""
+    return tl.exp(-log_scale)
+
+
+@triton.jit
+def backward_terms(g, centred, log_scale, REVERSE: tl.constexpr):
+    """One element's VJP given its centred value ``x + b``: ``(g_in, bias term, log-scale term)``;
+    the log-det's term is added per channel by the caller. The folded 1x1 convolution runs it with
+    the weight's entries as the centred values (``W diag(s)`` is the forward of ActNorm there)."""
+    if REVERSE:
+        return g * inv_scale(log_scale), -g, -(g * centred)
+    g_in = g * scale(log_scale)
+    return g_in, g_in, g_in * centred
 
 
 @triton.jit
@@ -107,9 +134,9 @@ def _actnorm_apply_kernel(
     log_s = tl.load(log_scale_ptr + chans, mask=chan_ok, other=0.0).to(ACC)[None, :, None]
     v = tl.load(in_ptr + offs, mask=mask, other=0.0).to(ACC)
     if INVERSE:
-        out = v * tl.exp(-log_s) - b
+        out = v * inv_scale(log_s) - b
     else:
-        out = (v + b) * tl.exp(log_s)
+        out = (v + b) * scale(log_s)
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -138,14 +165,7 @@ def _actnorm_bwd_kernel(
     log_s = tl.load(log_scale_ptr + chans, mask=chan_ok, other=0.0).to(ACC)[None, :, None]
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(ACC)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
-    if REVERSE:
-        gin = g * tl.exp(-log_s)
-        term_b = -g
-        term_ls = -(g * (x + b))
-    else:
-        gin = g * tl.exp(log_s)
-        term_b = gin
-        term_ls = gin * (x + b)
+    gin, term_b, term_ls = backward_terms(g, x + b, log_s, REVERSE)
     tl.store(gin_ptr + offs, gin.to(gin_ptr.dtype.element_ty), mask=mask)
     # Masked lanes hold g = x = 0, but 0 * (0 + b) is NaN for an infinite b: zero them before summing.
     part_b = tl.sum(tl.sum(tl.where(mask, term_b, 0.0), axis=2), axis=0)

@@ -37,8 +37,9 @@ a lane's sample and position come from shifts and masks (no division per lane), 
         A = sum g x^T,   gb = sum g,   dW' = A + gb bias^T,   dW = dW' diag(exp(log_scale)),
         dbias = W'^T gb,   dlog_scale = column sums of W' * dW'
 
-The product kernel scales the weight tile's columns by ``exp(log_scale)`` and accumulates
-``b' = W' bias`` in its channel loop, and adds ``b'`` in the epilogue: the folded ActNorm costs no
+ActNorm's factors and the ``dW`` / ``dlog_scale`` terms come from invkernels.triton.actnorm
+(``scale``, ``backward_terms``). The product kernel scales the weight tile's columns by
+``exp(log_scale)`` and accumulates ``b' = W' bias`` in its channel loop, and adds ``b'`` in the epilogue: the folded ActNorm costs no
 extra pass. ``A`` and ``gb`` are reduced in two stages without atomics: the positions are split
 into chunks, each program of the partial kernel writes ``sum g x^T`` of one chunk and one tile of
 channels (and ``sum g`` of its rows) to a buffer, and the finishing kernel adds the chunks of each
@@ -69,6 +70,7 @@ import triton
 import triton.language as tl
 
 from invkernels.ops.invconv import product_like
+from invkernels.triton import actnorm
 from invkernels.triton._common import check_device, compute_dtype, device_guard, interpreting, max_tile_elements
 
 __all__ = [
@@ -284,7 +286,7 @@ def _conv1x1_kernel(
         w = tl.load(w_ptr + rows[:, None] * s_w_o + ks[None, :] * s_w_k, mask=row_ok[:, None] & k_ok[None, :],
                     other=0.0).to(ACC)
         if MODE == 1:
-            scale = tl.exp(tl.load(log_scale_ptr + ks * s_log_scale, mask=k_ok, other=0.0).to(ACC))
+            scale = actnorm.scale(tl.load(log_scale_ptr + ks * s_log_scale, mask=k_ok, other=0.0).to(ACC))
             w = w * scale[None, :]
             bias = tl.load(bias_ptr + ks * s_bias, mask=k_ok, other=0.0).to(ACC)
             folded_bias += tl.sum(w * bias[None, :], axis=1)
@@ -294,7 +296,7 @@ def _conv1x1_kernel(
     if MODE == 1:
         acc += folded_bias[:, None]
     if MODE == 2:
-        scale = tl.exp(tl.load(log_scale_ptr + rows * s_log_scale, mask=row_ok, other=0.0).to(ACC))
+        scale = actnorm.scale(tl.load(log_scale_ptr + rows * s_log_scale, mask=row_ok, other=0.0).to(ACC))
         acc = acc * scale[:, None]
     out_cols = b * s_out_b + s * s_out_s
     tl.store(out_ptr + rows[:, None] * s_out_c + out_cols[None, :], acc.to(out_ptr.dtype.element_ty),
@@ -383,7 +385,8 @@ def _conv1x1_finish_kernel(
     cols = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < C
     folded = FOLDED != 0
-    scale = tl.exp(tl.load(log_scale_ptr + cols * s_log_scale, mask=col_ok & folded, other=0.0).to(ACC))
+    log_scale = tl.load(log_scale_ptr + cols * s_log_scale, mask=col_ok & folded, other=0.0).to(ACC)[None, :]
+    scale = actnorm.scale(log_scale)
     bias = tl.load(bias_ptr + cols * s_bias, mask=col_ok & folded, other=0.0).to(ACC)
     grad_bias = tl.zeros((BLOCK_N,), dtype=ACC)
     grad_log_scale = tl.zeros((BLOCK_N,), dtype=ACC)
@@ -402,13 +405,13 @@ def _conv1x1_finish_kernel(
             gb_ptrs += C
         # Without the ActNorm dW = A exactly (an infinite gb times a zero bias would give NaN).
         grad_w_folded = tl.where(folded, a + gb[:, None] * bias[None, :], a)
-        tl.store(grad_w_ptr + rows[:, None] * C + cols[None, :],
-                 (grad_w_folded * scale[None, :]).to(grad_w_ptr.dtype.element_ty), mask=mask)
-        w_folded = tl.load(w_ptr + rows[:, None] * s_w_o + cols[None, :] * s_w_k, mask=mask,
-                           other=0.0).to(ACC) * scale[None, :]
+        w = tl.load(w_ptr + rows[:, None] * s_w_o + cols[None, :] * s_w_k, mask=mask, other=0.0).to(ACC)
+        # ActNorm's VJP with W's entries as the centred values: dW and the entries' dlog_scale terms.
+        grad_w, _, term_ls = actnorm.backward_terms(grad_w_folded, w, log_scale, False)
+        tl.store(grad_w_ptr + rows[:, None] * C + cols[None, :], grad_w.to(grad_w_ptr.dtype.element_ty), mask=mask)
         # Masked rows hold gb = 0, but 0 * inf is NaN for an infinite bias: select before summing.
-        grad_log_scale += tl.sum(tl.where(mask, w_folded * grad_w_folded, 0.0), axis=0)
-        grad_bias += tl.sum(tl.where(mask, w_folded * gb[:, None], 0.0), axis=0)
+        grad_log_scale += tl.sum(tl.where(mask, term_ls, 0.0), axis=0)
+        grad_bias += tl.sum(tl.where(mask, (w * scale) * gb[:, None], 0.0), axis=0)
     tl.store(grad_bias_ptr + cols, grad_bias.to(grad_bias_ptr.dtype.element_ty), mask=col_ok & folded)
     tl.store(grad_log_scale_ptr + cols, grad_log_scale.to(grad_log_scale_ptr.dtype.element_ty),
              mask=col_ok & folded)

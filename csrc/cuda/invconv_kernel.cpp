@@ -1,5 +1,7 @@
 // CUDA registration of the invertible 1x1 convolution: weight assembly (csrc/ops/invconv_weight.h) and
-// per-position product (csrc/ops/conv1x1.h); the products run in cuBLAS.
+// per-position product (csrc/ops/conv1x1.h); the products run in cuBLAS. Host code only (ATen
+// calls, no kernel of its own), so the host compiler builds it: the ATen-level fold of an ActNorm
+// instantiates the shared host-device formulas of csrc/kernels/actnorm.h with at::Tensor.
 
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
