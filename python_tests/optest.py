@@ -74,14 +74,15 @@ def op(name: str, backend: str):
     return getattr(NS, name if backend == "cpp" else name + "_triton")
 
 
-def coupling_case(c=5, spatial=(3,), dtype=torch.float32, device="cpu"):
-    """``(x, h affine, h additive, grad_logdet)`` of a coupling with ``c`` channels, 2 samples."""
+def coupling_case(c=5, spatial=(3,), dtype=torch.float32, device="cpu", batch=2):
+    """``(x, h affine, h additive, grad_logdet)`` of a coupling with ``c`` channels."""
     c2 = c - c // 2
 
     def rand(*shape, dt=dtype):
         return torch.randn(shape, dtype=dt, device=device)
 
-    return rand(2, c, *spatial), rand(2, 2 * c2, *spatial), rand(2, c2, *spatial), rand(2, dt=logdet_dtype(dtype))
+    return (rand(batch, c, *spatial), rand(batch, 2 * c2, *spatial), rand(batch, c2, *spatial),
+            rand(batch, dt=logdet_dtype(dtype)))
 
 
 def weight_factors(c=5, dtype=torch.float32, device="cpu"):
@@ -91,12 +92,13 @@ def weight_factors(c=5, dtype=torch.float32, device="cpu"):
         0.5 * torch.randn(c, c), 0.5 * torch.randn(c, c), sign, 0.3 * torch.randn(c))))
 
 
-def valid_args(name, spatial=(3,), dtype=torch.float32, device="cpu"):
-    """Valid arguments of op ``name`` (5 channels, 2 samples)."""
-    x, h, ha, gl = coupling_case(spatial=spatial, dtype=dtype, device=device)
+def valid_args(name, spatial=(3,), dtype=torch.float32, device="cpu", channels=5, batch=2):
+    """Valid arguments of op ``name`` (by default 5 channels, 2 samples)."""
+    c = channels
+    x, h, ha, gl = coupling_case(c, spatial, dtype, device, batch)
     g = torch.randn_like(x)
-    b, ls = torch.randn(5, dtype=dtype, device=device), 0.3 * torch.randn(5, dtype=dtype, device=device)
-    w = torch.randn(5, 5, dtype=dtype, device=device) / 5**0.5
+    b, ls = torch.randn(c, dtype=dtype, device=device), 0.3 * torch.randn(c, dtype=dtype, device=device)
+    w = torch.randn(c, c, dtype=dtype, device=device) / c**0.5
     return {
         "affine_coupling_fwd": (x, h, "exp", 2.0),
         "affine_coupling_inv": (x, h, "exp", 2.0),
@@ -109,11 +111,107 @@ def valid_args(name, spatial=(3,), dtype=torch.float32, device="cpu"):
         "actnorm_fwd": (x, b, ls),
         "actnorm_inv": (x, b, ls),
         "actnorm_bwd": (g, gl, x, b, ls, False),
-        "invconv_weight": weight_factors(dtype=dtype, device=device),
-        "invconv_weight_bwd": (w, *weight_factors(dtype=dtype, device=device)),
+        "invconv_weight": weight_factors(c, dtype, device),
+        "invconv_weight_bwd": (w, *weight_factors(c, dtype, device)),
         "conv1x1": (x, w, b, ls),
         "conv1x1_bwd": (g, x, w, b, ls, [True, True, True]),
     }[name]
+
+
+def replaced(args, index, value):
+    return (*args[:index], value, *args[index + 1:])
+
+
+def to_device(value, device):
+    return value.to(device) if isinstance(value, torch.Tensor) else value
+
+
+def on_meta(args):
+    return tuple(to_device(a, "meta") for a in args)
+
+
+# (op, argument index, bad value): every check of every op, in the C++ kernels' order. The values
+# are CPU tensors; the matrix moves them to the device under test.
+BAD_ARGUMENTS = [
+    ("affine_coupling_fwd", 0, torch.randn(5)),
+    ("affine_coupling_fwd", 0, torch.randn(2, 1, 3)),
+    ("affine_coupling_fwd", 0, torch.ones(2, 5, 3, dtype=torch.long)),
+    ("affine_coupling_fwd", 1, torch.randn(2, 5, 3)),
+    ("affine_coupling_fwd", 1, torch.randn(3, 6, 3)),
+    ("affine_coupling_fwd", 1, torch.randn(2, 6, 4)),
+    ("affine_coupling_fwd", 1, torch.randn(2, 6)),
+    ("affine_coupling_fwd", 1, torch.randn(2, 6, 3, dtype=torch.float64)),
+    ("affine_coupling_fwd", 2, "softplus"),
+    ("affine_coupling_fwd", 3, -1.0),
+    ("affine_coupling_inv", 1, torch.randn(2, 4, 3)),
+    ("affine_coupling_inv", 3, 1e39),
+    ("affine_coupling_bwd", 0, torch.randn(2, 4, 3)),
+    ("affine_coupling_bwd", 0, torch.randn(2, 5, 3, dtype=torch.float64)),
+    ("affine_coupling_bwd", 1, torch.randn(3)),
+    ("affine_coupling_bwd", 1, torch.randn(2, dtype=torch.float64)),
+    ("affine_coupling_bwd", 3, torch.randn(2, 3, 3)),
+    ("affine_coupling_bwd", 4, "softplus"),
+    ("affine_coupling_inv_bwd", 1, torch.randn(2, 5, 3)),
+    ("affine_coupling_inv_bwd", 2, torch.randn(2, 5, 4)),
+    ("affine_coupling_inv_bwd", 3, torch.randn(1)),
+    ("affine_coupling_inv_bwd", 5, 0.0),
+    ("additive_coupling_fwd", 1, torch.randn(2, 6, 3)),
+    ("additive_coupling_fwd", 1, torch.randn(3, 3, 3)),
+    ("additive_coupling_inv", 0, torch.randn(2, 1, 3)),
+    ("additive_coupling_inv", 1, torch.randn(2, 3, 3, dtype=torch.float64)),
+    ("additive_coupling_bwd", 0, torch.randn(2)),
+    ("additive_coupling_bwd", 0, torch.randn(2, 1, 3)),
+    ("additive_coupling_bwd", 0, torch.ones(2, 5, 3, dtype=torch.long)),
+    ("additive_coupling_inv_bwd", 1, torch.randn(2, 2, 3)),
+    ("additive_coupling_inv_bwd", 2, torch.randn(2, 4, 3)),
+    ("additive_coupling_inv_bwd", 2, torch.randn(2, 5, 3, dtype=torch.float64)),
+    ("actnorm_fwd", 0, torch.randn(5)),
+    ("actnorm_fwd", 1, torch.randn(4)),
+    ("actnorm_fwd", 2, torch.randn(5, dtype=torch.float64)),
+    ("actnorm_inv", 1, torch.randn(5, 1)),
+    ("actnorm_bwd", 0, torch.randn(2, 5, 4)),
+    ("actnorm_bwd", 0, torch.randn(2, 5, 3, dtype=torch.float64)),
+    ("actnorm_bwd", 1, torch.randn(3)),
+    ("actnorm_bwd", 1, torch.randn(2, dtype=torch.float64)),
+    ("actnorm_bwd", 3, torch.randn(4)),
+    ("actnorm_bwd", 4, torch.randn(5, dtype=torch.float64)),
+    ("invconv_weight", 0, torch.randperm(4)),
+    ("invconv_weight", 0, torch.arange(5, dtype=torch.int32)),
+    ("invconv_weight", 1, torch.randn(5, 4)),
+    ("invconv_weight", 1, torch.ones(5, 5, dtype=torch.long)),
+    ("invconv_weight", 2, torch.randn(4, 4)),
+    ("invconv_weight", 2, torch.randn(5, 5, dtype=torch.float64)),
+    ("invconv_weight", 3, torch.ones(4)),
+    ("invconv_weight", 4, torch.randn(5, dtype=torch.float64)),
+    ("invconv_weight_bwd", 0, torch.randn(4, 4)),
+    ("invconv_weight_bwd", 0, torch.randn(5, 5, dtype=torch.float64)),
+    ("invconv_weight_bwd", 5, torch.randn(3)),
+    ("conv1x1", 0, torch.randn(5)),
+    ("conv1x1", 0, torch.ones(2, 5, 3, dtype=torch.long)),
+    ("conv1x1", 1, torch.randn(4, 4)),
+    ("conv1x1", 1, torch.randn(5, 5, dtype=torch.float64)),
+    ("conv1x1", 2, None),
+    ("conv1x1", 2, torch.randn(4)),
+    ("conv1x1", 3, torch.randn(5, dtype=torch.float64)),
+    ("conv1x1_bwd", 0, torch.randn(2, 5, 4)),
+    ("conv1x1_bwd", 0, torch.randn(2, 5, 3, dtype=torch.float64)),
+    ("conv1x1_bwd", 2, torch.randn(5, 4)),
+    ("conv1x1_bwd", 4, None),
+]
+
+# Python prints torch.float32 where C++ prints Float.
+_CPP_DTYPE_NAMES = {str(torch.float32): "Float", str(torch.float64): "Double", str(torch.long): "Long",
+                    str(torch.int32): "Int"}
+
+
+def refusal(call) -> str:
+    """The message of the ValueError ``call()`` raises, with dtypes spelled the C++ way."""
+    with pytest.raises(ValueError) as info:
+        call()
+    text = str(info.value)
+    for python_name, cpp_name in _CPP_DTYPE_NAMES.items():
+        text = text.replace(python_name, cpp_name)
+    return text
 
 
 def as_tuple(out):

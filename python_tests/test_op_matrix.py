@@ -1,24 +1,37 @@
 """One matrix for every registered op on every kernel backend and device (python_tests/optest.py):
-the float64 reference in float32 and float64, non-contiguous inputs, gradcheck of the
-differentiable ops, and ``torch.library.opcheck``. The CUDA cases run where a GPU is visible."""
+the float64 reference in float32 and float64, float16 / bfloat16 against the reference's own error
+in that dtype, non-contiguous and channels-last inputs, empty batches and zero spatial sizes,
+gradcheck and gradgradcheck of the differentiable ops, ``torch.library.opcheck``, and every bad
+argument refused with the C++ CPU kernel's message (by the op and by its fake). The CUDA cases run
+where a GPU is visible (``make gpu-check``)."""
+
+import os
 
 import pytest
 import torch
 
 from optest import (
+    BAD_ARGUMENTS,
     DIFFERENTIABLE,
     KERNEL_BACKENDS,
     REFERENCE,
     as_tuple,
     in_float64,
+    on_meta,
     op,
     op_names,
+    refusal,
+    replaced,
     strided,
+    to_device,
     valid_args,
 )
 from tolerances import assert_close
 
 NAMES = op_names()
+# The ops with a batch and spatial positions (all but the 1x1 convolution's weight assembly).
+BATCHED = [name for name in NAMES if any(isinstance(a, torch.Tensor) and a.dim() >= 3 for a in valid_args(name))]
+CUDA_BACKENDS = [p for p in KERNEL_BACKENDS if p.values[0][1] == "cuda"]
 
 
 def test_every_op_is_in_the_matrix():
@@ -57,10 +70,62 @@ def test_non_contiguous_inputs(backend_device, name):
     assert_matches_reference(name, args, as_tuple(op(name, backend)(*views)))
 
 
-@pytest.mark.parametrize("name", sorted(DIFFERENTIABLE))
+@pytest.mark.parametrize("name", BATCHED)
 @pytest.mark.parametrize("backend_device", KERNEL_BACKENDS)
-def test_gradcheck(backend_device, name):
+def test_channels_last_inputs(backend_device, name):
     backend, device = backend_device
+    args = valid_args(name, spatial=(2, 3), dtype=torch.float64, device=device)
+    views = tuple(a.contiguous(memory_format=torch.channels_last) if isinstance(a, torch.Tensor) and a.dim() == 4
+                  else a for a in args)
+    assert any(not v.is_contiguous() for v in views if isinstance(v, torch.Tensor))
+    assert_matches_reference(name, args, as_tuple(op(name, backend)(*views)))
+
+
+def relative_error(t: torch.Tensor, exact: torch.Tensor) -> float:
+    return ((t.double() - exact).norm() / exact.norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("backend_device", KERNEL_BACKENDS)
+def test_reduced_precision_error_is_at_most_twice_the_reference_in_that_dtype(backend_device, name, dtype):
+    """Half inputs: every output in the reference's dtype, no further from the float64 result than
+    twice the reference run in that dtype (the kernels compute in float32)."""
+    backend, device = backend_device
+    args = valid_args(name, spatial=(6, 6), dtype=dtype, device=device, channels=8)
+    exact = as_tuple(REFERENCE[name](*in_float64(args)))
+    low = as_tuple(REFERENCE[name](*args))
+    ours = as_tuple(op(name, backend)(*args))
+    # The interpreter truncates Triton's low-precision stores where a GPU rounds them.
+    factor = 4 if backend == "triton" and device == "cpu" and os.environ.get("TRITON_INTERPRET") == "1" else 2
+    assert len(ours) == len(exact)
+    for got, ref, want in zip(ours, low, exact):
+        assert (got is None) == (want is None)
+        if got is not None:
+            assert got.dtype == ref.dtype and got.shape == want.shape
+            assert relative_error(got, want) <= factor * relative_error(ref, want) + 1e-3
+
+
+@pytest.mark.parametrize("sizes", [{"batch": 0}, {"spatial": (0, 3)}], ids=["empty-batch", "zero-spatial-size"])
+@pytest.mark.parametrize("name", BATCHED)
+@pytest.mark.parametrize("backend_device", KERNEL_BACKENDS)
+def test_empty_inputs(backend_device, name, sizes):
+    """No elements: the reference's shapes and dtypes, and its values (zero parameter gradients
+    and log-dets)."""
+    backend, device = backend_device
+    args = valid_args(name, **{"spatial": (2, 3), "device": device, **sizes})
+    want = as_tuple(REFERENCE[name](*args))
+    got = as_tuple(op(name, backend)(*args))
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert (g is None) == (w is None)
+        if g is not None:
+            assert (g.shape, g.dtype) == (w.shape, w.dtype)
+            assert_close(g, w)
+
+
+def differentiable_call(name, backend, device):
+    """``(call, inputs)``: op ``name`` as a function of its differentiable float64 arguments."""
     args = list(valid_args(name, spatial=(2,), dtype=torch.float64, device=device))
     inputs = [args[i].clone().requires_grad_() for i in DIFFERENTIABLE[name]]
 
@@ -70,7 +135,20 @@ def test_gradcheck(backend_device, name):
             full[i] = t
         return op(name, backend)(*full)
 
-    assert torch.autograd.gradcheck(call, inputs)
+    return call, inputs
+
+
+@pytest.mark.parametrize("name", sorted(DIFFERENTIABLE))
+@pytest.mark.parametrize("backend_device", KERNEL_BACKENDS)
+def test_gradcheck(backend_device, name):
+    assert torch.autograd.gradcheck(*differentiable_call(name, *backend_device))
+
+
+@pytest.mark.parametrize("name", sorted(DIFFERENTIABLE))
+@pytest.mark.parametrize("backend_device", KERNEL_BACKENDS)
+def test_gradgradcheck(backend_device, name):
+    """create_graph=True: the backward formulas run in differentiable ops."""
+    assert torch.autograd.gradgradcheck(*differentiable_call(name, *backend_device))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -81,3 +159,34 @@ def test_opcheck(backend_device, name):
     for i in DIFFERENTIABLE.get(name, ()):
         args[i] = args[i].clone().requires_grad_()
     torch.library.opcheck(op(name, backend), tuple(args))
+
+
+def test_every_op_has_bad_argument_cases():
+    assert {name for name, _, _ in BAD_ARGUMENTS} == set(NAMES)
+
+
+@pytest.mark.parametrize("case", range(len(BAD_ARGUMENTS)),
+                         ids=[f"{n}-{i}-{k}" for k, (n, i, _) in enumerate(BAD_ARGUMENTS)])
+@pytest.mark.parametrize("backend_device", KERNEL_BACKENDS)
+def test_bad_arguments_are_refused_with_one_message(backend_device, case):
+    """The op on every backend and device, and its fake, refuse with the C++ CPU kernel's
+    message: the one fake checks everything the kernels check, with their wording."""
+    backend, device = backend_device
+    name, index, bad = BAD_ARGUMENTS[case]
+    cpu_args = replaced(valid_args(name), index, bad)
+    expected = refusal(lambda: op(name, "cpp")(*cpu_args))
+    assert expected.startswith(f"{name}: ")
+    args = tuple(to_device(a, device) for a in cpu_args)
+    assert refusal(lambda: op(name, backend)(*args)) == expected
+    assert refusal(lambda: op(name, backend)(*on_meta(args))) == expected
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("backend_device", CUDA_BACKENDS)
+def test_a_cpu_tensor_among_cuda_tensors_is_refused(backend_device, name):
+    backend, device = backend_device
+    args = valid_args(name, device=device)
+    tensors = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+    for i in tensors[1:]:
+        with pytest.raises(ValueError, match="device"):
+            op(name, backend)(*replaced(args, i, args[i].cpu()))

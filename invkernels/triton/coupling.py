@@ -374,6 +374,7 @@ def _additive_coupling_bwd_kernel(
     N2,
     NBLK,
     SIGN: tl.constexpr,
+    ACC: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -382,7 +383,8 @@ def _additive_coupling_bwd_kernel(
     g2 = tl.load(g_ptr + x2_off, mask=mask2, other=0.0)
     tl.store(gin_ptr + x2_off, g2, mask=mask2)
     if SIGN < 0:
-        g2 = -g2
+        # Negated in the compute dtype: the interpreter holds bfloat16 values as their raw bits.
+        g2 = (-g2.to(ACC)).to(gh_ptr.dtype.element_ty)
     tl.store(gh_ptr + t_off, g2, mask=mask2)
 
 
@@ -585,6 +587,7 @@ def additive_coupling_backward(grad_out: torch.Tensor, reverse: bool = False) ->
     grad_h = grad_out.new_empty((batch, split_channels(grad_out.shape[1])[1], *grad_out.shape[2:]))
     if grad_in.numel() == 0:
         return grad_in, grad_h
+    _, acc_tl = compute_dtype(grad_out.dtype)
     tiling = _tiling(batch, n2)
     with device_guard(grad_out):
         _additive_coupling_bwd_kernel[tiling.grid](
@@ -596,6 +599,7 @@ def additive_coupling_backward(grad_out: torch.Tensor, reverse: bool = False) ->
             N2=n2,
             NBLK=tiling.nblk,
             SIGN=-1 if reverse else 1,
+            ACC=acc_tl,
             ROWS=tiling.rows,
             BLOCK=tiling.block,
             num_warps=tiling.num_warps,
