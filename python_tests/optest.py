@@ -122,6 +122,35 @@ def replaced(args, index, value):
     return (*args[:index], value, *args[index + 1:])
 
 
+# The other settings of each op's non-tensor arguments (and optional tensors), as replacements of
+# valid_args' positions: the matrix runs every op in each of them.
+VARIANTS = {
+    "affine_coupling_fwd": {"sigmoid": {2: "sigmoid"}},
+    "affine_coupling_inv": {"sigmoid": {2: "sigmoid", 3: 0.5}},
+    "affine_coupling_bwd": {"exp-forward": {4: "exp", 6: False}},
+    "affine_coupling_inv_bwd": {"sigmoid": {4: "sigmoid"}},
+    "additive_coupling_bwd": {"forward": {1: False}},
+    "actnorm_bwd": {"reverse": {5: True}},
+    "conv1x1": {"unfolded": {2: None, 3: None}},
+    "conv1x1_bwd": {"unfolded": {3: None, 4: None, 5: [True, True, False]}, "grad-x-only": {5: [True, False, False]}},
+}
+
+
+def op_cases() -> list:
+    """``(name, variant)`` pytest params: every op in its valid_args setting and in each of its VARIANTS."""
+    return [pytest.param((name, variant), id=name if variant is None else f"{name}-{variant}")
+            for name in op_names() for variant in (None, *VARIANTS.get(name, {}))]
+
+
+def case_args(case, **kwargs):
+    """valid_args of ``case = (name, variant)`` with the variant's replacements."""
+    name, variant = case
+    args = valid_args(name, **kwargs)
+    for index, value in (VARIANTS[name][variant] if variant is not None else {}).items():
+        args = replaced(args, index, value)
+    return args
+
+
 def to_device(value, device):
     return value.to(device) if isinstance(value, torch.Tensor) else value
 

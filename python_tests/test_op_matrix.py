@@ -24,13 +24,17 @@ from optest import (
     replaced,
     strided,
     to_device,
+    case_args,
+    op_cases,
     valid_args,
 )
 from tolerances import assert_close
 
 NAMES = op_names()
+CASES = op_cases()
 # The ops with a batch and spatial positions (all but the 1x1 convolution's weight assembly).
-BATCHED = [name for name in NAMES if any(isinstance(a, torch.Tensor) and a.dim() >= 3 for a in valid_args(name))]
+BATCHED = [p for p in CASES if any(isinstance(a, torch.Tensor) and a.dim() >= 3 for a in case_args(p.values[0]))]
+DIFFERENTIABLE_CASES = [p for p in CASES if p.values[0][0] in DIFFERENTIABLE]
 CUDA_BACKENDS = [p for p in KERNEL_BACKENDS if p.values[0][1] == "cuda"]
 
 
@@ -52,29 +56,29 @@ def assert_matches_reference(name, args, outputs):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("backend_device", KERNEL_BACKENDS)
-def test_matches_the_float64_reference(backend_device, name, dtype):
+def test_matches_the_float64_reference(backend_device, case, dtype):
     backend, device = backend_device
-    args = valid_args(name, dtype=dtype, device=device)
+    name, args = case[0], case_args(case, dtype=dtype, device=device)
     assert_matches_reference(name, args, as_tuple(op(name, backend)(*args)))
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("backend_device", KERNEL_BACKENDS)
-def test_non_contiguous_inputs(backend_device, name):
+def test_non_contiguous_inputs(backend_device, case):
     backend, device = backend_device
-    args = valid_args(name, spatial=(2, 3), dtype=torch.float64, device=device)
+    name, args = case[0], case_args(case, spatial=(2, 3), dtype=torch.float64, device=device)
     views = tuple(strided(a) if isinstance(a, torch.Tensor) else a for a in args)
     assert not any(v.is_contiguous() for v in views if isinstance(v, torch.Tensor) and v.numel() > 1)
     assert_matches_reference(name, args, as_tuple(op(name, backend)(*views)))
 
 
-@pytest.mark.parametrize("name", BATCHED)
+@pytest.mark.parametrize("case", BATCHED)
 @pytest.mark.parametrize("backend_device", KERNEL_BACKENDS)
-def test_channels_last_inputs(backend_device, name):
+def test_channels_last_inputs(backend_device, case):
     backend, device = backend_device
-    args = valid_args(name, spatial=(2, 3), dtype=torch.float64, device=device)
+    name, args = case[0], case_args(case, spatial=(2, 3), dtype=torch.float64, device=device)
     views = tuple(a.contiguous(memory_format=torch.channels_last) if isinstance(a, torch.Tensor) and a.dim() == 4
                   else a for a in args)
     assert any(not v.is_contiguous() for v in views if isinstance(v, torch.Tensor))
@@ -86,13 +90,13 @@ def relative_error(t: torch.Tensor, exact: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("backend_device", KERNEL_BACKENDS)
-def test_reduced_precision_error_is_at_most_twice_the_reference_in_that_dtype(backend_device, name, dtype):
+def test_reduced_precision_error_is_at_most_twice_the_reference_in_that_dtype(backend_device, case, dtype):
     """Half inputs: every output in the reference's dtype, no further from the float64 result than
     twice the reference run in that dtype (the kernels compute in float32)."""
     backend, device = backend_device
-    args = valid_args(name, spatial=(6, 6), dtype=dtype, device=device, channels=8)
+    name, args = case[0], case_args(case, spatial=(6, 6), dtype=dtype, device=device, channels=8)
     exact = as_tuple(REFERENCE[name](*in_float64(args)))
     low = as_tuple(REFERENCE[name](*args))
     ours = as_tuple(op(name, backend)(*args))
@@ -107,13 +111,13 @@ def test_reduced_precision_error_is_at_most_twice_the_reference_in_that_dtype(ba
 
 
 @pytest.mark.parametrize("sizes", [{"batch": 0}, {"spatial": (0, 3)}], ids=["empty-batch", "zero-spatial-size"])
-@pytest.mark.parametrize("name", BATCHED)
+@pytest.mark.parametrize("case", BATCHED)
 @pytest.mark.parametrize("backend_device", KERNEL_BACKENDS)
-def test_empty_inputs(backend_device, name, sizes):
+def test_empty_inputs(backend_device, case, sizes):
     """No elements: the reference's shapes and dtypes, and its values (zero parameter gradients
     and log-dets)."""
     backend, device = backend_device
-    args = valid_args(name, **{"spatial": (2, 3), "device": device, **sizes})
+    name, args = case[0], case_args(case, **{"spatial": (2, 3), "device": device, **sizes})
     want = as_tuple(REFERENCE[name](*args))
     got = as_tuple(op(name, backend)(*args))
     assert len(got) == len(want)
@@ -124,40 +128,46 @@ def test_empty_inputs(backend_device, name, sizes):
             assert_close(g, w)
 
 
-def differentiable_call(name, backend, device):
-    """``(call, inputs)``: op ``name`` as a function of its differentiable float64 arguments."""
-    args = list(valid_args(name, spatial=(2,), dtype=torch.float64, device=device))
-    inputs = [args[i].clone().requires_grad_() for i in DIFFERENTIABLE[name]]
+def differentiable_positions(name, args):
+    return [i for i in DIFFERENTIABLE.get(name, ()) if args[i] is not None]
+
+
+def differentiable_call(case, backend, device):
+    """``(call, inputs)``: the op of ``case`` as a function of its differentiable float64 arguments."""
+    name, args = case[0], list(case_args(case, spatial=(2,), dtype=torch.float64, device=device))
+    positions = differentiable_positions(name, args)
+    inputs = [args[i].clone().requires_grad_() for i in positions]
 
     def call(*tensors):
         full = list(args)
-        for i, t in zip(DIFFERENTIABLE[name], tensors):
+        for i, t in zip(positions, tensors):
             full[i] = t
         return op(name, backend)(*full)
 
     return call, inputs
 
 
-@pytest.mark.parametrize("name", sorted(DIFFERENTIABLE))
+@pytest.mark.parametrize("case", DIFFERENTIABLE_CASES)
 @pytest.mark.parametrize("backend_device", KERNEL_BACKENDS)
-def test_gradcheck(backend_device, name):
-    assert torch.autograd.gradcheck(*differentiable_call(name, *backend_device))
+def test_gradcheck(backend_device, case):
+    assert torch.autograd.gradcheck(*differentiable_call(case, *backend_device))
 
 
-@pytest.mark.parametrize("name", sorted(DIFFERENTIABLE))
+@pytest.mark.parametrize("case", DIFFERENTIABLE_CASES)
 @pytest.mark.parametrize("backend_device", KERNEL_BACKENDS)
-def test_gradgradcheck(backend_device, name):
+def test_gradgradcheck(backend_device, case):
     """create_graph=True: the backward formulas run in differentiable ops."""
-    assert torch.autograd.gradgradcheck(*differentiable_call(name, *backend_device))
+    assert torch.autograd.gradgradcheck(*differentiable_call(case, *backend_device))
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["no-grad", "grad"])
+@pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("backend_device", KERNEL_BACKENDS)
-def test_opcheck(backend_device, name):
+def test_opcheck(backend_device, case, requires_grad):
     backend, device = backend_device
-    args = list(valid_args(name, dtype=torch.float64, device=device))
-    for i in DIFFERENTIABLE.get(name, ()):
-        args[i] = args[i].clone().requires_grad_()
+    name, args = case[0], list(case_args(case, dtype=torch.float64, device=device))
+    for i in differentiable_positions(name, args):
+        args[i] = args[i].clone().requires_grad_(requires_grad)
     torch.library.opcheck(op(name, backend), tuple(args))
 
 
