@@ -55,12 +55,27 @@ def assert_matches_reference(name, args, outputs):
             assert_close(got, expected, reduce_len=x.numel())
 
 
+# Inputs [B, C], [B, C, S] and [B, C, H, W] (the 1x1 convolution routes each differently).
+SPATIAL = {"vectors": (), "1-d": (3,), "2-d": (2, 3)}
+
+
+@pytest.mark.parametrize("spatial", SPATIAL.values(), ids=SPATIAL.keys())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("backend_device", KERNEL_BACKENDS)
-def test_matches_the_float64_reference(backend_device, case, dtype):
+def test_matches_the_float64_reference(backend_device, case, dtype, spatial):
     backend, device = backend_device
-    name, args = case[0], case_args(case, dtype=dtype, device=device)
+    name, args = case[0], case_args(case, spatial=spatial, dtype=dtype, device=device)
+    assert_matches_reference(name, args, as_tuple(op(name, backend)(*args)))
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("backend_device", KERNEL_BACKENDS)
+def test_matches_the_float64_reference_over_many_tiles(backend_device, case):
+    """64 channels, 3 samples of 17 x 9 positions: several programs, thread blocks and chunks per
+    launch, and partial tiles at every edge."""
+    backend, device = backend_device
+    name, args = case[0], case_args(case, spatial=(17, 9), device=device, channels=64, batch=3)
     assert_matches_reference(name, args, as_tuple(op(name, backend)(*args)))
 
 
@@ -100,17 +115,20 @@ def test_reduced_precision_error_is_at_most_twice_the_reference_in_that_dtype(ba
     exact = as_tuple(REFERENCE[name](*in_float64(args)))
     low = as_tuple(REFERENCE[name](*args))
     ours = as_tuple(op(name, backend)(*args))
-    # The interpreter truncates Triton's low-precision stores where a GPU rounds them.
-    factor = 4 if backend == "triton" and device == "cpu" and os.environ.get("TRITON_INTERPRET") == "1" else 2
+    # The interpreter truncates Triton's bfloat16 stores where a GPU rounds them to nearest (checked:
+    # its results are the float32 ones truncated, bit for bit), which doubles the rounding error.
+    interpreted = backend == "triton" and device == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+    factor = 4 if interpreted and dtype == torch.bfloat16 else 2
     assert len(ours) == len(exact)
     for got, ref, want in zip(ours, low, exact):
         assert (got is None) == (want is None)
         if got is not None:
             assert got.dtype == ref.dtype and got.shape == want.shape
-            assert relative_error(got, want) <= factor * relative_error(ref, want) + 1e-3
+            assert relative_error(got, want) <= factor * relative_error(ref, want)
 
 
-@pytest.mark.parametrize("sizes", [{"batch": 0}, {"spatial": (0, 3)}], ids=["empty-batch", "zero-spatial-size"])
+@pytest.mark.parametrize("sizes", [{"batch": 0}, {"spatial": (0, 3)}, {"batch": 0, "spatial": ()}],
+                         ids=["empty-batch", "zero-spatial-size", "no-vectors"])
 @pytest.mark.parametrize("case", BATCHED)
 @pytest.mark.parametrize("backend_device", KERNEL_BACKENDS)
 def test_empty_inputs(backend_device, case, sizes):
@@ -169,6 +187,17 @@ def test_opcheck(backend_device, case, requires_grad):
     for i in differentiable_positions(name, args):
         args[i] = args[i].clone().requires_grad_(requires_grad)
     torch.library.opcheck(op(name, backend), tuple(args))
+
+
+@pytest.mark.parametrize("case", BATCHED)
+@pytest.mark.parametrize("backend_device", KERNEL_BACKENDS)
+def test_opcheck_channels_last(backend_device, case):
+    """The fake gives the real op's output layouts (channels-last outputs where the op keeps them)."""
+    backend, device = backend_device
+    args = case_args(case, spatial=(2, 3), device=device)
+    torch.library.opcheck(op(case[0], backend), tuple(
+        a.contiguous(memory_format=torch.channels_last) if isinstance(a, torch.Tensor) and a.dim() == 4 else a
+        for a in args))
 
 
 def test_every_op_has_bad_argument_cases():
