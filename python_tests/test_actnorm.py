@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-import invkernels
 from invkernels.ops import actnorm as A
 from invkernels.reference import actnorm as R
 from tolerances import assert_close
@@ -50,30 +49,6 @@ def test_forward_inverse_backward_match_reference(backend, dtype, shape):
         assert_close(grads[0], expected[0])
         for got, want in zip(grads[1:], expected[1:]):
             assert_close(got, want, reduce_len=per_channel_len(shape))
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("direction", ["fwd", "inv"])
-def test_gradcheck_and_gradgradcheck(backend, direction):
-    op = getattr(ops_of(backend), direction)
-    inputs = [t.requires_grad_() for t in make((2, 3, 2, 2))]
-    assert torch.autograd.gradcheck(op, inputs)
-    assert torch.autograd.gradgradcheck(op, inputs)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_opcheck(backend, dtype):
-    ops_of(backend)
-    suffix = "" if backend == "cpp" else "_triton"
-    ns = torch.ops.invkernels
-    x, b, ls = make((2, 3, 4, 5), dtype)
-    for rg in (False, True):
-        for name in ("actnorm_fwd", "actnorm_inv"):
-            torch.library.opcheck(getattr(ns, name + suffix), tuple(t.clone().requires_grad_(rg) for t in (x, b, ls)))
-    for reverse in (False, True):
-        torch.library.opcheck(getattr(ns, "actnorm_bwd" + suffix),
-                              (torch.randn_like(x), torch.randn(2, dtype=dtype), x, b, ls, reverse))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -57,74 +57,6 @@ def test_bwd_op_matches_reference_vjp_for_every_mask(backend, shape, folded):
                 assert value is None
 
 
-@pytest.mark.parametrize("folded", [False, True])
-@pytest.mark.parametrize("shape", [(4, 3), (2, 3, 2, 3), (2, 4, 1, 1), (2, 3, 5)])
-def test_gradcheck_and_gradgradcheck(shape, folded):
-    args = [None if t is None else t.requires_grad_() for t in operands(shape, folded=folded)]
-    inputs = [t for t in args if t is not None]
-
-    def fn(*ts):
-        return F.conv1x1(*ts)
-
-    assert torch.autograd.gradcheck(fn, inputs)
-    assert torch.autograd.gradgradcheck(fn, inputs)
-    if len(shape) == 4:
-        xl = args[0].detach().contiguous(memory_format=torch.channels_last).requires_grad_()
-        assert torch.autograd.gradcheck(fn, [xl, *inputs[1:]])
-
-
-@pytest.mark.parametrize("folded", [False, True])
-@pytest.mark.parametrize("shape", [(4, 3), (2, 3, 2, 3), (2, 3, 5)])
-def test_opcheck(shape, folded):
-    x, w, b, ls = operands(shape, torch.float32, folded)
-    cases = [(x, w, b, ls)]
-    if len(shape) == 4:
-        cases.append((x.contiguous(memory_format=torch.channels_last), w, b, ls))
-    for xc, wc, bc, lc in cases:
-        args = (xc.requires_grad_(), wc.requires_grad_(), bc, lc) if bc is None else \
-            tuple(t.requires_grad_() for t in (xc, wc, bc, lc))
-        torch.library.opcheck(torch.ops.invkernels.conv1x1.default, args)
-        g = torch.randn(shape)
-        torch.library.opcheck(torch.ops.invkernels.conv1x1_bwd.default,
-                              (g, *(None if t is None else t.detach() for t in args), [True, True, True]))
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_reduced_precision_error_is_at_most_twice_the_reference_in_that_dtype(dtype):
-    x, w, b, ls = operands((2, 16, 6, 6), torch.float64)
-    g = torch.randn(x.shape, dtype=torch.float64)
-    exact = R.conv1x1(x, w, b, ls)
-    exact_grads = R.conv1x1_vjp(g, x, w, b, ls)
-    low = [t.to(dtype) for t in (x, w, b, ls)]
-    ours = F.conv1x1(*low)
-    ref = R.conv1x1(*low)
-    assert ours.dtype == dtype
-
-    def err(a, e):
-        return ((a.double() - e).norm() / e.norm()).item()
-
-    assert err(ours, exact) <= 2 * err(ref, exact) + 1e-3
-    ours_grads = torch.ops.invkernels.conv1x1_bwd(g.to(dtype), *low, [True, True, True])
-    ref_grads = R.conv1x1_vjp(g.to(dtype), *low)
-    for a, r, e in zip(ours_grads, ref_grads, exact_grads):
-        assert a.dtype == dtype
-        assert err(a, e) <= 2 * err(r, e) + 1e-3
-
-
-@pytest.mark.parametrize("folded", [False, True])
-def test_empty_batch_and_zero_spatial_size(folded):
-    for shape in [(0, 4, 3, 3), (2, 4, 0, 3), (0, 4)]:
-        x, w, b, ls = operands(shape, folded=folded)
-        y = F.conv1x1(x, w, b, ls)
-        assert y.shape == x.shape
-        gx, gw, gb, gls = torch.ops.invkernels.conv1x1_bwd(torch.ones(shape, dtype=x.dtype), x, w, b, ls,
-                                                           [True, True, True])
-        assert gx.shape == x.shape
-        assert torch.equal(gw, torch.zeros_like(w))
-        if folded:
-            assert torch.equal(gb, torch.zeros_like(b)) and torch.equal(gls, torch.zeros_like(ls))
-
-
 def test_runs_in_the_input_dtype_under_autocast():
     x, w, b, ls = operands((2, 4, 3, 3), torch.float32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -193,19 +125,3 @@ def test_bwd_rejects_a_grad_of_another_shape():
         torch.ops.invkernels.conv1x1_bwd(torch.zeros(2, 4, 3, dtype=x.dtype), x, w, b, ls, [True, True, True])
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("folded", [False, True])
-@pytest.mark.parametrize("shape", [(6, 5), (3, 5, 4, 3), (16, 64, 32, 32)])
-def test_cuda_matches_reference(shape, folded):
-    x, w, b, ls = operands(shape, torch.float32, folded)
-    g = torch.randn(shape)
-    exact = R.conv1x1(*as_double(x, w, b, ls))
-    exact_grads = R.conv1x1_vjp(*as_double(g, x, w, b, ls))
-    cuda = [None if t is None else t.cuda() for t in (x, w, b, ls)]
-    for xl in layouts(cuda[0]).values():
-        assert_close(F.conv1x1(xl, *cuda[1:]), exact, reduce_len=shape[1])
-        grads = torch.ops.invkernels.conv1x1_bwd(g.cuda(), xl, *cuda[1:], [True, True, True])
-        for got, want in zip(grads, exact_grads):
-            if want is not None:
-                assert_close(got, want, reduce_len=x.numel())
-    torch.library.opcheck(torch.ops.invkernels.conv1x1.default, tuple(cuda))

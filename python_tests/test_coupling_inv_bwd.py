@@ -81,46 +81,12 @@ def test_hostile_layouts_match_contiguous(backend):
 
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_reduced_precision_error_is_at_most_twice_the_reference_in_that_dtype(backend, dtype):
-    x, y, h, g, gl = affine_case((2, 8, 6, 6), "exp")
-    exact = R.affine_coupling_inv_bwd(y, h, g, gl, "exp", 2.0)
-    low = [t.to(dtype) for t in (y, h, g)] + [gl.float()]
-    ours = F.affine_coupling_inv_bwd(*low, "exp", 2.0, backend=backend)
-    ref = R.affine_coupling_inv_bwd(*low, "exp", 2.0)
-    for a, r, e in zip(ours, ref, exact):
-        assert a.dtype == dtype
-        err = ((a.double() - e).norm() / e.norm()).item()
-        ref_err = ((r.double() - e).norm() / e.norm()).item()
-        assert err <= 2 * ref_err + 1e-3
-
-
-@pytest.mark.parametrize("backend", ["cpp", "triton"])
-def test_empty_batch_and_zero_spatial_size(backend):
-    for shape in [(0, 4, 3, 3), (2, 4, 0, 3)]:
-        _, y, h, g, gl = affine_case(shape, "exp", torch.float32)
-        for t, ref in zip(F.affine_coupling_inv_bwd(y, h, g, gl, backend=backend), (y, y, h)):
-            assert t.shape == ref.shape
-        for t, ref in zip(F.additive_coupling_inv_bwd(y, h[:, :2], g, backend=backend), (y, y, h[:, :2])):
-            assert t.shape == ref.shape
-
-
-@pytest.mark.parametrize("backend", ["cpp", "triton"])
 def test_nan_propagates(backend):
     _, y, h, g, gl = affine_case((2, 4, 3, 3), "sigmoid", torch.float32)
     h[0, 0, 1, 1] = float("nan")
     x, grad_x, grad_h = F.affine_coupling_inv_bwd(y, h, g, gl, "sigmoid", 2.0, backend=backend)
     assert torch.isnan(x[0, 2, 1, 1]) and torch.isnan(grad_x[0, 2, 1, 1]) and torch.isnan(grad_h[0, 0, 1, 1])
     assert torch.isfinite(x[1]).all() and torch.isfinite(grad_h[1]).all()
-
-
-@pytest.mark.parametrize("backend", ["cpp", "triton"])
-def test_opcheck(backend):
-    _, y, h, g, gl = affine_case((2, 5, 3, 4), "exp", torch.float32)
-    ops = ops_of(backend)
-    for scale in ("exp", "sigmoid"):
-        torch.library.opcheck(ops.affine_inv_bwd, (y, h, g, gl, scale, 2.0))
-    torch.library.opcheck(ops.additive_inv_bwd, (y, h[:, :3], g))
 
 
 BAD = [
@@ -139,21 +105,3 @@ def test_bad_arguments(backend, message, mutate):
         F.affine_coupling_inv_bwd(*mutate(*case), "exp", 2.0, backend=backend)
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("backend", ["cpp", "triton"])
-@pytest.mark.parametrize("scale", ["exp", "sigmoid"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(3, 5, 17, 9), (2, 6), (5, 64, 32, 32)])
-def test_cuda_matches_reference(backend, scale, dtype, shape):
-    x, y, h, g, gl = affine_case(shape, scale, dtype, "cuda")
-    want = R.affine_coupling_inv_bwd(*(t.double() for t in (y, h, g, gl)), scale, 2.0)
-    n = shape[1] * y[0, 0].numel()
-    for value, ref in zip(F.affine_coupling_inv_bwd(y, h, g, gl, scale, 2.0, backend=backend), want):
-        assert value.device == y.device
-        assert_close(value, ref, reduce_len=n)
-    c2 = shape[1] - shape[1] // 2
-    got = F.additive_coupling_inv_bwd(y, h[:, :c2].contiguous(), g, backend=backend)
-    assert_close(got[0], R.additive_coupling_inv(y.double(), h[:, :c2].double()))
-    assert torch.equal(got[1], g) and torch.equal(got[2], g[:, shape[1] // 2:])
-    ops = ops_of(backend)
-    torch.library.opcheck(ops.affine_inv_bwd, (y, h, g, gl, scale, 2.0))

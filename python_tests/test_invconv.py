@@ -65,28 +65,11 @@ def test_weight_bwd_op_matches_reference_vjp():
         assert_close(got, want)
 
 
-def test_weight_op_gradcheck_and_gradgradcheck():
-    weight = F.cpp_ops().weight
-    inputs = with_grad(factors(4))
-    assert torch.autograd.gradcheck(weight, inputs)
-    assert torch.autograd.gradgradcheck(weight, inputs)
-
-
 def test_inverse_weight_gradcheck_and_value():
     inputs = with_grad(factors(4))
     assert torch.autograd.gradcheck(F.invconv_inverse_weight, inputs)
     w = R.invconv_weight(*(t.detach() for t in inputs))
     assert_close(F.invconv_inverse_weight(*inputs), torch.linalg.inv(w))
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_opcheck(dtype):
-    ops = F.cpp_ops()
-    for requires_grad in (False, True):
-        perm, *rest = factors(5, dtype)
-        args = (perm, *(t.requires_grad_(requires_grad and i != 2) for i, t in enumerate(rest)))
-        torch.library.opcheck(ops.weight, args)
-    torch.library.opcheck(ops.weight_bwd, (torch.randn(5, 5, dtype=dtype), *factors(5, dtype)))
 
 
 def test_random_rotation_and_lu_factors():

@@ -90,21 +90,6 @@ def test_weight_with_an_out_of_range_perm_gives_nan_rows_not_a_bad_read():
     assert torch.isnan(grad_upper[tuple(torch.triu_indices(5, 5, 1))]).all()
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_weight_reduced_precision_error_is_at_most_twice_the_reference_in_that_dtype(dtype):
-    fs = factors(24)
-    g = torch.randn(24, 24, dtype=torch.float64)
-    low = (fs[0], *(t.to(dtype) for t in fs[1:]))
-    w = T.invconv_weight(*low)
-    assert w.dtype == dtype
-    assert rel_err(w, R.invconv_weight(*fs)) <= 2 * rel_err(R.invconv_weight(*low), R.invconv_weight(*fs))
-    ours = T.invconv_weight_bwd(g.to(dtype), *low)
-    theirs = R.invconv_weight_vjp(g.to(dtype), *low)
-    for a, r, e in zip(ours, theirs, R.invconv_weight_vjp(g, *fs)):
-        assert a.dtype == dtype
-        assert rel_err(a, e) <= 2 * rel_err(r, e)
-
-
 @pytest.mark.parametrize("folded", [False, True])
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("shape", SHAPES)
@@ -144,37 +129,6 @@ def test_product_in_the_gpu_configurations(gpu_tiles, shape, folded):
     for got, want in zip(T.conv1x1_bwd(g, x, w, b, ls, [True, True, True]), R.conv1x1_vjp(g, x, w, b, ls)):
         if want is not None:
             assert_close(got, want, reduce_len=positions * shape[1])
-
-
-@pytest.mark.parametrize("folded", [False, True])
-def test_empty_batch_and_zero_spatial_size(folded):
-    for shape in [(0, 4, 3, 3), (2, 4, 0, 3), (0, 4), (0, 4, 3)]:
-        x, w, b, ls = operands(shape, folded=folded)
-        y = T.conv1x1(x, w, b, ls)
-        assert y.shape == x.shape
-        gx, gw, gb, gls = T.conv1x1_bwd(torch.ones(shape, dtype=x.dtype), x, w, b, ls, [True, True, True])
-        assert gx.shape == x.shape
-        assert torch.equal(gw, torch.zeros_like(w))
-        if folded:
-            assert torch.equal(gb, torch.zeros_like(b)) and torch.equal(gls, torch.zeros_like(ls))
-        else:
-            assert gb is None and gls is None
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_product_reduced_precision_error_is_at_most_twice_the_reference_in_that_dtype(dtype):
-    x, w, b, ls = operands((2, 16, 6, 6))
-    g = torch.randn(x.shape, dtype=torch.float64)
-    low = [t.to(dtype) for t in (x, w, b, ls)]
-    ours = T.conv1x1(*low)
-    assert ours.dtype == dtype
-    exact = R.conv1x1(x, w, b, ls)
-    assert rel_err(ours, exact) <= 2 * rel_err(R.conv1x1(*low), exact)
-    ours_grads = T.conv1x1_bwd(g.to(dtype), *low, [True, True, True])
-    ref_grads = R.conv1x1_vjp(g.to(dtype), *low)
-    for a, r, e in zip(ours_grads, ref_grads, R.conv1x1_vjp(g, x, w, b, ls)):
-        assert a.dtype == dtype
-        assert rel_err(a, e) <= 2 * rel_err(r, e)
 
 
 def hostile(case):
