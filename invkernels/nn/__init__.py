@@ -7,6 +7,7 @@ from invkernels.nn.invconv import InvConv1x1
 from invkernels.nn.multiscale import Split, Squeeze
 from invkernels.nn.permute import Permute
 from invkernels.nn.residual import InvertibleResidual
+from invkernels.nn.reversible import ReversibleBlock
 from invkernels.nn.sequential import InvertibleSequential
 from invkernels.nn.subnets import conv_subnet, mlp_subnet
 
@@ -19,6 +20,7 @@ __all__ = [
     "InvertibleResidual",
     "InvertibleSequential",
     "Permute",
+    "ReversibleBlock",
     "Split",
     "Squeeze",
     "conv_subnet",

@@ -18,6 +18,63 @@ from invkernels.ops import coupling as F
 _SUBNET_DIMS = {"mlp": 2, "conv": 4}
 
 
+def resolve_subnet(owner: str, subnet: str | SubnetFactory, hidden: int | None) -> SubnetFactory:
+    """The factory of ``subnet`` (``"mlp"``, ``"conv"`` or a factory) with ``hidden`` applied."""
+    if isinstance(subnet, str):
+        if subnet not in _SUBNET_DIMS:
+            raise ValueError(f"{owner}: subnet should be 'mlp', 'conv' or a factory(in, out), got {subnet!r}")
+        kwargs = {} if hidden is None else {"hidden": hidden}
+        return (mlp_subnet if subnet == "mlp" else conv_subnet)(**kwargs)
+    if callable(subnet):
+        if hidden is not None:
+            raise ValueError(f"{owner}: hidden applies to subnet='mlp' or 'conv' only, got a factory and "
+                             f"hidden={hidden!r}")
+        return subnet
+    raise ValueError(f"{owner}: subnet should be 'mlp', 'conv' or a factory(in, out), got {subnet!r}")
+
+
+def subnet_input_dim(factory: SubnetFactory) -> int | None:
+    """The input rank the default factories need (2 for ``"mlp"``, 4 for ``"conv"``), else None."""
+    return _SUBNET_DIMS.get(getattr(factory, "kind", None))
+
+
+def check_block_input(owner: str, x: torch.Tensor, x_name: str, channels: int, input_dim: int | None) -> None:
+    if x.dim() < 2 or x.shape[1] != channels:
+        raise ValueError(f"{owner}: {x_name} should have shape [B, {channels}, ...], got {list(x.shape)}")
+    if input_dim is not None and x.dim() != input_dim:
+        kind = "mlp" if input_dim == 2 else "conv"
+        other = "conv" if kind == "mlp" else "mlp"
+        raise ValueError(f"{owner}: subnet='{kind}' expects {input_dim}-D inputs, got {x_name} with "
+                         f"{x.dim()} dims; use subnet='{other}' or a factory")
+
+
+def subnet_h(owner: str, subnet: nn.Module, a: torch.Tensor, context: torch.Tensor | None, context_channels: int,
+             h_channels: int, dtype: torch.dtype) -> torch.Tensor:
+    """``subnet([a, context])`` checked to have ``h_channels`` channels, in ``dtype``."""
+    if context_channels:
+        if context is None:
+            raise ValueError(f"{owner}: context is required (context_channels={context_channels})")
+        if context.shape[0] != a.shape[0] or context.shape[1] != context_channels or \
+                context.shape[2:] != a.shape[2:]:
+            raise ValueError(
+                f"{owner}: context should have shape {[a.shape[0], context_channels, *a.shape[2:]]}, "
+                f"got {list(context.shape)}")
+        a = torch.cat([a, context], dim=1)
+    elif context is not None:
+        raise ValueError(f"{owner}: context was given but the layer was built with context_channels=0")
+    want = [a.shape[0], h_channels, *a.shape[2:]]
+    # Under autocast the subnet may return a lower precision than x; the coupling itself runs
+    # in x's dtype, which keeps the inverse exact to that precision.
+    return call_subnet(owner, subnet, a, want).to(dtype)
+
+
+def check_affine(owner: str, scale: str, clamp: float) -> None:
+    if scale not in _validation.SCALES:
+        raise ValueError(f"{owner}: scale should be 'exp' or 'sigmoid', got {scale!r}")
+    if isinstance(clamp, bool) or not (isinstance(clamp, (int, float)) and math.isfinite(clamp) and clamp > 0):
+        raise ValueError(f"{owner}: clamp should be a positive finite number, got {clamp!r}")
+
+
 class _Coupling(nn.Module):
     def __init__(self, channels: int, subnet: str | SubnetFactory, hidden: int | None, context_channels: int,
                  h_per_channel: int, backend: str | None):
@@ -27,56 +84,24 @@ class _Coupling(nn.Module):
         _validation.check_int(name, "context_channels", context_channels, minimum=0)
         if backend is not None:
             F.prepare(_backend.check_backend(backend))
-        if isinstance(subnet, str):
-            if subnet not in _SUBNET_DIMS:
-                raise ValueError(f"{name}: subnet should be 'mlp', 'conv' or a factory(in, out), got {subnet!r}")
-            kwargs = {} if hidden is None else {"hidden": hidden}
-            factory = (mlp_subnet if subnet == "mlp" else conv_subnet)(**kwargs)
-        elif callable(subnet):
-            if hidden is not None:
-                raise ValueError(f"{name}: hidden applies to subnet='mlp' or 'conv' only, got a factory and "
-                                 f"hidden={hidden!r}")
-            factory = subnet
-        else:
-            raise ValueError(f"{name}: subnet should be 'mlp', 'conv' or a factory(in, out), got {subnet!r}")
+        factory = resolve_subnet(name, subnet, hidden)
         self.channels = channels
         self.c1, self.c2 = _validation.split_channels(channels)
         self.context_channels = context_channels
         self.backend = backend
-        self._input_dim = _SUBNET_DIMS.get(getattr(factory, "kind", None))
+        self._input_dim = subnet_input_dim(factory)
         self._h_channels = h_per_channel * self.c2
         self.subnet = factory(self.c1 + context_channels, self._h_channels)
 
     def _check_input(self, x: torch.Tensor, x_name: str) -> None:
-        name = type(self).__name__
-        if x.dim() < 2 or x.shape[1] != self.channels:
-            raise ValueError(f"{name}: {x_name} should have shape [B, {self.channels}, ...], got {list(x.shape)}")
-        if self._input_dim is not None and x.dim() != self._input_dim:
-            kind = "mlp" if self._input_dim == 2 else "conv"
-            other = "conv" if kind == "mlp" else "mlp"
-            raise ValueError(f"{name}: subnet='{kind}' expects {self._input_dim}-D inputs, got {x_name} with "
-                             f"{x.dim()} dims; use subnet='{other}' or a factory")
+        check_block_input(type(self).__name__, x, x_name, self.channels, self._input_dim)
 
     def _h(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
         return self._subnet_h(x[:, : self.c1], context, x.dtype)
 
     def _subnet_h(self, x1: torch.Tensor, context: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-        name = type(self).__name__
-        if self.context_channels:
-            if context is None:
-                raise ValueError(f"{name}: context is required (context_channels={self.context_channels})")
-            if context.shape[0] != x1.shape[0] or context.shape[1] != self.context_channels or \
-                    context.shape[2:] != x1.shape[2:]:
-                raise ValueError(
-                    f"{name}: context should have shape {[x1.shape[0], self.context_channels, *x1.shape[2:]]}, "
-                    f"got {list(context.shape)}")
-            x1 = torch.cat([x1, context], dim=1)
-        elif context is not None:
-            raise ValueError(f"{name}: context was given but the layer was built with context_channels=0")
-        want = [x1.shape[0], self._h_channels, *x1.shape[2:]]
-        # Under autocast the subnet may return a lower precision than x; the coupling itself runs
-        # in x's dtype, which keeps the inverse exact to that precision.
-        return call_subnet(name, self.subnet, x1, want).to(dtype)
+        return subnet_h(type(self).__name__, self.subnet, x1, context, self.context_channels, self._h_channels,
+                        dtype)
 
     def _subnet_backward(self, y: torch.Tensor, context: torch.Tensor | None, fused):
         """Memory-free backward of the coupling (see :meth:`inverse_backward`): the subnet runs once,
@@ -116,10 +141,7 @@ class AffineCoupling(_Coupling):
 
     def __init__(self, channels: int, subnet: str | SubnetFactory = "mlp", *, hidden: int | None = None,
                  scale: str = "exp", clamp: float = 2.0, context_channels: int = 0, backend: str | None = None):
-        if scale not in _validation.SCALES:
-            raise ValueError(f"AffineCoupling: scale should be 'exp' or 'sigmoid', got {scale!r}")
-        if isinstance(clamp, bool) or not (isinstance(clamp, (int, float)) and math.isfinite(clamp) and clamp > 0):
-            raise ValueError(f"AffineCoupling: clamp should be a positive finite number, got {clamp!r}")
+        check_affine("AffineCoupling", scale, clamp)
         super().__init__(channels, subnet, hidden, context_channels, 2, backend)
         self.scale = scale
         self.clamp = float(clamp)
