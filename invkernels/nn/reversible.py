@@ -20,7 +20,7 @@ from invkernels import _backend, _validation
 from invkernels.nn.coupling import check_affine, check_block_input, resolve_subnet, subnet_h, subnet_input_dim
 from invkernels.nn.subnets import SubnetFactory
 from invkernels.ops import coupling as F
-from invkernels.reference.coupling import log_scale
+from invkernels.reference.coupling import affine_half, affine_half_inv
 
 _COUPLINGS = ("additive", "affine")
 
@@ -98,15 +98,13 @@ class ReversibleBlock(nn.Module):
         """``y1`` and the per-sample log-det of the first half-step (None for additive)."""
         if self.coupling == "additive":
             return x1 + hf, None
-        hs, t = hf.chunk(2, dim=1)
-        log_s = log_scale(hs, self.scale, self.clamp)
-        return x1 * torch.exp(log_s) + t, log_s.flatten(1).sum(1, dtype=_validation.logdet_dtype(x1.dtype))
+        return affine_half(x1, hf, self.scale, self.clamp)
 
-    def _first_inverse(self, y1: torch.Tensor, hf: torch.Tensor) -> torch.Tensor:
+    def _first_inverse(self, y1: torch.Tensor, hf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``x1`` and the per-sample log-det of the first half-step's inverse (None for additive)."""
         if self.coupling == "additive":
-            return y1 - hf
-        hs, t = hf.chunk(2, dim=1)
-        return (y1 - t) * torch.exp(-log_scale(hs, self.scale, self.clamp))
+            return y1 - hf, None
+        return affine_half_inv(y1, hf, self.scale, self.clamp)
 
     def _second(self, z: torch.Tensor, hg: torch.Tensor, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
         if self.coupling == "affine":
@@ -129,12 +127,11 @@ class ReversibleBlock(nn.Module):
         self._check(y, "y")
         z, logdet = self._second(y, self._hg(y[:, : self.c1], context, y.dtype), inverse=True)
         y1, x2 = z[:, : self.c1], z[:, self.c1:]
-        hf = self._hf(x2, context, y.dtype)
-        x = torch.cat([self._first_inverse(y1, hf), x2], dim=1)
+        x1, logdet1 = self._first_inverse(y1, self._hf(x2, context, y.dtype))
+        x = torch.cat([x1, x2], dim=1)
         if not return_logdet:
             return x
-        _, logdet1 = self._first(x[:, : self.c1], hf)
-        return x, logdet if logdet1 is None else logdet - logdet1
+        return x, logdet if logdet1 is None else logdet + logdet1
 
     def inverse_backward(self, y: torch.Tensor, grad_y: torch.Tensor, grad_logdet: torch.Tensor,
                          context: torch.Tensor | None = None):
@@ -161,7 +158,7 @@ class ReversibleBlock(nn.Module):
         leaf_x2 = x2.detach().requires_grad_()
         with torch.enable_grad():
             hf = self._hf(leaf_x2, context, y.dtype)
-            x1 = self._first_inverse(y1, hf.detach()).requires_grad_()
+            x1 = self._first_inverse(y1, hf.detach())[0].requires_grad_()
             h_leaf = hf.detach().requires_grad_()
             y1_again, logdet1 = self._first(x1, h_leaf)
         outputs, grads = [y1_again], [grad_y1]

@@ -31,16 +31,27 @@ def _sum_per_sample(v: torch.Tensor) -> torch.Tensor:
     return v.flatten(1).sum(dim=1, dtype=logdet_dtype(v.dtype))
 
 
+def affine_half(a: torch.Tensor, h: torch.Tensor, scale: str = "exp", clamp: float = 2.0):
+    """The transformed half alone: ``(a * s(hs) + t, logdet)`` with ``(hs, t) = h.chunk(2)``."""
+    hs, t = h.chunk(2, dim=1)
+    log_s = log_scale(hs, scale, clamp)
+    return a * torch.exp(log_s) + t, _sum_per_sample(log_s)
+
+
+def affine_half_inv(b: torch.Tensor, h: torch.Tensor, scale: str = "exp", clamp: float = 2.0):
+    """Inverse of :func:`affine_half`: ``((b - t) * exp(-log s), -logdet)``."""
+    hs, t = h.chunk(2, dim=1)
+    log_s = log_scale(hs, scale, clamp)
+    return (b - t) * torch.exp(-log_s), -_sum_per_sample(log_s)
+
+
 def affine_coupling_fwd(x: torch.Tensor, h: torch.Tensor, scale: str = "exp", clamp: float = 2.0):
     """``(y, logdet)`` of the affine coupling forward."""
     check_scale("affine_coupling_fwd", scale, clamp)
     check_coupling("affine_coupling_fwd", x, h, affine=True)
     c1, _ = split_channels(x.shape[1])
-    x1, x2 = x[:, :c1], x[:, c1:]
-    hs, t = h.chunk(2, dim=1)
-    log_s = log_scale(hs, scale, clamp)
-    y = torch.cat([x1, x2 * torch.exp(log_s) + t], dim=1)
-    return y, _sum_per_sample(log_s)
+    y2, logdet = affine_half(x[:, c1:], h, scale, clamp)
+    return torch.cat([x[:, :c1], y2], dim=1), logdet
 
 
 def affine_coupling_inv(y: torch.Tensor, h: torch.Tensor, scale: str = "exp", clamp: float = 2.0):
@@ -48,11 +59,8 @@ def affine_coupling_inv(y: torch.Tensor, h: torch.Tensor, scale: str = "exp", cl
     check_scale("affine_coupling_inv", scale, clamp)
     check_coupling("affine_coupling_inv", y, h, affine=True, x_name="y")
     c1, _ = split_channels(y.shape[1])
-    y1, y2 = y[:, :c1], y[:, c1:]
-    hs, t = h.chunk(2, dim=1)
-    log_s = log_scale(hs, scale, clamp)
-    x = torch.cat([y1, (y2 - t) * torch.exp(-log_s)], dim=1)
-    return x, -_sum_per_sample(log_s)
+    x2, logdet_inv = affine_half_inv(y[:, c1:], h, scale, clamp)
+    return torch.cat([y[:, :c1], x2], dim=1), logdet_inv
 
 
 def additive_coupling_fwd(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:

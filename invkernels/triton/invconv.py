@@ -39,8 +39,8 @@ a lane's sample and position come from shifts and masks (no division per lane), 
 
 ActNorm's factors and the ``dW`` / ``dlog_scale`` terms come from invkernels.triton.actnorm
 (``scale``, ``backward_terms``). The product kernel scales the weight tile's columns by
-``exp(log_scale)`` and accumulates ``b' = W' bias`` in its channel loop, and adds ``b'`` in the epilogue: the folded ActNorm costs no
-extra pass. ``A`` and ``gb`` are reduced in two stages without atomics: the positions are split
+``exp(log_scale)`` and accumulates ``b' = W' bias`` in its channel loop, and adds ``b'`` in the
+epilogue: the folded ActNorm costs no extra pass. ``A`` and ``gb`` are reduced in two stages without atomics: the positions are split
 into chunks, each program of the partial kernel writes ``sum g x^T`` of one chunk and one tile of
 channels (and ``sum g`` of its rows) to a buffer, and the finishing kernel adds the chunks of each
 entry in chunk order and applies the ActNorm terms. The results depend only on the sizes, not on
