@@ -70,6 +70,11 @@ class Squeeze(nn.Module):
         x = _shuffle(y, [b, c // (f * f), h * f, w * f], False, f)
         return (x, y.new_zeros(y.shape[0], dtype=_validation.logdet_dtype(y.dtype))) if return_logdet else x
 
+    def inverse_backward(self, y: torch.Tensor, grad_y: torch.Tensor, grad_logdet: torch.Tensor):
+        """Memory-free backward: ``(x, grad_x, [])``. The squeeze permutes entries, so the gradient
+        goes back through the same rearrangement as the output (``grad_x = inverse(grad_y)``)."""
+        return self.inverse(y), self.inverse(grad_y), []
+
     def extra_repr(self) -> str:
         return f"factor={self.factor}"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from invkernels import _validation
+from invkernels import _state, _validation
 
 
 class Permute(nn.Module):
@@ -13,22 +13,58 @@ class Permute(nn.Module):
 
     Args:
         channels: number of channels ``C``.
-        kind: ``"reverse"`` (RealNVP's alternation, default) or ``"random"`` (drawn once from
-            torch's global generator and kept in the state dict).
+        kind: ``"reverse"`` (RealNVP's alternation, default), ``"swap"`` (the two halves
+            exchanged: ``y = [x[:, C // 2:], x[:, :C // 2]]``, RevNet's and FrEIA's half swap) or
+            ``"random"`` (drawn once from torch's global generator and kept in the state dict).
+        perm: a permutation of ``0 .. C - 1`` given directly (a sequence or an integer tensor),
+            instead of ``kind``.
 
     ``forward(x) -> (y, zeros[B])``; ``inverse(y) -> x``. Inputs ``[B, C, *spatial]`` or ``[B, C]``.
+    A half swap of even ``C`` is bookkeeping in a chain: :class:`~invkernels.nn.InvertibleSequential`
+    hands the two halves on exchanged (``forward_split``), without moving data. In a memory-free
+    chain every permutation is undone by index (``inverse_backward``), never by the generic rebuild.
     """
 
-    def __init__(self, channels: int, kind: str = "reverse"):
+    def __init__(self, channels: int, kind: str | None = None, *, perm=None):
         super().__init__()
         _validation.check_int("Permute", "channels", channels)
-        if kind not in ("reverse", "random"):
-            raise ValueError(f"Permute: kind should be 'reverse' or 'random', got {kind!r}")
-        perm = torch.arange(channels - 1, -1, -1) if kind == "reverse" else torch.randperm(channels)
+        if perm is not None:
+            if kind is not None:
+                raise ValueError(f"Permute: give kind or perm, not both; got kind={kind!r} and perm")
+            try:
+                perm = torch.as_tensor(perm)
+            except (TypeError, ValueError, RuntimeError) as e:
+                raise ValueError(f"Permute: perm should be a permutation of 0..{channels - 1}, got {perm!r}") from e
+            if perm.dtype in (torch.int8, torch.int16, torch.int32, torch.uint8):
+                perm = perm.long()
+            _validation.check_permutation("Permute", "perm", perm, channels, "perm")
+            kind = "custom"
+        else:
+            kind = "reverse" if kind is None else kind
+            if kind not in ("reverse", "swap", "random"):
+                raise ValueError(f"Permute: kind should be 'reverse', 'swap' or 'random', got {kind!r}")
+            half = channels // 2
+            perm = {"reverse": lambda: torch.arange(channels - 1, -1, -1),
+                    "swap": lambda: torch.cat([torch.arange(half, channels), torch.arange(half)]),
+                    "random": lambda: torch.randperm(channels)}[kind]()
         self.channels = channels
         self.kind = kind
-        self.register_buffer("perm", perm)
+        self.register_buffer("perm", perm.clone())
         self.register_buffer("inverse_perm", torch.argsort(perm))
+        self._swap_key: tuple | None = None
+        self._swap = False
+
+    @property
+    def split_channels(self) -> int | None:
+        """``C // 2`` when the permutation exchanges two halves of equal size (even ``C``), else
+        None: a chain then hands on the halves exchanged instead of permuting the tensor."""
+        key = (self.perm.device, self.perm.data_ptr(), _state.version(self.perm))
+        if key != self._swap_key:
+            c, half = self.channels, self.channels // 2
+            swap = torch.cat([torch.arange(half, c), torch.arange(half)])
+            self._swap = c % 2 == 0 and self.perm.device.type != "meta" and torch.equal(self.perm.cpu(), swap)
+            self._swap_key = key
+        return self.channels // 2 if self._swap else None
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # A permutation that is not one (or an inverse that does not match it) would silently
@@ -61,6 +97,41 @@ class Permute(nn.Module):
         self._check(y, "y")
         x = y.index_select(1, self.inverse_perm)
         return (x, y.new_zeros(y.shape[0], dtype=_validation.logdet_dtype(y.dtype))) if return_logdet else x
+
+    def inverse_backward(self, y: torch.Tensor, grad_y: torch.Tensor, grad_logdet: torch.Tensor):
+        """Memory-free backward: ``(x, grad_x, [])``, both the permutation undone by index
+        (``grad_x = grad_y[:, argsort(perm)]``: the Jacobian is the permutation matrix)."""
+        self._check(y, "y")
+        return y.index_select(1, self.inverse_perm), grad_y.index_select(1, self.inverse_perm), []
+
+    def _check_halves(self, a: torch.Tensor, b: torch.Tensor, names: tuple[str, str]) -> None:
+        half = self.channels // 2
+        if self.split_channels is None:
+            raise ValueError(f"Permute: forward_split needs the half swap of an even channel count, got "
+                             f"kind={self.kind!r} with channels={self.channels}")
+        for t, name in zip((a, b), names):
+            if t.dim() < 2 or t.shape[1] != half:
+                raise ValueError(f"Permute: {name} should have shape [B, {half}, ...], got {list(t.shape)}")
+
+    def forward_split(self, x1: torch.Tensor, x2: torch.Tensor):
+        """The half swap on halves: ``(x2, x1, None)`` (log-det 0), no data moved."""
+        self._check_halves(x1, x2, ("x1", "x2"))
+        return x2, x1, None
+
+    def inverse_split(self, y1: torch.Tensor, y2: torch.Tensor):
+        self._check_halves(y1, y2, ("y1", "y2"))
+        return y2, y1, None
+
+    def inverse_backward_split(self, y1: torch.Tensor, y2: torch.Tensor, grad_y1: torch.Tensor, grad_y2: torch.Tensor,
+                               grad_logdet: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """Memory-free backward of the half swap on halves: the halves and their gradients
+        exchanged back (copied into ``out`` when given)."""
+        self._check_halves(y1, y2, ("y1", "y2"))
+        if out is not None:
+            out[0].copy_(grad_y2)
+            out[1].copy_(grad_y1)
+            grad_y2, grad_y1 = out
+        return y2, y1, grad_y2, grad_y1, []
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, kind={self.kind!r}"

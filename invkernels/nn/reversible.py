@@ -6,9 +6,10 @@ With ``x1 = x[:, :C // 2]`` and ``x2 = x[:, C // 2:]``::
     affine:    (hs, t) = f(x2),  y1 = x1 * s(hs) + t,   (hs', t') = g(y1),  y2 = x2 * s(hs') + t'
 
 ``s`` is the couplings' scale function (``"exp"``: ``exp(clamp * tanh(hs / clamp))``, or
-``"sigmoid"``), ``logdet`` the sum of both halves' ``log s``. The second half-step is the coupling
-op itself (``y1`` passed through, ``x2`` transformed: docs/ops/coupling.md); the first transforms
-the first channels from the last ones.
+``"sigmoid"``), ``logdet`` the sum of both halves' ``log s`` (docs/ops/coupling.md). The block
+works on the two halves as separate tensors (:meth:`ReversibleBlock.forward_split`): in an
+:class:`~invkernels.nn.InvertibleSequential` consecutive blocks hand each other their halves, so
+a chain concatenates them once, for its output, and the subnets read contiguous halves.
 """
 
 from __future__ import annotations
@@ -16,11 +17,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from invkernels import _backend, _validation
+from invkernels import _validation
 from invkernels.nn.coupling import check_affine, check_block_input, resolve_subnet, subnet_h, subnet_input_dim
 from invkernels.nn.subnets import SubnetFactory
-from invkernels.ops import coupling as F
-from invkernels.reference.coupling import affine_half, affine_half_inv
+from invkernels.reference.coupling import affine_half, affine_half_inv, affine_half_vjp
 
 _COUPLINGS = ("additive", "affine")
 
@@ -41,15 +41,15 @@ class ReversibleBlock(nn.Module):
         scale, clamp: the affine scale function, as in :class:`~invkernels.nn.AffineCoupling`.
         context_channels: channels of ``context=``, concatenated to the input of ``f`` and ``g``.
         f, g: ready modules (the MemCNN / RevLib habit); both or neither.
-        backend: ``"cpp"``, ``"triton"``, ``"reference"`` or None for ``invkernels.get_backend()``.
 
-    ``forward(x, context=None) -> (y, logdet)``, ``inverse(y, context=None, return_logdet=False)``,
-    and ``inverse_backward`` for memory-free chains (each subnet runs once, with grad).
+    ``forward(x, context=None) -> (y, logdet)``, ``inverse(y, context=None, return_logdet=False)``;
+    on halves ``forward_split``, ``inverse_split``; and ``inverse_backward`` /
+    ``inverse_backward_split`` for memory-free chains (each subnet runs once, with grad).
     """
 
     def __init__(self, channels: int, subnet: str | SubnetFactory = "conv", *, hidden: int | None = None,
                  coupling: str = "additive", scale: str = "exp", clamp: float = 2.0, context_channels: int = 0,
-                 f: nn.Module | None = None, g: nn.Module | None = None, backend: str | None = None):
+                 f: nn.Module | None = None, g: nn.Module | None = None):
         super().__init__()
         name = type(self).__name__
         _validation.check_int(name, "channels", channels, minimum=2)
@@ -60,15 +60,12 @@ class ReversibleBlock(nn.Module):
         if coupling == "additive" and (scale, clamp) != ("exp", 2.0):
             raise ValueError(f"{name}: scale and clamp apply to coupling='affine', got coupling='additive' with "
                              f"scale={scale!r}, clamp={clamp!r}")
-        if backend is not None:
-            F.prepare(_backend.check_backend(backend))
         self.channels = channels
         self.c1, self.c2 = _validation.split_channels(channels)
         self.coupling = coupling
         self.scale = scale
         self.clamp = float(clamp)
         self.context_channels = context_channels
-        self.backend = backend
         per = 2 if coupling == "affine" else 1
         self._f_channels, self._g_channels = per * self.c1, per * self.c2
         if (f is None) != (g is None):
@@ -94,82 +91,121 @@ class ReversibleBlock(nn.Module):
     def _hg(self, y1, context, dtype):
         return subnet_h(type(self).__name__, self.g, y1, context, self.context_channels, self._g_channels, dtype)
 
-    def _first(self, x1: torch.Tensor, hf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``y1`` and the per-sample log-det of the first half-step (None for additive)."""
-        if self.coupling == "additive":
-            return x1 + hf, None
-        return affine_half(x1, hf, self.scale, self.clamp)
+    @property
+    def split_channels(self) -> int:
+        """``C // 2``: where :meth:`forward_split` splits the channels (a chain passes the two
+        halves from block to block without concatenating them)."""
+        return self.c1
 
-    def _first_inverse(self, y1: torch.Tensor, hf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``x1`` and the per-sample log-det of the first half-step's inverse (None for additive)."""
+    def _step(self, a: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One half-step ``a -> a + h`` (or ``a * s + t``) and its log-det (None for additive)."""
         if self.coupling == "additive":
-            return y1 - hf, None
-        return affine_half_inv(y1, hf, self.scale, self.clamp)
+            return a + h, None
+        return affine_half(a, h, self.scale, self.clamp)
 
-    def _second(self, z: torch.Tensor, hg: torch.Tensor, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.coupling == "affine":
-            op = F.affine_coupling_inv if inverse else F.affine_coupling_fwd
-            return op(z, hg, self.scale, self.clamp, backend=self.backend)
-        op = F.additive_coupling_inv if inverse else F.additive_coupling_fwd
-        return op(z, hg, backend=self.backend), z.new_zeros(z.shape[0], dtype=_validation.logdet_dtype(z.dtype))
+    def _step_inverse(self, b: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.coupling == "additive":
+            return b - h, None
+        return affine_half_inv(b, h, self.scale, self.clamp)
+
+    def _step_vjp(self, grad_b: torch.Tensor, grad_logdet: torch.Tensor, a: torch.Tensor, h: torch.Tensor):
+        """``(grad_a, grad_h)`` of :meth:`_step` at ``(a, h)``."""
+        if self.coupling == "additive":
+            return grad_b, grad_b
+        return affine_half_vjp(grad_b, grad_logdet, a, h, self.scale, self.clamp)
 
     def _check(self, x: torch.Tensor, x_name: str) -> None:
         check_block_input(type(self).__name__, x, x_name, self.channels, self._input_dim)
 
+    def _check_halves(self, a: torch.Tensor, b: torch.Tensor, names: tuple[str, str]) -> None:
+        name = type(self).__name__
+        check_block_input(name, a, names[0], self.c1, self._input_dim)
+        check_block_input(name, b, names[1], self.c2, self._input_dim)
+        if a.shape[0] != b.shape[0] or a.shape[2:] != b.shape[2:] or a.dim() != b.dim():
+            raise ValueError(f"{name}: {names[0]} and {names[1]} should have the same batch and spatial sizes, got "
+                             f"{list(a.shape)} and {list(b.shape)}")
+
+    def _zeros(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(x.shape[0], dtype=_validation.logdet_dtype(x.dtype))
+
+    def forward_split(self, x1: torch.Tensor, x2: torch.Tensor, context: torch.Tensor | None = None):
+        """The block on the two halves ``x1 = x[:, :C // 2]``, ``x2 = x[:, C // 2:]``:
+        ``(y1, y2, logdet)`` with ``logdet`` None for the additive coupling (0)."""
+        self._check_halves(x1, x2, ("x1", "x2"))
+        y1, logdet1 = self._step(x1, self._hf(x2, context, x1.dtype))
+        y2, logdet2 = self._step(x2, self._hg(y1, context, x1.dtype))
+        return y1, y2, None if logdet1 is None else logdet1 + logdet2
+
+    def inverse_split(self, y1: torch.Tensor, y2: torch.Tensor, context: torch.Tensor | None = None):
+        """``(x1, x2, logdet)`` of the inverse on the output's halves (``logdet`` None for additive)."""
+        self._check_halves(y1, y2, ("y1", "y2"))
+        x2, logdet2 = self._step_inverse(y2, self._hg(y1, context, y1.dtype))
+        x1, logdet1 = self._step_inverse(y1, self._hf(x2, context, y1.dtype))
+        return x1, x2, None if logdet1 is None else logdet1 + logdet2
+
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         self._check(x, "x")
-        x1, x2 = x[:, : self.c1], x[:, self.c1:]
-        y1, logdet1 = self._first(x1, self._hf(x2, context, x.dtype))
-        y, logdet = self._second(torch.cat([y1, x2], dim=1), self._hg(y1, context, x.dtype), inverse=False)
-        return y, logdet if logdet1 is None else logdet + logdet1
+        y1, y2, logdet = self.forward_split(*x.split([self.c1, self.c2], dim=1), context)
+        return torch.cat([y1, y2], dim=1), self._zeros(x) if logdet is None else logdet
 
     def inverse(self, y: torch.Tensor, context: torch.Tensor | None = None, return_logdet: bool = False):
         self._check(y, "y")
-        z, logdet = self._second(y, self._hg(y[:, : self.c1], context, y.dtype), inverse=True)
-        y1, x2 = z[:, : self.c1], z[:, self.c1:]
-        x1, logdet1 = self._first_inverse(y1, self._hf(x2, context, y.dtype))
+        x1, x2, logdet = self.inverse_split(*y.split([self.c1, self.c2], dim=1), context)
         x = torch.cat([x1, x2], dim=1)
         if not return_logdet:
             return x
-        return x, logdet if logdet1 is None else logdet + logdet1
+        return x, self._zeros(y) if logdet is None else logdet
+
+    def inverse_backward_split(self, y1: torch.Tensor, y2: torch.Tensor, grad_y1: torch.Tensor, grad_y2: torch.Tensor,
+                               grad_logdet: torch.Tensor, context: torch.Tensor | None = None,
+                               out: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """Memory-free backward on halves: ``(x1, x2, grad_x1, grad_x2, grads)`` from the output's
+        halves and their gradients. ``g`` runs once with grad on ``y1`` (rebuilding ``x2``), then
+        ``f`` once with grad on ``x2`` (rebuilding ``x1``); each half-step's VJP is taken at its
+        rebuilt input. ``out``: two tensors the input gradients are written into (views of the
+        chain's gradient buffer)."""
+        self._check_halves(y1, y2, ("y1", "y2"))
+        dtype = y1.dtype
+        extra_g = [t for t in (*self.g.parameters(), context) if t is not None and t.requires_grad]
+        extra_f = [t for t in (*self.f.parameters(), context) if t is not None and t.requires_grad]
+        leaf = y1.detach().requires_grad_()
+        with torch.enable_grad():
+            hg = self._hg(leaf, context, dtype)
+        x2 = self._step_inverse(y2, hg.detach())[0]
+        grad_x2, grad_hg = self._step_vjp(grad_y2, grad_logdet, x2, hg.detach())
+        got_g = torch.autograd.grad(hg, [leaf, *extra_g], grad_hg, allow_unused=True)
+        additive = self.coupling == "additive"
+        if got_g[0] is not None:
+            grad_y1 = torch.add(grad_y1, got_g[0], out=out[0]) if additive and out is not None else grad_y1 + got_g[0]
+        leaf = x2.detach().requires_grad_()
+        with torch.enable_grad():
+            hf = self._hf(leaf, context, dtype)
+        x1 = self._step_inverse(y1, hf.detach())[0]
+        grad_x1, grad_hf = self._step_vjp(grad_y1, grad_logdet, x1, hf.detach())
+        got_f = torch.autograd.grad(hf, [leaf, *extra_f], grad_hf, allow_unused=True)
+        if out is not None:
+            if got_f[0] is None:
+                out[1].copy_(grad_x2)
+            else:
+                torch.add(grad_x2, got_f[0], out=out[1])
+            if grad_x1 is not out[0]:
+                out[0].copy_(grad_x1)
+            grad_x1, grad_x2 = out
+        elif got_f[0] is not None:
+            grad_x2 = grad_x2 + got_f[0]
+        return x1, x2, grad_x1, grad_x2, [*zip(extra_g, got_g[1:]), *zip(extra_f, got_f[1:])]
 
     def inverse_backward(self, y: torch.Tensor, grad_y: torch.Tensor, grad_logdet: torch.Tensor,
                          context: torch.Tensor | None = None):
         """Memory-free backward (used by :class:`~invkernels.nn.InvertibleSequential`): rebuild the
-        input from ``y`` and return ``(x, grad_x, grads)``. ``g`` runs once with grad on ``y1``
-        while the fused coupling op rebuilds ``x2`` and back-propagates the second half-step; then
-        ``f`` runs once with grad on ``x2`` and the first half-step is back-propagated at the
-        rebuilt ``x1``."""
+        input from ``y`` and return ``(x, grad_x, grads)`` (:meth:`inverse_backward_split` on the
+        halves, the gradient written into one buffer)."""
         self._check(y, "y")
-        c1 = self.c1
-        extra_g = [t for t in (*self.g.parameters(), context) if t is not None and t.requires_grad]
-        extra_f = [t for t in (*self.f.parameters(), context) if t is not None and t.requires_grad]
-        leaf_y1 = y[:, :c1].detach().requires_grad_()
-        with torch.enable_grad():
-            hg = self._hg(leaf_y1, context, y.dtype)
-        if self.coupling == "affine":
-            z, grad_z, grad_hg = F.affine_coupling_inv_bwd(y, hg.detach(), grad_y, grad_logdet, self.scale,
-                                                           self.clamp, backend=self.backend)
-        else:
-            z, grad_z, grad_hg = F.additive_coupling_inv_bwd(y, hg.detach(), grad_y, backend=self.backend)
-        got_g = torch.autograd.grad(hg, [leaf_y1, *extra_g], grad_hg, allow_unused=True)
-        grad_y1 = grad_z[:, :c1] if got_g[0] is None else grad_z[:, :c1] + got_g[0]
-        y1, x2 = z[:, :c1], z[:, c1:]
-        leaf_x2 = x2.detach().requires_grad_()
-        with torch.enable_grad():
-            hf = self._hf(leaf_x2, context, y.dtype)
-            x1 = self._first_inverse(y1, hf.detach())[0].requires_grad_()
-            h_leaf = hf.detach().requires_grad_()
-            y1_again, logdet1 = self._first(x1, h_leaf)
-        outputs, grads = [y1_again], [grad_y1]
-        if logdet1 is not None:
-            outputs.append(logdet1)
-            grads.append(grad_logdet.to(logdet1.dtype))
-        grad_x1, grad_hf = torch.autograd.grad(outputs, [x1, h_leaf], grads)
-        got_f = torch.autograd.grad(hf, [leaf_x2, *extra_f], grad_hf, allow_unused=True)
-        grad_x2 = grad_z[:, c1:] if got_f[0] is None else grad_z[:, c1:] + got_f[0]
-        x = torch.cat([x1.detach(), x2], dim=1)
-        return x, torch.cat([grad_x1, grad_x2], dim=1), [*zip(extra_g, got_g[1:]), *zip(extra_f, got_f[1:])]
+        sizes = [self.c1, self.c2]
+        grad_x = torch.empty_like(y, memory_format=torch.contiguous_format)
+        x1, x2, _, _, grads = self.inverse_backward_split(*y.split(sizes, dim=1), *grad_y.split(sizes, dim=1),
+                                                          grad_logdet, context, out=grad_x.split(sizes, dim=1))
+        return torch.cat([x1, x2], dim=1), grad_x, grads
 
     def extra_repr(self) -> str:
         affine = f", scale={self.scale!r}" + (f", clamp={self.clamp}" if self.scale == "exp" else "") \

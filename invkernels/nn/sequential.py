@@ -44,6 +44,48 @@ def memory_free_capable(block: nn.Module) -> bool:
     return callable(getattr(block, "inverse", None)) and getattr(block, "memory_free_invertible", True)
 
 
+def split_of(block: nn.Module) -> int | None:
+    """The channel split ``C1`` at which ``block`` works on two halves, or None. Such a block has
+    ``split_channels = C1`` and ``forward_split(x1, x2[, context]) -> (y1, y2, logdet or None)``,
+    ``inverse_split(y1, y2[, context]) -> (x1, x2, logdet or None)`` and
+    ``inverse_backward_split(y1, y2, grad_y1, grad_y2, grad_logdet[, context], out=None) ->
+    (x1, x2, grad_x1, grad_x2, grads)`` (``out``: two tensors to write the input gradients into),
+    with ``x1 = x[:, :C1]`` and ``x2 = x[:, C1:]`` (a log-det of None is 0)."""
+    c1 = getattr(block, "split_channels", None)
+    return c1 if isinstance(c1, int) and not isinstance(c1, bool) and callable(getattr(block, "forward_split", None)) \
+        else None
+
+
+class _Flow:
+    """The tensor between two blocks of a chain, held whole or as its two channel halves (the
+    tensor is their concatenation). Blocks that split the same way hand each other the halves;
+    :meth:`whole` concatenates them, once, where a block or the chain's output needs the tensor."""
+
+    __slots__ = ("_whole", "_halves")
+
+    def __init__(self, whole: torch.Tensor | None = None, halves: tuple[torch.Tensor, torch.Tensor] | None = None):
+        self._whole, self._halves = whole, halves
+
+    def split(self, c1: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The halves at channel ``c1`` (views of the whole tensor when it is not held so split)."""
+        if self._halves is not None and self._halves[0].shape[1] == c1:
+            return self._halves
+        x = self.whole()
+        x1, x2 = x.split([c1, x.shape[1] - c1], dim=1)
+        return x1, x2
+
+    def whole(self) -> torch.Tensor:
+        if self._whole is None:
+            self._whole = torch.cat(self._halves, dim=1)
+        return self._whole
+
+
+def _add_logdets(total: torch.Tensor | None, logdet: torch.Tensor | None) -> torch.Tensor | None:
+    if logdet is None:
+        return total
+    return logdet if total is None else total + logdet
+
+
 class _RngState:
     """The RNG state before a block's forward, replayed in backward as torch.utils.checkpoint does
     (so dropout in a subnet draws the same mask)."""
@@ -171,12 +213,16 @@ class _MemoryFreeChain(torch.autograd.Function):
         ctx.debug_inputs = []
         ctx.autocast = _AutocastState(x)
         logdet = None
+        flow = _Flow(x)
         for i in indices:
             ctx.rng.append(_RngState(x) if seq.preserve_rng_state else None)
             if seq.check_reconstruction:
-                ctx.debug_inputs.append(x)
-            x, block_logdet = seq.forward_block(i, x, context)
-            logdet = block_logdet if logdet is None else logdet + block_logdet
+                ctx.debug_inputs.append(flow.whole())
+            flow, block_logdet = seq.forward_flow(i, flow, context)
+            logdet = _add_logdets(logdet, block_logdet)
+        x = flow.whole()
+        if logdet is None:
+            logdet = x.new_zeros(x.shape[0], dtype=logdet_dtype(x.dtype))
         ctx.params = params
         ctx.watched = _watched(seq, indices)
         # The chain's input is saved too, only for create_graph=True (its storage is the caller's
@@ -194,6 +240,7 @@ class _MemoryFreeChain(torch.autograd.Function):
         grads: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         errors = []
         devices = ctx.rng[0].devices() if ctx.rng and ctx.rng[0] is not None else []
+        flow, grad = _Flow(y), _Flow(grad_y)
         with torch.random.fork_rng(devices=devices, enabled=seq.preserve_rng_state), ctx.autocast():
             for k in reversed(range(len(ctx.indices))):
                 i, rng = ctx.indices[k], ctx.rng[k]
@@ -203,7 +250,8 @@ class _MemoryFreeChain(torch.autograd.Function):
                 # The rebuild reruns the block (train-mode subnets included): what it writes to
                 # buffers (BatchNorm running statistics) goes to copies, so the forward's update counts once.
                 with _state.scratch_buffers(block), _gathered(block):
-                    y, grad_y, pairs = seq._inverse_backward(i, y, grad_y, grad_logdet, context, rng)
+                    flow, grad, pairs = seq._inverse_backward(i, flow, grad, grad_logdet, context, rng,
+                                                              x_in if k == 0 else None)
                 for t, g in pairs:
                     if g is not None:
                         previous = grads.get(id(t))
@@ -211,7 +259,7 @@ class _MemoryFreeChain(torch.autograd.Function):
                 if seq.check_reconstruction:
                     stored = ctx.debug_inputs[k]
                     scale = stored.detach().double().norm().clamp_min(torch.finfo(torch.float64).tiny)
-                    errors.append((i, ((y.double() - stored.double()).norm() / scale).item()))
+                    errors.append((i, ((flow.whole().double() - stored.double()).norm() / scale).item()))
         if seq.check_reconstruction:
             seq.reconstruction_errors = sorted(errors)
         returned = {id(p) for p in ctx.params} | ({id(context)} if context is not None else set())
@@ -221,7 +269,7 @@ class _MemoryFreeChain(torch.autograd.Function):
                 # its gradient goes where autograd would put it, for FSDP to reduce-scatter.
                 t.grad = g if t.grad is None else t.grad + g
         grad_context = grads[id(context)][1] if context is not None and id(context) in grads else None
-        return (None, None, grad_y, grad_context,
+        return (None, None, grad.whole(), grad_context,
                 *(grads[id(p)][1] if id(p) in grads else None for p in ctx.params))
 
     @staticmethod
@@ -345,12 +393,39 @@ class InvertibleSequential(nn.Module):
         with _gathered(block):
             return block.inverse(y, **self._kwargs(i, context))
 
-    def _inverse_backward(self, i, y, grad_y, grad_logdet, context, rng):
+    def _inverse_backward(self, i: int, flow: _Flow, grad: _Flow, grad_logdet: torch.Tensor,
+                          context: torch.Tensor | None, rng: _RngState | None, like: torch.Tensor | None):
+        """Block ``i``'s memory-free backward on the flows of its output and of its gradient: the
+        flows of its input and of that input's gradient, and the ``(tensor, gradient)`` pairs. With
+        ``like`` (the chain's input, for the chain's first block) the input gradient of a block
+        working on halves is written into one new tensor shaped as ``like``."""
         block = self.blocks[i]
         kwargs = self._kwargs(i, context)
+        c1 = split_of(block)
+        if c1 is not None:
+            out = None
+            if like is not None:
+                buffer = torch.empty_like(like, memory_format=torch.contiguous_format)
+                out = buffer.split([c1, like.shape[1] - c1], dim=1)
+            x1, x2, grad_x1, grad_x2, pairs = block.inverse_backward_split(
+                *flow.split(c1), *grad.split(c1), grad_logdet, out=out, **kwargs)
+            return _Flow(halves=(x1, x2)), _Flow(buffer if out is not None else None, (grad_x1, grad_x2)), pairs
+        y, grad_y = flow.whole(), grad.whole()
         if isinstance(block, FusedInverseBackward):
-            return block.inverse_backward(y, grad_y, grad_logdet, **kwargs)
-        return _generic_inverse_backward(block, y, grad_y, grad_logdet, kwargs, rng)
+            x, grad_x, pairs = block.inverse_backward(y, grad_y, grad_logdet, **kwargs)
+        else:
+            x, grad_x, pairs = _generic_inverse_backward(block, y, grad_y, grad_logdet, kwargs, rng)
+        return _Flow(x), _Flow(grad_x), pairs
+
+    def forward_flow(self, i: int, flow: _Flow, context: torch.Tensor | None):
+        """Block ``i`` on the flow of its input: the flow of its output and its log-det (None for
+        a block on halves whose log-det is 0)."""
+        c1 = split_of(self.blocks[i])
+        if c1 is None:
+            y, logdet = self.forward_block(i, flow.whole(), context)
+            return _Flow(y), logdet
+        y1, y2, logdet = self.blocks[i].forward_split(*flow.split(c1), **self._kwargs(i, context))
+        return _Flow(halves=(y1, y2)), logdet
 
     def _runs(self) -> list[tuple[bool, tuple[int, ...]]]:
         """Consecutive blocks grouped as (memory-free, indices)."""
@@ -366,23 +441,22 @@ class InvertibleSequential(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"InvertibleSequential: x should be a tensor, got {type(x).__name__}")
-        logdet = x.new_zeros(x.shape[0], dtype=logdet_dtype(x.dtype))
-        if not self.blocks:
-            return x, logdet
         records = torch.is_grad_enabled() and (
             x.requires_grad or (context is not None and context.requires_grad)
             or any(p.requires_grad for p in self.parameters()))
+        flow, logdet = _Flow(x), None
         for capable, indices in self._runs():
             if self.memory_free and records and capable:
                 params = list({id(p): p for i in indices for p in self.blocks[i].parameters()
                                if p.requires_grad}.values())
-                x, run_logdet = _memory_free_run(self, indices, x, context, params)
-                logdet = logdet + run_logdet
+                out, run_logdet = _memory_free_run(self, indices, flow.whole(), context, params)
+                flow, logdet = _Flow(out), _add_logdets(logdet, run_logdet)
             else:
                 for i in indices:
-                    x, block_logdet = self.forward_block(i, x, context)
-                    logdet = logdet + block_logdet
-        return x, logdet
+                    flow, block_logdet = self.forward_flow(i, flow, context)
+                    logdet = _add_logdets(logdet, block_logdet)
+        y = flow.whole()
+        return y, logdet if logdet is not None else y.new_zeros(y.shape[0], dtype=logdet_dtype(y.dtype))
 
     def inverse(self, y: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """``x`` from ``y`` through the blocks' inverses in reverse order. A block whose inverse needs
@@ -390,9 +464,16 @@ class InvertibleSequential(nn.Module):
         raises ValueError: the chain does not keep what it factored out."""
         if not isinstance(y, torch.Tensor):
             raise TypeError(f"InvertibleSequential: y should be a tensor, got {type(y).__name__}")
+        flow = _Flow(y)
         for i in reversed(range(len(self.blocks))):
-            y = self.inverse_block(i, y, context)
-        return y
+            block, c1 = self.blocks[i], split_of(self.blocks[i])
+            if c1 is None:
+                flow = _Flow(self.inverse_block(i, flow.whole(), context))
+                continue
+            with _gathered(block):
+                x1, x2, _ = block.inverse_split(*flow.split(c1), **self._kwargs(i, context))
+            flow = _Flow(halves=(x1, x2))
+        return flow.whole()
 
     def extra_repr(self) -> str:
         return f"memory_free={self.memory_free}"

@@ -84,27 +84,35 @@ def log_scale_grad(hs: torch.Tensor, scale: str = "exp", clamp: float = 2.0) -> 
     return torch.sigmoid(-(hs + 2.0))
 
 
+def affine_half_vjp(grad_b: torch.Tensor, grad_logdet: torch.Tensor, a: torch.Tensor, h: torch.Tensor,
+                    scale: str = "exp", clamp: float = 2.0, reverse: bool = False):
+    """``(grad_a, grad_h)``: the VJP of :func:`affine_half` (or of :func:`affine_half_inv` with
+    ``reverse=True``) at ``(a, h)`` for the gradients ``(grad_b, grad_logdet)`` of its outputs, by
+    the formulas of docs/ops/coupling.md in differentiable tensor ops. ``grad_logdet`` has the
+    log-det dtype; the gradients have the dtype of ``a``."""
+    hs, _ = h.chunk(2, dim=1)
+    log_s = log_scale(hs, scale, clamp)
+    dlog_s = log_scale_grad(hs, scale, clamp)
+    gl = grad_logdet.reshape(-1, *([1] * (a.dim() - 1)))
+    if reverse:
+        grad_a = grad_b * torch.exp(-log_s)
+        g_t = -grad_a
+        g_hs = -(grad_b * a + gl) * dlog_s
+    else:
+        grad_a = grad_b * torch.exp(log_s)
+        g_t = grad_b
+        g_hs = (grad_a * a + gl) * dlog_s
+    return grad_a, torch.cat([g_hs.to(a.dtype), g_t], dim=1)
+
+
 def affine_coupling_vjp(grad_out: torch.Tensor, grad_logdet: torch.Tensor, x: torch.Tensor, h: torch.Tensor,
                         scale: str = "exp", clamp: float = 2.0, reverse: bool = False):
     """``(grad_in, grad_h)`` by the formulas of docs/ops/coupling.md, in differentiable tensor ops
     (what the fused ``affine_coupling_bwd`` computes; used for double backward). ``grad_logdet`` has
     the log-det dtype (float32 for half inputs); the gradients have the dtype of ``x``."""
     c1, _ = split_channels(x.shape[1])
-    g1, g2 = grad_out[:, :c1], grad_out[:, c1:]
-    x2 = x[:, c1:]
-    hs, _ = h.chunk(2, dim=1)
-    log_s = log_scale(hs, scale, clamp)
-    dlog_s = log_scale_grad(hs, scale, clamp)
-    gl = grad_logdet.reshape(-1, *([1] * (x.dim() - 1)))
-    if reverse:
-        g_in2 = g2 * torch.exp(-log_s)
-        g_t = -g_in2
-        g_hs = -(g2 * x2 + gl) * dlog_s
-    else:
-        g_in2 = g2 * torch.exp(log_s)
-        g_t = g2
-        g_hs = (g_in2 * x2 + gl) * dlog_s
-    return torch.cat([g1, g_in2], dim=1), torch.cat([g_hs.to(x.dtype), g_t], dim=1)
+    g_in2, g_h = affine_half_vjp(grad_out[:, c1:], grad_logdet, x[:, c1:], h, scale, clamp, reverse)
+    return torch.cat([grad_out[:, :c1], g_in2], dim=1), g_h
 
 
 def additive_coupling_vjp(grad_out: torch.Tensor, reverse: bool = False):
