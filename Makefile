@@ -10,7 +10,7 @@ BUILD_LOG := build/build.log
 # them (the same setting for every provider in the benchmark).
 BENCH_ENV := MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=4294967296
 
-.PHONY: env build demo test test-python test-cpp gpu-check bench clean
+.PHONY: env build demo test test-python test-cpp gpu-check bench bench-peers bench-network clean
 
 # With nvcc on PATH the build must contain the CUDA backend; test_build.py checks it.
 EXPECT_CUDA := $(shell command -v nvcc >/dev/null 2>&1 && echo 1 || echo 0)
@@ -74,8 +74,19 @@ gpu-check:
 
 test: build test-cpp test-python
 
-bench: build
+# The peer libraries of the network benchmark, without their dependencies (they must not pull
+# another torch).
+BENCH_PEERS := revlib memcnn FrEIA
+
+bench-peers: env
+	$(PY) -m pip install --quiet --no-deps $(BENCH_PEERS)
+
+bench: build bench-peers
 	$(BENCH_ENV) $(PY) benchmarks/run.py --write docs/performance.md --plots docs/plots
+
+# The whole-network benchmark alone (benchmarks/bench_network.py), into its own report.
+bench-network: build bench-peers
+	$(BENCH_ENV) $(PY) benchmarks/run.py --only network --write docs/performance-network.md
 
 # The main job: a memory-free Glow trained on scikit-learn's digits (python -m invkernels demo).
 demo: build

@@ -18,9 +18,11 @@ import bench_bandwidth
 import bench_coupling
 import bench_glow
 import bench_memory
+import bench_network
 import harness
 
-SECTIONS = {"coupling": bench_coupling, "actnorm": bench_actnorm, "glow": bench_glow, "memory": bench_memory}
+SECTIONS = {"coupling": bench_coupling, "actnorm": bench_actnorm, "glow": bench_glow, "memory": bench_memory,
+            "network": bench_network}
 ROOT = os.path.dirname(harness.BENCH_DIR)
 
 
