@@ -34,10 +34,14 @@ def scratch_buffers(module: nn.Module):
     """Replace every buffer of ``module`` (and its submodules) by a copy for the block, then put the
     originals back untouched: what runs inside may write buffers (BatchNorm running statistics,
     spectral-norm vectors) without changing the module's state or its buffers' version counters.
-    A buffer registered in several submodules gets one shared copy."""
+    A buffer registered in several submodules gets one shared copy. Modules whose class sets
+    ``buffers_read_only = True`` (fixed permutations and signs, which nothing writes) keep theirs,
+    and with them whatever they cache from their buffers."""
     copies: dict[int, torch.Tensor] = {}
     swapped = []
     for m in module.modules():
+        if getattr(type(m), "buffers_read_only", False):
+            continue
         for name, buf in m._buffers.items():
             if buf is None:
                 continue

@@ -38,6 +38,10 @@ class InvConv1x1(nn.Module):
     ``forward(x) -> (y, logdet)``; ``inverse(y, return_logdet=False) -> x`` (or ``(x, -logdet)``).
     """
 
+    # perm and sign are fixed: the memory-free backward need not copy them (_state), and the
+    # cached inverse built from them stays valid.
+    buffers_read_only = True
+
     def __init__(self, channels: int, lu: bool = True, backend: str | None = None):
         super().__init__()
         _validation.check_int("InvConv1x1", "channels", channels)

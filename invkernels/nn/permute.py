@@ -25,6 +25,9 @@ class Permute(nn.Module):
     chain every permutation is undone by index (``inverse_backward``), never by the generic rebuild.
     """
 
+    # perm and inverse_perm are fixed: the memory-free backward need not copy them (_state).
+    buffers_read_only = True
+
     def __init__(self, channels: int, kind: str | None = None, *, perm=None):
         super().__init__()
         _validation.check_int("Permute", "channels", channels)

@@ -30,6 +30,12 @@ class FusedInverseBackward(Protocol):
                          **kwargs) -> tuple[torch.Tensor, torch.Tensor, Gradients]: ...
 
 
+def has_fused_inverse_backward(block: nn.Module) -> bool:
+    """Whether ``block`` is a :class:`FusedInverseBackward` (checked by attribute: a runtime
+    protocol check costs more than the small blocks it would dispatch)."""
+    return callable(getattr(block, "inverse_backward", None))
+
+
 def _takes_context(block: nn.Module) -> bool:
     try:
         return "context" in inspect.signature(block.forward).parameters
@@ -172,33 +178,41 @@ def _gathered(block: nn.Module):
             unit.reshard()
 
 
-def _watched(seq, indices) -> list[tuple[str, torch.Tensor, int | None]]:
-    """``(name, tensor, version)`` of every parameter and buffer of the blocks ``indices``: what
-    rebuilding their inputs reads, frozen parameters and buffers included."""
+def _watched(seq, indices) -> list[tuple[tuple, torch.Tensor, int | None]]:
+    """``(where, tensor, version)`` of every parameter and buffer of the blocks ``indices``: what
+    rebuilding their inputs reads, frozen parameters and buffers included (``where`` names it
+    for :func:`_watched_name`)."""
     seen, out = set(), []
     for i in indices:
-        block = seq.blocks[i]
-        for kind, items in (("parameter", block.named_parameters()), ("buffer", block.named_buffers())):
-            for name, t in items:
-                if id(t) not in seen:
-                    seen.add(id(t))
-                    out.append((f"{kind} blocks.{i}.{name}", t, _state.version(t)))
+        for m in seq.blocks[i].modules():
+            for kind, items in (("parameter", m._parameters), ("buffer", m._buffers)):
+                for key, t in items.items():
+                    if t is not None and id(t) not in seen:
+                        seen.add(id(t))
+                        out.append(((i, m, kind, key), t, _state.version(t)))
     return out
+
+
+def _watched_name(seq, where: tuple) -> str:
+    i, module, kind, key = where
+    prefix = next((name for name, m in seq.blocks[i].named_modules() if m is module), None)
+    path = key if not prefix else f"{prefix}.{key}"
+    return f"{kind} blocks.{i}.{path}"
 
 
 def _check_unchanged(seq, indices, watched) -> None:
     """RuntimeError when a tensor the rebuild reads was modified in place, or replaced, between the
     forward and this backward (as autograd raises for the tensors it saved)."""
     now = {id(t) for _, t, _ in _watched(seq, indices)}
-    for name, t, version in watched:
+    for where, t, version in watched:
         changed = _state.version(t) != version
         if changed or id(t) not in now:
             what = (f"was modified by an inplace operation (version {version} -> {_state.version(t)})" if changed
                     else "was replaced by another tensor")
             raise RuntimeError(
-                f"InvertibleSequential: the {name}, needed to rebuild the activations in the memory-free "
-                f"backward, {what} between the forward and the backward (for example an optimizer step, "
-                f"load_state_dict or a buffer update before backward). Run backward first.")
+                f"InvertibleSequential: the {_watched_name(seq, where)}, needed to rebuild the activations in the "
+                f"memory-free backward, {what} between the forward and the backward (for example an optimizer "
+                f"step, load_state_dict or a buffer update before backward). Run backward first.")
 
 
 class _MemoryFreeChain(torch.autograd.Function):
@@ -411,7 +425,7 @@ class InvertibleSequential(nn.Module):
                 *flow.split(c1), *grad.split(c1), grad_logdet, out=out, **kwargs)
             return _Flow(halves=(x1, x2)), _Flow(buffer if out is not None else None, (grad_x1, grad_x2)), pairs
         y, grad_y = flow.whole(), grad.whole()
-        if isinstance(block, FusedInverseBackward):
+        if has_fused_inverse_backward(block):
             x, grad_x, pairs = block.inverse_backward(y, grad_y, grad_logdet, **kwargs)
         else:
             x, grad_x, pairs = _generic_inverse_backward(block, y, grad_y, grad_logdet, kwargs, rng)
