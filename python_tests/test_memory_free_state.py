@@ -89,3 +89,19 @@ def test_inverse_through_split_is_an_error_naming_it():
         y, _ = model(x)
     with pytest.raises(ValueError, match=r"block 1 \(Split\) cannot be inverted from the chain's output"):
         model.inverse(y)
+
+
+def test_scratch_buffers_copies_written_buffers_and_keeps_fixed_ones():
+    from invkernels import _state  # noqa: PLC0415
+    from invkernels.nn import Permute  # noqa: PLC0415
+
+    block = nn.Sequential(nn.BatchNorm2d(4), Permute(4, "random"), InvConv1x1(4))
+    before = {name: b for name, b in block.named_buffers()}
+    with _state.scratch_buffers(block):
+        inside = dict(block.named_buffers())
+        block[0].running_mean.add_(1.0)
+    for name, buf in before.items():
+        fixed = name.startswith(("1.", "2."))
+        assert (inside[name] is buf) == fixed, name
+        assert dict(block.named_buffers())[name] is buf
+    assert torch.equal(block[0].running_mean, torch.zeros(4))
