@@ -1,10 +1,17 @@
-"""Whole-network benchmark (CPU float32): a RevNet-style stack of 8 two-sided additive blocks,
-subnets conv3x3-ReLU-conv3x3 of width 16, input [8, 32, 64, 64], loss ``out.pow(2).mean()``,
-forward+backward, against plain autograd and the peer libraries users pick for it (FrEIA,
-RevLib, MemCNN; installed as benchmark extras with ``pip install --no-deps``). Also timed: the
-subnets' forward alone (the floor of memory-free training is plain autograd plus one more
-forward of every subnet), and profiles (top ops by self time) of plain autograd and of the
-memory-free invkernels stack, so glue is visible.
+"""Whole-network benchmarks (CPU float32, forward+backward), each against what users would pick
+instead, in one process:
+
+- a RevNet-style stack of 8 two-sided additive blocks, subnets conv3x3-ReLU-conv3x3 of width 16,
+  input [8, 32, 64, 64], loss ``out.pow(2).mean()``, against plain autograd and the peer libraries
+  (FrEIA, RevLib, MemCNN; installed as benchmark extras with ``pip install --no-deps``);
+- FrEIA's ``AllInOneBlock`` stack against the invkernels equivalent (affine coupling, per-channel
+  affine, fixed permutation), stored and memory-free;
+- K = 8 Glow steps, memory-free against plain autograd;
+- the per-block overhead of each chain on a tiny input, where the tensor work is negligible.
+
+Every memory-free case is also timed against its floor: plain autograd plus one more forward of
+every subnet (what rebuilding the activations cannot avoid). Profiles (top ops by self time) of
+plain autograd and of the memory-free invkernels stack make the glue visible.
 
 A pytest-benchmark suite (``pytest benchmarks/``); :func:`report` is its part of the report.
 """
@@ -20,7 +27,7 @@ from torch import nn
 
 import harness
 
-RESULT_SECTIONS = {"network", "network_profile"}
+RESULT_SECTIONS = {"network", "network_profile", "network_allinone", "network_glow", "network_overhead"}
 
 SHAPE = (8, 32, 64, 64)
 DEPTH = 8
@@ -29,12 +36,21 @@ PEERS = ("revlib", "memcnn", "FrEIA")
 GOAL_STORED = 0.95  # invkernels stored over plain autograd
 GOAL_FLOOR = 1.05  # invkernels memory-free over (plain + one forward of every subnet)
 GOAL_USER_SWAP = 1.4  # memory-free AdditiveCoupling + a user half swap over plain
+AIO_SHAPE = (16, 8, 16, 16)
+AIO_WIDTH = 32
+AIO_CLAMP = 2.0
+GOAL_AIO_STORED = 1.3  # FrEIA AllInOneBlock stack over the invkernels equivalent, stored
+GOAL_AIO_FREE = 1.15  # invkernels memory-free over FrEIA's (stored) AllInOneBlock stack
+GLOW_DEPTH = 8
+OVERHEAD_SHAPE = (2, 4, 2, 2)
+OVERHEAD_DEPTH = 16
 PROFILE_STEPS = 3
 PROFILE_ROWS = 12
 
 
-def subnet(channels: int) -> nn.Module:
-    return nn.Sequential(nn.Conv2d(channels, WIDTH, 3, padding=1), nn.ReLU(), nn.Conv2d(WIDTH, channels, 3, padding=1))
+def subnet(channels: int, width: int = WIDTH, out_channels: int | None = None) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(channels, width, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(width, out_channels or channels, 3, padding=1))
 
 
 class PlainStack(nn.Module):
@@ -77,16 +93,28 @@ def missing_peers() -> list[str]:
     return [p for p in PEERS if importlib.util.find_spec(p) is None]
 
 
-def build(device: str = "cpu"):
-    """The providers: each a ``() -> output`` of one forward+backward of its stack, from the same
-    subnet weights."""
+class ChannelScale(nn.Module):
+    """A subnet with almost no tensor work (a per-channel product), for timing the overhead."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.full((1, channels, 1, 1), 0.5))
+
+    def forward(self, x):
+        return x * self.weight
+
+
+def build(device: str = "cpu", shape: tuple[int, ...] = SHAPE, depth: int = DEPTH,
+          make_subnet=lambda channels: subnet(channels, WIDTH)):
+    """The RevNet-style providers: each a ``() -> output`` of one forward+backward of its stack of
+    ``depth`` blocks on ``shape``, from the same subnet weights (``make_subnet(channels)``)."""
     from invkernels.nn import AdditiveCoupling, InvertibleSequential, ReversibleBlock  # noqa: PLC0415
 
     torch.manual_seed(0)
-    half = SHAPE[1] // 2
-    fs = [subnet(half) for _ in range(DEPTH)]
-    gs = [subnet(half) for _ in range(DEPTH)]
-    x = torch.randn(SHAPE, device=device)
+    half = shape[1] // 2
+    fs = [make_subnet(half) for _ in range(depth)]
+    gs = [make_subnet(half) for _ in range(depth)]
+    x = torch.randn(shape, device=device)
 
     def fwd_bwd(model, pair):
         def run():
@@ -96,13 +124,13 @@ def build(device: str = "cpu"):
         return run
 
     def blocks():
-        return [ReversibleBlock(SHAPE[1], f=copy.deepcopy(f), g=copy.deepcopy(g)) for f, g in zip(fs, gs)]
+        return [ReversibleBlock(shape[1], f=copy.deepcopy(f), g=copy.deepcopy(g)) for f, g in zip(fs, gs)]
 
     def swapped():
         out = []
         for f, g in zip(fs, gs):
             for sub in (f, g):
-                coupling = AdditiveCoupling(SHAPE[1], "conv", hidden=WIDTH)
+                coupling = AdditiveCoupling(shape[1], "conv", hidden=2)
                 coupling.subnet = copy.deepcopy(sub)
                 out += [coupling, HalfSwap()]
         return out
@@ -119,9 +147,9 @@ def build(device: str = "cpu"):
         import memcnn  # noqa: PLC0415
         import revlib  # noqa: PLC0415
 
-        freia = Ff.SequenceINN(*SHAPE[1:])
+        freia = Ff.SequenceINN(*shape[1:])
         subnets = _FixedSubnets([m for pair in zip(fs, gs) for m in pair])
-        for _ in range(DEPTH):
+        for _ in range(depth):
             freia.append(Fm.NICECouplingBlock, subnet_constructor=subnets)
         models["FrEIA NICECouplingBlock (stored)"] = (freia, True)
         halves = [copy.deepcopy(m) for pair in zip(fs, gs) for m in pair]
@@ -131,7 +159,7 @@ def build(device: str = "cpu"):
                                            keep_input=False, keep_input_inverse=False) for f, g in zip(fs, gs)]),
             False)
     providers = {name: fwd_bwd(model.to(device), pair) for name, (model, pair) in models.items()}
-    h = torch.randn(SHAPE[0], half, *SHAPE[2:], device=device)
+    h = torch.randn(shape[0], half, *shape[2:], device=device)
 
     def subnet_forward():
         with torch.no_grad():
@@ -143,13 +171,121 @@ def build(device: str = "cpu"):
     return providers
 
 
+def _cpu_only(settings) -> None:
+    if settings.device != "cpu":
+        pytest.skip("the network benchmarks time the CPU")
+
+
 @pytest.mark.benchmark(group="network")
 def test_revnet_stack(benchmark, settings):
-    if settings.device != "cpu":
-        pytest.skip("the network benchmark times the CPU")
+    _cpu_only(settings)
     providers = build(settings.device)
     harness.interleaved(benchmark, providers, rounds=settings.rounds, reps=1, device=settings.device,
                         section="network", label=f"{list(SHAPE)}, {DEPTH} blocks", missing=missing_peers())
+
+
+def build_allinone(device: str = "cpu"):
+    """FrEIA's ``AllInOneBlock(permute_soft=False)`` stack (its defaults otherwise: clamp 2.0, a
+    softplus per-channel affine, a fixed random permutation) and the invkernels equivalent,
+    ``AffineCoupling(clamp=2.0)`` + ``ActNorm`` + ``Permute("random")``, with the same subnets
+    (last layer drawn small, as trained flows start); loss ``y.pow(2).mean() - logdet.mean()``."""
+    from invkernels.nn import ActNorm, AffineCoupling, InvertibleSequential, Permute  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    channels = AIO_SHAPE[1]
+    c1, c2 = channels - channels // 2, channels // 2
+    subs = [subnet(c1, AIO_WIDTH, 2 * c2) for _ in range(DEPTH)]
+    for s in subs:
+        nn.init.normal_(s[-1].weight, std=0.01)
+    x = torch.randn(AIO_SHAPE, device=device)
+
+    def fwd_bwd(model):
+        def run():
+            leaf = x.detach().requires_grad_()
+            y, logdet = model(leaf)
+            (y.pow(2).mean() - logdet.mean()).backward()
+        return run
+
+    def stack(memory_free: bool):
+        blocks = []
+        for s in subs:
+            actnorm = ActNorm(channels)
+            actnorm.mark_initialized()
+            blocks += [AffineCoupling(channels, _FixedSubnets([s]), clamp=AIO_CLAMP), actnorm,
+                       Permute(channels, "random")]
+        return InvertibleSequential(*blocks, memory_free=memory_free)
+
+    models = {"invkernels stored": stack(False), "invkernels memory-free": stack(True)}
+    if importlib.util.find_spec("FrEIA") is not None:
+        import FrEIA.framework as Ff  # noqa: PLC0415
+        import FrEIA.modules as Fm  # noqa: PLC0415
+
+        freia = Ff.SequenceINN(*AIO_SHAPE[1:])
+        constructor = _FixedSubnets(subs)
+        for _ in range(DEPTH):
+            freia.append(Fm.AllInOneBlock, subnet_constructor=constructor, affine_clamping=AIO_CLAMP,
+                         permute_soft=False)
+        models = {"FrEIA AllInOneBlock (stored)": freia, **models}
+    providers = {name: fwd_bwd(model.to(device)) for name, model in models.items()}
+    h = torch.randn(AIO_SHAPE[0], c1, *AIO_SHAPE[2:], device=device)
+
+    def subnet_forward():
+        with torch.no_grad():
+            for s in subs:
+                s(h)
+
+    providers["subnets' forward alone"] = subnet_forward
+    return providers
+
+
+def build_glow(device: str = "cpu"):
+    """K = GLOW_DEPTH Glow steps of the memory benchmark, plain autograd and memory-free, and the
+    coupling subnets' forward alone (for the floor)."""
+    import bench_memory  # noqa: PLC0415
+
+    providers = {"plain": bench_memory.build(GLOW_DEPTH, "plain", device)[2]}
+    model, _, providers["invkernels memory-free"], x = bench_memory.build(GLOW_DEPTH, "memory_free", device)
+    subnets = [step.coupling.subnet for step in model.blocks]
+    h = torch.randn(x.shape[0], model.blocks[0].coupling.c1, *x.shape[2:], device=device)
+
+    def subnet_forward():
+        with torch.no_grad():
+            for s in subnets:
+                s(h)
+
+    providers["subnets' forward alone"] = subnet_forward
+    return providers
+
+
+@pytest.mark.benchmark(group="network")
+def test_allinone_stack(benchmark, settings):
+    _cpu_only(settings)
+    missing = [] if importlib.util.find_spec("FrEIA") is not None else ["FrEIA"]
+    harness.interleaved(benchmark, build_allinone(settings.device), rounds=settings.rounds, reps=5,
+                        device=settings.device, section="network_allinone",
+                        label=f"{list(AIO_SHAPE)}, {DEPTH} blocks", missing=missing)
+
+
+@pytest.mark.benchmark(group="network")
+def test_glow_stack(benchmark, settings):
+    _cpu_only(settings)
+    import bench_memory  # noqa: PLC0415
+
+    harness.interleaved(benchmark, build_glow(settings.device), rounds=settings.rounds, reps=1,
+                        device=settings.device, section="network_glow",
+                        label=f"{list(bench_memory.SHAPE)}, K = {GLOW_DEPTH}")
+
+
+@pytest.mark.benchmark(group="network")
+def test_block_overhead(benchmark, settings):
+    """The RevNet-style stacks on a tiny input with :class:`ChannelScale` subnets: the time per
+    block is the overhead of each chain's layers (autograd nodes, Python, small allocations)."""
+    _cpu_only(settings)
+    providers = build(settings.device, OVERHEAD_SHAPE, OVERHEAD_DEPTH, ChannelScale)
+    del providers["subnets' forward alone"]
+    harness.interleaved(benchmark, providers, rounds=settings.rounds, reps=20, device=settings.device,
+                        section="network_overhead", label=f"{list(OVERHEAD_SHAPE)}, {OVERHEAD_DEPTH} blocks",
+                        missing=missing_peers())
 
 
 def _profile(run) -> list[list[str]]:
@@ -166,8 +302,7 @@ def _profile(run) -> list[list[str]]:
 
 @pytest.mark.benchmark(group="network")
 def test_revnet_profiles(benchmark, settings):
-    if settings.device != "cpu":
-        pytest.skip("the network benchmark times the CPU")
+    _cpu_only(settings)
     providers = build(settings.device)
     chosen = ("plain", "invkernels memory-free")
     harness.record_once(benchmark, lambda: {"profiles": {name: _profile(providers[name]) for name in chosen}},
@@ -210,6 +345,66 @@ memory-free floor is plain autograd plus one more forward of every subnet: here
         swap = ratio["invkernels couplings + user swap, memory-free"]
         verdicts.append(f"- couplings + user half swap memory-free: {swap:.2f}x plain (goal ≤ {GOAL_USER_SWAP}x): "
                         f"{'met' if swap <= GOAL_USER_SWAP else 'NOT met'}")
+    for e in res.all("network_allinone"):
+        t = res.timings(e)
+        sub = t.pop("subnets' forward alone").median
+        freia = t.get("FrEIA AllInOneBlock (stored)")
+        base = freia.median if freia is not None else t["invkernels stored"].median
+        rows = [[name, harness.fmt_ms(t[name]), f"{base / t[name].median:.2f}x"] for name in t]
+        parts.append(f"""## Whole network: FrEIA AllInOneBlock stack and the invkernels equivalent (CPU, float32)
+
+{DEPTH} blocks on {list(AIO_SHAPE)}: FrEIA `AllInOneBlock(permute_soft=False)` (clamp {AIO_CLAMP}, its
+softplus per-channel affine, a fixed permutation applied as a 1x1 convolution) against
+`InvertibleSequential` of `AffineCoupling(clamp={AIO_CLAMP})` + `ActNorm` + `Permute("random")`, the same
+subnets conv3x3-ReLU-conv3x3 of width {AIO_WIDTH} (last layer drawn with std 0.01), loss
+`y.pow(2).mean() - logdet.mean()`, forward+backward. Speed-up = FrEIA time / provider time. The
+subnets' forward alone takes {sub:.2f} ms.{' FrEIA not installed (not timed).' if freia is None else ''}
+
+{harness.markdown_table(["provider", "ms", "speed-up vs FrEIA" if freia is not None else "vs invkernels stored"], rows)}
+""")
+        if freia is None:
+            verdicts.append("- AllInOneBlock stack: FrEIA not installed: NOT measured")
+            continue
+        stored = freia.median / t["invkernels stored"].median
+        free = t["invkernels memory-free"].median / freia.median
+        verdicts.append(f"- AllInOneBlock stack stored: {stored:.2f}x faster than FrEIA (goal ≥ {GOAL_AIO_STORED}x): "
+                        f"{'met' if stored >= GOAL_AIO_STORED else 'NOT met'}")
+        verdicts.append(f"- AllInOneBlock stack memory-free: {free:.2f}x FrEIA's stored time (goal ≤ {GOAL_AIO_FREE}x): "
+                        f"{'met' if free <= GOAL_AIO_FREE else 'NOT met'}")
+    for e in res.all("network_glow"):
+        import bench_memory  # noqa: PLC0415
+
+        t = res.timings(e)
+        plain = t["plain"].median
+        floor = (plain + t["subnets' forward alone"].median) / plain
+        rows = [[name, harness.fmt_ms(t[name]), f"{t[name].median / plain:.2f}x"] for name in t]
+        free = t["invkernels memory-free"].median / plain
+        parts.append(f"""## Whole network: K = {GLOW_DEPTH} Glow steps (CPU, float32)
+
+The memory benchmark's K = {GLOW_DEPTH} `GlowStep(64, hidden={bench_memory.HIDDEN})` on
+{list(bench_memory.SHAPE)}, forward+backward with the gradients of x and every parameter, timed here
+interleaved in the same process: plain autograd (`memory_free=False`) and memory-free. Floor of
+memory-free (plain + one forward of every coupling subnet): {harness.fmt_ratio(floor)} plain.
+
+{harness.markdown_table(["provider", "ms", "vs plain"], rows)}
+""")
+        verdicts.append(f"- K={GLOW_DEPTH} Glow steps memory-free (network run): {free:.2f}x plain, {free / floor:.3f}x "
+                        f"its floor (goal ≤ {bench_memory.GOAL_TIME}x plain): "
+                        f"{'met' if free <= bench_memory.GOAL_TIME else 'NOT met'}")
+    for e in res.all("network_overhead"):
+        t = res.timings(e)
+        plain = t["plain"].median
+        rows = [[name, f"{t[name].median * 1e3 / OVERHEAD_DEPTH:.0f}",
+                 f"{(t[name].median - plain) * 1e3 / OVERHEAD_DEPTH:+.0f}"] for name in t]
+        missing = e.get("missing") or []
+        parts.append(f"""## Per-block overhead (RevNet-style stack on a tiny input)
+
+The providers of the RevNet-style table with {OVERHEAD_DEPTH} blocks on {list(OVERHEAD_SHAPE)}, each subnet a
+per-channel product (`ChannelScale`): the tensor work is negligible, so the time per block is the
+overhead of each chain's layers (autograd nodes, Python, allocations) per forward+backward.{' Not installed (not timed): ' + ', '.join(missing) if missing else ''}
+
+{harness.markdown_table(["provider", "µs per block", "µs per block over plain"], rows)}
+""")
     for e in res.all("network_profile"):
         for name, rows in e["profiles"].items():
             parts.append(f"""### Profile: {name} (top {PROFILE_ROWS} ops by self CPU time, per step)
