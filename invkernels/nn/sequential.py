@@ -264,7 +264,7 @@ class _MemoryFreeChain(torch.autograd.Function):
                 # The rebuild reruns the block (train-mode subnets included): what it writes to
                 # buffers (BatchNorm running statistics) goes to copies, so the forward's update counts once.
                 with _state.scratch_buffers(block), _gathered(block):
-                    flow, grad, pairs = seq._inverse_backward(i, flow, grad, grad_logdet, context, rng,
+                    flow, grad, pairs = seq._inverse_backward(i, block, flow, grad, grad_logdet, context, rng,
                                                               x_in if k == 0 else None)
                 for t, g in pairs:
                     if g is not None:
@@ -381,7 +381,9 @@ class InvertibleSequential(nn.Module):
     def forward_block(self, i: int, x: torch.Tensor, context: torch.Tensor | None = None):
         """``(y, logdet)`` of block ``i`` alone at ``x`` (with ``context`` if the block takes one),
         checked to be a pair of tensors with a ``[batch]`` log-det."""
-        block = self.blocks[i]
+        return self._checked_forward(i, self.blocks[i], x, context)
+
+    def _checked_forward(self, i: int, block: nn.Module, x: torch.Tensor, context: torch.Tensor | None):
         out = block(x, **self._kwargs(i, context))
         if not (isinstance(out, tuple) and len(out) == 2 and all(isinstance(t, torch.Tensor) for t in out)):
             raise TypeError(f"InvertibleSequential: block {i} ({type(block).__name__}) should return a tuple "
@@ -407,13 +409,12 @@ class InvertibleSequential(nn.Module):
         with _gathered(block):
             return block.inverse(y, **self._kwargs(i, context))
 
-    def _inverse_backward(self, i: int, flow: _Flow, grad: _Flow, grad_logdet: torch.Tensor,
+    def _inverse_backward(self, i: int, block: nn.Module, flow: _Flow, grad: _Flow, grad_logdet: torch.Tensor,
                           context: torch.Tensor | None, rng: _RngState | None, like: torch.Tensor | None):
         """Block ``i``'s memory-free backward on the flows of its output and of its gradient: the
         flows of its input and of that input's gradient, and the ``(tensor, gradient)`` pairs. With
         ``like`` (the chain's input, for the chain's first block) the input gradient of a block
         working on halves is written into one new tensor shaped as ``like``."""
-        block = self.blocks[i]
         kwargs = self._kwargs(i, context)
         c1 = split_of(block)
         if c1 is not None:
@@ -434,11 +435,12 @@ class InvertibleSequential(nn.Module):
     def forward_flow(self, i: int, flow: _Flow, context: torch.Tensor | None):
         """Block ``i`` on the flow of its input: the flow of its output and its log-det (None for
         a block on halves whose log-det is 0)."""
-        c1 = split_of(self.blocks[i])
+        block = self.blocks[i]
+        c1 = split_of(block)
         if c1 is None:
-            y, logdet = self.forward_block(i, flow.whole(), context)
+            y, logdet = self._checked_forward(i, block, flow.whole(), context)
             return _Flow(y), logdet
-        y1, y2, logdet = self.blocks[i].forward_split(*flow.split(c1), **self._kwargs(i, context))
+        y1, y2, logdet = block.forward_split(*flow.split(c1), **self._kwargs(i, context))
         return _Flow(halves=(y1, y2)), logdet
 
     def _runs(self) -> list[tuple[bool, tuple[int, ...]]]:

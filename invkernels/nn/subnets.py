@@ -16,18 +16,33 @@ from invkernels._validation import check_int, describe
 SubnetFactory = Callable[[int, int], nn.Module]
 
 
-def call_subnet(owner: str, subnet: nn.Module, x: torch.Tensor, want: list[int]) -> torch.Tensor:
-    """``subnet(x)``, with errors that name ``owner`` when the input's dtype is not the subnet's
-    (outside autocast) or the subnet returns anything but a tensor of shape ``want``."""
+def _check_subnet_dtype(owner: str, subnet: nn.Module, x: torch.Tensor) -> None:
+    """ValueError when ``x``'s dtype is not that of the subnet's parameters, outside autocast."""
     param = next((p for p in subnet.parameters() if p.is_floating_point()), None)
     device_type = x.device.type if x.device.type in ("cpu", "cuda") else "cpu"
     if param is not None and param.dtype != x.dtype and not torch.is_autocast_enabled(device_type):
         raise ValueError(f"{owner}: the input has dtype {x.dtype} but the layer's subnet has parameters of dtype "
                          f"{param.dtype}; convert the model (e.g. model.to({x.dtype})) or the input "
                          f"(x.to({param.dtype}))")
-    h = subnet(x)
+
+
+def call_subnet(owner: str, subnet: nn.Module, x: torch.Tensor, want: list[int]) -> torch.Tensor:
+    """``subnet(x)``, with errors that name ``owner`` when the input's dtype is not the subnet's
+    (outside autocast) or the subnet returns anything but a tensor of shape ``want``. The dtypes
+    are compared only when the subnet fails or returns another dtype than ``x``'s, so a call that
+    works costs no walk over the subnet's parameters."""
+    try:
+        h = subnet(x)
+    except RuntimeError as error:
+        try:
+            _check_subnet_dtype(owner, subnet, x)
+        except ValueError as mismatch:
+            raise mismatch from error
+        raise
     if not isinstance(h, torch.Tensor):
         raise TypeError(f"{owner}: the subnet should return a tensor of shape {want}, got {describe(h)}")
+    if h.dtype != x.dtype:
+        _check_subnet_dtype(owner, subnet, x)
     if list(h.shape) != want:
         raise ValueError(f"{owner}: the subnet output should have shape {want}, got {list(h.shape)}")
     return h
