@@ -114,7 +114,7 @@ class _Coupling(nn.Module):
         x, grad_x, grad_h = fused(h.detach())
         grads = torch.autograd.grad(h, [leaf, *extra], grad_h, allow_unused=True)
         if grads[0] is not None:
-            grad_x[:, : self.c1] += grads[0]
+            grad_x[:, : self.c1].add_(grads[0])
         return x, grad_x, list(zip(extra, grads[1:]))
 
     def extra_repr(self) -> str:
