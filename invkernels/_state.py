@@ -35,8 +35,9 @@ def scratch_buffers(module: nn.Module):
     originals back untouched: what runs inside may write buffers (BatchNorm running statistics,
     spectral-norm vectors) without changing the module's state or its buffers' version counters.
     A buffer registered in several submodules gets one shared copy. Modules whose class sets
-    ``buffers_read_only = True`` (fixed permutations and signs, which nothing writes) keep theirs,
-    and with them whatever they cache from their buffers."""
+    ``buffers_read_only = True`` keep theirs, and with them whatever they cache from their
+    buffers: their buffers are not written by a rebuild (fixed permutations and signs; ActNorm's
+    initialization flag, which only a forward's data-dependent initialization sets)."""
     copies: dict[int, torch.Tensor] = {}
     swapped = []
     for m in module.modules():

@@ -51,6 +51,10 @@ class ActNorm(nn.Module):
     ``forward(x) -> (y, logdet)`` for ``x`` of shape ``[B, C, *spatial]``; ``inverse(y) -> x``.
     """
 
+    # The `initialized` flag is written by the data-dependent initialization of a forward only; the
+    # memory-free backward (inverse_backward) never writes it, so it need not be copied (_state).
+    buffers_read_only = True
+
     def __init__(self, channels: int, eps: float = 1e-6, backend: str | None = None, *, data_init: bool = True,
                  process_group=None):
         super().__init__()

@@ -193,6 +193,20 @@ def _watched(seq, indices) -> list[tuple[tuple, torch.Tensor, int | None]]:
     return out
 
 
+def _tensor_ids(seq, indices) -> set[int]:
+    """The ids of every parameter and buffer of the blocks ``indices``, as they are now."""
+    return {id(t) for i in indices for m in seq.blocks[i].modules()
+            for items in (m._parameters, m._buffers) for t in items.values() if t is not None}
+
+
+def _trained_parameters(seq, indices) -> list[torch.Tensor]:
+    """The parameters of the blocks ``indices`` that require grad, each once (read from the
+    modules' own tables: ``parameters()`` builds names this hot path does not need)."""
+    found = {id(p): p for i in indices for m in seq.blocks[i].modules() for p in m._parameters.values()
+             if p is not None and p.requires_grad}
+    return list(found.values())
+
+
 def _watched_name(seq, where: tuple) -> str:
     i, module, kind, key = where
     prefix = next((name for name, m in seq.blocks[i].named_modules() if m is module), None)
@@ -203,7 +217,7 @@ def _watched_name(seq, where: tuple) -> str:
 def _check_unchanged(seq, indices, watched) -> None:
     """RuntimeError when a tensor the rebuild reads was modified in place, or replaced, between the
     forward and this backward (as autograd raises for the tensors it saved)."""
-    now = {id(t) for _, t, _ in _watched(seq, indices)}
+    now = _tensor_ids(seq, indices)
     for where, t, version in watched:
         changed = _state.version(t) != version
         if changed or id(t) not in now:
@@ -463,8 +477,7 @@ class InvertibleSequential(nn.Module):
         flow, logdet = _Flow(x), None
         for capable, indices in self._runs():
             if self.memory_free and records and capable:
-                params = list({id(p): p for i in indices for p in self.blocks[i].parameters()
-                               if p.requires_grad}.values())
+                params = _trained_parameters(self, indices)
                 out, run_logdet = _memory_free_run(self, indices, flow.whole(), context, params)
                 flow, logdet = _Flow(out), _add_logdets(logdet, run_logdet)
             else:
