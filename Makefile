@@ -84,9 +84,10 @@ bench-peers: env
 bench: build bench-peers
 	$(BENCH_ENV) $(PY) benchmarks/run.py --write docs/performance.md --plots docs/plots
 
-# The whole-network benchmark alone (benchmarks/bench_network.py), into its own report.
+# The whole-network benchmarks alone (benchmarks/bench_network.py), for a quick look: their report
+# goes to benchmarks/results/ (make bench puts them in docs/performance.md with the rest).
 bench-network: build bench-peers
-	$(BENCH_ENV) $(PY) benchmarks/run.py --only network --write docs/performance-network.md
+	$(BENCH_ENV) $(PY) benchmarks/run.py --only network --write benchmarks/results/performance-network.md
 
 # The main job: a memory-free Glow trained on scikit-learn's digits (python -m invkernels demo).
 demo: build

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
 import torch.distributed as dist
@@ -178,19 +178,34 @@ def _gathered(block: nn.Module):
             unit.reshard()
 
 
-def _watched(seq, indices) -> list[tuple[tuple, torch.Tensor, int | None]]:
-    """``(where, tensor, version)`` of every parameter and buffer of the blocks ``indices``: what
-    rebuilding their inputs reads, frozen parameters and buffers included (``where`` names it
-    for :func:`_watched_name`)."""
-    seen, out = set(), []
+def _versions(tensors: list[torch.Tensor]) -> list[int | None]:
+    try:
+        return [t._version for t in tensors]
+    except RuntimeError:  # an inference tensor has no version counter
+        return [_state.version(t) for t in tensors]
+
+
+class _Watched(NamedTuple):
+    """Every parameter and buffer of a run of blocks, with its version at the end of the forward:
+    what rebuilding their inputs reads, frozen parameters and buffers included. ``where[k]`` names
+    ``tensors[k]`` for :func:`_watched_name`."""
+
+    where: list[tuple]
+    tensors: list[torch.Tensor]
+    versions: list[int | None]
+
+
+def _watched(seq, indices) -> _Watched:
+    seen, where, tensors = set(), [], []
     for i in indices:
         for m in seq.blocks[i].modules():
             for kind, items in (("parameter", m._parameters), ("buffer", m._buffers)):
                 for key, t in items.items():
                     if t is not None and id(t) not in seen:
                         seen.add(id(t))
-                        out.append(((i, m, kind, key), t, _state.version(t)))
-    return out
+                        where.append((i, m, kind, key))
+                        tensors.append(t)
+    return _Watched(where, tensors, _versions(tensors))
 
 
 def _tensor_ids(seq, indices) -> set[int]:
@@ -214,14 +229,17 @@ def _watched_name(seq, where: tuple) -> str:
     return f"{kind} blocks.{i}.{path}"
 
 
-def _check_unchanged(seq, indices, watched) -> None:
+def _check_unchanged(seq, indices, watched: _Watched) -> None:
     """RuntimeError when a tensor the rebuild reads was modified in place, or replaced, between the
     forward and this backward (as autograd raises for the tensors it saved)."""
+    now_versions = _versions(watched.tensors)
     now = _tensor_ids(seq, indices)
-    for where, t, version in watched:
-        changed = _state.version(t) != version
+    if now_versions == watched.versions and all(id(t) in now for t in watched.tensors):
+        return
+    for where, t, version, now_version in zip(watched.where, watched.tensors, watched.versions, now_versions):
+        changed = now_version != version
         if changed or id(t) not in now:
-            what = (f"was modified by an inplace operation (version {version} -> {_state.version(t)})" if changed
+            what = (f"was modified by an inplace operation (version {version} -> {now_version})" if changed
                     else "was replaced by another tensor")
             raise RuntimeError(
                 f"InvertibleSequential: the {_watched_name(seq, where)}, needed to rebuild the activations in the "
