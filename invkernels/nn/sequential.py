@@ -179,6 +179,7 @@ def _gathered(block: nn.Module):
 
 
 def _versions(tensors: list[torch.Tensor]) -> list[int | None]:
+    """The version counters of ``tensors`` (None for an inference tensor, which has none)."""
     try:
         return [t._version for t in tensors]
     except RuntimeError:  # an inference tensor has no version counter
