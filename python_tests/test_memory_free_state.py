@@ -93,15 +93,36 @@ def test_inverse_through_split_is_an_error_naming_it():
 
 def test_scratch_buffers_copies_written_buffers_and_keeps_fixed_ones():
     from invkernels import _state  # noqa: PLC0415
-    from invkernels.nn import Permute  # noqa: PLC0415
+    from invkernels.nn import ActNorm, Permute  # noqa: PLC0415
 
-    block = nn.Sequential(nn.BatchNorm2d(4), Permute(4, "random"), InvConv1x1(4))
+    block = nn.Sequential(nn.BatchNorm2d(4), Permute(4, "random"), InvConv1x1(4), ActNorm(4))
     before = {name: b for name, b in block.named_buffers()}
     with _state.scratch_buffers(block):
         inside = dict(block.named_buffers())
         block[0].running_mean.add_(1.0)
     for name, buf in before.items():
-        fixed = name.startswith(("1.", "2."))
+        fixed = name.startswith(("1.", "2.", "3."))
         assert (inside[name] is buf) == fixed, name
         assert dict(block.named_buffers())[name] is buf
     assert torch.equal(block[0].running_mean, torch.zeros(4))
+
+
+def test_blocks_built_under_inference_mode_in_a_memory_free_chain():
+    """Buffers made under torch.inference_mode have no version counter: the memory-free chain
+    watches them without one, and the gradients are those of the same blocks built normally."""
+    from invkernels.nn import Permute  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    perm = torch.randperm(4)
+    with torch.inference_mode():
+        frozen = Permute(4, perm=perm)
+    coupling = AffineCoupling(4, "conv", hidden=4).double()
+    with torch.no_grad():
+        for p in coupling.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x = torch.randn(2, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    got = torch.autograd.grad(run(InvertibleSequential(coupling, frozen), x), [x, *coupling.parameters()])
+    want = torch.autograd.grad(run(InvertibleSequential(coupling, Permute(4, perm=perm), memory_free=False), x),
+                               [x, *coupling.parameters()])
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)

@@ -15,6 +15,25 @@ def test_input_dtype_other_than_the_subnets_names_both():
         layer(torch.randn(2, 4, 4, 4, dtype=torch.float64))
 
 
+class ScaleNet(nn.Module):
+    """A subnet without a layer that checks dtypes: a float32 input is promoted to its float64."""
+
+    def __init__(self, c_in, c_out):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(1, c_out, 1, 1, dtype=torch.float64))
+        self.c_out = c_out
+
+    def forward(self, x):
+        return x[:, :1] * self.weight
+
+
+def test_input_dtype_other_than_the_subnets_names_both_when_the_subnet_promotes():
+    layer = AffineCoupling(4, ScaleNet)
+    with pytest.raises(ValueError, match=r"AffineCoupling: the input has dtype torch.float32 but the layer's subnet "
+                                         r"has parameters of dtype torch.float64"):
+        layer(torch.randn(2, 4, 4, 4))
+
+
 def test_input_dtype_check_allows_autocast():
     layer = AffineCoupling(4, "conv", hidden=8)
     x = torch.randn(2, 4, 4, 4)
