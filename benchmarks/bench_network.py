@@ -90,6 +90,18 @@ class _FixedSubnets:
         return copy.deepcopy(self.modules.pop(0))
 
 
+def forward_alone(subnets, h: torch.Tensor):
+    """A provider running every subnet once on ``h`` without grad: the extra work of the
+    memory-free floor."""
+
+    def run():
+        with torch.no_grad():
+            for s in subnets:
+                s(h)
+
+    return run
+
+
 def missing_peers() -> list[str]:
     return [p for p in PEERS if importlib.util.find_spec(p) is None]
 
@@ -162,13 +174,7 @@ def build(device: str = "cpu", shape: tuple[int, ...] = SHAPE, depth: int = DEPT
     providers = {name: fwd_bwd(model.to(device), pair) for name, (model, pair) in models.items()}
     h = torch.randn(shape[0], half, *shape[2:], device=device)
 
-    def subnet_forward():
-        with torch.no_grad():
-            for f, g in zip(fs, gs):
-                f(h)
-                g(h)
-
-    providers["subnets' forward alone"] = subnet_forward
+    providers["subnets' forward alone"] = forward_alone([m for pair in zip(fs, gs) for m in pair], h)
     swap, swap_grad = HalfSwap(), torch.randn(shape, device=device)
 
     def swaps_alone():
@@ -243,12 +249,7 @@ def build_allinone(device: str = "cpu"):
     providers = {name: fwd_bwd(model.to(device)) for name, model in models.items()}
     h = torch.randn(AIO_SHAPE[0], c1, *AIO_SHAPE[2:], device=device)
 
-    def subnet_forward():
-        with torch.no_grad():
-            for s in subs:
-                s(h)
-
-    providers["subnets' forward alone"] = subnet_forward
+    providers["subnets' forward alone"] = forward_alone(subs, h)
     return providers
 
 
@@ -262,12 +263,7 @@ def build_glow(device: str = "cpu"):
     subnets = [step.coupling.subnet for step in model.blocks]
     h = torch.randn(x.shape[0], model.blocks[0].coupling.c1, *x.shape[2:], device=device)
 
-    def subnet_forward():
-        with torch.no_grad():
-            for s in subnets:
-                s(h)
-
-    providers["subnets' forward alone"] = subnet_forward
+    providers["subnets' forward alone"] = forward_alone(subnets, h)
     return providers
 
 
