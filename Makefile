@@ -24,10 +24,15 @@ else
 env: $(VENV)/.deps-installed
 endif
 
+# Peer libraries the tests compare against (nflows: the spline reference's oracle), installed
+# without their dependencies so that they never pull another torch.
+TEST_PEERS := nflows==0.14
+
 $(VENV)/.deps-installed: requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-deps $(TEST_PEERS)
 	touch $@
 
 build: env

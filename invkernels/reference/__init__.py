@@ -18,6 +18,7 @@ from invkernels.reference.invconv import (
     lu_factors,
     random_rotation,
 )
+from invkernels.reference.spline import rq_spline_fwd, rq_spline_inv
 
 __all__ = [
     "actnorm_fwd",
@@ -36,4 +37,6 @@ __all__ = [
     "log_scale",
     "lu_factors",
     "random_rotation",
+    "rq_spline_fwd",
+    "rq_spline_inv",
 ]

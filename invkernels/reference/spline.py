@@ -1,0 +1,189 @@
+"""Pure-PyTorch rational-quadratic spline (neural spline flows, Durkan et al. 2019): the test
+oracle (run in float64) and the eager baseline of the spline ops.
+
+Conventions are those of nflows' ``unconstrained_rational_quadratic_spline`` with
+``tails="linear"``: inside ``[-tail_bound, tail_bound]`` a monotone rational-quadratic spline of
+``bins`` bins, identity outside. Per element the subnet gives ``bins`` unnormalized widths,
+``bins`` unnormalized heights and ``bins - 1`` unnormalized interior derivatives, normalized by
+:func:`knots` (softmax with minimum bin sizes, ``min_derivative + softplus``, boundary
+derivatives 1). Formulas and numerics: docs/ops/spline.md.
+
+The computation is split in two steps, as the kernels are: the normalization of the parameters
+into knots (the only step that differs between the parameterizations of the flow libraries), and
+the spline evaluated from the knots of an element's bin.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from invkernels._validation import check_spline, logdet_dtype
+
+# Raw parameters are clamped to [-PARAM_BOUND, PARAM_BOUND]: beyond it the softmax and softplus
+# are saturated to float64 round-off already, and the clamp keeps every gradient finite.
+PARAM_BOUND = 50.0
+
+
+def _clamp_outside(v: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """``v`` clamped to ``[low, high]``, the values inside (the bounds included) left as they are, so
+    their gradient passes (``torch.clamp`` gives 0 at the bounds themselves)."""
+    return torch.where((v < low) | (v > high), v.clamp(low, high), v)
+
+
+class Knots(NamedTuple):
+    """The knots of every element's spline, on the last dimension: ``xs``, ``ys`` (``bins + 1``
+    increasing positions, from ``-tail_bound`` to ``tail_bound``) and the derivatives ``ds`` at
+    them (``bins + 1``, positive, the two boundary ones 1)."""
+
+    xs: torch.Tensor
+    ys: torch.Tensor
+    ds: torch.Tensor
+
+
+def _positions(raw: torch.Tensor, tail_bound: float, minimum: float) -> torch.Tensor:
+    """Knot positions from unnormalized bin sizes (nflows' widths / heights): softmax with a
+    minimum size, cumulated over ``[-tail_bound, tail_bound]``, the two ends set exactly."""
+    bins = raw.shape[-1]
+    sizes = minimum + (1 - minimum * bins) * torch.softmax(raw, dim=-1)
+    cum = F.pad(torch.cumsum(sizes, dim=-1), (1, 0))
+    cum = 2 * tail_bound * cum - tail_bound
+    ends = torch.full_like(cum[..., :1], tail_bound)
+    return torch.cat([-ends, cum[..., 1:-1], ends], dim=-1)
+
+
+def knots(params: torch.Tensor, bins: int, tail_bound: float, min_bin_width: float, min_bin_height: float,
+          min_derivative: float) -> Knots:
+    """nflows' normalization (``tails="linear"``) of ``params`` (``[..., 3 * bins - 1]``: widths,
+    heights, interior derivatives), each raw value clamped to ``±PARAM_BOUND`` first."""
+    params = _clamp_outside(params, -PARAM_BOUND, PARAM_BOUND)
+    widths, heights, derivs = params.split([bins, bins, bins - 1], dim=-1)
+    ones = torch.ones_like(params[..., :1])
+    ds = torch.cat([ones, min_derivative + F.softplus(derivs), ones], dim=-1)
+    return Knots(_positions(widths, tail_bound, min_bin_width), _positions(heights, tail_bound, min_bin_height), ds)
+
+
+class _Bin(NamedTuple):
+    x0: torch.Tensor
+    x1: torch.Tensor
+    width: torch.Tensor
+    y0: torch.Tensor
+    y1: torch.Tensor
+    height: torch.Tensor
+    d0: torch.Tensor
+    d1: torch.Tensor
+
+
+def _bin(k: Knots, v: torch.Tensor, positions: torch.Tensor) -> _Bin:
+    """The bin of each element ``v`` in ``positions`` (``k.xs`` forward, ``k.ys`` inverse): the last
+    knot ``<= v`` among the first ``bins`` (a value on an interior knot belongs to the bin on its
+    right, as in nflows)."""
+    bins = positions.shape[-1] - 1
+    idx = (v.unsqueeze(-1) >= positions[..., 1:bins]).sum(dim=-1, keepdim=True)
+
+    def at(t: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        return t.gather(-1, idx + offset).squeeze(-1)
+
+    x0, x1, y0, y1 = at(k.xs), at(k.xs, 1), at(k.ys), at(k.ys, 1)
+    return _Bin(x0, x1, x1 - x0, y0, y1, y1 - y0, at(k.ds), at(k.ds, 1))
+
+
+def _log_derivative(b: _Bin, theta: torch.Tensor) -> torch.Tensor:
+    """``log dy/dx`` of the spline in bin ``b`` at the fraction ``theta`` of the bin."""
+    s = b.height / b.width
+    t1 = theta * (1 - theta)
+    denominator = s + (b.d0 + b.d1 - 2 * s) * t1
+    numerator = s.pow(2) * (b.d1 * theta.pow(2) + 2 * s * t1 + b.d0 * (1 - theta).pow(2))
+    return torch.log(numerator) - 2 * torch.log(denominator)
+
+
+def spline_forward(v: torch.Tensor, k: Knots) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y, log dy/dx)`` per element of ``v`` (inside ``[-tail_bound, tail_bound]``) for knots ``k``."""
+    b = _bin(k, v, k.xs)
+    s = b.height / b.width
+    theta = (v - b.x0) / b.width
+    t1 = theta * (1 - theta)
+    y = b.y0 + b.height * (s * theta.pow(2) + b.d0 * t1) / (s + (b.d0 + b.d1 - 2 * s) * t1)
+    return y, _log_derivative(b, theta)
+
+
+def _root(dy: torch.Tensor, height: torch.Tensor, s: torch.Tensor, d0: torch.Tensor, d1: torch.Tensor) -> torch.Tensor:
+    """The fraction ``theta`` of the bin at which the spline rises by ``dy`` from the bin's start:
+    the root in ``[0, 1]`` of ``a θ² + b θ + c = 0``, in the stable form ``θ = 2c / (-b - sqrt(b² -
+    4ac))``, the discriminant clamped at 0 and the root to ``[0, 1]`` (both hold in exact
+    arithmetic; rounded, next to a knot of a steep bin, a root just beyond the bin makes the
+    derivative negative)."""
+    slope = d0 + d1 - 2 * s
+    a = dy * slope + height * (s - d0)
+    b = height * d0 - dy * slope
+    c = -s * dy
+    return _clamp_outside(2 * c / (-b - torch.sqrt((b.pow(2) - 4 * a * c).clamp_min(0))), 0.0, 1.0)
+
+
+def spline_inverse(v: torch.Tensor, k: Knots) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x, log dx/dy)`` per element of ``v`` (inside the bounds) for knots ``k``. The quadratic is
+    solved from the bin's end nearer to ``v`` (the spline read backwards from the end is the same
+    spline with the two derivatives exchanged), so the rounding of ``v`` against that knot, not
+    against the far one, sets the error of the root."""
+    bn = _bin(k, v, k.ys)
+    s = bn.height / bn.width
+    dy = v - bn.y0
+    upper = dy > 0.5 * bn.height
+    near = torch.where(upper, bn.y1 - v, dy)
+    d_near, d_far = torch.where(upper, bn.d1, bn.d0), torch.where(upper, bn.d0, bn.d1)
+    theta = _root(near, bn.height, s, d_near, d_far)
+    x = torch.where(upper, bn.x1 - theta * bn.width, theta * bn.width + bn.x0)
+    return x, -_log_derivative(bn._replace(d0=d_near, d1=d_far), theta)
+
+
+def _transform(op: str, x: torch.Tensor, h: torch.Tensor, bins: int, tail_bound: float, min_bin_width: float,
+               min_bin_height: float, min_derivative: float, inverse: bool):
+    check_spline(op, x, h, bins, tail_bound, min_bin_width, min_bin_height, min_derivative,
+                 "y" if inverse else "x")
+    acc = torch.promote_types(x.dtype, torch.float32)
+    v = x.to(acc)
+    params = h.to(acc).unflatten(1, (x.shape[1], 3 * bins - 1)).movedim(2, -1)
+    k = knots(params, bins, tail_bound, min_bin_width, min_bin_height, min_derivative)
+    inside = (v >= -tail_bound) & (v <= tail_bound)
+    # The spline is evaluated on the values clamped into the bounds, so the branch that
+    # torch.where discards is finite and its gradient (multiplied by 0) cannot be NaN.
+    out, log_d = (spline_inverse if inverse else spline_forward)(v.clamp(-tail_bound, tail_bound), k)
+    out = torch.where(inside, out, v)
+    log_d = torch.where(inside, log_d, torch.zeros_like(log_d))
+    return out.to(x.dtype), log_d.flatten(1).sum(dim=1, dtype=logdet_dtype(x.dtype))
+
+
+def rq_spline_fwd(x: torch.Tensor, h: torch.Tensor, bins: int, tail_bound: float = 3.0, min_bin_width: float = 1e-3,
+                  min_bin_height: float = 1e-3, min_derivative: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y, logdet)`` of the rational-quadratic spline with linear tails, elementwise on ``x``.
+
+    Args:
+        x: ``[B, C, *spatial]``.
+        h: ``[B, C * (3 * bins - 1), *spatial]``; ``h.unflatten(1, (C, 3 * bins - 1))`` holds per
+            element the unnormalized widths (``bins``), heights (``bins``) and interior derivatives
+            (``bins - 1``).
+        bins, tail_bound, min_bin_width, min_bin_height, min_derivative: as in nflows.
+
+    Returns:
+        ``y`` (``x``'s dtype; float16/bfloat16 computed in float32) and ``logdet`` ``[B]`` in
+        ``logdet_dtype(x.dtype)``.
+    """
+    return _transform("rq_spline_fwd", x, h, bins, tail_bound, min_bin_width, min_bin_height, min_derivative,
+                      inverse=False)
+
+
+def rq_spline_inv(y: torch.Tensor, h: torch.Tensor, bins: int, tail_bound: float = 3.0, min_bin_width: float = 1e-3,
+                  min_bin_height: float = 1e-3, min_derivative: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`rq_spline_fwd`: ``(x, logdet of the inverse)``, the log-det being minus the
+    forward's at ``x``."""
+    return _transform("rq_spline_inv", y, h, bins, tail_bound, min_bin_width, min_bin_height, min_derivative,
+                      inverse=True)
+
+
+def identity_derivative_offset(min_derivative: float) -> float:
+    """The raw interior derivative whose normalized derivative is 1 (``min_derivative +
+    softplus(raw) = 1``): with zero widths and heights and this offset the spline is the identity."""
+    return math.log(math.expm1(1 - min_derivative))
