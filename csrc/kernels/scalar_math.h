@@ -19,6 +19,8 @@ struct MathOps<float> {
   static INVK_HOST_DEVICE float splat(float v) { return v; }
   static INVK_HOST_DEVICE float exp(float v) { return expf(v); }
   static INVK_HOST_DEVICE float log1p(float v) { return log1pf(v); }
+  static INVK_HOST_DEVICE float log(float v) { return logf(v); }
+  static INVK_HOST_DEVICE float sqrt(float v) { return sqrtf(v); }
   static INVK_HOST_DEVICE float abs(float v) { return fabsf(v); }
   // |magnitude| with the sign of sign.
   static INVK_HOST_DEVICE float copysign(float magnitude, float sign) { return copysignf(magnitude, sign); }
@@ -34,6 +36,8 @@ struct MathOps<double> {
   static INVK_HOST_DEVICE double splat(double v) { return v; }
   static INVK_HOST_DEVICE double exp(double v) { return ::exp(v); }
   static INVK_HOST_DEVICE double log1p(double v) { return ::log1p(v); }
+  static INVK_HOST_DEVICE double log(double v) { return ::log(v); }
+  static INVK_HOST_DEVICE double sqrt(double v) { return ::sqrt(v); }
   static INVK_HOST_DEVICE double abs(double v) { return fabs(v); }
   static INVK_HOST_DEVICE double copysign(double magnitude, double sign) { return ::copysign(magnitude, sign); }
   static INVK_HOST_DEVICE double min(double a, double b) { return (a != a || a < b) ? a : b; }

@@ -35,6 +35,7 @@ inline void check_close(double actual, double expected, double rtol, double atol
 
 void run_coupling_math_tests();
 void run_actnorm_math_tests();
+void run_spline_math_tests();
 
 }  // namespace invk_test
 

@@ -7,6 +7,7 @@
 int main() {
   invk_test::run_coupling_math_tests();
   invk_test::run_actnorm_math_tests();
+  invk_test::run_spline_math_tests();
   std::printf("%d passed, %d failed\n", invk_test::g_passed, invk_test::g_failed);
   return invk_test::g_failed == 0 ? 0 : 1;
 }
