@@ -23,8 +23,9 @@ import torch.nn.functional as F
 
 from invkernels._validation import check_spline, logdet_dtype
 
-# Raw parameters are clamped to [-PARAM_BOUND, PARAM_BOUND]: beyond it the softmax and softplus
-# are saturated to float64 round-off already, and the clamp keeps every gradient finite.
+# Raw parameters are clamped to [-PARAM_BOUND, PARAM_BOUND]: beyond it a softmax over such values
+# is saturated to float64 round-off already, the derivatives (min_derivative + softplus) stop
+# growing at about 50, and every value and gradient stays finite.
 PARAM_BOUND = 50.0
 
 
