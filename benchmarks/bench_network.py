@@ -175,17 +175,21 @@ def build(device: str = "cpu", shape: tuple[int, ...] = SHAPE, depth: int = DEPT
     h = torch.randn(shape[0], half, *shape[2:], device=device)
 
     providers["subnets' forward alone"] = forward_alone([m for pair in zip(fs, gs) for m in pair], h)
-    swap, swap_grad = HalfSwap(), torch.randn(shape, device=device)
+    swap = HalfSwap()
+    # One input and one output gradient per swap, as in the chain: the swaps move data from and
+    # to memory, not within a cache that one reused tensor would stay in.
+    swap_inputs = [torch.randn(shape, device=device) for _ in range(2 * depth)]
+    swap_grads = [torch.randn(shape, device=device) for _ in range(2 * depth)]
 
     def swaps_alone():
         # What the memory-free chain cannot avoid for the user's swap modules: their forward
         # (without grad), their inverse (the rebuild) and their own forward+backward under autograd.
-        for _ in range(2 * depth):
+        for a, g in zip(swap_inputs, swap_grads):
             with torch.no_grad():
-                swap(x)
-                swap.inverse(x)
-            leaf = x.detach().requires_grad_()
-            torch.autograd.grad(swap(leaf)[0], leaf, swap_grad)
+                swap(a)
+                swap.inverse(a)
+            leaf = a.detach().requires_grad_()
+            torch.autograd.grad(swap(leaf)[0], leaf, g)
 
     providers["user swaps alone (forward, inverse, forward+backward)"] = swaps_alone
     return providers
@@ -350,7 +354,8 @@ as written, without its wrapper (chunk, two adds, cat). invkernels: `InvertibleS
 single-sided `AdditiveCoupling` with a user half-swap module between them (16 couplings). The
 memory-free floor is plain autograd plus one more forward of every subnet: here
 {harness.fmt_ratio(floor)} plain. With the user's swap modules, what the chain must run of them comes on
-top (their forward, their inverse, their own forward+backward under autograd; timed alone):
+top (their forward, their inverse, their own forward+backward under autograd; timed alone, each
+swap on an input of its own):
 {harness.fmt_ratio(swap_floor)} plain.{' Not installed (not timed): ' + ', '.join(missing) if missing else ''}
 
 {harness.markdown_table(["provider", "ms", "vs plain"], rows)}
