@@ -281,3 +281,28 @@ def test_root_stays_in_the_bin():
     for d0, d1 in ((0.01, 30.0), (0.01, 0.01)):
         theta = S._root(dy, height, s, torch.tensor(d0, dtype=F64), torch.tensor(d1, dtype=F64))
         assert torch.equal(theta, torch.tensor([0.0, 1.0, 1.0, 1.0, 1.0], dtype=F64)), (d0, d1, theta)
+
+
+@pytest.mark.parametrize("inverse", [False, True])
+def test_layouts_and_empty_inputs(inverse):
+    """Channels-last and strided inputs give the contiguous results (to round-off: torch's softmax
+    and cumsum may sum in another order on another layout); an empty batch or an empty spatial
+    size gives empty outputs (the log-det of an empty sample is 0)."""
+    bins = 3
+    fn = S.rq_spline_inv if inverse else S.rq_spline_fwd
+    x, h = inputs((2, 3, 4, 5), bins, 2.0, 1.0)
+    y, logdet = fn(x, h, bins)
+    y_cl, logdet_cl = fn(x.to(memory_format=torch.channels_last), h.to(memory_format=torch.channels_last), bins)
+    for got, want in ((y_cl, y), (logdet_cl, logdet)):
+        torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-13)
+    wide_x = torch.zeros(2, 3, 4, 10, dtype=F64)
+    wide_x[..., ::2] = x
+    wide_h = torch.zeros(2, h.shape[1], 4, 10, dtype=F64)
+    wide_h[..., ::2] = h
+    y_s, logdet_s = fn(wide_x[..., ::2], wide_h[..., ::2], bins)
+    for got, want in ((y_s, y), (logdet_s, logdet)):
+        torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-13)
+    y0, logdet0 = fn(x[:0], h[:0], bins)
+    assert y0.shape == (0, 3, 4, 5) and logdet0.shape == (0,)
+    y1, logdet1 = fn(x[..., :0], h[..., :0], bins)
+    assert y1.shape == (2, 3, 4, 0) and torch.equal(logdet1, torch.zeros(2, dtype=F64))
