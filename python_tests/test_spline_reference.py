@@ -1,7 +1,7 @@
 """The rational-quadratic spline reference (invkernels.reference.spline), the oracle of the spline
 ops: agreement with nflows' ``unconstrained_rational_quadratic_spline`` (``tails="linear"``,
 installed as a test dependency with ``pip install --no-deps nflows``), the inverse, the log-det
-against the dense Jacobian, hostile values, reduced precision and bad arguments."""
+against the dense Jacobian, hostile values, layouts, reduced precision and bad arguments."""
 
 import math
 
