@@ -102,38 +102,29 @@ INVK_HOST_DEVICE SplineBin<T> spline_locate(const SplineSpec<T>& spec, const P* 
   const T scale_w = T(1) - spec.min_width * T(n);
   const T scale_h = T(1) - spec.min_height * T(n);
   const T span = T(2) * spec.bound;
-  T cum_w = T(0), cum_h = T(0), soft_w = T(0), soft_h = T(0);
-  T x0 = -spec.bound, y0 = -spec.bound;
+  T cum_w = T(0), cum_h = T(0);
+  b.cw0 = T(0);
+  b.ch0 = T(0);
+  b.x0 = -spec.bound;
+  b.y0 = -spec.bound;
   int k = 0;
-  T x1 = spec.bound, y1 = spec.bound, cw1 = T(1), ch1 = T(1);
-  for (; k < n; ++k) {
+  for (;; ++k) {
     const T sw = M::exp(spline_raw(static_cast<T>(pw[k * stride])) - b.w.max) / b.w.sum;
     const T sh = M::exp(spline_raw(static_cast<T>(ph[k * stride])) - b.h.max) / b.h.sum;
-    const T next_soft_w = soft_w + sw, next_soft_h = soft_h + sh;
+    b.cw1 = b.cw0 + sw;
+    b.ch1 = b.ch0 + sh;
     cum_w += spec.min_width + scale_w * sw;
     cum_h += spec.min_height + scale_h * sh;
     const bool last = k == n - 1;
-    x1 = last ? spec.bound : span * cum_w - spec.bound;
-    y1 = last ? spec.bound : span * cum_h - spec.bound;
-    if (last || v < (by_y ? y1 : x1)) {
-      b.cw0 = soft_w;
-      b.ch0 = soft_h;
-      cw1 = next_soft_w;
-      ch1 = next_soft_h;
-      break;
-    }
-    soft_w = next_soft_w;
-    soft_h = next_soft_h;
-    x0 = x1;
-    y0 = y1;
+    b.x1 = last ? spec.bound : span * cum_w - spec.bound;
+    b.y1 = last ? spec.bound : span * cum_h - spec.bound;
+    if (last || v < (by_y ? b.y1 : b.x1)) break;
+    b.cw0 = b.cw1;
+    b.ch0 = b.ch1;
+    b.x0 = b.x1;
+    b.y0 = b.y1;
   }
   b.k = k;
-  b.x0 = x0;
-  b.x1 = x1;
-  b.y0 = y0;
-  b.y1 = y1;
-  b.cw1 = cw1;
-  b.ch1 = ch1;
   b.d0 = k == 0 ? T(1) : spec.min_derivative + spline_softplus(spline_raw(static_cast<T>(pd[(k - 1) * stride])));
   b.d1 = k == n - 1 ? T(1) : spec.min_derivative + spline_softplus(spline_raw(static_cast<T>(pd[k * stride])));
   return b;
@@ -269,15 +260,22 @@ INVK_HOST_DEVICE SplineGrads<T> spline_chain(const SplineTerms<T>& q, const Spli
   return g;
 }
 
+// g_y * (partials of y) + g_l * (partials of L), taken to x and the knots.
+template <typename T>
+INVK_HOST_DEVICE SplineGrads<T> spline_combine(const SplineTerms<T>& q, const SplinePartials<T>& py,
+                                               const SplinePartials<T>& pl, T g_y, T g_l) {
+  const SplineGrads<T> gy = spline_chain(q, py, true);
+  const SplineGrads<T> gl = spline_chain(q, pl, false);
+  return {g_y * gy.x + g_l * gl.x,   g_y * gy.x0 + g_l * gl.x0, g_y * gy.x1 + g_l * gl.x1,
+          g_y * gy.y0 + g_l * gl.y0, g_y * gy.y1 + g_l * gl.y1, g_y * gy.d0 + g_l * gl.d0,
+          g_y * gy.d1 + g_l * gl.d1};
+}
+
 // Forward VJP inside the bounds: the gradients of g_y * y(x) + g_l * log dy/dx at x in bin b.
 template <typename T>
 INVK_HOST_DEVICE SplineGrads<T> spline_forward_vjp(const SplineBin<T>& b, T x, T g_y, T g_l) {
   const SplineTerms<T> q = spline_terms(b, (x - b.x0) / (b.x1 - b.x0));
-  const SplineGrads<T> gy = spline_chain(q, spline_value_partials(b, q), true);
-  const SplineGrads<T> gl = spline_chain(q, spline_log_partials(b, q), false);
-  return {g_y * gy.x + g_l * gl.x,   g_y * gy.x0 + g_l * gl.x0, g_y * gy.x1 + g_l * gl.x1,
-          g_y * gy.y0 + g_l * gl.y0, g_y * gy.y1 + g_l * gl.y1, g_y * gy.d0 + g_l * gl.d0,
-          g_y * gy.d1 + g_l * gl.d1};
+  return spline_combine(q, spline_value_partials(b, q), spline_log_partials(b, q), g_y, g_l);
 }
 
 // Inverse VJP inside the bounds: at the rebuilt x = f^-1(y) (bin b located by x or y alike), the
@@ -286,10 +284,9 @@ INVK_HOST_DEVICE SplineGrads<T> spline_forward_vjp(const SplineBin<T>& b, T x, T
 template <typename T>
 INVK_HOST_DEVICE SplineGrads<T> spline_inverse_vjp(const SplineBin<T>& b, T x, T g_x, T g_l) {
   const SplineTerms<T> q = spline_terms(b, (x - b.x0) / (b.x1 - b.x0));
-  const T y_x = spline_value_partials(b, q).theta / q.w;
-  const T l_x = spline_log_partials(b, q).theta / q.w;
-  const T u = (g_x - g_l * l_x) / y_x;
-  SplineGrads<T> g = spline_forward_vjp(b, x, -u, -g_l);
+  const SplinePartials<T> py = spline_value_partials(b, q), pl = spline_log_partials(b, q);
+  const T u = (g_x - g_l * pl.theta / q.w) / (py.theta / q.w);
+  SplineGrads<T> g = spline_combine(q, py, pl, -u, -g_l);
   g.x = u;
   return g;
 }

@@ -112,8 +112,8 @@ def spline_forward(v: torch.Tensor, k: Knots) -> tuple[torch.Tensor, torch.Tenso
 
 
 def _root(dy: torch.Tensor, height: torch.Tensor, s: torch.Tensor, d0: torch.Tensor, d1: torch.Tensor) -> torch.Tensor:
-    """The fraction ``theta`` of the bin at which the spline rises by ``dy`` from the bin's start:
-    the root in ``[0, 1]`` of ``a θ² + b θ + c = 0``, in the stable form ``θ = 2c / (-b - sqrt(b² -
+    """The fraction ``theta`` of the bin, measured from the end whose derivative is ``d0``, at which
+    the spline has moved by ``dy`` from that end: the root in ``[0, 1]`` of ``a θ² + b θ + c = 0``, in the stable form ``θ = 2c / (-b - sqrt(b² -
     4ac))``, the discriminant clamped at 0 and the root to ``[0, 1]`` (both hold in exact
     arithmetic; rounded, next to a knot of a steep bin, a root just beyond the bin makes the
     derivative negative)."""
