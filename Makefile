@@ -1,16 +1,16 @@
 # Every target sets up what it needs from nothing: a virtual environment in .venv, the
 # dependencies, and the extension built with the CPU backend and, when nvcc and a CUDA build of
-# torch are present, the CUDA backend.
+# torch are present, the CUDA backend. Builds are incremental (scripts/build.py): nothing runs when
+# no input changed, and ninja recompiles only the objects whose sources or headers changed.
 
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-BUILD_LOG := build/build.log
 # glibc returns multi-MiB blocks to the OS after every free, which dominates CPU timings; keep
 # them (the same setting for every provider in the benchmark).
 BENCH_ENV := MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=4294967296
 
-.PHONY: env build demo test test-python test-cpp gpu-check bench bench-peers bench-network clean
+.PHONY: env build build-demo demo test test-python test-quick test-cpp gpu-check bench bench-peers bench-network clean
 
 # With nvcc on PATH the build must contain the CUDA backend; test_build.py checks it.
 EXPECT_CUDA := $(shell command -v nvcc >/dev/null 2>&1 && echo 1 || echo 0)
@@ -35,12 +35,17 @@ $(VENV)/.deps-installed: requirements-dev.txt
 	$(PY) -m pip install --quiet --no-deps $(TEST_PEERS)
 	touch $@
 
+# Everything `make test` checks: the CPU kernels for every CPU capability, the CUDA backend where
+# nvcc is present, the Triton kernels compiled ahead of time (cached by source hash); then the
+# build report (scripts/build_report.py).
 build: env
-	@mkdir -p build
-	@echo "building invkernels (log: $(BUILD_LOG))"
-	@$(PY) -m pip install --no-build-isolation --no-deps -v -e . > $(BUILD_LOG) 2>&1 || \
-		{ tail -n 60 $(BUILD_LOG); exit 1; }
-	@$(PY) scripts/build_report.py $(BUILD_LOG)
+	@$(PY) scripts/build.py --target full
+
+# What the demo runs here: the CPU kernels for this CPU, the CUDA backend only with a visible GPU
+# (a full build serves too; switching between the two relinks invkernels._C, recompiling nothing
+# that was built before).
+build-demo: env
+	@$(PY) scripts/build.py --target demo --no-report
 
 # The CMake build (CMakeLists.txt): the math unit tests and the operator libraries against the
 # installed torch, and its ctest. With nvcc it compiles the CUDA kernels too, for one arch: what is
@@ -95,7 +100,7 @@ bench-network: build bench-peers
 	$(BENCH_ENV) $(PY) benchmarks/run.py --only network --write benchmarks/results/performance-network.md
 
 # The main job: a memory-free Glow trained on scikit-learn's digits (python -m invkernels demo).
-demo: build
+demo: build-demo
 	$(PY) -m invkernels demo --threads 2 --out demo_output
 
 clean:

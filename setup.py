@@ -10,10 +10,19 @@ Environment:
   INVKERNELS_WITH_CUDA   auto (default) | 0 | 1
   INVKERNELS_CUDA_ARCHS  e.g. "8.0;9.0" (default: TORCH_CUDA_ARCH_LIST, else the archs of the
                          visible GPUs, else build_config.json's cuda_archs, "8.0;9.0")
+  INVKERNELS_CPU_CAPABILITIES
+                         all (default) | native: the CPU kernels for every capability of
+                         build_config.json, or only for the one this CPU runs (what the demo needs)
   MAX_JOBS               parallel compile jobs (ninja)
   DEBUG                  1 for -O0 -g
 Build with `pip install -e . --no-build-isolation` so the extension compiles against the
-installed torch.
+installed torch; `make build` (scripts/build.py) does so once, then rebuilds with
+`setup.py build_ext --inplace` when an input changed.
+
+Builds are incremental: every extension's objects live in a fixed directory under build/ext/ (the
+CUDA-or-not variant of invkernels._C in a directory of its own, so switching variants relinks
+instead of recompiling), and every extension goes through ninja, whose depfiles rebuild exactly
+the objects whose sources or included headers changed.
 """
 
 from __future__ import annotations
@@ -95,6 +104,15 @@ OPT = ["-O0", "-g"] if DEBUG else ["-O3", "-g0"]
 CXX_FLAGS = OPT + ["-std=c++20", "-fopenmp", "-Wno-unknown-pragmas"]
 CPU_CAPABILITIES = [cap for cap in BUILD_CONFIG["cpu_capabilities"]
                     if not cap["machines"] or platform.machine().lower() in cap["machines"]]
+CAPABILITY_SET = os.environ.get("INVKERNELS_CPU_CAPABILITIES", "all").lower()
+if CAPABILITY_SET not in ("all", "native"):
+    raise SystemExit(f"INVKERNELS_CPU_CAPABILITIES should be all or native, got {CAPABILITY_SET!r}")
+if CAPABILITY_SET == "native":
+    CPU_CAPABILITIES = [cap for cap in CPU_CAPABILITIES if cap["name"] == torch.backends.cpu.get_cpu_capability()]
+# What distinguishes builds of the same sources: invkernels._C with or without CUDA (and for which
+# archs), release or debug. Each variant has its own objects and linked libraries under build/.
+VARIANT = ("cuda-" + CUDA_ARCHS.replace(";", "-").replace(" ", "") if WITH_CUDA else "cpu") + ("-debug" if DEBUG else "")
+BUILD_DIR = os.path.join(ROOT, "build")
 
 
 def _sources(pattern: str) -> list[str]:
@@ -135,12 +153,21 @@ def extensions():
 
 
 class Build(BuildExtension):
-    """Gives each extension its own object directory: the CPU sources are compiled once per
-    capability with different flags."""
+    """Gives each extension a fixed object directory under build/ext/ (the CPU sources are compiled
+    once per capability with different flags; invkernels._C once per variant), whatever temporary
+    directory the caller (pip's editable build) passes, so that ninja finds its previous objects.
+    Every extension goes through ninja (``force``): distutils' own up-to-date check compares the
+    library with the sources alone and would miss an edited header."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        self.force = True
 
     def build_extension(self, ext):
+        name = ext.name.rsplit(".", 1)[-1]
         base = self.build_temp
-        self.build_temp = os.path.join(base, ext.name.rsplit(".", 1)[-1])
+        debug = "-debug" if DEBUG else ""
+        self.build_temp = os.path.join(BUILD_DIR, "ext", f"{name}-{VARIANT}" if name == "_C" else name + debug)
         try:
             super().build_extension(ext)
         finally:
@@ -150,7 +177,8 @@ class Build(BuildExtension):
 _log(f"torch {torch.__version__} (CUDA {torch.version.cuda}); CUDA toolkit: {_cuda_root}; "
      f"CUDA backend: {'yes' if WITH_CUDA else 'no'}"
      + (f" for archs {CUDA_ARCHS}" if WITH_CUDA else "")
-     + f"; CPU capabilities: {', '.join(cap['name'] for cap in CPU_CAPABILITIES)}; {'debug' if DEBUG else 'release'} build")
+     + f"; CPU capabilities: {', '.join(cap['name'] for cap in CPU_CAPABILITIES)}; {'debug' if DEBUG else 'release'} build"
+     + f"; objects in {os.path.relpath(os.path.join(BUILD_DIR, 'ext'), ROOT)}/")
 
 setup(
     packages=find_packages(include=["invkernels", "invkernels.*"]),

@@ -1,6 +1,7 @@
 """What the build produced: backends, CPU capability libraries, versions; the compile settings
 that setup.py and CMake read from build_config.json; `make gpu-check` (scripts/gpu_check.py)."""
 
+import glob
 import importlib.util
 import json
 import os
@@ -186,3 +187,107 @@ def test_parse_gpus_names_each_gpu_and_refuses_other_output():
     assert gpus == [("NVIDIA H200", "9.0"), ("NVIDIA H100 80GB HBM3", "9.0")]
     with pytest.raises(ValueError, match="parse_gpus: expected 'name, major.minor' per line, got 'No devices were found'"):
         _gpu_check().parse_gpus("No devices were found")
+
+
+DEVICE_CODE = textwrap.dedent("""
+    __global__ void plain(float* x, int n) {
+      int i = blockIdx.x * blockDim.x + threadIdx.x;
+      if (i < n) x[i] = x[i] * 2.0f + 1.0f;
+    }
+    __global__ void with_local_array(float* x, const int* idx, int n) {
+      float local[64];
+      for (int k = 0; k < 64; ++k) local[k] = x[k] * k;
+      int i = blockIdx.x * blockDim.x + threadIdx.x;
+      if (i < n) x[i] = local[idx[i] & 63];
+    }
+""")
+
+
+def _build_report():
+    spec = importlib.util.spec_from_file_location("build_report", os.path.join(ROOT, "scripts", "build_report.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_build_report_reads_registers_and_stack_frames_from_the_library_as_ptxas_reports_them(tmp_path):
+    """The report reads the device code of a built library (no CUDA tools at report time); here it
+    agrees with what ptxas printed when the same library was compiled."""
+    if shutil.which("nvcc") is None:
+        pytest.skip("needs nvcc to compile a library with device code")
+    source = tmp_path / "kernels.cu"
+    source.write_text(DEVICE_CODE)
+    library = tmp_path / "libkernels.so"
+    out = subprocess.run(["nvcc", "-shared", "-Xcompiler", "-fPIC", "-O3", "-Xptxas=-v", "-gencode",
+                          "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90", str(source), "-o",
+                          str(library)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    printed = {}
+    text = out.stdout + out.stderr
+    blocks = re.split(r"ptxas info\s*: Compiling entry function ", text)[1:]
+    for block in blocks:
+        kernel, arch = re.match(r"'(\w+)' for '(sm_\d+)'", block).groups()
+        frame = int(re.search(r"(\d+) bytes stack frame", block).group(1))
+        regs = int(re.search(r"Used (\d+) registers", block).group(1))
+        printed[(kernel, arch)] = (regs, frame)
+    read = {(k.name, k.arch): (k.registers, k.frame_bytes) for k in _build_report().device_kernels(str(library))}
+    assert len(printed) == 4 and read == printed
+    assert all(frame > 0 for (kernel, _), (_, frame) in read.items() if "with_local_array" in kernel)
+    assert all(frame == 0 for (kernel, _), (_, frame) in read.items() if "plain" in kernel)
+
+
+def test_a_library_without_device_code_has_no_device_kernels():
+    libraries = glob.glob(os.path.join(ROOT, "invkernels", "_cpu_*.so"))
+    assert libraries
+    assert _build_report().device_kernels(libraries[0]) == []
+
+
+def _build_script(monkeypatch, tmp_path):
+    spec = importlib.util.spec_from_file_location("build_script", os.path.join(ROOT, "scripts", "build.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "STATE", str(tmp_path / "state.json"))
+    monkeypatch.setattr(module, "_registered", lambda: True)
+    monkeypatch.setattr(module, "_libraries_present", lambda: True)
+    monkeypatch.setattr(module, "_gpu_visible", lambda: False)
+    for key in module.OPTIONS:
+        monkeypatch.delenv(key, raising=False)
+    return module
+
+
+def _record(module, target):
+    with open(module.STATE, "w", encoding="utf-8") as f:
+        json.dump(dict(module.wanted(target), target=target), f)
+
+
+def test_a_build_is_up_to_date_until_an_input_or_option_changes(monkeypatch, tmp_path):
+    build = _build_script(monkeypatch, tmp_path)
+    assert not build.up_to_date("full", build.wanted("full"))
+    _record(build, "full")
+    assert build.up_to_date("full", build.wanted("full"))
+    assert "csrc/kernels/coupling.h" in build.inputs() and "setup.py" in build.inputs()
+    touched = build.wanted("full")
+    touched["inputs"]["csrc/kernels/coupling.h"][0] += 1
+    assert not build.up_to_date("full", touched)
+    monkeypatch.setenv("INVKERNELS_CUDA_ARCHS", "9.0")
+    assert not build.up_to_date("full", build.wanted("full"))
+
+
+def test_a_full_build_serves_the_demo_and_a_demo_build_does_not_serve_the_tests(monkeypatch, tmp_path):
+    build = _build_script(monkeypatch, tmp_path)
+    assert build.target_env("demo") == {"INVKERNELS_CPU_CAPABILITIES": "native", "INVKERNELS_WITH_CUDA": "0"}
+    _record(build, "full")
+    assert build.up_to_date("demo", build.wanted("demo"))
+    _record(build, "demo")
+    assert build.up_to_date("demo", build.wanted("demo"))
+    assert not build.up_to_date("full", build.wanted("full"))
+
+
+def test_missing_libraries_or_registration_mean_a_build(monkeypatch, tmp_path):
+    build = _build_script(monkeypatch, tmp_path)
+    _record(build, "full")
+    monkeypatch.setattr(build, "_libraries_present", lambda: False)
+    assert not build.up_to_date("full", build.wanted("full"))
+    monkeypatch.setattr(build, "_libraries_present", lambda: True)
+    monkeypatch.setattr(build, "_registered", lambda: False)
+    assert not build.up_to_date("full", build.wanted("full"))

@@ -17,7 +17,10 @@ that ``triton.compile`` cannot compile, and the launchers pick the interpreter's
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
+import hashlib
+import importlib.metadata
 import json
 import os
 import re
@@ -278,22 +281,75 @@ def summary(results: list[Compiled]) -> str:
     return line
 
 
+def _key_sources() -> list[str]:
+    """The files the compiled launches come from: every module of this package (kernels,
+    launchers, this module) and the invkernels modules they import (argument helpers)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(os.path.dirname(here))
+    sources = {os.path.join(here, n) for n in os.listdir(here) if n.endswith(".py")}
+    for path in sorted(sources):
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("invkernels."):
+                base = os.path.join(root, *node.module.split("."))
+                sources.update(p for p in (base + ".py", os.path.join(base, "__init__.py")) if os.path.exists(p))
+    return sorted(sources)
+
+
+def cache_key(families=FAMILIES, dtypes=DTYPES) -> str:
+    """A hash of what the compiled results depend on: the sources of :func:`_key_sources`, the
+    Triton and torch versions, the targets, families and dtypes."""
+    digest = hashlib.sha256()
+    for path in _key_sources():
+        digest.update(os.path.basename(path).encode())
+        with open(path, "rb") as f:
+            digest.update(f.read())
+    for dist in ("triton", "torch"):
+        digest.update(f"{dist}={importlib.metadata.version(dist)}".encode())
+    digest.update(repr((sorted(TARGETS.items()), tuple(families), tuple(str(d) for d in dtypes))).encode())
+    return digest.hexdigest()[:20]
+
+
+def compile_cached(cache: str | None, jobs: int, families=FAMILIES) -> tuple[list[Compiled], str | None]:
+    """:func:`compile_all`, or its results from ``cache`` (a directory) when the sources, versions and
+    settings of :func:`cache_key` were compiled before: ``(results, path of the cached results)``."""
+    if cache is None:
+        return compile_all(jobs, families), None
+    path = os.path.join(cache, cache_key(families) + ".json")
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            return [Compiled(**r) for r in json.load(f)], path
+    results = compile_all(jobs, families)
+    os.makedirs(cache, exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump([r._asdict() for r in results], f, indent=1)
+    os.replace(tmp, path)
+    return results, None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                         help="compiler processes (default: one per core)")
     parser.add_argument("--json", metavar="PATH", help="write every launch's result to PATH")
     parser.add_argument("--family", choices=FAMILIES, action="append", help="only these op families")
+    parser.add_argument("--cache", metavar="DIR",
+                        help="reuse the results compiled before from the same sources and versions (kept in DIR)")
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error(f"argument --jobs: should be >= 1, got {args.jobs}")
     start = time.perf_counter()
-    results = compile_all(args.jobs, tuple(args.family or FAMILIES))
+    results, cached = compile_cached(args.cache, args.jobs, tuple(args.family or FAMILIES))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump([r._asdict() for r in results], f, indent=1)
     print(summary(results))
-    print(f"  ({time.perf_counter() - start:.0f} s on {args.jobs} processes)")
+    if cached:
+        print(f"  (compiled before from the same sources and versions: {cached})")
+    else:
+        print(f"  ({time.perf_counter() - start:.0f} s on {args.jobs} processes)")
     return 1 if any(r.spill_stores or r.spill_loads for r in results) else 0
 
 
