@@ -9,6 +9,7 @@ import os
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from optest import (
     BAD_ARGUMENTS,
@@ -165,17 +166,61 @@ def differentiable_call(case, backend, device):
     return call, inputs
 
 
+def interpreted(backend, device):
+    return backend == "triton" and device == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
 @pytest.mark.parametrize("case", DIFFERENTIABLE_CASES)
 @pytest.mark.parametrize("backend_device", KERNEL_BACKENDS)
 def test_gradcheck(backend_device, case):
-    assert torch.autograd.gradcheck(*differentiable_call(case, *backend_device))
+    """Interpreted Triton runs gradcheck's fast mode (the Jacobian against random vectors, one
+    backward per check instead of one per output element); the full Jacobian runs on the C++
+    backend and wherever Triton is compiled."""
+    assert torch.autograd.gradcheck(*differentiable_call(case, *backend_device), fast_mode=interpreted(*backend_device))
+
+
+# Under create_graph=True both backends run the same backward: the family's formula in
+# differentiable reference ops (invkernels/ops/<family>.py), fed with the op's inputs (and, for an
+# inverse, its output, which test_matches_the_float64_reference checks on every backend). So the
+# second derivatives are checked once per op and device, on the C++ backend.
+CPP_BACKENDS = [p for p in KERNEL_BACKENDS if p.values[0][0] == "cpp"]
 
 
 @pytest.mark.parametrize("case", DIFFERENTIABLE_CASES)
-@pytest.mark.parametrize("backend_device", KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend_device", CPP_BACKENDS)
 def test_gradgradcheck(backend_device, case):
     """create_graph=True: the backward formulas run in differentiable ops."""
     assert torch.autograd.gradgradcheck(*differentiable_call(case, *backend_device))
+
+
+class _OpsCalled(TorchDispatchMode):
+    """Records the name of every op dispatched (backward included)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.name())
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("case", DIFFERENTIABLE_CASES)
+def test_the_backends_share_the_double_backward(case):
+    """What makes test_gradgradcheck on the C++ backend cover the Triton twins: a twin's backward
+    calls its fused backward op, except with grad mode on inside backward (create_graph=True), where
+    it calls no invkernels op at all, only the family's reference formula."""
+    call, inputs = differentiable_call(case, "triton", "cpu")
+    for create_graph in (False, True):
+        out = [o for o in as_tuple(call(*inputs)) if o is not None and o.requires_grad]
+        with _OpsCalled() as mode:
+            torch.autograd.grad([o.sum() for o in out], inputs, create_graph=create_graph, allow_unused=True)
+        fused = [n for n in mode.names if n.startswith("invkernels::")]
+        if create_graph:
+            assert fused == []
+        else:
+            assert fused and all(n.endswith("_bwd_triton") for n in fused), fused
 
 
 @pytest.mark.parametrize("requires_grad", [False, True], ids=["no-grad", "grad"])
