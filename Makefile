@@ -69,6 +69,14 @@ test-cpp: env
 test-python: build
 	INVKERNELS_EXPECT_CUDA_BUILD=$(EXPECT_CUDA) $(PY) -m pytest python_tests -p no:cacheprovider -q -rs
 
+# Quick iteration on a built tree (docs/development.md): the op matrix of the ops whose names
+# contain OP, and the test files FILES.
+OP ?=
+FILES ?=
+test-quick: build
+	INVKERNELS_EXPECT_CUDA_BUILD=$(EXPECT_CUDA) $(PY) -m pytest python_tests/test_op_matrix.py $(FILES) \
+		-p no:cacheprovider -q $(if $(OP),-k "$(OP)")
+
 # On a machine with an NVIDIA GPU (scripts/gpu_check.py; exits at once without one): the build for
 # the visible GPU's arch on every core, the cuda-marked tests (CUDA C++ and compiled Triton
 # backends), the GPU benchmarks into docs/performance-gpu.md; each stage timed. (The sub-make is

@@ -12,48 +12,108 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from optest import (
-    BAD_ARGUMENTS,
-    DIFFERENTIABLE,
     KERNEL_BACKENDS,
-    REFERENCE,
+    NS,
     as_tuple,
+    bad_arguments,
+    case_args,
+    descriptor,
+    differentiable,
     in_float64,
     on_meta,
     op,
+    op_cases,
     op_names,
+    reference,
     refusal,
     replaced,
     strided,
     to_device,
-    case_args,
-    op_cases,
     valid_args,
 )
-from tolerances import assert_close
+from tolerances import assert_close, reduction_length
+
+from invkernels.ops._registry import OUTPUT_KINDS
 
 NAMES = op_names()
 CASES = op_cases()
+BAD_ARGUMENTS = bad_arguments()
 # The ops with a batch and spatial positions (all but the 1x1 convolution's weight assembly).
 BATCHED = [p for p in CASES if any(isinstance(a, torch.Tensor) and a.dim() >= 3 for a in case_args(p.values[0]))]
-DIFFERENTIABLE_CASES = [p for p in CASES if p.values[0][0] in DIFFERENTIABLE]
+DIFFERENTIABLE_CASES = [p for p in CASES if differentiable(p.values[0][0])]
 CUDA_BACKENDS = [p for p in KERNEL_BACKENDS if p.values[0][1] == "cuda"]
 
 
-def test_every_op_is_in_the_matrix():
-    assert set(REFERENCE) == set(NAMES) and len(NAMES) == 15
-    assert set(DIFFERENTIABLE) <= set(NAMES)
+def registered_ops() -> set[str]:
+    """Every op the dispatcher knows in the invkernels namespace but the Triton twins."""
+    names = (n.split("::", 1)[1].split(".", 1)[0] for n in torch._C._dispatch_get_all_op_names()
+             if n.startswith("invkernels::"))
+    return {n for n in names if not n.endswith("_triton")}
+
+
+def test_every_registered_op_has_a_complete_descriptor():
+    """A schema in csrc/invkernels.cpp without a family descriptor would be silently untested."""
+    registered = registered_ops()
+    assert registered == set(NAMES), (f"registered ops without a descriptor: {sorted(registered - set(NAMES))}; "
+                                      f"descriptors without a registered op: {sorted(set(NAMES) - registered)}")
+    for name in NAMES:
+        d = descriptor(name)
+        assert callable(d.reference) and callable(d.example), name
+        outputs = as_tuple(d.outputs(*valid_args(name)))
+        assert len(d.output_kinds) == len(outputs) and set(d.output_kinds) <= set(OUTPUT_KINDS), name
+        assert d.bad_arguments is not None and d.bad_arguments(), name
+        schema = getattr(NS, name).default._schema
+        assert all(0 <= i < len(schema.arguments) for i in d.differentiable), name
+        for variant in d.variants.values():
+            assert all(0 <= i < len(schema.arguments) for i in variant), name
+
+
+def main_tensor(args):
+    """The op's first argument with a batch (or the LU weight's first matrix)."""
+    return next(a for a in args if isinstance(a, torch.Tensor) and a.dim() >= 2)
 
 
 def assert_matches_reference(name, args, outputs):
-    x = next(a for a in args if isinstance(a, torch.Tensor) and a.dim() >= 2)
-    want = as_tuple(REFERENCE[name](*in_float64(args)))
-    assert len(outputs) == len(want)
-    for got, expected in zip(outputs, want):
+    """Every output against the float64 reference, at the tolerance of its dtype scaled by the
+    number of terms its kind sums (tolerances.reduction_length); the output's dtype is the one the
+    reference gives for inputs of this dtype (the log-det's float32 for half inputs)."""
+    x = main_tensor(args)
+    want = as_tuple(reference(name)(*in_float64(args)))
+    low = as_tuple(reference(name)(*args)) if x.dtype != torch.float64 else want
+    assert len(outputs) == len(want) == len(descriptor(name).output_kinds)
+    for got, expected, dtype_ref, kind in zip(outputs, want, low, descriptor(name).output_kinds):
         assert (got is None) == (expected is None)
         if got is not None:
             assert got.device == x.device
-            # Log-dets and parameter gradients sum over the batch and positions.
-            assert_close(got, expected, reduce_len=x.numel())
+            assert got.dtype == dtype_ref.dtype, (name, kind, got.dtype, dtype_ref.dtype)
+            assert_close(got, expected, reduce_len=reduction_length(kind, x))
+
+
+ELEMENTWISE = [(name, k) for name in NAMES for k, kind in enumerate(descriptor(name).output_kinds)
+               if kind == "elementwise"]
+
+
+@pytest.mark.parametrize("perturbation", ["one-element-off-by-1e-4", "computed-in-bfloat16"])
+@pytest.mark.parametrize("name,index", ELEMENTWISE, ids=[f"{n}-{k}" for n, k in ELEMENTWISE])
+def test_a_perturbed_elementwise_output_fails_the_matrix(name, index, perturbation):
+    """The C++ kernel's float32 output of the many-tiles case (64 channels, 3 x 17 x 9), one
+    element moved by 1e-4 or the whole output rounded to bfloat16, is refused; a tolerance scaled
+    by the input's size (atol 0.059 here) lets the element moved by 1e-4 through."""
+    args = case_args((name, None), spatial=(17, 9), channels=64, batch=3)
+    outputs = list(as_tuple(op(name, "cpp")(*args)))
+    assert_matches_reference(name, args, tuple(outputs))
+    exact = as_tuple(reference(name)(*in_float64(args)))[index]
+    out = outputs[index]
+    if perturbation == "computed-in-bfloat16":
+        outputs[index] = out.to(torch.bfloat16).float()
+    else:
+        # The element of least magnitude: there rtol cannot absorb the 1e-4.
+        at = exact.abs().flatten().argmin()
+        outputs[index] = out.flatten().index_add(0, at.view(1), torch.full((1,), 1e-4)).view_as(out)
+    with pytest.raises(AssertionError):
+        assert_matches_reference(name, args, tuple(outputs))
+    if perturbation == "one-element-off-by-1e-4":
+        assert_close(outputs[index], exact, reduce_len=main_tensor(args).numel())
 
 
 # Inputs [B, C], [B, C, S] and [B, C, H, W] (the 1x1 convolution routes each differently).
@@ -113,8 +173,8 @@ def test_reduced_precision_error_is_at_most_twice_the_reference_in_that_dtype(ba
     twice the reference run in that dtype (the kernels compute in float32)."""
     backend, device = backend_device
     name, args = case[0], case_args(case, spatial=(6, 6), dtype=dtype, device=device, channels=8)
-    exact = as_tuple(REFERENCE[name](*in_float64(args)))
-    low = as_tuple(REFERENCE[name](*args))
+    exact = as_tuple(reference(name)(*in_float64(args)))
+    low = as_tuple(reference(name)(*args))
     ours = as_tuple(op(name, backend)(*args))
     # The interpreter truncates Triton's bfloat16 stores where a GPU rounds them to nearest (checked:
     # its results are the float32 ones truncated, bit for bit), which doubles the rounding error.
@@ -137,7 +197,7 @@ def test_empty_inputs(backend_device, case, sizes):
     and log-dets)."""
     backend, device = backend_device
     name, args = case[0], case_args(case, **{"spatial": (2, 3), "device": device, **sizes})
-    want = as_tuple(REFERENCE[name](*args))
+    want = as_tuple(reference(name)(*args))
     got = as_tuple(op(name, backend)(*args))
     assert len(got) == len(want)
     for g, w in zip(got, want):
@@ -148,7 +208,7 @@ def test_empty_inputs(backend_device, case, sizes):
 
 
 def differentiable_positions(name, args):
-    return [i for i in DIFFERENTIABLE.get(name, ()) if args[i] is not None]
+    return [i for i in differentiable(name) if args[i] is not None]
 
 
 def differentiable_call(case, backend, device):

@@ -12,11 +12,12 @@ import sys
 
 import pytest
 
-from invkernels.triton import actnorm, aot, coupling, invconv
+from invkernels.triton import aot, coupling
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The Triton module of every op family (invkernels.ops._registry.FAMILIES).
+MODULES = tuple(aot.triton_module(family) for family in aot.families())
 
-MODULES = (coupling, actnorm, invconv)
 
 
 def kernel_names(module):
@@ -57,7 +58,7 @@ def test_compiling_under_the_interpreter_is_refused():
 def test_the_cache_key_follows_the_sources_versions_and_settings(tmp_path, monkeypatch):
     key = aot.cache_key()
     assert key == aot.cache_key()
-    assert aot.cache_key(families=("coupling",)) != key
+    assert aot.cache_key(("coupling",)) != key
     assert aot.cache_key(dtypes=(aot.DTYPES[0],)) != key
     sources = aot._key_sources()
     assert os.path.abspath(coupling.__file__) in sources and os.path.abspath(aot.__file__) in sources
@@ -65,15 +66,15 @@ def test_the_cache_key_follows_the_sources_versions_and_settings(tmp_path, monke
     assert any(p.endswith(os.path.join("invkernels", "_validation.py")) for p in sources)
     edited = tmp_path / "coupling.py"
     edited.write_text(open(coupling.__file__, encoding="utf-8").read() + "\n# edited\n")
-    monkeypatch.setattr(aot, "_key_sources", lambda: [str(edited) if p == os.path.abspath(coupling.__file__) else p
-                                                      for p in sources])
+    monkeypatch.setattr(aot, "_key_sources", lambda names: [str(edited) if p == os.path.abspath(coupling.__file__)
+                                                            else p for p in sources])
     assert aot.cache_key() != key
 
 
 def test_a_cached_result_is_returned_without_compiling(tmp_path, monkeypatch):
     result = aot.Compiled("k[]()", "_k_kernel", "sm_80", 32, 0, 0, 0, 0.1)
     calls = []
-    monkeypatch.setattr(aot, "compile_all", lambda jobs, families: calls.append(families) or [result])
+    monkeypatch.setattr(aot, "compile_all", lambda jobs, names: calls.append(names) or [result])
     first, cached = aot.compile_cached(str(tmp_path), 1, ("coupling",))
     assert (first, cached, len(calls)) == ([result], None, 1)
     again, cached = aot.compile_cached(str(tmp_path), 1, ("coupling",))

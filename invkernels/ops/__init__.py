@@ -1,6 +1,6 @@
 """Functional API over the registered ops (``torch.ops.invkernels``), one module per op family."""
 
-from invkernels.ops import actnorm, coupling, glow, invconv
+from invkernels.ops import _registry, actnorm, coupling, glow, invconv
 from invkernels.ops.actnorm import actnorm_fwd, actnorm_inv
 from invkernels.ops.coupling import (
     additive_coupling_fwd,
@@ -14,9 +14,8 @@ from invkernels.ops.invconv import conv1x1, invconv_inverse_weight, invconv_weig
 
 def prepare(backend: str) -> None:
     """Register every op family of ``backend`` now (Triton is imported lazily otherwise)."""
-    coupling.prepare(backend)
-    actnorm.prepare(backend)
-    invconv.prepare(backend)
+    for family in _registry.FAMILIES.values():
+        family.prepare(backend)
 
 
 __all__ = [

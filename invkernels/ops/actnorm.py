@@ -10,12 +10,12 @@ op (the same formulas in tensor ops under ``create_graph=True``). Math: docs/ops
 from __future__ import annotations
 
 from functools import partial
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 
 from invkernels import _validation
-from invkernels.ops._registry import OpDef, OpFamily, contiguous_like, logdet_like
+from invkernels.ops._registry import Example, OpDef, OpFamily, contiguous_like, logdet_like, refused
 from invkernels.reference import actnorm as reference
 from invkernels.reference.actnorm import actnorm_logdet, actnorm_logdet_grad
 
@@ -37,14 +37,35 @@ def _check_bwd(op, grad_out, grad_logdet, x, bias, log_scale, reverse):
     _validation.check_grad_logdet(op, grad_logdet, x)
 
 
+def _example(args: Callable[..., tuple]) -> Callable[[Example], tuple]:
+    """``args(x, bias, log_scale, grad, grad_logdet)`` of an example's tensors."""
+    return lambda e: args(e.batched(), e.per_channel(), e.per_channel(0.3), e.batched(), e.grad_logdet())
+
+
+_T = torch.randn
+
 # The three ops of docs/ops/actnorm.md (schemas in csrc/invkernels.cpp), in ActNormOps' order: their
-# checks and outputs, which the fake implementations and the Triton twins share.
+# checks and outputs, which the fake implementations and the Triton twins share, and the rest of
+# their descriptors.
 _DEFS = {
-    "actnorm_fwd": OpDef(_validation.check_actnorm, lambda x, *_: (contiguous_like(x), logdet_like(x))),
-    "actnorm_inv": OpDef(partial(_validation.check_actnorm, x_name="y"),
-                         lambda y, *_: (contiguous_like(y), logdet_like(y))),
-    "actnorm_bwd": OpDef(_check_bwd, lambda grad_out, grad_logdet, x, bias, log_scale, reverse: (
-        contiguous_like(x), contiguous_like(bias), contiguous_like(log_scale))),
+    "actnorm_fwd": OpDef(
+        _validation.check_actnorm, lambda x, *_: (contiguous_like(x), logdet_like(x)),
+        reference=reference.actnorm_fwd, example=_example(lambda x, b, ls, g, gl: (x, b, ls)),
+        output_kinds=("elementwise", "logdet"), differentiable=(0, 1, 2),
+        bad_arguments=refused((0, lambda: _T(5)), (1, lambda: _T(4)), (2, lambda: _T(5, dtype=torch.float64)))),
+    "actnorm_inv": OpDef(
+        partial(_validation.check_actnorm, x_name="y"), lambda y, *_: (contiguous_like(y), logdet_like(y)),
+        reference=reference.actnorm_inv, example=_example(lambda x, b, ls, g, gl: (x, b, ls)),
+        output_kinds=("elementwise", "logdet"), differentiable=(0, 1, 2),
+        bad_arguments=refused((1, lambda: _T(5, 1)))),
+    "actnorm_bwd": OpDef(
+        _check_bwd, lambda grad_out, grad_logdet, x, bias, log_scale, reverse: (
+            contiguous_like(x), contiguous_like(bias), contiguous_like(log_scale)),
+        reference=reference.actnorm_vjp, example=_example(lambda x, b, ls, g, gl: (g, gl, x, b, ls, False)),
+        output_kinds=("elementwise", "param_grad", "param_grad"), variants={"reverse": {5: True}},
+        bad_arguments=refused((0, lambda: _T(2, 5, 4)), (0, lambda: _T(2, 5, 3, dtype=torch.float64)),
+                           (1, lambda: _T(3)), (1, lambda: _T(2, dtype=torch.float64)), (3, lambda: _T(4)),
+                           (4, lambda: _T(5, dtype=torch.float64)))),
 }
 
 
@@ -68,7 +89,7 @@ def _register_autograd(suffix: str, ops: ActNormOps) -> None:
         setup_context=lambda ctx, inputs, output: setup(ctx, output[0], *inputs[1:]))
 
 
-_FAMILY = OpFamily(_DEFS, ActNormOps, "invkernels.triton.actnorm", _register_autograd)
+_FAMILY = OpFamily("actnorm", _DEFS, ActNormOps, "invkernels.triton.actnorm", _register_autograd)
 cpp_ops = _FAMILY.cpp
 triton_ops = _FAMILY.triton
 prepare = _FAMILY.prepare

@@ -16,7 +16,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from invkernels import _validation
-from invkernels.ops._registry import OpDef, OpFamily, contiguous_like, logdet_like
+from invkernels.ops._registry import Example, OpDef, OpFamily, contiguous_like, logdet_like, refused
 from invkernels.reference import coupling as reference
 
 
@@ -69,23 +69,85 @@ def _check_additive_inv_bwd(op, y, h, grad_y):
     _validation.check_grad(op, grad_y, y, "grad_y", "y")
 
 
-# The eight ops of docs/ops/coupling.md (schemas in csrc/invkernels.cpp), in CouplingOps' order:
-# their checks and outputs, which the fake implementations and the Triton twins share.
+class _Tensors:
+    """A coupling's example tensors: input ``x``, affine subnet output ``h``, additive shift ``t``,
+    a gradient ``grad`` like ``x`` and a log-det gradient ``gl``."""
+
+    def __init__(self, e: Example):
+        c2 = e.channels - e.channels // 2
+        self.x, self.h, self.t, self.grad, self.gl = (e.batched(), e.batched(2 * c2), e.batched(c2), e.batched(),
+                                                      e.grad_logdet())
+
+
+def _example(args: Callable[[_Tensors], tuple]) -> Callable[[Example], tuple]:
+    return lambda e: args(_Tensors(e))
+
+
+_T = torch.randn
+_VALUES = ("elementwise",)
+_WITH_LOGDET = ("elementwise", "logdet")
+
+# The eight ops of docs/ops/coupling.md (schemas in csrc/invkernels.cpp), in CouplingOps' order: their
+# checks and outputs, which the fake implementations and the Triton twins share, and the rest of
+# their descriptors (examples of 5 channels, 2 samples).
 _DEFS = {
-    "affine_coupling_fwd": OpDef(_check_affine, lambda x, *_: (contiguous_like(x), logdet_like(x))),
-    "affine_coupling_inv": OpDef(partial(_check_affine, x_name="y"),
-                                 lambda y, *_: (contiguous_like(y), logdet_like(y))),
-    "affine_coupling_bwd": OpDef(_check_affine_bwd,
-                                 lambda grad_out, grad_logdet, x, h, *_: (contiguous_like(x), contiguous_like(h))),
-    "affine_coupling_inv_bwd": OpDef(_check_affine_inv_bwd,
-                                     lambda y, h, *_: (contiguous_like(y), contiguous_like(y), contiguous_like(h))),
-    "additive_coupling_fwd": OpDef(_check_additive, lambda x, h: contiguous_like(x)),
-    "additive_coupling_inv": OpDef(partial(_check_additive, x_name="y"), lambda y, h: contiguous_like(y)),
-    "additive_coupling_bwd": OpDef(_check_additive_bwd,
-                                   lambda grad_out, reverse: (contiguous_like(grad_out), _shift_like(grad_out))),
-    "additive_coupling_inv_bwd": OpDef(_check_additive_inv_bwd,
-                                       lambda y, h, grad_y: (contiguous_like(y), contiguous_like(y),
-                                                             contiguous_like(h))),
+    "affine_coupling_fwd": OpDef(
+        _check_affine, lambda x, *_: (contiguous_like(x), logdet_like(x)),
+        reference=reference.affine_coupling_fwd,
+        example=_example(lambda t: (t.x, t.h, "exp", 2.0)),
+        output_kinds=_WITH_LOGDET, differentiable=(0, 1), variants={"sigmoid": {2: "sigmoid"}},
+        bad_arguments=refused((0, lambda: _T(5)), (0, lambda: _T(2, 1, 3)),
+                           (0, lambda: torch.ones(2, 5, 3, dtype=torch.long)), (1, lambda: _T(2, 5, 3)),
+                           (1, lambda: _T(3, 6, 3)), (1, lambda: _T(2, 6, 4)), (1, lambda: _T(2, 6)),
+                           (1, lambda: _T(2, 6, 3, dtype=torch.float64)), (2, lambda: "softplus"),
+                           (3, lambda: -1.0))),
+    "affine_coupling_inv": OpDef(
+        partial(_check_affine, x_name="y"), lambda y, *_: (contiguous_like(y), logdet_like(y)),
+        reference=reference.affine_coupling_inv,
+        example=_example(lambda t: (t.x, t.h, "exp", 2.0)),
+        output_kinds=_WITH_LOGDET, differentiable=(0, 1), variants={"sigmoid": {2: "sigmoid", 3: 0.5}},
+        bad_arguments=refused((1, lambda: _T(2, 4, 3)), (3, lambda: 1e39))),
+    "affine_coupling_bwd": OpDef(
+        _check_affine_bwd, lambda grad_out, grad_logdet, x, h, *_: (contiguous_like(x), contiguous_like(h)),
+        reference=reference.affine_coupling_vjp,
+        example=_example(lambda t: (t.grad, t.gl, t.x, t.h, "sigmoid", 2.0, True)),
+        output_kinds=_VALUES * 2, variants={"exp-forward": {4: "exp", 6: False}},
+        bad_arguments=refused((0, lambda: _T(2, 4, 3)), (0, lambda: _T(2, 5, 3, dtype=torch.float64)),
+                           (1, lambda: _T(3)), (1, lambda: _T(2, dtype=torch.float64)), (3, lambda: _T(2, 3, 3)),
+                           (4, lambda: "softplus"))),
+    "affine_coupling_inv_bwd": OpDef(
+        _check_affine_inv_bwd, lambda y, h, *_: (contiguous_like(y), contiguous_like(y), contiguous_like(h)),
+        reference=reference.affine_coupling_inv_bwd,
+        example=_example(lambda t: (t.x, t.h, t.grad, t.gl, "exp", 2.0)),
+        output_kinds=_VALUES * 3, variants={"sigmoid": {4: "sigmoid"}},
+        bad_arguments=refused((1, lambda: _T(2, 5, 3)), (2, lambda: _T(2, 5, 4)), (3, lambda: _T(1)),
+                           (5, lambda: 0.0))),
+    "additive_coupling_fwd": OpDef(
+        _check_additive, lambda x, h: contiguous_like(x),
+        reference=reference.additive_coupling_fwd,
+        example=_example(lambda t: (t.x, t.t)),
+        output_kinds=_VALUES, differentiable=(0, 1),
+        bad_arguments=refused((1, lambda: _T(2, 6, 3)), (1, lambda: _T(3, 3, 3)))),
+    "additive_coupling_inv": OpDef(
+        partial(_check_additive, x_name="y"), lambda y, h: contiguous_like(y),
+        reference=reference.additive_coupling_inv,
+        example=_example(lambda t: (t.x, t.t)),
+        output_kinds=_VALUES, differentiable=(0, 1),
+        bad_arguments=refused((0, lambda: _T(2, 1, 3)), (1, lambda: _T(2, 3, 3, dtype=torch.float64)))),
+    "additive_coupling_bwd": OpDef(
+        _check_additive_bwd, lambda grad_out, reverse: (contiguous_like(grad_out), _shift_like(grad_out)),
+        reference=reference.additive_coupling_vjp,
+        example=_example(lambda t: (t.grad, True)),
+        output_kinds=_VALUES * 2, variants={"forward": {1: False}},
+        bad_arguments=refused((0, lambda: _T(2)), (0, lambda: _T(2, 1, 3)),
+                           (0, lambda: torch.ones(2, 5, 3, dtype=torch.long)))),
+    "additive_coupling_inv_bwd": OpDef(
+        _check_additive_inv_bwd, lambda y, h, grad_y: (contiguous_like(y), contiguous_like(y), contiguous_like(h)),
+        reference=reference.additive_coupling_inv_bwd,
+        example=_example(lambda t: (t.x, t.t, t.grad)),
+        output_kinds=_VALUES * 3,
+        bad_arguments=refused((1, lambda: _T(2, 2, 3)), (2, lambda: _T(2, 4, 3)),
+                           (2, lambda: _T(2, 5, 3, dtype=torch.float64)))),
 }
 
 
@@ -130,7 +192,7 @@ def _register_autograd(suffix: str, ops: CouplingOps) -> None:
     torch.library.register_autograd(name("additive_coupling_inv"), lambda ctx, g: additive_grads(ctx, g, True))
 
 
-_FAMILY = OpFamily(_DEFS, CouplingOps, "invkernels.triton.coupling", _register_autograd)
+_FAMILY = OpFamily("coupling", _DEFS, CouplingOps, "invkernels.triton.coupling", _register_autograd)
 cpp_ops = _FAMILY.cpp
 triton_ops = _FAMILY.triton
 prepare = _FAMILY.prepare

@@ -20,7 +20,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from invkernels import _validation
-from invkernels.ops._registry import OpDef, OpFamily, contiguous_like
+from invkernels.ops._registry import Example, OpDef, OpFamily, contiguous_like, refused
 from invkernels.reference import invconv as reference
 
 
@@ -55,14 +55,56 @@ def _conv1x1_bwd_outputs(grad_y, x, weight, bias, log_scale, output_mask):
             contiguous_like(log_scale) if folded else None)
 
 
+def _factors(e: Example) -> tuple[torch.Tensor, ...]:
+    """Example LU factors ``(perm, lower, upper, sign, log_s)`` (full matrices: the ops read one
+    triangle each)."""
+    c = e.channels
+    sign = torch.where(torch.rand(c) < 0.5, -1.0, 1.0).to(dtype=e.dtype, device=e.device)
+    return (torch.randperm(c).to(e.device), e.randn(c, c, scale=0.5), e.randn(c, c, scale=0.5), sign,
+            e.per_channel(0.3))
+
+
+def _product(args: Callable[..., tuple]) -> Callable[[Example], tuple]:
+    """``args(x, weight, bias, log_scale, grad_y)`` of an example's tensors."""
+    return lambda e: args(e.batched(), e.randn(e.channels, e.channels, scale=e.channels**-0.5), e.per_channel(),
+                          e.per_channel(0.3), e.batched())
+
+
+_T = torch.randn
+
 # The four ops of docs/ops/invconv.md (schemas in csrc/invkernels.cpp), in InvConvOps' order: their
-# checks and outputs, which the fake implementations and the Triton twins share.
+# checks and outputs, which the fake implementations and the Triton twins share, and the rest of
+# their descriptors.
 _DEFS = {
-    "invconv_weight": OpDef(_validation.check_factors, lambda perm, lower, *_: contiguous_like(lower)),
-    "invconv_weight_bwd": OpDef(_check_weight_bwd, lambda grad_w, perm, lower, upper, sign, log_s: (
-        contiguous_like(lower), contiguous_like(upper), contiguous_like(log_s))),
-    "conv1x1": OpDef(_check_conv1x1, lambda x, *_, **__: product_like(x)),
-    "conv1x1_bwd": OpDef(_check_conv1x1_bwd, _conv1x1_bwd_outputs),
+    "invconv_weight": OpDef(
+        _validation.check_factors, lambda perm, lower, *_: contiguous_like(lower),
+        reference=reference.invconv_weight, example=_factors, output_kinds=("channel_mix",), differentiable=(1, 2, 4),
+        bad_arguments=refused((0, lambda: torch.randperm(4)), (0, lambda: torch.arange(5, dtype=torch.int32)),
+                              (1, lambda: _T(5, 4)), (1, lambda: torch.ones(5, 5, dtype=torch.long)),
+                              (2, lambda: _T(4, 4)), (2, lambda: _T(5, 5, dtype=torch.float64)),
+                              (3, lambda: torch.ones(4)), (4, lambda: _T(5, dtype=torch.float64)))),
+    "invconv_weight_bwd": OpDef(
+        _check_weight_bwd, lambda grad_w, perm, lower, upper, sign, log_s: (
+            contiguous_like(lower), contiguous_like(upper), contiguous_like(log_s)),
+        reference=reference.invconv_weight_vjp,
+        example=lambda e: (e.randn(e.channels, e.channels, scale=e.channels**-0.5), *_factors(e)),
+        output_kinds=("channel_mix",) * 3,
+        bad_arguments=refused((0, lambda: _T(4, 4)), (0, lambda: _T(5, 5, dtype=torch.float64)),
+                              (5, lambda: _T(3)))),
+    "conv1x1": OpDef(
+        _check_conv1x1, lambda x, *_, **__: product_like(x),
+        reference=reference.conv1x1, example=_product(lambda x, w, b, ls, g: (x, w, b, ls)),
+        output_kinds=("channel_mix",), differentiable=(0, 1, 2, 3), variants={"unfolded": {2: None, 3: None}},
+        bad_arguments=refused((0, lambda: _T(5)), (0, lambda: torch.ones(2, 5, 3, dtype=torch.long)),
+                              (1, lambda: _T(4, 4)), (1, lambda: _T(5, 5, dtype=torch.float64)), (2, lambda: None),
+                              (2, lambda: _T(4)), (3, lambda: _T(5, dtype=torch.float64)))),
+    "conv1x1_bwd": OpDef(
+        _check_conv1x1_bwd, _conv1x1_bwd_outputs,
+        reference=reference.conv1x1_vjp, example=_product(lambda x, w, b, ls, g: (g, x, w, b, ls, [True, True, True])),
+        output_kinds=("channel_mix", "param_grad", "param_grad_channel_mix", "param_grad_channel_mix"),
+        variants={"unfolded": {3: None, 4: None, 5: [True, True, False]}, "grad-x-only": {5: [True, False, False]}},
+        bad_arguments=refused((0, lambda: _T(2, 5, 4)), (0, lambda: _T(2, 5, 3, dtype=torch.float64)),
+                              (2, lambda: _T(5, 4)), (4, lambda: None))),
 }
 
 
@@ -99,7 +141,7 @@ def _register_autograd(suffix: str, ops: InvConvOps) -> None:
     torch.library.register_autograd(f"invkernels::conv1x1{suffix}", conv1x1_backward, setup_context=setup_context)
 
 
-_FAMILY = OpFamily(_DEFS, InvConvOps, "invkernels.triton.invconv", _register_autograd)
+_FAMILY = OpFamily("invconv", _DEFS, InvConvOps, "invkernels.triton.invconv", _register_autograd)
 cpp_ops = _FAMILY.cpp
 triton_ops = _FAMILY.triton
 prepare = _FAMILY.prepare

@@ -45,3 +45,8 @@ def device_guard(x: torch.Tensor):
     if x.device.type == "cuda":
         return torch.cuda.device(x.device)
     return contextlib.nullcontext()
+
+
+def meta(*shape: int, dtype: torch.dtype) -> torch.Tensor:
+    """An empty tensor on the meta device: the arguments of the launches compiled ahead of time."""
+    return torch.empty(shape, dtype=dtype, device="meta")

@@ -53,7 +53,7 @@ import triton
 import triton.language as tl
 
 from invkernels.triton._common import MAX_TILE_GPU, MAX_TILE_INTERPRETER, check_device, compute_dtype, device_guard, \
-    interpreting
+    interpreting, meta
 
 __all__ = [
     "LAUNCHERS",
@@ -62,6 +62,7 @@ __all__ = [
     "actnorm_forward",
     "actnorm_inverse",
     "backward_terms",
+    "aot_cases",
     "gpu_configs",
     "inv_scale",
     "scale",
@@ -341,6 +342,18 @@ def actnorm_backward(
         sum_b = partial_b.sum(dim=1)
         sum_ls = partial_ls.sum(dim=1)
     return grad_in, sum_b.to(x.dtype), (sum_ls + logdet_term).to(x.dtype)
+
+
+def aot_cases(dtype: torch.dtype):
+    """Launcher calls ``(op, args)`` on meta tensors of ``dtype`` that reach every tile of
+    :func:`gpu_configs` (invkernels.triton.aot)."""
+    gl = meta(2, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    for tile in gpu_configs()["_actnorm_apply_kernel"]:
+        x, p = meta(2, tile.chans, tile.block, dtype=dtype), meta(tile.chans, dtype=dtype)
+        yield "actnorm_fwd", (x, p, p)
+        yield "actnorm_inv", (x, p, p)
+        for reverse in (False, True):
+            yield "actnorm_bwd", (x, gl, x, p, p, reverse)
 
 
 # The launcher of each registered op (docs/ops/actnorm.md). invkernels.ops.actnorm defines the

@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 import torch
 
@@ -37,7 +37,6 @@ import torch
 TARGETS = {80: "sm_80", 90: "sm_90a"}
 # Input dtypes compiled; half inputs share the float32 math, bfloat16 stands for both.
 DTYPES = (torch.float32, torch.float64, torch.bfloat16)
-FAMILIES = ("coupling", "actnorm", "invconv")
 
 _TYPE_NAMES = {torch.float32: "fp32", torch.float64: "fp64", torch.float16: "fp16", torch.bfloat16: "bf16",
                torch.int64: "i64", torch.int32: "i32", torch.bool: "i1"}
@@ -116,51 +115,22 @@ def _recording(module, launches: list[Launch]):
             setattr(module, name, value)
 
 
-def _cases(family: str, dtype: torch.dtype) -> Iterator[tuple[str, tuple]]:
-    """Launcher calls ``(op, args)`` on meta tensors that, with the GPU tiles, reach every
-    configuration of ``gpu_configs()`` of the family's module."""
-    from invkernels._validation import logdet_dtype  # noqa: PLC0415
+def families() -> tuple[str, ...]:
+    """Every op family of the registry (invkernels.ops._registry.FAMILIES), each with a Triton module."""
+    from invkernels.ops import _registry  # noqa: PLC0415
 
-    def t(*shape, dt=dtype):
-        return torch.empty(shape, dtype=dt, device="meta")
+    return tuple(_registry.FAMILIES)
 
-    gl = t(2, dt=logdet_dtype(dtype))
-    if family == "coupling":
-        from invkernels.triton.coupling import GPU_TILES  # noqa: PLC0415
 
-        for tile in GPU_TILES:
-            n2 = tile.block
-            x, h, shift = t(2, 2, n2), t(2, 2, n2), t(2, 1, n2)
-            for scale in ("exp", "sigmoid"):
-                yield "affine_coupling_fwd", (x, h, scale, 2.0)
-                yield "affine_coupling_inv", (x, h, scale, 2.0)
-                yield "affine_coupling_bwd", (x, gl, x, h, scale, 2.0, False)
-                yield "affine_coupling_inv_bwd", (x, h, x, gl, scale, 2.0)
-            yield "additive_coupling_fwd", (x, shift)
-            yield "additive_coupling_inv", (x, shift)
-            yield "additive_coupling_bwd", (x, True)
-            yield "additive_coupling_inv_bwd", (x, shift, x)
-    elif family == "actnorm":
-        from invkernels.triton.actnorm import gpu_configs  # noqa: PLC0415
+def triton_module(family: str):
+    """The Triton module of ``family``: its ``LAUNCHERS``, ``gpu_configs()`` and ``aot_cases(dtype)``."""
+    import importlib  # noqa: PLC0415
 
-        for tile in gpu_configs()["_actnorm_apply_kernel"]:
-            x, p = t(2, tile.chans, tile.block), t(tile.chans)
-            yield "actnorm_fwd", (x, p, p)
-            yield "actnorm_inv", (x, p, p)
-            for reverse in (False, True):
-                yield "actnorm_bwd", (x, gl, x, p, p, reverse)
-    elif family == "invconv":
-        for c in (5, 40):
-            perm, w, v = t(c, dt=torch.int64), t(c, c), t(c)
-            x = t(2, c, 7)
-            yield "invconv_weight", (perm, w, w, v, v)
-            yield "invconv_weight_bwd", (w, perm, w, w, v, v)
-            yield "conv1x1", (x, w, None, None)
-            yield "conv1x1", (x, w, v, v)
-            yield "conv1x1_bwd", (x, x, w, None, None, [True, True, True])
-            yield "conv1x1_bwd", (x, x, w, v, v, [True, True, True])
-    else:
-        raise ValueError(f"aot: unknown family {family!r}; expected one of {FAMILIES}")
+    from invkernels.ops import _registry  # noqa: PLC0415
+
+    if family not in _registry.FAMILIES:
+        raise ValueError(f"aot: unknown family {family!r}; expected one of {families()}")
+    return importlib.import_module(_registry.FAMILIES[family].triton_module)
 
 
 def _config_fields(config) -> dict:
@@ -168,21 +138,20 @@ def _config_fields(config) -> dict:
     return {("num_warps" if k == "num_warps" else k.upper()): v for k, v in config._asdict().items()}
 
 
-def launches(families=FAMILIES, dtypes=DTYPES) -> list[Launch]:
-    """Every distinct launch the launchers make on a GPU, for every configuration of their sets.
-    Raises RuntimeError when a configuration of a ``gpu_configs()`` is never launched."""
-    import importlib  # noqa: PLC0415
-
+def launches(names: tuple[str, ...] | None = None, dtypes=DTYPES) -> list[Launch]:
+    """Every distinct launch the launchers of the families ``names`` (all by default) make on a GPU,
+    for every configuration of their sets. Raises RuntimeError when a configuration of a
+    ``gpu_configs()`` is never launched."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("aot: TRITON_INTERPRET=1 is set; ahead-of-time compilation needs the compiled "
                            "Triton (run it in a process without the variable)")
     found: dict[str, Launch] = {}
-    for family in families:
-        module = importlib.import_module(f"invkernels.triton.{family}")
+    for family in names or families():
+        module = triton_module(family)
         recorded: list[Launch] = []
         with _recording(module, recorded):
             for dtype in dtypes:
-                for op, args in _cases(family, dtype):
+                for op, args in module.aot_cases(dtype):
                     module.LAUNCHERS[op](*args)
         for kernel, configs in module.gpu_configs().items():
             seen = [dict(launch.constexprs, num_warps=launch.num_warps) for launch in recorded if launch.kernel == kernel]
@@ -257,9 +226,9 @@ def _compile_one(item: tuple[Launch, int]) -> Compiled:
     return compile_launch(*item)
 
 
-def compile_all(jobs: int = 2, families=FAMILIES, dtypes=DTYPES) -> list[Compiled]:
+def compile_all(jobs: int = 2, names: tuple[str, ...] | None = None, dtypes=DTYPES) -> list[Compiled]:
     """Every launch of :func:`launches` compiled for every target of :data:`TARGETS`."""
-    work = [(launch, cap) for launch in launches(families, dtypes) for cap in TARGETS]
+    work = [(launch, cap) for launch in launches(names, dtypes) for cap in TARGETS]
     if jobs <= 1:
         return [_compile_one(item) for item in work]
     with ProcessPoolExecutor(max_workers=jobs) as pool:
@@ -281,12 +250,14 @@ def summary(results: list[Compiled]) -> str:
     return line
 
 
-def _key_sources() -> list[str]:
+def _key_sources(names: tuple[str, ...] | None = None) -> list[str]:
     """The files the compiled launches come from: every module of this package (kernels,
-    launchers, this module) and the invkernels modules they import (argument helpers)."""
+    launchers, this module), the families' Triton modules, and the invkernels modules they import
+    (argument helpers)."""
     here = os.path.dirname(os.path.abspath(__file__))
     root = os.path.dirname(os.path.dirname(here))
     sources = {os.path.join(here, n) for n in os.listdir(here) if n.endswith(".py")}
+    sources.update(os.path.abspath(triton_module(family).__file__) for family in names or families())
     for path in sorted(sources):
         with open(path, encoding="utf-8") as f:
             tree = ast.parse(f.read())
@@ -297,30 +268,32 @@ def _key_sources() -> list[str]:
     return sorted(sources)
 
 
-def cache_key(families=FAMILIES, dtypes=DTYPES) -> str:
+def cache_key(names: tuple[str, ...] | None = None, dtypes=DTYPES) -> str:
     """A hash of what the compiled results depend on: the sources of :func:`_key_sources`, the
     Triton and torch versions, the targets, families and dtypes."""
     digest = hashlib.sha256()
-    for path in _key_sources():
+    names = tuple(names or families())
+    for path in _key_sources(names):
         digest.update(os.path.basename(path).encode())
         with open(path, "rb") as f:
             digest.update(f.read())
     for dist in ("triton", "torch"):
         digest.update(f"{dist}={importlib.metadata.version(dist)}".encode())
-    digest.update(repr((sorted(TARGETS.items()), tuple(families), tuple(str(d) for d in dtypes))).encode())
+    digest.update(repr((sorted(TARGETS.items()), names, tuple(str(d) for d in dtypes))).encode())
     return digest.hexdigest()[:20]
 
 
-def compile_cached(cache: str | None, jobs: int, families=FAMILIES) -> tuple[list[Compiled], str | None]:
+def compile_cached(cache: str | None, jobs: int, names: tuple[str, ...] | None = None
+                   ) -> tuple[list[Compiled], str | None]:
     """:func:`compile_all`, or its results from ``cache`` (a directory) when the sources, versions and
     settings of :func:`cache_key` were compiled before: ``(results, path of the cached results)``."""
     if cache is None:
-        return compile_all(jobs, families), None
-    path = os.path.join(cache, cache_key(families) + ".json")
+        return compile_all(jobs, names), None
+    path = os.path.join(cache, cache_key(names) + ".json")
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
             return [Compiled(**r) for r in json.load(f)], path
-    results = compile_all(jobs, families)
+    results = compile_all(jobs, names)
     os.makedirs(cache, exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
@@ -334,14 +307,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                         help="compiler processes (default: one per core)")
     parser.add_argument("--json", metavar="PATH", help="write every launch's result to PATH")
-    parser.add_argument("--family", choices=FAMILIES, action="append", help="only these op families")
+    parser.add_argument("--family", choices=families(), action="append", help="only these op families")
     parser.add_argument("--cache", metavar="DIR",
                         help="reuse the results compiled before from the same sources and versions (kept in DIR)")
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error(f"argument --jobs: should be >= 1, got {args.jobs}")
     start = time.perf_counter()
-    results, cached = compile_cached(args.cache, args.jobs, tuple(args.family or FAMILIES))
+    results, cached = compile_cached(args.cache, args.jobs, tuple(args.family or families()))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump([r._asdict() for r in results], f, indent=1)

@@ -74,7 +74,8 @@ import triton
 import triton.language as tl
 
 from invkernels._validation import split_channels
-from invkernels.triton._common import MAX_TILE_INTERPRETER, check_device, compute_dtype, device_guard, interpreting
+from invkernels.triton._common import MAX_TILE_INTERPRETER, check_device, compute_dtype, device_guard, interpreting, \
+    meta
 
 __all__ = [
     "GPU_TILES",
@@ -88,6 +89,7 @@ __all__ = [
     "affine_coupling_forward",
     "affine_coupling_inverse",
     "affine_coupling_inverse_backward",
+    "aot_cases",
     "gpu_configs",
     "tile_config",
 ]
@@ -695,6 +697,23 @@ def gpu_configs() -> dict[str, tuple[TileConfig, ...]]:
     """Every tile each kernel launches with on a GPU (:func:`tile_config`): the set compiled ahead
     of time."""
     return {name: GPU_TILES for name in _KERNELS}
+
+
+def aot_cases(dtype: torch.dtype):
+    """Launcher calls ``(op, args)`` on meta tensors of ``dtype`` that reach every tile of
+    :func:`gpu_configs` (invkernels.triton.aot)."""
+    gl = meta(2, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    for tile in GPU_TILES:
+        x, h, shift = (meta(2, c, tile.block, dtype=dtype) for c in (2, 2, 1))
+        for scale in ("exp", "sigmoid"):
+            yield "affine_coupling_fwd", (x, h, scale, 2.0)
+            yield "affine_coupling_inv", (x, h, scale, 2.0)
+            yield "affine_coupling_bwd", (x, gl, x, h, scale, 2.0, False)
+            yield "affine_coupling_inv_bwd", (x, h, x, gl, scale, 2.0)
+        yield "additive_coupling_fwd", (x, shift)
+        yield "additive_coupling_inv", (x, shift)
+        yield "additive_coupling_bwd", (x, True)
+        yield "additive_coupling_inv_bwd", (x, shift, x)
 
 
 # The launcher of each registered op (docs/ops/coupling.md). invkernels.ops.coupling defines the

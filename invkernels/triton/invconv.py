@@ -71,7 +71,8 @@ import triton.language as tl
 
 from invkernels.ops.invconv import product_like
 from invkernels.triton import actnorm
-from invkernels.triton._common import check_device, compute_dtype, device_guard, interpreting, max_tile_elements
+from invkernels.triton._common import check_device, compute_dtype, device_guard, interpreting, max_tile_elements, \
+    meta
 
 __all__ = [
     "LAUNCHERS",
@@ -82,6 +83,7 @@ __all__ = [
     "conv1x1_bwd",
     "conv1x1_bwd_configs",
     "conv1x1_config",
+    "aot_cases",
     "gpu_configs",
     "invconv_weight",
     "invconv_weight_bwd",
@@ -771,6 +773,19 @@ def conv1x1_bwd(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bia
     grad_w, grad_bias, grad_log_scale = _outer(grad_y, x, weight, bias, log_scale)
     return (grad_x, grad_w if need_w else None, grad_bias if need_pair else None,
             grad_log_scale if need_pair else None)
+
+
+def aot_cases(dtype: torch.dtype):
+    """Launcher calls ``(op, args)`` on meta tensors of ``dtype`` that reach every configuration of
+    :func:`gpu_configs` (invkernels.triton.aot): a small and a large channel count."""
+    for c in (5, 40):
+        perm, w, v, x = meta(c, dtype=torch.int64), meta(c, c, dtype=dtype), meta(c, dtype=dtype), meta(2, c, 7, dtype=dtype)
+        yield "invconv_weight", (perm, w, w, v, v)
+        yield "invconv_weight_bwd", (w, perm, w, w, v, v)
+        yield "conv1x1", (x, w, None, None)
+        yield "conv1x1", (x, w, v, v)
+        yield "conv1x1_bwd", (x, x, w, None, None, [True, True, True])
+        yield "conv1x1_bwd", (x, x, w, v, v, [True, True, True])
 
 
 # The launcher of each registered op (docs/ops/invconv.md), called with the op's arguments.
