@@ -116,17 +116,26 @@ def test_a_perturbed_elementwise_output_fails_the_matrix(name, index, perturbati
         assert_close(outputs[index], exact, reduce_len=main_tensor(args).numel())
 
 
-# Inputs [B, C], [B, C, S] and [B, C, H, W] (the 1x1 convolution routes each differently).
-SPATIAL = {"vectors": (), "1-d": (3,), "2-d": (2, 3)}
+# Inputs [B, C], [B, C, S], [B, C, H, W] and [B, C, D, H, W] (the 1x1 convolution routes each
+# differently).
+# Inputs [B, C, D, H, W] of one sample with an even channel count, and [B, C, S] with 3 channels
+# (a passthrough half of one channel).
+SHAPES = {
+    "vectors": {"spatial": ()},
+    "1-d": {"spatial": (3,)},
+    "2-d": {"spatial": (2, 3)},
+    "3-d-one-sample-even-channels": {"spatial": (2, 2, 3), "channels": 6, "batch": 1},
+    "3-channels": {"spatial": (5,), "channels": 3, "batch": 3},
+}
 
 
-@pytest.mark.parametrize("spatial", SPATIAL.values(), ids=SPATIAL.keys())
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("backend_device", KERNEL_BACKENDS)
-def test_matches_the_float64_reference(backend_device, case, dtype, spatial):
+def test_matches_the_float64_reference(backend_device, case, dtype, shape):
     backend, device = backend_device
-    name, args = case[0], case_args(case, spatial=spatial, dtype=dtype, device=device)
+    name, args = case[0], case_args(case, dtype=dtype, device=device, **shape)
     assert_matches_reference(name, args, as_tuple(op(name, backend)(*args)))
 
 

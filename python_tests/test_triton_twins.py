@@ -10,7 +10,7 @@ import torch
 from invkernels.ops import _registry
 from invkernels.ops import actnorm as A
 from invkernels.ops import coupling as C
-from optest import as_tuple, coupling_case, on_meta, op_names, valid_args
+from optest import as_tuple, coupling_case, op_names, valid_args
 from tolerances import assert_close
 
 pytestmark = pytest.mark.triton
@@ -53,17 +53,6 @@ def test_a_family_without_a_launcher_for_an_op_is_refused():
     defs = {"actnorm_fwd": A._FAMILY.defs["actnorm_fwd"]}
     with pytest.raises(ValueError, match=r"no Triton launcher for the ops \['actnorm_fwd'\]"):
         _registry.register_triton_twins(defs, {"actnorm_fwd": A._FAMILY.fakes["actnorm_fwd"]}, {})
-
-
-@pytest.mark.parametrize("name", family_op_names())
-def test_twin_and_cpp_op_have_the_same_fake_outputs_and_real_outputs(name):
-    args = valid_args(name)
-    fakes = [as_tuple(getattr(NS, n)(*on_meta(args))) for n in (name, name + "_triton")]
-    reals = [as_tuple(getattr(NS, n)(*args)) for n in (name, name + "_triton")]
-    for fake_cpp, fake_twin, real_cpp, real_twin in zip(*fakes, *reals):
-        for t in (fake_twin, real_cpp, real_twin):
-            assert (t.shape, t.dtype, t.is_contiguous()) == (fake_cpp.shape, fake_cpp.dtype, True)
-        assert_close(real_twin, real_cpp.double(), reduce_len=15)
 
 
 def test_twins_compile_fullgraph_with_gradients():
