@@ -8,6 +8,8 @@ model the user holds is left as it was.
 from __future__ import annotations
 
 import contextlib
+import threading
+from typing import Callable
 
 import torch
 from torch import nn
@@ -61,3 +63,69 @@ def scratch_buffers(module: nn.Module):
 def version(t: torch.Tensor) -> int | None:
     """``t``'s version counter, or None for inference tensors (which have none)."""
     return None if t.is_inference() else t._version
+
+
+class _RngTape(threading.local):
+    """The RNG states of one block's subnet calls: recorded during a memory-free forward, replayed
+    during its rebuild (:func:`recording_rng`, :func:`replaying_rng`)."""
+
+    record: tuple[list, Callable[[], object]] | None = None
+    replay: list | None = None
+
+
+_TAPE = _RngTape()
+
+
+@contextlib.contextmanager
+def recording_rng(states: list, capture: Callable[[], object]):
+    """Within the block, each :func:`rng_mark` appends ``capture()`` (an object with ``restore()``)
+    to ``states``. The memory-free chain records a block's forward this way, ``states[0]`` being
+    the state before the block."""
+    saved = _TAPE.record
+    _TAPE.record = (states, capture)
+    try:
+        yield
+    finally:
+        _TAPE.record = saved
+
+
+@contextlib.contextmanager
+def replaying_rng(states: list | None):
+    """Within the block, :func:`rng_rewind` restores the states recorded by :func:`recording_rng`."""
+    saved = _TAPE.replay
+    _TAPE.replay = states
+    try:
+        yield
+    finally:
+        _TAPE.replay = saved
+
+
+def rng_mark() -> None:
+    """Called by a block in its forward before each subnet call after the first: while a memory-free
+    forward records, the RNG state there is kept, so that a rebuild running the subnets in another
+    order (a two-sided block rebuilds ``g`` before ``f``) draws each call's own random numbers."""
+    record = _TAPE.record
+    if record is not None:
+        record[0].append(record[1]())
+
+
+def rng_rewind(call: int) -> None:
+    """Called by a block in its rebuild before running the subnet that was call ``call`` of its
+    forward (0: the first): restores the RNG state the forward had there, while a rebuild replays."""
+    replay = _TAPE.replay
+    if replay is not None and call < len(replay):
+        replay[call].restore()
+
+
+@contextlib.contextmanager
+def training_flags(flags: list[tuple[nn.Module, bool]]):
+    """Set each module's ``training`` to the recorded flag for the block, then restore the flags
+    the modules had (nothing to do when they did not change)."""
+    changed = [(m, m.training) for m, flag in flags if m.training != flag]
+    for m, _ in changed:
+        m.training = not m.training
+    try:
+        yield
+    finally:
+        for m, flag in changed:
+            m.training = flag

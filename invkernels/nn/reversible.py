@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from invkernels import _validation
+from invkernels import _state, _validation
 from invkernels.nn.coupling import check_affine, check_block_input, resolve_subnet, subnet_h, subnet_input_dim
 from invkernels.nn.subnets import SubnetFactory
 from invkernels.reference.coupling import affine_half, affine_half_inv, affine_half_vjp
@@ -133,6 +133,7 @@ class ReversibleBlock(nn.Module):
         ``(y1, y2, logdet)`` with ``logdet`` None for the additive coupling (0)."""
         self._check_halves(x1, x2, ("x1", "x2"))
         y1, logdet1 = self._step(x1, self._hf(x2, context, x1.dtype))
+        _state.rng_mark()
         y2, logdet2 = self._step(x2, self._hg(y1, context, x1.dtype))
         return y1, y2, None if logdet1 is None else logdet1 + logdet2
 
@@ -169,6 +170,8 @@ class ReversibleBlock(nn.Module):
         extra_g = [t for t in (*self.g.parameters(), context) if t is not None and t.requires_grad]
         extra_f = [t for t in (*self.f.parameters(), context) if t is not None and t.requires_grad]
         leaf = y1.detach().requires_grad_()
+        # g drew its random numbers after f in the forward (a memory-free chain replays both states).
+        _state.rng_rewind(1)
         with torch.enable_grad():
             hg = self._hg(leaf, context, dtype)
         x2 = self._step_inverse(y2, hg.detach())[0]
@@ -178,6 +181,7 @@ class ReversibleBlock(nn.Module):
         if got_g[0] is not None:
             grad_y1 = torch.add(grad_y1, got_g[0], out=out[0]) if additive and out is not None else grad_y1 + got_g[0]
         leaf = x2.detach().requires_grad_()
+        _state.rng_rewind(0)
         with torch.enable_grad():
             hf = self._hf(leaf, context, dtype)
         x1 = self._step_inverse(y1, hf.detach())[0]

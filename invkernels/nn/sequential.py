@@ -118,8 +118,9 @@ class _AutocastState:
         self.dtype = torch.get_autocast_dtype(self.device_type)
 
     def __call__(self):
+        # A forward without autocast is replayed without it too, whatever the backward runs in.
         if not self.enabled:
-            return contextlib.nullcontext()
+            return torch.autocast(self.device_type, enabled=False)
         return torch.autocast(self.device_type, dtype=self.dtype)
 
 
@@ -189,24 +190,27 @@ def _versions(tensors: list[torch.Tensor]) -> list[int | None]:
 class _Watched(NamedTuple):
     """Every parameter and buffer of a run of blocks, with its version at the end of the forward:
     what rebuilding their inputs reads, frozen parameters and buffers included. ``where[k]`` names
-    ``tensors[k]`` for :func:`_watched_name`."""
+    ``tensors[k]`` for :func:`_watched_name`. ``training``: every submodule's train/eval flag in the
+    forward, which the rebuild replays."""
 
     where: list[tuple]
     tensors: list[torch.Tensor]
     versions: list[int | None]
+    training: list[tuple[nn.Module, bool]]
 
 
 def _watched(seq, indices) -> _Watched:
-    seen, where, tensors = set(), [], []
+    seen, where, tensors, training = set(), [], [], []
     for i in indices:
         for m in seq.blocks[i].modules():
+            training.append((m, m.training))
             for kind, items in (("parameter", m._parameters), ("buffer", m._buffers)):
                 for key, t in items.items():
                     if t is not None and id(t) not in seen:
                         seen.add(id(t))
                         where.append((i, m, kind, key))
                         tensors.append(t)
-    return _Watched(where, tensors, _versions(tensors))
+    return _Watched(where, tensors, _versions(tensors), training)
 
 
 def _tensor_ids(seq, indices) -> set[int]:
@@ -262,10 +266,17 @@ class _MemoryFreeChain(torch.autograd.Function):
         logdet = None
         flow = _Flow(x)
         for i in indices:
-            ctx.rng.append(_RngState(x) if seq.preserve_rng_state else None)
             if seq.check_reconstruction:
                 ctx.debug_inputs.append(flow.whole())
-            flow, block_logdet = seq.forward_flow(i, flow, context)
+            if seq.preserve_rng_state:
+                # The state before the block, and before each further subnet call the block marks.
+                states = [_RngState(x)]
+                ctx.rng.append(states)
+                with _state.recording_rng(states, lambda: _RngState(x)):
+                    flow, block_logdet = seq.forward_flow(i, flow, context)
+            else:
+                ctx.rng.append(None)
+                flow, block_logdet = seq.forward_flow(i, flow, context)
             logdet = _add_logdets(logdet, block_logdet)
         x = flow.whole()
         if logdet is None:
@@ -286,17 +297,19 @@ class _MemoryFreeChain(torch.autograd.Function):
             return _MemoryFreeChain._backward_with_graph(ctx, x_in, context, grad_y, grad_logdet)
         grads: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         errors = []
-        devices = ctx.rng[0].devices() if ctx.rng and ctx.rng[0] is not None else []
+        devices = ctx.rng[0][0].devices() if ctx.rng and ctx.rng[0] is not None else []
         flow, grad = _Flow(y), _Flow(grad_y)
-        with torch.random.fork_rng(devices=devices, enabled=seq.preserve_rng_state), ctx.autocast():
+        with torch.random.fork_rng(devices=devices, enabled=seq.preserve_rng_state), ctx.autocast(), \
+                _state.training_flags(ctx.watched.training):
             for k in reversed(range(len(ctx.indices))):
-                i, rng = ctx.indices[k], ctx.rng[k]
+                i, states = ctx.indices[k], ctx.rng[k]
+                rng = states[0] if states is not None else None
                 if rng is not None:
                     rng.restore()
                 block = seq.blocks[i]
                 # The rebuild reruns the block (train-mode subnets included): what it writes to
                 # buffers (BatchNorm running statistics) goes to copies, so the forward's update counts once.
-                with _state.scratch_buffers(block), _gathered(block):
+                with _state.scratch_buffers(block), _gathered(block), _state.replaying_rng(states):
                     flow, grad, pairs = seq._inverse_backward(i, block, flow, grad, grad_logdet, context, rng,
                                                               x_in if k == 0 else None)
                 for t, g in pairs:
@@ -324,13 +337,14 @@ class _MemoryFreeChain(torch.autograd.Function):
         """Under ``create_graph=True``: run the forward again with grad from the saved input and
         back-propagate through it with a graph, so higher derivatives are exact."""
         seq = ctx.seq
-        devices = ctx.rng[0].devices() if ctx.rng and ctx.rng[0] is not None else []
+        devices = ctx.rng[0][0].devices() if ctx.rng and ctx.rng[0] is not None else []
         with torch.random.fork_rng(devices=devices, enabled=seq.preserve_rng_state), ctx.autocast(), \
-                contextlib.ExitStack() as scratch:
+                _state.training_flags(ctx.watched.training), contextlib.ExitStack() as scratch:
             for i in ctx.indices:
                 scratch.enter_context(_state.scratch_buffers(seq.blocks[i]))
+            # The forward is run again in its own order from the state before the run.
             if ctx.rng and ctx.rng[0] is not None:
-                ctx.rng[0].restore()
+                ctx.rng[0][0].restore()
             with torch.enable_grad():
                 out, logdet = x, None
                 for i in ctx.indices:
@@ -367,9 +381,10 @@ class InvertibleSequential(nn.Module):
     with ``memory_free_invertible = False``, e.g. :class:`~invkernels.nn.Split`) store their
     activations as usual.
 
-    Dropout in subnets: the RNG state before each block is saved and replayed in backward (as
-    ``torch.utils.checkpoint`` does; ``preserve_rng_state=False`` skips this). Autocast in effect
-    at the forward is re-entered in backward. A parameter modified in place between forward and
+    The rebuild replays what the forward did: the RNG state before each subnet call (dropout; as
+    ``torch.utils.checkpoint`` does, per call; ``preserve_rng_state=False`` skips this), every
+    submodule's train/eval flag (a ``model.eval()`` between forward and backward changes nothing),
+    and the forward's autocast state, "off" included. A parameter modified in place between forward and
     backward is an error (the inputs could not be rebuilt). Under ``torch.no_grad()`` (or when
     nothing requires grad) the blocks simply run in turn, as with ``memory_free=False``. Under
     ``torch.compile`` each memory-free run is left to eager autograd (one graph break per run);

@@ -1,0 +1,99 @@
+"""The memory-free rebuild replays what the forward did, per subnet call: the RNG state before each
+call (dropout in both subnets of a two-sided block), the train/eval flags of every submodule (a
+validation pass between forward and backward), the autocast state including "off" (a backward run
+inside autocast). Gradients equal plain autograd's."""
+
+import pytest
+import torch
+from torch import nn
+
+from invkernels.nn import AffineCoupling, InvertibleSequential, ReversibleBlock
+
+
+def dropout_mlp(c_in, c_out):
+    return nn.Sequential(nn.Linear(c_in, 16), nn.Tanh(), nn.Dropout(0.3), nn.Linear(16, c_out), nn.Dropout(0.2))
+
+
+def batchnorm_mlp(c_in, c_out):
+    return nn.Sequential(nn.Linear(c_in, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, c_out))
+
+
+def randomized(model, std=0.3):
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(std * torch.randn_like(p))
+    return model
+
+
+def reversible_chain(coupling, memory_free, subnet=dropout_mlp, depth=3):
+    torch.manual_seed(1)
+    blocks = [ReversibleBlock(6, subnet, coupling=coupling) for _ in range(depth)]
+    return randomized(InvertibleSequential(*blocks, memory_free=memory_free).double())
+
+
+def coupling_chain(memory_free, subnet=dropout_mlp):
+    torch.manual_seed(1)
+    return randomized(InvertibleSequential(AffineCoupling(6, subnet), ReversibleBlock(6, subnet),
+                                           AffineCoupling(6, subnet), memory_free=memory_free).double())
+
+
+def gradients(model, x, between=None, backward_context=None):
+    """Input and parameter gradients of a loss of ``model(x)``, with ``between(model)`` run after the
+    forward and the backward run inside ``backward_context``."""
+    x = x.clone().requires_grad_()
+    torch.manual_seed(7)
+    y, logdet = model(x)
+    loss = (y.sin() * torch.linspace(0.5, 1.5, y.shape[1], dtype=y.dtype)).sum() + logdet.sum()
+    if between is not None:
+        between(model)
+    with backward_context or torch.autocast("cpu", enabled=False):
+        loss.backward()
+    return [x.grad] + [p.grad for p in model.parameters()]
+
+
+def assert_same(got, want, rtol=1e-10):
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=rtol, atol=rtol)
+
+
+@pytest.mark.parametrize("coupling", ["additive", "affine"])
+def test_dropout_in_both_subnets_of_reversible_blocks(coupling):
+    x = torch.randn(5, 6, dtype=torch.float64)
+    want = gradients(reversible_chain(coupling, False), x)
+    assert_same(gradients(reversible_chain(coupling, True), x), want)
+
+
+@pytest.mark.parametrize("subnet", [dropout_mlp, batchnorm_mlp], ids=["dropout", "batchnorm"])
+def test_eval_between_forward_and_backward(subnet):
+    """A validation pass (``model.eval()``) between the training forward and its backward: the
+    rebuild runs the subnets as the forward did, in train mode; the model's flags stay eval."""
+    x = torch.randn(5, 6, dtype=torch.float64)
+    want = gradients(coupling_chain(False, subnet), x, between=lambda m: m.eval())
+    model = coupling_chain(True, subnet)
+    got = gradients(model, x, between=lambda m: m.eval())
+    assert_same(got, want)
+    assert not any(m.training for m in model.modules())
+
+
+def test_a_submodule_switched_alone_is_replayed_too():
+    x = torch.randn(5, 6, dtype=torch.float64)
+
+    def switch(model):
+        model[1].g[2].eval()
+
+    want = gradients(coupling_chain(False), x, between=switch)
+    model = coupling_chain(True)
+    assert_same(gradients(model, x, between=switch), want)
+    assert not model[1].g[2].training and model[1].f[2].training
+
+
+def test_backward_inside_autocast_rebuilds_in_the_forwards_precision():
+    """The forward ran without autocast: the memory-free backward (rebuild and VJPs) runs as the
+    forward did, not in bfloat16 because ``backward()`` is called inside ``torch.autocast``. (Plain
+    autograd's backward ops follow the autocast around ``backward()``; here the gradients are those
+    of the forward as it was computed.)"""
+    x = torch.randn(5, 6)
+    want = gradients(coupling_chain(False).float(), x)
+    got = gradients(coupling_chain(True).float(), x, backward_context=torch.autocast("cpu", dtype=torch.bfloat16))
+    assert_same(got, want, rtol=1e-5)
