@@ -155,6 +155,12 @@ def _integer(minimum: int, maximum: int | None = None, note: str = ""):
     return parse
 
 
+def _directory(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"should be a directory path, got {text!r}")
+    return text
+
+
 def _threads(text: str) -> int:
     cpus = os.cpu_count() or 1
     return _integer(0, 4 * cpus, f" (0: torch's default; at most 4 per logical CPU, {cpus} here)")(text)
@@ -190,13 +196,13 @@ def main(argv: list[str] | None = None) -> int:
     demo_parser.add_argument("--epochs", type=_integer(1), default=40, help="training epochs (default 40)")
     demo_parser.add_argument("--seed", type=_seed, default=0)
     demo_parser.add_argument("--backend", choices=["cpp", "triton", "reference"], default="cpp")
-    demo_parser.add_argument("--out", default="demo_output", help="directory for the PNGs, checkpoint and results.json")
+    demo_parser.add_argument("--out", type=_directory, default="demo_output", help="directory for the PNGs, checkpoint and results.json")
     demo_parser.add_argument("--threads", type=_threads, default=0, help=threads_help)
     demo_parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     demo_parser.set_defaults(run=_demo, parser=demo_parser)
     invert_parser = sub.add_parser("invert", help="invert a CNN's layers on digits (optimization and decoder)")
     invert_parser.add_argument("--seed", type=_seed, default=0)
-    invert_parser.add_argument("--out", default="invert_output", help="directory for the PNG and results.json")
+    invert_parser.add_argument("--out", type=_directory, default="invert_output", help="directory for the PNG and results.json")
     invert_parser.add_argument("--threads", type=_threads, default=0, help=threads_help)
     invert_parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     invert_parser.set_defaults(run=_invert, parser=invert_parser)

@@ -6,6 +6,7 @@ import math
 import warnings
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from invkernels import _backend, _distributed, _validation
@@ -69,6 +70,9 @@ class ActNorm(nn.Module):
         self.eps = float(eps)
         self.backend = backend
         self.data_init = data_init
+        if process_group is not None and not (dist.is_available() and isinstance(process_group, dist.ProcessGroup)):
+            raise ValueError(f"ActNorm: process_group should be None or a torch.distributed ProcessGroup (e.g. "
+                             f"dist.new_group(ranks)), got {process_group!r}")
         self.process_group = process_group
         self.bias = nn.Parameter(torch.zeros(channels))
         self.log_scale = nn.Parameter(torch.zeros(channels))

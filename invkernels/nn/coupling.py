@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from invkernels import _backend, _validation
-from invkernels.nn.subnets import SubnetFactory, call_subnet, conv_subnet, mlp_subnet
+from invkernels.nn.subnets import SubnetFactory, call_subnet, conv_subnet, mlp_subnet, subnet_vjp
 from invkernels.ops import coupling as F
 
 _SUBNET_DIMS = {"mlp": 2, "conv": 4}
@@ -112,7 +112,7 @@ class _Coupling(nn.Module):
         with torch.enable_grad():
             h = self._subnet_h(leaf, context, y.dtype)
         x, grad_x, grad_h = fused(h.detach())
-        grads = torch.autograd.grad(h, [leaf, *extra], grad_h, allow_unused=True)
+        grads = subnet_vjp(h, [leaf, *extra], grad_h)
         if grads[0] is not None:
             grad_x[:, : self.c1].add_(grads[0])
         return x, grad_x, list(zip(extra, grads[1:]))

@@ -64,7 +64,7 @@ class InvConv1x1(nn.Module):
                 self.upper = nn.Parameter(upper.float())
                 self.log_s = nn.Parameter(log_s.float())
             else:
-                self.w = nn.Parameter(rotation.float())
+                self.w = nn.Parameter(rotation.float().contiguous())
         self._cache: tuple | None = None
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):

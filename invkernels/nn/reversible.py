@@ -19,7 +19,7 @@ from torch import nn
 
 from invkernels import _state, _validation
 from invkernels.nn.coupling import check_affine, check_block_input, resolve_subnet, subnet_h, subnet_input_dim
-from invkernels.nn.subnets import SubnetFactory
+from invkernels.nn.subnets import SubnetFactory, subnet_vjp
 from invkernels.reference.coupling import affine_half, affine_half_inv, affine_half_vjp
 
 _COUPLINGS = ("additive", "affine")
@@ -125,6 +125,18 @@ class ReversibleBlock(nn.Module):
             raise ValueError(f"{name}: {names[0]} and {names[1]} should have the same batch and spatial sizes, got "
                              f"{list(a.shape)} and {list(b.shape)}")
 
+    def _check_grads(self, tensors, grads, names, grad_logdet: torch.Tensor) -> None:
+        """ValueError unless each gradient has its tensor's shape and ``grad_logdet`` is ``[batch]``."""
+        name = type(self).__name__
+        for t, g, (t_name, g_name) in zip(tensors, grads, names):
+            if not isinstance(g, torch.Tensor) or g.shape != t.shape:
+                got = list(g.shape) if isinstance(g, torch.Tensor) else type(g).__name__
+                raise ValueError(f"{name}: {g_name} should have the shape of {t_name}, {list(t.shape)}, got {got}")
+        batch = tensors[0].shape[0]
+        if not isinstance(grad_logdet, torch.Tensor) or grad_logdet.shape != (batch,):
+            got = list(grad_logdet.shape) if isinstance(grad_logdet, torch.Tensor) else type(grad_logdet).__name__
+            raise ValueError(f"{name}: grad_logdet should have shape [batch] = [{batch}], got {got}")
+
     def _zeros(self, x: torch.Tensor) -> torch.Tensor:
         return x.new_zeros(x.shape[0], dtype=_validation.logdet_dtype(x.dtype))
 
@@ -166,6 +178,7 @@ class ReversibleBlock(nn.Module):
         rebuilt input. ``out``: two tensors the input gradients are written into (views of the
         chain's gradient buffer)."""
         self._check_halves(y1, y2, ("y1", "y2"))
+        self._check_grads((y1, y2), (grad_y1, grad_y2), (("y1", "grad_y1"), ("y2", "grad_y2")), grad_logdet)
         dtype = y1.dtype
         extra_g = [t for t in (*self.g.parameters(), context) if t is not None and t.requires_grad]
         extra_f = [t for t in (*self.f.parameters(), context) if t is not None and t.requires_grad]
@@ -176,7 +189,7 @@ class ReversibleBlock(nn.Module):
             hg = self._hg(leaf, context, dtype)
         x2 = self._step_inverse(y2, hg.detach())[0]
         grad_x2, grad_hg = self._step_vjp(grad_y2, grad_logdet, x2, hg.detach())
-        got_g = torch.autograd.grad(hg, [leaf, *extra_g], grad_hg, allow_unused=True)
+        got_g = subnet_vjp(hg, [leaf, *extra_g], grad_hg)
         additive = self.coupling == "additive"
         if got_g[0] is not None:
             grad_y1 = torch.add(grad_y1, got_g[0], out=out[0]) if additive and out is not None else grad_y1 + got_g[0]
@@ -186,7 +199,7 @@ class ReversibleBlock(nn.Module):
             hf = self._hf(leaf, context, dtype)
         x1 = self._step_inverse(y1, hf.detach())[0]
         grad_x1, grad_hf = self._step_vjp(grad_y1, grad_logdet, x1, hf.detach())
-        got_f = torch.autograd.grad(hf, [leaf, *extra_f], grad_hf, allow_unused=True)
+        got_f = subnet_vjp(hf, [leaf, *extra_f], grad_hf)
         if out is not None:
             if got_f[0] is None:
                 out[1].copy_(grad_x2)
@@ -205,6 +218,7 @@ class ReversibleBlock(nn.Module):
         input from ``y`` and return ``(x, grad_x, grads)`` (:meth:`inverse_backward_split` on the
         halves, the gradient written into one buffer)."""
         self._check(y, "y")
+        self._check_grads((y,), (grad_y,), (("y", "grad_y"),), grad_logdet)
         sizes = [self.c1, self.c2]
         grad_x = torch.empty_like(y, memory_format=torch.contiguous_format)
         x1, x2, _, _, grads = self.inverse_backward_split(*y.split(sizes, dim=1), *grad_y.split(sizes, dim=1),

@@ -85,6 +85,10 @@ class _Flow:
             self._whole = torch.cat(self._halves, dim=1)
         return self._whole
 
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """The tensors held (the whole tensor, or its two halves)."""
+        return (self._whole,) if self._whole is not None else self._halves
+
 
 def _add_logdets(total: torch.Tensor | None, logdet: torch.Tensor | None) -> torch.Tensor | None:
     if logdet is None:
@@ -252,6 +256,19 @@ def _check_unchanged(seq, indices, watched: _Watched) -> None:
                 f"step, load_state_dict or a buffer update before backward). Run backward first.")
 
 
+def _check_input_kept(seq, i: int, before: list[int | None], inputs: tuple[torch.Tensor, ...]) -> None:
+    """RuntimeError when block ``i`` wrote its input in place during the memory-free forward (which
+    runs without recording, where plain autograd would raise): the rebuild needs the input as the
+    block read it, and the caller's tensor must not change."""
+    if _versions(list(inputs)) != before:
+        block = seq.blocks[i]
+        raise RuntimeError(
+            f"InvertibleSequential: block {i} ({type(block).__name__}) modified its input in place during the "
+            f"memory-free forward (for example a subnet whose first layer works in place, such as "
+            f"nn.ReLU(inplace=True), on the half it reads). The input is needed as it was to rebuild the "
+            f"activations in backward, and plain autograd refuses this too: make that layer out of place.")
+
+
 class _MemoryFreeChain(torch.autograd.Function):
     """Forward of a run of memory-free blocks without recording, saving only the output; backward
     rebuilds each block's input from its output and back-propagates block by block."""
@@ -262,12 +279,16 @@ class _MemoryFreeChain(torch.autograd.Function):
         x_in = x
         ctx.rng = []
         ctx.debug_inputs = []
+        # The debug option as it was in the forward (switching it on before backward finds no inputs kept).
+        ctx.check = seq.check_reconstruction
         ctx.autocast = _AutocastState(x)
         logdet = None
         flow = _Flow(x)
         for i in indices:
-            if seq.check_reconstruction:
+            inputs = flow.tensors()
+            if ctx.check:
                 ctx.debug_inputs.append(flow.whole())
+            before = _versions(inputs)
             if seq.preserve_rng_state:
                 # The state before the block, and before each further subnet call the block marks.
                 states = [_RngState(x)]
@@ -277,6 +298,7 @@ class _MemoryFreeChain(torch.autograd.Function):
             else:
                 ctx.rng.append(None)
                 flow, block_logdet = seq.forward_flow(i, flow, context)
+            _check_input_kept(seq, i, before, inputs)
             logdet = _add_logdets(logdet, block_logdet)
         x = flow.whole()
         if logdet is None:
@@ -316,11 +338,11 @@ class _MemoryFreeChain(torch.autograd.Function):
                     if g is not None:
                         previous = grads.get(id(t))
                         grads[id(t)] = (t, g if previous is None else previous[1] + g)
-                if seq.check_reconstruction:
+                if ctx.check:
                     stored = ctx.debug_inputs[k]
                     scale = stored.detach().double().norm().clamp_min(torch.finfo(torch.float64).tiny)
                     errors.append((i, ((flow.whole().double() - stored.double()).norm() / scale).item()))
-        if seq.check_reconstruction:
+        if ctx.check:
             seq.reconstruction_errors = sorted(errors)
         returned = {id(p) for p in ctx.params} | ({id(context)} if context is not None else set())
         for t, g in grads.values():
@@ -410,6 +432,14 @@ class InvertibleSequential(nn.Module):
                            ("check_reconstruction", check_reconstruction)):
             if not isinstance(flag, bool):
                 raise ValueError(f"InvertibleSequential: {name} should be True or False, got {flag!r}")
+        for i, block in enumerate(blocks):
+            if split_of(block) is not None:
+                missing = [m for m in ("inverse_split", "inverse_backward_split") if not callable(getattr(block, m, None))]
+                if missing:
+                    raise TypeError(f"InvertibleSequential: block {i} ({type(block).__name__}) works on halves "
+                                    f"(split_channels and forward_split) but has no {' and no '.join(missing)}; "
+                                    f"a block on halves needs forward_split, inverse_split and "
+                                    f"inverse_backward_split (docs/memory.md)")
         self.blocks = nn.ModuleList(blocks)
         self.memory_free = memory_free
         self.preserve_rng_state = preserve_rng_state

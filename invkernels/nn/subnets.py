@@ -26,6 +26,15 @@ def _check_subnet_dtype(owner: str, subnet: nn.Module, x: torch.Tensor) -> None:
                          f"(x.to({param.dtype}))")
 
 
+def subnet_vjp(h: torch.Tensor, inputs: list[torch.Tensor], grad_h: torch.Tensor) -> list[torch.Tensor | None]:
+    """The gradients of ``inputs`` for ``grad_h`` through a subnet output ``h`` computed with grad
+    (None for an input ``h`` does not depend on), also when ``h`` depends on none of them (a subnet
+    whose output ignores its input and has no trained parameter)."""
+    if not h.requires_grad:
+        return [None] * len(inputs)
+    return list(torch.autograd.grad(h, inputs, grad_h, allow_unused=True))
+
+
 def call_subnet(owner: str, subnet: nn.Module, x: torch.Tensor, want: list[int]) -> torch.Tensor:
     """``subnet(x)``, with errors that name ``owner`` when the input's dtype is not the subnet's
     (outside autocast) or the subnet returns anything but a tensor of shape ``want``. The dtypes

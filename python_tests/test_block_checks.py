@@ -1,0 +1,79 @@
+"""Mistakes a user makes with blocks and chains are refused where they are made, with the argument
+named: a half-implemented block on halves, the reconstruction check switched on between forward
+and backward, wrong gradient shapes handed to a block's memory-free backward, a process group that
+is not one, an empty output directory; and InvConv1x1's plain weight is contiguous."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from invkernels.nn import ActNorm, AffineCoupling, InvConv1x1, InvertibleSequential, ReversibleBlock
+
+
+class HalfDone(nn.Module):
+    """A block on halves with a forward but no memory-free backward."""
+
+    split_channels = 2
+
+    def forward_split(self, x1, x2):
+        return x1, x2 + x1, None
+
+    def inverse_split(self, y1, y2):
+        return y1, y2 - y1, None
+
+    def forward(self, x):
+        y1, y2, _ = self.forward_split(*x.split([2, 2], dim=1))
+        return torch.cat([y1, y2], 1), x.new_zeros(x.shape[0])
+
+    def inverse(self, y):
+        return torch.cat(self.inverse_split(*y.split([2, 2], dim=1))[:2], 1)
+
+
+def test_a_block_on_halves_without_its_memory_free_backward_is_refused_when_added():
+    with pytest.raises(TypeError, match=r"block 1 \(HalfDone\) works on halves .* has no inverse_backward_split"):
+        InvertibleSequential(AffineCoupling(4, "mlp", hidden=8), HalfDone())
+
+
+def test_switching_the_reconstruction_check_on_before_backward_keeps_the_backward_exact():
+    torch.manual_seed(0)
+    model = InvertibleSequential(AffineCoupling(4, "mlp", hidden=8), ReversibleBlock(4, "mlp", hidden=8)).double()
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    y, logdet = model(x)
+    model.check_reconstruction = True
+    (y.sum() + logdet.sum()).backward()
+    assert x.grad is not None and model.reconstruction_errors == []
+
+
+def test_reversible_block_backward_checks_the_gradient_shapes():
+    block = ReversibleBlock(4, "mlp", hidden=8)
+    y = torch.randn(3, 4)
+    with pytest.raises(ValueError, match=r"grad_y should have the shape of y, \[3, 4\], got \[3, 5\]"):
+        block.inverse_backward(y, torch.randn(3, 5), torch.randn(3))
+    with pytest.raises(ValueError, match=r"grad_logdet should have shape \[batch\] = \[3\], got \[3, 1\]"):
+        block.inverse_backward(y, torch.randn(3, 4), torch.randn(3, 1))
+    with pytest.raises(ValueError, match=r"grad_y2 should have the shape of y2, \[3, 2\], got \[3, 1\]"):
+        block.inverse_backward_split(y[:, :2], y[:, 2:], torch.randn(3, 2), torch.randn(3, 1), torch.randn(3))
+
+
+def test_actnorm_refuses_a_process_group_that_is_not_one():
+    with pytest.raises(ValueError, match=r"process_group should be None or a torch.distributed ProcessGroup .* "
+                                         r"got 'gloo'"):
+        ActNorm(4, process_group="gloo")
+
+
+def test_the_plain_weight_of_invconv_is_contiguous():
+    layer = InvConv1x1(5, lu=False)
+    assert layer.w.is_contiguous()
+    assert torch.nn.utils.parameters_to_vector(layer.parameters()).numel() == 25
+
+
+@pytest.mark.parametrize("command", ["demo", "invert"])
+def test_an_empty_output_directory_is_a_usage_error(command):
+    out = subprocess.run([sys.executable, "-m", "invkernels", command, "--out", ""], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 2
+    assert "argument --out: should be a directory path, got ''" in out.stderr
+    assert "Traceback" not in out.stderr
