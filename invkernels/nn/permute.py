@@ -56,17 +56,27 @@ class Permute(nn.Module):
         self.register_buffer("inverse_perm", torch.argsort(perm))
         self._swap_key: tuple | None = None
         self._swap = False
+        self._update_swap()
 
-    @property
-    def split_channels(self) -> int | None:
-        """``C // 2`` when the permutation exchanges two halves of equal size (even ``C``), else
-        None: a chain then hands on the halves exchanged instead of permuting the tensor."""
+    def _update_swap(self) -> None:
+        """Whether ``perm`` is the half swap, read again only after the buffer changed (moved,
+        replaced, or written in place)."""
         key = (self.perm.device, self.perm.data_ptr(), _state.version(self.perm))
         if key != self._swap_key:
             c, half = self.channels, self.channels // 2
             swap = torch.cat([torch.arange(half, c), torch.arange(half)])
             self._swap = c % 2 == 0 and self.perm.device.type != "meta" and torch.equal(self.perm.cpu(), swap)
             self._swap_key = key
+
+    @property
+    def split_channels(self) -> int | None:
+        """``C // 2`` when the permutation exchanges two halves of equal size (even ``C``), else
+        None: a chain then hands on the halves exchanged instead of permuting the tensor. Under
+        ``torch.compile`` / ``torch.export`` (which cannot read a buffer's address or version) the
+        answer is the one read last outside tracing: at construction, at ``load_state_dict``, or at
+        the last eager call."""
+        if not torch.compiler.is_compiling():
+            self._update_swap()
         return self.channels // 2 if self._swap else None
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -87,6 +97,7 @@ class Permute(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if perm is not None and inverse is None:
             self.inverse_perm.copy_(torch.argsort(self.perm))
+        self._update_swap()
 
     def _check(self, x: torch.Tensor, name: str) -> None:
         if x.dim() < 2 or x.shape[1] != self.channels:
