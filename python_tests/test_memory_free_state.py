@@ -126,3 +126,26 @@ def test_blocks_built_under_inference_mode_in_a_memory_free_chain():
                                [x, *coupling.parameters()])
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+
+
+def test_a_second_forward_before_backward_with_train_mode_batchnorm():
+    """The second forward updates the running statistics, which a train-mode rebuild does not
+    read (it normalizes with the batch's own): the first backward is exact, as in plain autograd.
+    In eval mode the rebuild reads them, and an update in between is still an error."""
+    x1, x2 = torch.randn(4, 4, 5, 5, dtype=torch.float64), torch.randn(4, 4, 5, 5, dtype=torch.float64)
+    grads = {}
+    for memory_free in (True, False):
+        model = coupling_chain()
+        model.memory_free = memory_free
+        first = run(model, x1)
+        run(model, x2)
+        grads[memory_free] = torch.autograd.grad(first, list(model.parameters()))
+    for a, b in zip(grads[True], grads[False]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+    model = coupling_chain().eval()
+    loss = run(model, x1)
+    with torch.no_grad():
+        model[0].subnet[1].running_var.mul_(2)
+    with pytest.raises(RuntimeError, match=r"buffer blocks\.0\.subnet\.1\.running_var, needed to rebuild"):
+        loss.backward()

@@ -192,8 +192,9 @@ def _versions(tensors: list[torch.Tensor]) -> list[int | None]:
 
 
 class _Watched(NamedTuple):
-    """Every parameter and buffer of a run of blocks, with its version at the end of the forward:
-    what rebuilding their inputs reads, frozen parameters and buffers included. ``where[k]`` names
+    """Every parameter and buffer of a run of blocks that rebuilding their inputs reads, with its
+    version at the end of the forward, frozen parameters included (not the running statistics of
+    a train-mode normalization, which its output does not read). ``where[k]`` names
     ``tensors[k]`` for :func:`_watched_name`. ``training``: every submodule's train/eval flag in the
     forward, which the rebuild replays."""
 
@@ -208,7 +209,10 @@ def _watched(seq, indices) -> _Watched:
     for i in indices:
         for m in seq.blocks[i].modules():
             training.append((m, m.training))
-            for kind, items in (("parameter", m._parameters), ("buffer", m._buffers)):
+            # A train-mode batch or instance norm normalizes with the batch's own statistics: the
+            # rebuild (which replays train mode) reads none of its buffers, only writes copies.
+            unread = m.training and isinstance(m, nn.modules.batchnorm._NormBase)
+            for kind, items in (("parameter", m._parameters), ("buffer", {} if unread else m._buffers)):
                 for key, t in items.items():
                     if t is not None and id(t) not in seen:
                         seen.add(id(t))
