@@ -77,3 +77,21 @@ def test_an_empty_output_directory_is_a_usage_error(command):
     assert out.returncode == 2
     assert "argument --out: should be a directory path, got ''" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("make", [lambda: ReversibleBlock(4, "mlp", hidden=8, context_channels=2),
+                                  lambda: AffineCoupling(4, "mlp", hidden=8, context_channels=2)],
+                         ids=["reversible", "coupling"])
+def test_inputs_that_are_not_floating_point_tensors_are_refused_by_name(make):
+    block = make()
+    name = type(block).__name__
+    context = torch.randn(2, 2)
+    with pytest.raises(TypeError, match=rf"{name}: x should be a tensor, got list"):
+        block([[1.0] * 4] * 2, context=context)
+    with pytest.raises(ValueError, match=rf"{name}: x should be a floating-point tensor, got dtype torch.int64"):
+        block(torch.ones(2, 4, dtype=torch.long), context=context)
+    with pytest.raises(ValueError, match=rf"{name}: context should have the input's dtype and device "
+                                         r"\(torch.float32 on cpu\), got torch.float64 on cpu"):
+        block(torch.randn(2, 4), context=context.double())
+    with pytest.raises(TypeError, match=rf"{name}: context should be a tensor, got list"):
+        block(torch.randn(2, 4), context=[[0.0, 0.0]] * 2)

@@ -39,6 +39,10 @@ def subnet_input_dim(factory: SubnetFactory) -> int | None:
 
 
 def check_block_input(owner: str, x: torch.Tensor, x_name: str, channels: int, input_dim: int | None) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{owner}: {x_name} should be a tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise ValueError(f"{owner}: {x_name} should be a floating-point tensor, got dtype {x.dtype}")
     if x.dim() < 2 or x.shape[1] != channels:
         raise ValueError(f"{owner}: {x_name} should have shape [B, {channels}, ...], got {list(x.shape)}")
     if input_dim is not None and x.dim() != input_dim:
@@ -54,6 +58,11 @@ def subnet_h(owner: str, subnet: nn.Module, a: torch.Tensor, context: torch.Tens
     if context_channels:
         if context is None:
             raise ValueError(f"{owner}: context is required (context_channels={context_channels})")
+        if not isinstance(context, torch.Tensor):
+            raise TypeError(f"{owner}: context should be a tensor, got {type(context).__name__}")
+        if context.dtype != a.dtype or context.device != a.device:
+            raise ValueError(f"{owner}: context should have the input's dtype and device ({a.dtype} on {a.device}), "
+                             f"got {context.dtype} on {context.device}; pass context.to(x)")
         if context.shape[0] != a.shape[0] or context.shape[1] != context_channels or \
                 context.shape[2:] != a.shape[2:]:
             raise ValueError(
