@@ -65,6 +65,23 @@ def version(t: torch.Tensor) -> int | None:
     return None if t.is_inference() else t._version
 
 
+class RngState:
+    """The RNG state now, of the CPU generator and of ``x``'s CUDA device when ``x`` is on one, to
+    replay later as torch.utils.checkpoint does (so dropout draws the same mask)."""
+
+    def __init__(self, x: torch.Tensor):
+        self.cpu = torch.get_rng_state()
+        self.cuda = (x.device, torch.cuda.get_rng_state(x.device)) if x.is_cuda else None
+
+    def devices(self) -> list:
+        return [self.cuda[0]] if self.cuda is not None else []
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda[1], self.cuda[0])
+
+
 class _RngTape(threading.local):
     """The RNG states of one block's subnet calls: recorded during a memory-free forward, replayed
     during its rebuild (:func:`recording_rng`, :func:`replaying_rng`)."""

@@ -23,12 +23,16 @@ class ReconstructionReport:
     """Relative errors ``||x̂ - x|| / ||x||`` (float64 norms) of rebuilt inputs.
 
     Attributes:
-        total: the model's input rebuilt by ``model.inverse(model(x)[0])``.
+        total: the model's input rebuilt from its output by its inverse (for an
+            :class:`InvertibleSequential`, ``per_block[0]``).
         per_block: for an :class:`InvertibleSequential`, the input of each block rebuilt from the
             model's output by inverting the blocks after it in turn, as memory-free backprop does
             (blocks that store their activations restart the chain from their stored input).
         local: for an :class:`InvertibleSequential`, each block's input rebuilt by that block's
             inverse from its exact output (the error one block adds).
+
+    Every inverse runs with the random numbers of the forward replayed per subnet call, as the
+    memory-free backward does: train-mode dropout draws the forward's masks.
     """
 
     total: float
@@ -42,6 +46,14 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @torch.no_grad()
+def _replayed(states: list, inverse):
+    """``inverse()`` with the RNG of the forward that recorded ``states`` replayed per subnet call
+    (dropout draws the forward's masks, in whatever order the inverse runs the subnets)."""
+    states[0].restore()
+    with _state.replaying_rng(states):
+        return inverse()
+
+
 def reconstruction_error(model: nn.Module, x: torch.Tensor, context: torch.Tensor | None = None,
                          autocast_dtype: torch.dtype | None = None) -> ReconstructionReport:
     """Measure how exactly ``model`` rebuilds ``x`` from its output.
@@ -72,32 +84,30 @@ def reconstruction_error(model: nn.Module, x: torch.Tensor, context: torch.Tenso
            else contextlib.nullcontext())
     with amp, torch.random.fork_rng(devices=[x.device] if x.is_cuda else []), _state.scratch_buffers(model):
         if not isinstance(model, InvertibleSequential):
-            seed = torch.get_rng_state()
-            y, _ = model(x, **kwargs)
-            torch.set_rng_state(seed)
-            return ReconstructionReport(total=_rel(model.inverse(y, **kwargs), x))
+            states = [_state.RngState(x)]
+            with _state.recording_rng(states, lambda: _state.RngState(x)):
+                y, _ = model(x, **kwargs)
+            return ReconstructionReport(total=_rel(_replayed(states, lambda: model.inverse(y, **kwargs)), x))
         inputs, states = [], []
         h = x
         for i in range(len(model)):
             inputs.append(h)
-            states.append(torch.get_rng_state())
-            h, _ = model.forward_block(i, h, context)
+            states.append([_state.RngState(x)])
+            with _state.recording_rng(states[i], lambda: _state.RngState(x)):
+                h, _ = model.forward_block(i, h, context)
         local = []
         for i in range(len(model)):
-            torch.set_rng_state(states[i])
+            states[i][0].restore()
             out, _ = model.forward_block(i, inputs[i], context)
-            torch.set_rng_state(states[i])
-            local.append(_rel(model.inverse_block(i, out, context), inputs[i]) if memory_free_capable(model[i])
-                         else 0.0)
+            local.append(_rel(_replayed(states[i], lambda: model.inverse_block(i, out, context)), inputs[i])
+                         if memory_free_capable(model[i]) else 0.0)
         per_block = [0.0] * len(model)
         rebuilt = h
         for i in reversed(range(len(model))):
             if memory_free_capable(model[i]):
-                torch.set_rng_state(states[i])
-                rebuilt = model.inverse_block(i, rebuilt, context)
+                rebuilt = _replayed(states[i], lambda: model.inverse_block(i, rebuilt, context))
             else:
                 rebuilt = inputs[i]
             per_block[i] = _rel(rebuilt, inputs[i])
-        total = _rel(model.inverse(h, **kwargs), x) if all(memory_free_capable(b) for b in model.blocks) \
-            else per_block[0]
+        total = per_block[0]
     return ReconstructionReport(total=total, per_block=per_block, local=local)

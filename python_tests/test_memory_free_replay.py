@@ -97,3 +97,13 @@ def test_backward_inside_autocast_rebuilds_in_the_forwards_precision():
     want = gradients(coupling_chain(False).float(), x)
     got = gradients(coupling_chain(True).float(), x, backward_context=torch.autocast("cpu", dtype=torch.bfloat16))
     assert_same(got, want, rtol=1e-5)
+
+
+def test_reconstruction_diagnostics_replay_dropout_per_subnet_call():
+    from invkernels.diagnostics import reconstruction_error  # noqa: PLC0415
+
+    model = reversible_chain("affine", True)
+    report = reconstruction_error(model, torch.randn(5, 6, dtype=torch.float64))
+    assert report.total < 1e-12 and max(report.per_block) < 1e-12 and max(report.local) < 1e-12, report
+    single = reconstruction_error(model[0], torch.randn(5, 6, dtype=torch.float64))
+    assert single.total < 1e-12, single

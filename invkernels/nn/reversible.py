@@ -152,7 +152,9 @@ class ReversibleBlock(nn.Module):
     def inverse_split(self, y1: torch.Tensor, y2: torch.Tensor, context: torch.Tensor | None = None):
         """``(x1, x2, logdet)`` of the inverse on the output's halves (``logdet`` None for additive)."""
         self._check_halves(y1, y2, ("y1", "y2"))
+        _state.rng_rewind(1)
         x2, logdet2 = self._step_inverse(y2, self._hg(y1, context, y1.dtype))
+        _state.rng_rewind(0)
         x1, logdet1 = self._step_inverse(y1, self._hf(x2, context, y1.dtype))
         return x1, x2, None if logdet1 is None else logdet1 + logdet2
 

@@ -96,23 +96,6 @@ def _add_logdets(total: torch.Tensor | None, logdet: torch.Tensor | None) -> tor
     return logdet if total is None else total + logdet
 
 
-class _RngState:
-    """The RNG state before a block's forward, replayed in backward as torch.utils.checkpoint does
-    (so dropout in a subnet draws the same mask)."""
-
-    def __init__(self, x: torch.Tensor):
-        self.cpu = torch.get_rng_state()
-        self.cuda = (x.device, torch.cuda.get_rng_state(x.device)) if x.is_cuda else None
-
-    def devices(self) -> list:
-        return [self.cuda[0]] if self.cuda is not None else []
-
-    def restore(self) -> None:
-        torch.set_rng_state(self.cpu)
-        if self.cuda is not None:
-            torch.cuda.set_rng_state(self.cuda[1], self.cuda[0])
-
-
 class _AutocastState:
     """Autocast settings of the forward's device type, re-entered in backward."""
 
@@ -145,7 +128,7 @@ def forward_vjp(forward, x: torch.Tensor, grad_y: torch.Tensor, grad_logdet: tor
 
 
 def _generic_inverse_backward(block: nn.Module, y: torch.Tensor, grad_y: torch.Tensor, grad_logdet: torch.Tensor,
-                              kwargs: dict, rng: _RngState | None):
+                              kwargs: dict, rng: _state.RngState | None):
     """Memory-free backward of any block with ``forward -> (y, logdet)`` and ``inverse``: rebuild
     the input with ``inverse`` (no grad), then run the forward again with grad and back-propagate."""
     with torch.no_grad():
@@ -295,9 +278,9 @@ class _MemoryFreeChain(torch.autograd.Function):
             before = _versions(inputs)
             if seq.preserve_rng_state:
                 # The state before the block, and before each further subnet call the block marks.
-                states = [_RngState(x)]
+                states = [_state.RngState(x)]
                 ctx.rng.append(states)
-                with _state.recording_rng(states, lambda: _RngState(x)):
+                with _state.recording_rng(states, lambda: _state.RngState(x)):
                     flow, block_logdet = seq.forward_flow(i, flow, context)
             else:
                 ctx.rng.append(None)
@@ -492,7 +475,7 @@ class InvertibleSequential(nn.Module):
             return block.inverse(y, **self._kwargs(i, context))
 
     def _inverse_backward(self, i: int, block: nn.Module, flow: _Flow, grad: _Flow, grad_logdet: torch.Tensor,
-                          context: torch.Tensor | None, rng: _RngState | None, like: torch.Tensor | None):
+                          context: torch.Tensor | None, rng: _state.RngState | None, like: torch.Tensor | None):
         """Block ``i``'s memory-free backward on the flows of its output and of its gradient: the
         flows of its input and of that input's gradient, and the ``(tensor, gradient)`` pairs. With
         ``like`` (the chain's input, for the chain's first block) the input gradient of a block
