@@ -95,3 +95,59 @@ def test_inputs_that_are_not_floating_point_tensors_are_refused_by_name(make):
         block(torch.randn(2, 4), context=context.double())
     with pytest.raises(TypeError, match=rf"{name}: context should be a tensor, got list"):
         block(torch.randn(2, 4), context=[[0.0, 0.0]] * 2)
+
+
+class ShiftOnHalves(nn.Module):
+    """A third-party block on halves, ``y2 = x2 + tanh(x1) * w``, whose memory-free backward
+    returns its input gradients instead of writing them into ``out=`` (or, ``bad_shape``, returns
+    a gradient of the wrong shape)."""
+
+    split_channels = 2
+
+    def __init__(self, bad_shape=False):
+        super().__init__()
+        self.w = nn.Parameter(torch.linspace(0.5, 1.5, 2, dtype=torch.float64).view(1, 2))
+        self.bad_shape = bad_shape
+
+    def forward_split(self, x1, x2):
+        return x1, x2 + torch.tanh(x1) * self.w, None
+
+    def inverse_split(self, y1, y2):
+        return y1, y2 - torch.tanh(y1) * self.w, None
+
+    def forward(self, x):
+        y1, y2, _ = self.forward_split(*x.split([2, 2], dim=1))
+        return torch.cat([y1, y2], 1), x.new_zeros(x.shape[0])
+
+    def inverse(self, y):
+        return torch.cat(self.inverse_split(*y.split([2, 2], dim=1))[:2], 1)
+
+    def inverse_backward_split(self, y1, y2, grad_y1, grad_y2, grad_logdet, out=None):
+        x1, x2, _ = self.inverse_split(y1, y2)
+        grad_x1 = grad_y1 + grad_y2 * self.w * (1 - torch.tanh(x1) ** 2)
+        grad_w = (grad_y2 * torch.tanh(x1)).sum(0, keepdim=True)
+        if self.bad_shape:
+            grad_x1 = grad_x1[:, :1]
+        return x1, x2, grad_x1, grad_y2.clone(), [(self.w, grad_w)]
+
+
+def test_a_block_that_returns_its_gradients_instead_of_writing_out_gets_exact_gradients():
+    x = torch.randn(3, 4, dtype=torch.float64)
+    grads = []
+    for memory_free in (False, True):
+        model = InvertibleSequential(ShiftOnHalves(), memory_free=memory_free)
+        leaf = x.clone().requires_grad_()
+        y, logdet = model(leaf)
+        (y.sin().sum() + logdet.sum()).backward()
+        grads.append((leaf.grad, model[0].w.grad))
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_a_block_whose_backward_returns_a_wrong_shape_is_named():
+    model = InvertibleSequential(ShiftOnHalves(bad_shape=True))
+    y, logdet = model(torch.randn(3, 4, dtype=torch.float64, requires_grad=True))
+    with pytest.raises(ValueError, match=r"block 0 \(ShiftOnHalves\)\.inverse_backward_split returned item 2 of "
+                                         r"\[3, 1\] torch.float64; it should have the shape and dtype of the "
+                                         r"rebuilt input \(item 0\), \[3, 2\] torch.float64"):
+        (y.sum() + logdet.sum()).backward()

@@ -243,6 +243,32 @@ def _check_unchanged(seq, indices, watched: _Watched) -> None:
                 f"step, load_state_dict or a buffer update before backward). Run backward first.")
 
 
+def _checked_result(i: int, block: nn.Module, method: str, result, count: int, outputs: tuple[torch.Tensor, ...],
+                    same_shape: bool):
+    """``result`` of block ``i``'s memory-free backward ``method``: a tuple of ``count`` items, the
+    rebuilt inputs (``len(outputs)`` tensors in the dtype of the block's outputs ``outputs``, of
+    their shapes too with ``same_shape``: halves at the same split), then their gradients (each of
+    its input's shape and dtype), then a list of ``(tensor, gradient)`` pairs. TypeError or
+    ValueError naming the block otherwise, so that a third-party block cannot hand the chain
+    tensors it would misread."""
+    where = f"InvertibleSequential: block {i} ({type(block).__name__}).{method}"
+    if not (isinstance(result, tuple) and len(result) == count):
+        raise TypeError(f"{where} should return a tuple of {count} items, got {describe(result)}")
+    n = len(outputs)
+    for k, item in enumerate(result[:2 * n]):
+        want = outputs[k] if k < n else result[k - n]
+        if not isinstance(item, torch.Tensor) or item.dtype != want.dtype or (
+                (same_shape or k >= n) and item.shape != want.shape):
+            shown = f"{list(item.shape)} {item.dtype}" if isinstance(item, torch.Tensor) else type(item).__name__
+            what = "the block's output" if k < n else f"the rebuilt input (item {k - n})"
+            raise ValueError(f"{where} returned item {k} of {shown}; it should have the "
+                             f"{'shape and ' if same_shape or k >= n else ''}dtype of {what}, "
+                             f"{list(want.shape)} {want.dtype}")
+    if not isinstance(result[-1], (list, tuple)):
+        raise TypeError(f"{where} should return the (tensor, gradient) pairs last, got {describe(result[-1])}")
+    return result
+
+
 def _check_input_kept(seq, i: int, before: list[int | None], inputs: tuple[torch.Tensor, ...]) -> None:
     """RuntimeError when block ``i`` wrote its input in place during the memory-free forward (which
     runs without recording, where plain autograd would raise): the rebuild needs the input as the
@@ -487,12 +513,19 @@ class InvertibleSequential(nn.Module):
             if like is not None:
                 buffer = torch.empty_like(like, memory_format=torch.contiguous_format)
                 out = buffer.split([c1, like.shape[1] - c1], dim=1)
-            x1, x2, grad_x1, grad_x2, pairs = block.inverse_backward_split(
-                *flow.split(c1), *grad.split(c1), grad_logdet, out=out, **kwargs)
+            y1, y2 = flow.split(c1)
+            result = block.inverse_backward_split(y1, y2, *grad.split(c1), grad_logdet, out=out, **kwargs)
+            x1, x2, grad_x1, grad_x2, pairs = _checked_result(i, block, "inverse_backward_split", result, 5,
+                                                              (y1, y2), True)
+            if out is not None and (grad_x1 is not out[0] or grad_x2 is not out[1]):
+                # The block returned its gradients instead of writing them into out=.
+                out[0].copy_(grad_x1)
+                out[1].copy_(grad_x2)
             return _Flow(halves=(x1, x2)), _Flow(buffer if out is not None else None, (grad_x1, grad_x2)), pairs
         y, grad_y = flow.whole(), grad.whole()
         if has_fused_inverse_backward(block):
-            x, grad_x, pairs = block.inverse_backward(y, grad_y, grad_logdet, **kwargs)
+            result = block.inverse_backward(y, grad_y, grad_logdet, **kwargs)
+            x, grad_x, pairs = _checked_result(i, block, "inverse_backward", result, 3, (y,), False)
         else:
             x, grad_x, pairs = _generic_inverse_backward(block, y, grad_y, grad_logdet, kwargs, rng)
         return _Flow(x), _Flow(grad_x), pairs
