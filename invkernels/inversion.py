@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -303,6 +304,18 @@ def invert(model: nn.Module, layer: str, target: torch.Tensor | None = None, x0:
     return InversionResult(rec, feature_error, history, iterations, psnr, input_error)
 
 
+def _warn_if_stuck(owner: str, layer: str, grad: torch.Tensor, losses: torch.Tensor) -> None:
+    """A RuntimeWarning naming the samples whose loss is positive but whose gradient at the starting
+    point is exactly zero: the optimizer cannot move them, and they would stop at once, at their
+    starting point, with nothing said."""
+    stuck = (grad.flatten(1).abs().amax(1) == 0) & (losses > 0)
+    if bool(stuck.any()):
+        samples = stuck.nonzero().flatten().tolist()
+        warnings.warn(f"{owner}: the gradient at the starting point is exactly zero for samples {samples} (for "
+                      f"example every ReLU before layer {layer!r} inactive there), so the optimization cannot move "
+                      f"them; start elsewhere with init= (or another seed=)", RuntimeWarning, stacklevel=3)
+
+
 def _optimize(model: nn.Module, layer: str, x: torch.Tensor, target: torch.Tensor, scale: torch.Tensor, owner: str,
               *, steps: int, optimizer: str, lr: float, alpha: float, lambda_alpha: float, beta: float,
               lambda_tv: float, jitter: int, bounds: tuple[float, float] | None, tol: float, progress: bool,
@@ -337,8 +350,10 @@ def _optimize(model: nn.Module, layer: str, x: torch.Tensor, target: torch.Tenso
         opt = torch.optim.Adam([x], lr=lr)
         keep = active.view(batch, *([1] * (x.dim() - 1)))
         every = True
-        for _ in bar:
+        for step in bar:
             losses = evaluate()
+            if step == 0:
+                _warn_if_stuck(owner, layer, x.grad, losses)
             before = None if every else x.detach().clone()
             opt.step()
             with torch.no_grad():
@@ -364,6 +379,8 @@ def _optimize(model: nn.Module, layer: str, x: torch.Tensor, target: torch.Tenso
 
         def closure():
             evaluations.append(evaluate())
+            if len(rows) == 0 and len(evaluations) == 1:
+                _warn_if_stuck(owner, layer, x.grad, evaluations[0])
             return evaluations[-1].sum()
 
         for _ in bar:

@@ -361,3 +361,17 @@ def test_invert_demo_runs_end_to_end_on_a_tiny_budget(tmp_path):
     assert (tmp_path / "inversions.png").stat().st_size > 0 and (tmp_path / "results.json").exists()
     assert all(err < 1e-5 for err in results["exact"].values())
     assert "test accuracy" in invert_demo.report(results)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "lbfgs"])
+def test_a_start_where_the_gradient_is_exactly_zero_is_said(optimizer):
+    """Every ReLU before the layer inactive at the default start: the gradient there is exactly
+    zero, and the run would stop at its start without a word."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 3))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.eye(4))
+        model[0].bias.fill_(-10.0)
+    x0 = torch.full((2, 4), 20.0)
+    with pytest.warns(RuntimeWarning, match=r"invert: the gradient at the starting point is exactly zero for "
+                                            r"samples \[0, 1\] .* layer '2'"):
+        inversion.invert(model, "2", x0=x0, steps=3, optimizer=optimizer, seed=0)
