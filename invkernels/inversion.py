@@ -66,14 +66,18 @@ def _activations(model: nn.Module, layer: str, x: torch.Tensor, owner: str) -> t
     if not captured:
         raise ValueError(f"{owner}: layer {layer!r} did not run in the model's forward")
     out = captured[0]
+    if isinstance(out, tuple) and len(out) == 2 and all(isinstance(t, torch.Tensor) for t in out):
+        # An invertible block's (y, logdet): its activations are y.
+        out = out[0]
     if not isinstance(out, torch.Tensor):
         raise ValueError(f"{owner}: layer {layer!r} returned {type(out).__name__}, not a tensor")
     return out
 
 
 def activations(model: nn.Module, layer: str, x: torch.Tensor) -> torch.Tensor:
-    """The output of submodule ``layer`` (a name from ``model.named_modules()``) when ``model``
-    runs on ``x``; the forward stops after that layer. Differentiable in ``x``. The model runs as
+    """The output of submodule ``layer`` (a name from ``model.named_modules()``; for an invertible
+    block, which returns ``(y, logdet)``, its ``y``) when ``model`` runs on ``x``; the forward stops
+    after that layer. Differentiable in ``x``. The model runs as
     it is (its train/eval mode, its buffers): :func:`invert` and :func:`fit_decoder` call this
     with the model in eval mode and its buffers swapped for copies."""
     return _activations(model, layer, x, "activations")
@@ -82,9 +86,18 @@ def activations(model: nn.Module, layer: str, x: torch.Tensor) -> torch.Tensor:
 @contextlib.contextmanager
 def _untouched(model: nn.Module, train_mode: bool):
     """The model in eval mode (unless ``train_mode``) with its buffers swapped for copies, for the
-    block; its flags and buffers are put back after."""
+    block; its flags and buffers are put back after. Memory-free chains inside it store their
+    activations meanwhile: the forward stops at the layer, whose output must carry the gradient
+    to the input (a memory-free run computes its blocks without recording)."""
+    chains = [m for m in model.modules() if getattr(m, "memory_free", None) is True]
     with _state.eval_mode(model, enabled=not train_mode), _state.scratch_buffers(model):
-        yield model
+        for m in chains:
+            m.memory_free = False
+        try:
+            yield model
+        finally:
+            for m in chains:
+                m.memory_free = True
 
 
 def alpha_norm(x: torch.Tensor, alpha: float) -> torch.Tensor:

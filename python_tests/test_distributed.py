@@ -48,6 +48,21 @@ def fresh_glow():
     return glow
 
 
+def fresh_reversible_chain():
+    """A RevNet-style chain: ReversibleBlocks (additive and affine) with half swaps between them."""
+    from invkernels.nn import InvertibleSequential, Permute, ReversibleBlock  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    blocks = []
+    for coupling in ("additive", "affine", "additive"):
+        blocks += [ReversibleBlock(4, "conv", hidden=8, coupling=coupling), Permute(4, "swap")]
+    chain = InvertibleSequential(*blocks).double()
+    with torch.no_grad():
+        for p in chain.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return chain
+
+
 def chain_batches():
     g = torch.Generator().manual_seed(1)
     return [torch.randn(2 * WORLD, 4, 8, 8, dtype=torch.float64, generator=g) * 3 + 1 for _ in range(STEPS)]
@@ -152,12 +167,26 @@ def fsdp_glow(rank, per_step):
     return after, glow.sample(3)
 
 
+def fsdp_reversible(rank, per_block):
+    """FSDP2 on each ReversibleBlock (the pattern of docs/distributed.md) or on the root alone."""
+    from torch.distributed.fsdp import fully_shard  # noqa: PLC0415
+
+    chain = fresh_reversible_chain()
+    if per_block:
+        for block in chain.blocks[::2]:
+            fully_shard(block)
+    fully_shard(chain)
+    return train(chain, chain.parameters, chain_batches(), chain_nll, torch.optim.Adam, rank)
+
+
 SCENARIOS = {
     "ddp_chain": ddp_chain,
     "ddp_glow": ddp_glow,
     "actnorm_uneven": actnorm_uneven,
     "fsdp_steps": lambda rank: fsdp_glow(rank, per_step=True),
     "fsdp_root": lambda rank: fsdp_glow(rank, per_step=False),
+    "fsdp_reversible_blocks": lambda rank: fsdp_reversible(rank, per_block=True),
+    "fsdp_reversible_root": lambda rank: fsdp_reversible(rank, per_block=False),
 }
 
 
@@ -239,3 +268,13 @@ def test_fsdp2_memory_free_glow(ranks, key):
     assert_equal_to_single(ranks, key, after)
     for rank in range(WORLD):
         torch.testing.assert_close(got[rank][1], samples, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("key", ["fsdp_reversible_blocks", "fsdp_reversible_root"])
+def test_fsdp2_memory_free_reversible_chain(ranks, key):
+    """Blocks on halves under fully_shard: the chain enters them through __call__, where FSDP2
+    gathers their parameters."""
+    single = fresh_reversible_chain()
+    after = train(single, single.parameters, chain_batches(), chain_nll, torch.optim.Adam)
+    assert_ranks_identical(ranks, key)
+    assert_equal_to_single(ranks, key, after)

@@ -10,6 +10,7 @@ from typing import NamedTuple, Protocol, runtime_checkable
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.modules import module as _module_hooks
 
 from invkernels import _state
 from invkernels._validation import describe, logdet_dtype
@@ -60,6 +61,16 @@ def split_of(block: nn.Module) -> int | None:
     c1 = getattr(block, "split_channels", None)
     return c1 if isinstance(c1, int) and not isinstance(c1, bool) and callable(getattr(block, "forward_split", None)) \
         else None
+
+
+def _entered_by_call(block: nn.Module) -> bool:
+    """Whether calling ``block``'s methods directly would skip what ``nn.Module.__call__`` runs for
+    it: its own or global forward / backward hooks (FSDP2's ``fully_shard`` registers its unshard
+    as one, ``inversion.invert`` a hook that reads the block's output), or ``block.compile()``."""
+    return bool(block._forward_hooks or block._forward_pre_hooks or block._backward_hooks
+                or block._backward_pre_hooks or block._compiled_call_impl is not None
+                or _module_hooks._global_forward_hooks or _module_hooks._global_forward_pre_hooks
+                or _module_hooks._global_backward_hooks or _module_hooks._global_backward_pre_hooks)
 
 
 class _Flow:
@@ -532,10 +543,12 @@ class InvertibleSequential(nn.Module):
 
     def forward_flow(self, i: int, flow: _Flow, context: torch.Tensor | None):
         """Block ``i`` on the flow of its input: the flow of its output and its log-det (None for
-        a block on halves whose log-det is 0)."""
+        a block on halves whose log-det is 0). A block on halves takes its halves directly, unless
+        something waits in ``nn.Module.__call__`` (hooks, FSDP2's unshard, ``block.compile()``):
+        then it is called as any module, on the whole tensor."""
         block = self.blocks[i]
         c1 = split_of(block)
-        if c1 is None:
+        if c1 is None or _entered_by_call(block):
             y, logdet = self._checked_forward(i, block, flow.whole(), context)
             return _Flow(y), logdet
         y1, y2, logdet = block.forward_split(*flow.split(c1), **self._kwargs(i, context))
