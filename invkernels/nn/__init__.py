@@ -6,6 +6,7 @@ from invkernels.nn.glow import GlowStep
 from invkernels.nn.invconv import InvConv1x1
 from invkernels.nn.multiscale import Split, Squeeze
 from invkernels.nn.permute import Permute
+from invkernels.nn.protocol import BlockOnHalves, FusedInverseBackward, InvertibleBlock
 from invkernels.nn.residual import InvertibleResidual
 from invkernels.nn.reversible import ReversibleBlock
 from invkernels.nn.sequential import InvertibleSequential
@@ -15,8 +16,11 @@ __all__ = [
     "ActNorm",
     "AdditiveCoupling",
     "AffineCoupling",
+    "BlockOnHalves",
+    "FusedInverseBackward",
     "GlowStep",
     "InvConv1x1",
+    "InvertibleBlock",
     "InvertibleResidual",
     "InvertibleSequential",
     "Permute",

@@ -211,7 +211,7 @@ class InvertibleResidual(nn.Module):
         """Memory-free backward (used by :class:`InvertibleSequential`): ``x`` rebuilt by
         :meth:`inverse`, then the map evaluated again at it with grad (no power iteration: the map
         of the forward) and back-propagated. Returns ``(x, grad_x, grads)``."""
-        from invkernels.nn.sequential import forward_vjp  # noqa: PLC0415
+        from invkernels.nn._memory_free import forward_vjp  # noqa: PLC0415
 
         x = self.inverse(y)
         params = [p for p in self.parameters() if p.requires_grad]

@@ -1,0 +1,298 @@
+"""The memory-free run of a chain: a ``torch.autograd.Function`` whose forward runs blocks without
+recording and saves only the output, and whose backward rebuilds each block's input from its
+output and back-propagates block by block, replaying what the forward did (RNG per subnet call,
+train/eval flags, autocast) and checking what the rebuild reads (versions of parameters and
+buffers, the input a block must not write, what a block's backward returns). Design:
+docs/memory.md."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from invkernels import _state
+from invkernels._validation import logdet_dtype
+from invkernels.nn._halves import Flow, add_logdets
+
+class _AutocastState:
+    """Autocast settings of the forward's device type, re-entered in backward."""
+
+    def __init__(self, x: torch.Tensor):
+        self.device_type = x.device.type if x.device.type in ("cpu", "cuda") else "cpu"
+        self.enabled = torch.is_autocast_enabled(self.device_type)
+        self.dtype = torch.get_autocast_dtype(self.device_type)
+
+    def __call__(self):
+        # A forward without autocast is replayed without it too, whatever the backward runs in.
+        if not self.enabled:
+            return torch.autocast(self.device_type, enabled=False)
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+
+def forward_vjp(forward, x: torch.Tensor, grad_y: torch.Tensor, grad_logdet: torch.Tensor,
+                tensors: list[torch.Tensor]):
+    """Run ``forward(leaf) -> (y, logdet)`` with grad on a copy of ``x`` and back-propagate
+    ``(grad_y, grad_logdet)``: ``(grad_x, [(t, grad of t) for t in tensors])``."""
+    leaf = x.detach().requires_grad_()
+    with torch.enable_grad():
+        out, logdet = forward(leaf)
+    outputs, grads = [out], [grad_y]
+    if logdet.requires_grad:
+        outputs.append(logdet)
+        grads.append(grad_logdet.to(logdet.dtype))
+    got = torch.autograd.grad(outputs, [leaf, *tensors], grads, allow_unused=True)
+    grad_x = got[0] if got[0] is not None else torch.zeros_like(x)
+    return grad_x, list(zip(tensors, got[1:]))
+
+
+def generic_inverse_backward(block: nn.Module, y: torch.Tensor, grad_y: torch.Tensor, grad_logdet: torch.Tensor,
+                              kwargs: dict, rng: _state.RngState | None):
+    """Memory-free backward of any block with ``forward -> (y, logdet)`` and ``inverse``: rebuild
+    the input with ``inverse`` (no grad), then run the forward again with grad and back-propagate."""
+    with torch.no_grad():
+        x = block.inverse(y, **kwargs)
+    if rng is not None:
+        rng.restore()
+    context = kwargs.get("context")
+    extra = [t for t in (*block.parameters(), context) if t is not None and t.requires_grad]
+    grad_x, pairs = forward_vjp(lambda leaf: block(leaf, **kwargs), x, grad_y, grad_logdet, extra)
+    return x, grad_x, pairs
+
+
+def _fsdp_units(block: nn.Module) -> list[nn.Module]:
+    """The modules inside ``block`` that FSDP2 (``fully_shard``) manages."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return []
+    from torch.distributed.fsdp import FSDPModule  # noqa: PLC0415
+
+    return [m for m in block.modules() if isinstance(m, FSDPModule)]
+
+
+@contextlib.contextmanager
+def gathered(block: nn.Module):
+    """FSDP2 keeps parameters sharded outside forwards: the units inside ``block`` are gathered
+    (``unshard``) for the block's inverse or rebuild and resharded after. Gradients computed for
+    the gathered parameters stay in their ``.grad``, which FSDP reduce-scatters when the
+    backward ends."""
+    units = _fsdp_units(block)
+    for unit in units:
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+
+
+def _versions(tensors: list[torch.Tensor]) -> list[int | None]:
+    """The version counters of ``tensors`` (None for an inference tensor, which has none)."""
+    try:
+        return [t._version for t in tensors]
+    except RuntimeError:  # an inference tensor has no version counter
+        return [_state.version(t) for t in tensors]
+
+
+class _Watched(NamedTuple):
+    """Every parameter and buffer of a run of blocks that rebuilding their inputs reads, with its
+    version at the end of the forward, frozen parameters included (not the running statistics of
+    a train-mode normalization, which its output does not read). ``where[k]`` names
+    ``tensors[k]`` for :func:`_watched_name`. ``training``: every submodule's train/eval flag in the
+    forward, which the rebuild replays."""
+
+    where: list[tuple]
+    tensors: list[torch.Tensor]
+    versions: list[int | None]
+    training: list[tuple[nn.Module, bool]]
+
+
+def _watched(seq, indices) -> _Watched:
+    seen, where, tensors, training = set(), [], [], []
+    for i in indices:
+        for m in seq.blocks[i].modules():
+            training.append((m, m.training))
+            # A train-mode batch or instance norm normalizes with the batch's own statistics: the
+            # rebuild (which replays train mode) reads none of its buffers, only writes copies.
+            unread = m.training and isinstance(m, nn.modules.batchnorm._NormBase)
+            for kind, items in (("parameter", m._parameters), ("buffer", {} if unread else m._buffers)):
+                for key, t in items.items():
+                    if t is not None and id(t) not in seen:
+                        seen.add(id(t))
+                        where.append((i, m, kind, key))
+                        tensors.append(t)
+    return _Watched(where, tensors, _versions(tensors), training)
+
+
+def _tensor_ids(seq, indices) -> set[int]:
+    """The ids of every parameter and buffer of the blocks ``indices``, as they are now."""
+    return {id(t) for i in indices for m in seq.blocks[i].modules()
+            for items in (m._parameters, m._buffers) for t in items.values() if t is not None}
+
+
+def trained_parameters(seq, indices) -> list[torch.Tensor]:
+    """The parameters of the blocks ``indices`` that require grad, each once (read from the
+    modules' own tables: ``parameters()`` builds names this hot path does not need)."""
+    found = {id(p): p for i in indices for m in seq.blocks[i].modules() for p in m._parameters.values()
+             if p is not None and p.requires_grad}
+    return list(found.values())
+
+
+def _watched_name(seq, where: tuple) -> str:
+    i, module, kind, key = where
+    prefix = next((name for name, m in seq.blocks[i].named_modules() if m is module), None)
+    path = key if not prefix else f"{prefix}.{key}"
+    return f"{kind} blocks.{i}.{path}"
+
+
+def _check_unchanged(seq, indices, watched: _Watched) -> None:
+    """RuntimeError when a tensor the rebuild reads was modified in place, or replaced, between the
+    forward and this backward (as autograd raises for the tensors it saved)."""
+    now_versions = _versions(watched.tensors)
+    now = _tensor_ids(seq, indices)
+    if now_versions == watched.versions and all(id(t) in now for t in watched.tensors):
+        return
+    for where, t, version, now_version in zip(watched.where, watched.tensors, watched.versions, now_versions):
+        changed = now_version != version
+        if changed or id(t) not in now:
+            what = (f"was modified by an inplace operation (version {version} -> {now_version})" if changed
+                    else "was replaced by another tensor")
+            raise RuntimeError(
+                f"InvertibleSequential: the {_watched_name(seq, where)}, needed to rebuild the activations in the "
+                f"memory-free backward, {what} between the forward and the backward (for example an optimizer "
+                f"step, load_state_dict or a buffer update before backward). Run backward first.")
+
+
+def _check_input_kept(seq, i: int, before: list[int | None], inputs: tuple[torch.Tensor, ...]) -> None:
+    """RuntimeError when block ``i`` wrote its input in place during the memory-free forward (which
+    runs without recording, where plain autograd would raise): the rebuild needs the input as the
+    block read it, and the caller's tensor must not change."""
+    if _versions(list(inputs)) != before:
+        block = seq.blocks[i]
+        raise RuntimeError(
+            f"InvertibleSequential: block {i} ({type(block).__name__}) modified its input in place during the "
+            f"memory-free forward (for example a subnet whose first layer works in place, such as "
+            f"nn.ReLU(inplace=True), on the half it reads). The input is needed as it was to rebuild the "
+            f"activations in backward, and plain autograd refuses this too: make that layer out of place.")
+
+
+class _MemoryFreeChain(torch.autograd.Function):
+    """Forward of a run of memory-free blocks without recording, saving only the output; backward
+    rebuilds each block's input from its output and back-propagates block by block."""
+
+    @staticmethod
+    def forward(ctx, seq, indices, x, context, *params):
+        ctx.seq, ctx.indices = seq, indices
+        x_in = x
+        ctx.rng = []
+        ctx.debug_inputs = []
+        # The debug option as it was in the forward (switching it on before backward finds no inputs kept).
+        ctx.check = seq.check_reconstruction
+        ctx.autocast = _AutocastState(x)
+        logdet = None
+        flow = Flow(x)
+        for i in indices:
+            inputs = flow.tensors()
+            if ctx.check:
+                ctx.debug_inputs.append(flow.whole())
+            before = _versions(inputs)
+            if seq.preserve_rng_state:
+                # The state before the block, and before each further subnet call the block marks.
+                states = [_state.RngState(x)]
+                ctx.rng.append(states)
+                with _state.recording_rng(states, lambda: _state.RngState(x)):
+                    flow, block_logdet = seq.forward_flow(i, flow, context)
+            else:
+                ctx.rng.append(None)
+                flow, block_logdet = seq.forward_flow(i, flow, context)
+            _check_input_kept(seq, i, before, inputs)
+            logdet = add_logdets(logdet, block_logdet)
+        x = flow.whole()
+        if logdet is None:
+            logdet = x.new_zeros(x.shape[0], dtype=logdet_dtype(x.dtype))
+        ctx.params = params
+        ctx.watched = _watched(seq, indices)
+        # The chain's input is saved too, only for create_graph=True (its storage is the caller's
+        # tensor or the previous chain's saved output, so it costs no memory of its own).
+        ctx.save_for_backward(x_in, x, context)
+        return x, logdet
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_logdet):
+        seq = ctx.seq
+        x_in, y, context = ctx.saved_tensors
+        _check_unchanged(seq, ctx.indices, ctx.watched)
+        if torch.is_grad_enabled():
+            return _MemoryFreeChain._backward_with_graph(ctx, x_in, context, grad_y, grad_logdet)
+        grads: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        errors = []
+        devices = ctx.rng[0][0].devices() if ctx.rng and ctx.rng[0] is not None else []
+        flow, grad = Flow(y), Flow(grad_y)
+        with torch.random.fork_rng(devices=devices, enabled=seq.preserve_rng_state), ctx.autocast(), \
+                _state.training_flags(ctx.watched.training):
+            for k in reversed(range(len(ctx.indices))):
+                i, states = ctx.indices[k], ctx.rng[k]
+                rng = states[0] if states is not None else None
+                if rng is not None:
+                    rng.restore()
+                block = seq.blocks[i]
+                # The rebuild reruns the block (train-mode subnets included): what it writes to
+                # buffers (BatchNorm running statistics) goes to copies, so the forward's update counts once.
+                with _state.scratch_buffers(block), gathered(block), _state.replaying_rng(states):
+                    flow, grad, pairs = seq._inverse_backward(i, block, flow, grad, grad_logdet, context, rng,
+                                                              x_in if k == 0 else None)
+                for t, g in pairs:
+                    if g is not None:
+                        previous = grads.get(id(t))
+                        grads[id(t)] = (t, g if previous is None else previous[1] + g)
+                if ctx.check:
+                    stored = ctx.debug_inputs[k]
+                    scale = stored.detach().double().norm().clamp_min(torch.finfo(torch.float64).tiny)
+                    errors.append((i, ((flow.whole().double() - stored.double()).norm() / scale).item()))
+        if ctx.check:
+            seq.reconstruction_errors = sorted(errors)
+        returned = {id(p) for p in ctx.params} | ({id(context)} if context is not None else set())
+        for t, g in grads.values():
+            if id(t) not in returned:
+                # The gathered copy of an FSDP-sharded parameter (not an input of this function):
+                # its gradient goes where autograd would put it, for FSDP to reduce-scatter.
+                t.grad = g if t.grad is None else t.grad + g
+        grad_context = grads[id(context)][1] if context is not None and id(context) in grads else None
+        return (None, None, grad.whole(), grad_context,
+                *(grads[id(p)][1] if id(p) in grads else None for p in ctx.params))
+
+    @staticmethod
+    def _backward_with_graph(ctx, x, context, grad_y, grad_logdet):
+        """Under ``create_graph=True``: run the forward again with grad from the saved input and
+        back-propagate through it with a graph, so higher derivatives are exact."""
+        seq = ctx.seq
+        devices = ctx.rng[0][0].devices() if ctx.rng and ctx.rng[0] is not None else []
+        with torch.random.fork_rng(devices=devices, enabled=seq.preserve_rng_state), ctx.autocast(), \
+                _state.training_flags(ctx.watched.training), contextlib.ExitStack() as scratch:
+            for i in ctx.indices:
+                scratch.enter_context(_state.scratch_buffers(seq.blocks[i]))
+            # The forward is run again in its own order from the state before the run.
+            if ctx.rng and ctx.rng[0] is not None:
+                ctx.rng[0][0].restore()
+            with torch.enable_grad():
+                out, logdet = x, None
+                for i in ctx.indices:
+                    out, block_logdet = seq.forward_block(i, out, context)
+                    logdet = block_logdet if logdet is None else logdet + block_logdet
+        given_context = context is not None and context.requires_grad
+        inputs = [t for t in (x, context if given_context else None, *ctx.params)
+                  if t is not None and t.requires_grad]
+        got = iter(torch.autograd.grad((out, logdet), inputs, (grad_y, grad_logdet), create_graph=True,
+                                       allow_unused=True))
+        grad_x = next(got) if x.requires_grad else None
+        grad_context = next(got) if given_context else None
+        return (None, None, grad_x, grad_context, *got)
+
+
+@torch._dynamo.disable
+def memory_free_run(seq, indices, x, context, params):
+    """Runs one memory-free run eagerly: torch.compile leaves it to autograd (one graph break per
+    run), because its backward rebuilds activations by running the blocks' own code."""
+    return _MemoryFreeChain.apply(seq, indices, x, context, *params)
