@@ -93,28 +93,38 @@ class _RngTape(threading.local):
 _TAPE = _RngTape()
 
 
-@contextlib.contextmanager
-def recording_rng(states: list, capture: Callable[[], object]):
+class recording_rng:  # noqa: N801 - used as a context manager, like contextlib's
     """Within the block, each :func:`rng_mark` appends ``capture()`` (an object with ``restore()``)
     to ``states``. The memory-free chain records a block's forward this way, ``states[0]`` being
-    the state before the block."""
-    saved = _TAPE.record
-    _TAPE.record = (states, capture)
-    try:
-        yield
-    finally:
-        _TAPE.record = saved
+    the state before the block. (A class, not a generator: the chain enters one per block.)"""
+
+    __slots__ = ("_record", "_saved")
+
+    def __init__(self, states: list, capture: Callable[[], object]):
+        self._record = (states, capture)
+
+    def __enter__(self):
+        self._saved = _TAPE.record
+        _TAPE.record = self._record
+
+    def __exit__(self, *exc):
+        _TAPE.record = self._saved
 
 
-@contextlib.contextmanager
-def replaying_rng(states: list | None):
+class replaying_rng:  # noqa: N801 - used as a context manager, like contextlib's
     """Within the block, :func:`rng_rewind` restores the states recorded by :func:`recording_rng`."""
-    saved = _TAPE.replay
-    _TAPE.replay = states
-    try:
-        yield
-    finally:
-        _TAPE.replay = saved
+
+    __slots__ = ("_states", "_saved")
+
+    def __init__(self, states: list | None):
+        self._states = states
+
+    def __enter__(self):
+        self._saved = _TAPE.replay
+        _TAPE.replay = self._states
+
+    def __exit__(self, *exc):
+        _TAPE.replay = self._saved
 
 
 def rng_mark() -> None:

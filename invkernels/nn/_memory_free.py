@@ -8,6 +8,7 @@ docs/memory.md."""
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import NamedTuple
 
 import torch
@@ -193,6 +194,7 @@ class _MemoryFreeChain(torch.autograd.Function):
         ctx.autocast = _AutocastState(x)
         logdet = None
         flow = Flow(x)
+        capture = functools.partial(_state.RngState, x)
         for i in indices:
             inputs = flow.tensors()
             if ctx.check:
@@ -200,9 +202,9 @@ class _MemoryFreeChain(torch.autograd.Function):
             before = _versions(inputs)
             if seq.preserve_rng_state:
                 # The state before the block, and before each further subnet call the block marks.
-                states = [_state.RngState(x)]
+                states = [capture()]
                 ctx.rng.append(states)
-                with _state.recording_rng(states, lambda: _state.RngState(x)):
+                with _state.recording_rng(states, capture):
                     flow, block_logdet = seq.forward_flow(i, flow, context)
             else:
                 ctx.rng.append(None)

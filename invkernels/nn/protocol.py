@@ -142,10 +142,18 @@ def checked_result(i: int, block: nn.Module, method: str, result, count: int, ou
     its input's shape and dtype), then a list of ``(tensor, gradient)`` pairs. TypeError or
     ValueError naming the block otherwise, so that a third-party block cannot hand the chain
     tensors it would misread."""
+    n = len(outputs)
+    if type(result) is tuple and len(result) == count and isinstance(result[-1], (list, tuple)):
+        for k in range(n):
+            x, g, y = result[k], result[n + k], outputs[k]
+            if not (isinstance(x, torch.Tensor) and isinstance(g, torch.Tensor) and x.dtype == y.dtype
+                    and g.dtype == y.dtype and g.shape == x.shape and (not same_shape or x.shape == y.shape)):
+                break
+        else:
+            return result
     where = f"InvertibleSequential: block {i} ({type(block).__name__}).{method}"
     if not (isinstance(result, tuple) and len(result) == count):
         raise TypeError(f"{where} should return a tuple of {count} items, got {describe(result)}")
-    n = len(outputs)
     for k, item in enumerate(result[:2 * n]):
         want = outputs[k] if k < n else result[k - n]
         if not isinstance(item, torch.Tensor) or item.dtype != want.dtype or (
