@@ -48,15 +48,22 @@ def fresh_glow():
     return glow
 
 
-def fresh_reversible_chain():
-    """A RevNet-style chain: ReversibleBlocks (additive and affine) with half swaps between them."""
+def dropout_conv(c_in, c_out):
+    return torch.nn.Sequential(torch.nn.Conv2d(c_in, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Dropout(0.2),
+                               torch.nn.Conv2d(8, c_out, 3, padding=1))
+
+
+def fresh_reversible_chain(dropout=False, memory_free=True):
+    """A RevNet-style chain: ReversibleBlocks (additive and affine) with half swaps between them,
+    with dropout in both subnets of every block when asked."""
     from invkernels.nn import InvertibleSequential, Permute, ReversibleBlock  # noqa: PLC0415
 
     torch.manual_seed(0)
     blocks = []
     for coupling in ("additive", "affine", "additive"):
-        blocks += [ReversibleBlock(4, "conv", hidden=8, coupling=coupling), Permute(4, "swap")]
-    chain = InvertibleSequential(*blocks).double()
+        subnet = dropout_conv if dropout else "conv"
+        blocks += [ReversibleBlock(4, subnet, hidden=None if dropout else 8, coupling=coupling), Permute(4, "swap")]
+    chain = InvertibleSequential(*blocks, memory_free=memory_free).double()
     with torch.no_grad():
         for p in chain.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -167,16 +174,23 @@ def fsdp_glow(rank, per_step):
     return after, glow.sample(3)
 
 
-def fsdp_reversible(rank, per_block):
+def fsdp_reversible(rank, per_block, dropout=False, memory_free=True):
     """FSDP2 on each ReversibleBlock (the pattern of docs/distributed.md) or on the root alone."""
     from torch.distributed.fsdp import fully_shard  # noqa: PLC0415
 
-    chain = fresh_reversible_chain()
+    chain = fresh_reversible_chain(dropout, memory_free)
     if per_block:
         for block in chain.blocks[::2]:
             fully_shard(block)
     fully_shard(chain)
+    torch.manual_seed(100 + rank)
     return train(chain, chain.parameters, chain_batches(), chain_nll, torch.optim.Adam, rank)
+
+
+def ddp_reversible_dropout(rank, memory_free):
+    model = DistributedDataParallel(fresh_reversible_chain(True, memory_free))
+    torch.manual_seed(100 + rank)
+    return train(model, model.parameters, chain_batches(), chain_nll, torch.optim.Adam, rank)
 
 
 SCENARIOS = {
@@ -187,6 +201,12 @@ SCENARIOS = {
     "fsdp_root": lambda rank: fsdp_glow(rank, per_step=False),
     "fsdp_reversible_blocks": lambda rank: fsdp_reversible(rank, per_block=True),
     "fsdp_reversible_root": lambda rank: fsdp_reversible(rank, per_block=False),
+    # Dropout in both subnets of every block: each rank draws its own masks (seeded per rank), so
+    # the memory-free runs are compared with the same runs under plain autograd.
+    **{f"{kind}_dropout_{mode}": (lambda rank, kind=kind, mf=(mode == "memory_free"):
+                                  ddp_reversible_dropout(rank, mf) if kind == "ddp" else
+                                  fsdp_reversible(rank, kind == "fsdp_blocks", True, mf))
+       for kind in ("ddp", "fsdp_blocks", "fsdp_root") for mode in ("memory_free", "plain")},
 }
 
 
@@ -278,3 +298,16 @@ def test_fsdp2_memory_free_reversible_chain(ranks, key):
     after = train(single, single.parameters, chain_batches(), chain_nll, torch.optim.Adam)
     assert_ranks_identical(ranks, key)
     assert_equal_to_single(ranks, key, after)
+
+
+@pytest.mark.parametrize("kind", ["ddp", "fsdp_blocks", "fsdp_root"])
+def test_dropout_in_both_subnets_trains_as_plain_autograd_on_every_rank(ranks, kind):
+    """DDP, FSDP2 per block and FSDP2 on the root, with dropout in f and g of every ReversibleBlock:
+    each rank's memory-free training equals the same training under plain autograd."""
+    for rank in range(WORLD):
+        got, want = result(ranks, f"{kind}_dropout_memory_free", rank), result(ranks, f"{kind}_dropout_plain", rank)
+        assert len(got) == len(want) == STEPS
+        for step, (a_step, b_step) in enumerate(zip(got, want)):
+            for a, b in zip(a_step, b_step):
+                torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda m: f"rank {rank} step {step}: {m}")
+    assert_ranks_identical(ranks, f"{kind}_dropout_memory_free")
