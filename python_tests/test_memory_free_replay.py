@@ -43,7 +43,8 @@ def gradients(model, x, between=None, backward_context=None):
     x = x.clone().requires_grad_()
     torch.manual_seed(7)
     y, logdet = model(x)
-    loss = (y.sin() * torch.linspace(0.5, 1.5, y.shape[1], dtype=y.dtype)).sum() + logdet.sum()
+    weight = torch.linspace(0.5, 1.5, y.shape[1], dtype=y.dtype).view(1, -1, *([1] * (y.dim() - 2)))
+    loss = (y.sin() * weight).sum() + logdet.sum()
     if between is not None:
         between(model)
     with backward_context or torch.autocast("cpu", enabled=False):
@@ -107,3 +108,31 @@ def test_reconstruction_diagnostics_replay_dropout_per_subnet_call():
     assert report.total < 1e-12 and max(report.per_block) < 1e-12 and max(report.local) < 1e-12, report
     single = reconstruction_error(model[0], torch.randn(5, 6, dtype=torch.float64))
     assert single.total < 1e-12, single
+
+
+def conv_with(layer):
+    def factory(c_in, c_out):
+        return nn.Sequential(nn.Conv2d(c_in, 8, 3, padding=1), layer(), nn.ReLU(), nn.Conv2d(8, c_out, 3, padding=1))
+
+    return factory
+
+
+def test_a_chain_of_every_kind_with_dropout_and_batchnorm_subnets_gives_plain_autograd_gradients():
+    """ReversibleBlocks, couplings, Permute, Squeeze, ActNorm, InvConv1x1, a user block, with
+    dropout in both subnets of two-sided blocks and BatchNorm in coupling subnets, in train mode."""
+    from invkernels.nn import ActNorm, InvConv1x1, Permute, Squeeze  # noqa: PLC0415
+    from test_sequential import ChannelAffine  # noqa: PLC0415
+
+    def model(memory_free):
+        torch.manual_seed(3)
+        blocks = [ActNorm(4), ReversibleBlock(4, conv_with(lambda: nn.Dropout(0.3))), Permute(4, "swap"),
+                  AffineCoupling(4, conv_with(lambda: nn.BatchNorm2d(8))), InvConv1x1(4), Squeeze(),
+                  ReversibleBlock(16, conv_with(lambda: nn.Dropout2d(0.2)), coupling="affine"), Permute(16),
+                  ChannelAffine(16), AffineCoupling(16, conv_with(lambda: nn.Dropout(0.1)), scale="sigmoid")]
+        chain = randomized(InvertibleSequential(*blocks, memory_free=memory_free).double(), std=0.1)
+        chain[0].mark_initialized()
+        return chain
+
+    x = torch.randn(3, 4, 4, 4, dtype=torch.float64)
+    want = gradients(model(False), x)
+    assert_same(gradients(model(True), x), want)
