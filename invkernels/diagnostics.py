@@ -15,7 +15,8 @@ from torch import nn
 
 from invkernels import _state
 from invkernels.nn.actnorm import check_initialized
-from invkernels.nn.sequential import InvertibleSequential, memory_free_capable
+from invkernels.nn.protocol import memory_free_capable
+from invkernels.nn.sequential import InvertibleSequential
 
 
 @dataclass

@@ -33,6 +33,7 @@ from torch import nn
 
 from invkernels import _state
 from invkernels._validation import check_int
+from invkernels.nn.sequential import InvertibleSequential
 
 
 class _Reached(Exception):
@@ -89,7 +90,7 @@ def _untouched(model: nn.Module, train_mode: bool):
     block; its flags and buffers are put back after. Memory-free chains inside it store their
     activations meanwhile: the forward stops at the layer, whose output must carry the gradient
     to the input (a memory-free run computes its blocks without recording)."""
-    chains = [m for m in model.modules() if getattr(m, "memory_free", None) is True]
+    chains = [m for m in model.modules() if isinstance(m, InvertibleSequential) and m.memory_free]
     with _state.eval_mode(model, enabled=not train_mode), _state.scratch_buffers(model):
         for m in chains:
             m.memory_free = False

@@ -402,7 +402,7 @@ def test_reconstruction_error_diagnostic():
 
 def test_every_block_of_the_package_has_a_fused_memory_free_backward():
     from invkernels.nn import InvertibleResidual  # noqa: PLC0415
-    from invkernels.nn.sequential import FusedInverseBackward  # noqa: PLC0415
+    from invkernels.nn import FusedInverseBackward  # noqa: PLC0415
 
     blocks = [block_of(kind, 4) for kind in KINDS if kind != "user"]
     blocks.append(InvertibleResidual(nn.Linear(4, 4)))

@@ -25,10 +25,6 @@ def _registered():
         family.triton()
 
 
-def family_op_names():
-    return op_names()
-
-
 def cpp_op_names():
     """Every op the compiled extension registers (csrc/invkernels.cpp)."""
     names = (n for n in dir(NS) if isinstance(getattr(NS, n, None), torch._ops.OpOverloadPacket))
@@ -37,7 +33,7 @@ def cpp_op_names():
 
 def test_every_cpp_op_has_a_twin_with_its_schema():
     cpp_names = cpp_op_names()
-    assert cpp_names == sorted(family_op_names())
+    assert cpp_names == sorted(op_names())
     for name in cpp_names:
         cpp_schema = str(getattr(NS, name).default._schema)
         twin_schema = str(getattr(NS, name + "_triton").default._schema)
@@ -96,13 +92,13 @@ def cpp_kernels_raise():
     lib._destroy()
 
 
-@pytest.mark.parametrize("name", family_op_names())
+@pytest.mark.parametrize("name", op_names())
 def test_the_patch_makes_every_cpp_op_raise(name, cpp_kernels_raise):
     with pytest.raises(AssertionError, match=r"a C\+\+ op ran"):
         getattr(NS, name)(*valid_args(name))
 
 
-@pytest.mark.parametrize("name", family_op_names())
+@pytest.mark.parametrize("name", op_names())
 def test_every_twin_runs_with_the_cpp_ops_raising(name, cpp_kernels_raise):
     args = valid_args(name)
     for out in as_tuple(getattr(NS, name + "_triton")(*args)):

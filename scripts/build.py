@@ -13,7 +13,7 @@ Targets:
   demo  what runs on this machine: the CPU kernels for this CPU's capability, and the CUDA
         backend only when a GPU is visible. A full build of the same inputs satisfies it.
 
-After a build (or with --report alone) the build report is printed from what was built:
+Then (unless --no-report) the build report is printed from what was built:
 scripts/build_report.py.
 """
 
@@ -108,17 +108,14 @@ def up_to_date(target: str, want: dict) -> bool:
     return target == "demo" and state.get("target") == "full" and state.get("env") == target_env("full")
 
 
-def run_build(target: str, log_path: str) -> int:
-    env = dict(os.environ, **target_env(target))
-    if target == "demo":
-        for key in OPTIONS:
-            if key not in target_env(target):
-                env.pop(key, None)
+def run_build(target: str, options: dict[str, str], log_path: str) -> int:
+    """Build ``target`` with the build ``options`` (:func:`target_env`) in the environment."""
+    env = dict(os.environ, **options)
     if _registered():
         command = [sys.executable, "setup.py", "build_ext", "--inplace"]
     else:
         command = [sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-v", "-e", "."]
-    settings = " ".join(f"{k}={v}" for k, v in sorted(target_env(target).items()))
+    settings = " ".join(f"{k}={v}" for k, v in sorted(options.items()))
     print(f"building invkernels ({target}{': ' + settings if settings else ''}; log: "
           f"{os.path.relpath(log_path, ROOT)})", flush=True)
     start = time.perf_counter()
@@ -147,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         if os.path.exists(STATE):
             os.remove(STATE)
-        rc = run_build(args.target, args.log)
+        rc = run_build(args.target, want["env"], args.log)
         if rc != 0:
             return rc
         # The inputs as they were when the build started: a file edited during the build rebuilds next time.

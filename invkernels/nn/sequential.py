@@ -13,7 +13,6 @@ from invkernels.nn import _memory_free
 from invkernels.nn._halves import Flow, add_logdets
 from invkernels.nn._memory_free import gathered, memory_free_run, trained_parameters
 from invkernels.nn.protocol import (
-    FusedInverseBackward,
     check_block,
     checked_result,
     entered_by_call,
@@ -23,9 +22,8 @@ from invkernels.nn.protocol import (
     takes_context,
 )
 
-__all__ = ["FusedInverseBackward", "InvertibleSequential", "forward_vjp", "memory_free_capable", "split_of"]
+__all__ = ["InvertibleSequential"]
 
-forward_vjp = _memory_free.forward_vjp
 
 class InvertibleSequential(nn.Module):
     """A chain of invertible blocks, ``forward(x, context=None) -> (y, logdet)`` with the log-dets
