@@ -31,18 +31,45 @@ def eval_mode(module: nn.Module, enabled: bool = True):
             m.training = flag
 
 
+def submodules(module: nn.Module) -> list[nn.Module]:
+    """``module`` and its submodules, each once, in the order of ``module.modules()``, read from the
+    modules' own tables (``modules()`` builds names that the per-step paths do not need)."""
+    if not module._modules:
+        return [module]
+    found, seen, stack = [], set(), [module]
+    while stack:
+        m = stack.pop()
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        found.append(m)
+        stack.extend(reversed([c for c in m._modules.values() if c is not None]))
+    return found
+
+
+def trainable(modules: list[nn.Module]) -> list[torch.Tensor]:
+    """The parameters of ``modules`` that require grad, each once, in the order of ``parameters()``."""
+    found = {}
+    for m in modules:
+        for p in m._parameters.values():
+            if p is not None and p.requires_grad:
+                found.setdefault(id(p), p)
+    return list(found.values())
+
+
 @contextlib.contextmanager
-def scratch_buffers(module: nn.Module):
+def scratch_buffers(module: nn.Module, modules: list[nn.Module] | None = None):
     """Replace every buffer of ``module`` (and its submodules) by a copy for the block, then put the
     originals back untouched: what runs inside may write buffers (BatchNorm running statistics,
     spectral-norm vectors) without changing the module's state or its buffers' version counters.
     A buffer registered in several submodules gets one shared copy. Modules whose class sets
     ``buffers_read_only = True`` keep theirs, and with them whatever they cache from their
     buffers: their buffers are not written by a rebuild (fixed permutations and signs; ActNorm's
-    initialization flag, which only a forward's data-dependent initialization sets)."""
+    initialization flag, which only a forward's data-dependent initialization sets). ``modules``:
+    :func:`submodules` of ``module`` when the caller has them already."""
     copies: dict[int, torch.Tensor] = {}
     swapped = []
-    for m in module.modules():
+    for m in submodules(module) if modules is None else modules:
         if getattr(type(m), "buffers_read_only", False):
             continue
         for name, buf in m._buffers.items():

@@ -6,7 +6,9 @@ import pytest
 import torch
 from torch import nn
 
+from invkernels import _state
 from invkernels.nn import AffineCoupling, InvConv1x1, InvertibleSequential, Split
+from invkernels.nn.subnets import vjp
 
 
 def bn_subnet(c_in, c_out):
@@ -54,6 +56,41 @@ def test_parameter_replaced_before_backward_is_an_error():
     model[1].log_s = nn.Parameter(model[1].log_s.detach() + 0.5)
     with pytest.raises(RuntimeError, match=r"parameter blocks\.1\.log_s, .* was replaced by another tensor"):
         loss.backward()
+
+
+def test_submodule_replaced_before_backward_is_an_error():
+    model = coupling_chain()
+    loss = run(model, torch.randn(2, 4, 5, 5, dtype=torch.float64))
+    model[2].subnet = bn_subnet(2, 4).double()
+    with pytest.raises(RuntimeError, match=r"a submodule of block 2 \(AffineCoupling\) was replaced"):
+        loss.backward()
+
+
+def test_submodules_and_trainable_match_modules_and_parameters():
+    shared = nn.Linear(3, 3)
+    tree = nn.Sequential(shared, nn.Sequential(nn.ReLU(), shared, nn.Linear(3, 2)), nn.Identity())
+    tree[1][2].bias.requires_grad_(False)
+    tree.add_module("empty", None)
+    assert _state.submodules(tree) == list(tree.modules())
+    assert _state.submodules(shared) == [shared]
+    got = _state.trainable(_state.submodules(tree))
+    assert got == [p for p in tree.parameters() if p.requires_grad]
+
+
+def test_vjp_equals_autograd_grad_and_reports_its_errors():
+    torch.manual_seed(0)
+    w = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    unused = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    h, k = torch.tanh(x * w), (x * w).sum(1)
+    grads = [torch.randn_like(h), torch.randn_like(k)]
+    want = torch.autograd.grad([h, k], [x, w, unused], grads, allow_unused=True, retain_graph=True)
+    got = vjp([h, k], [x, w, unused], grads)
+    assert got[2] is None
+    assert all(torch.equal(a, b) for a, b in zip(got[:2], want[:2]))
+    h = torch.tanh(x * w)
+    with pytest.raises(RuntimeError, match="Mismatch in shape"):
+        vjp([h], [x], [torch.ones(3, dtype=torch.float64)])
 
 
 def test_batchnorm_statistics_are_updated_once_per_step_as_in_plain_autograd():

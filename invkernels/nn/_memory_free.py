@@ -18,6 +18,7 @@ from torch import nn
 from invkernels import _state
 from invkernels._validation import logdet_dtype
 from invkernels.nn._halves import Flow, add_logdets
+from invkernels.nn.subnets import trained_tensors, vjp
 
 class _AutocastState:
     """Autocast settings of the forward's device type, re-entered in backward."""
@@ -45,7 +46,7 @@ def forward_vjp(forward, x: torch.Tensor, grad_y: torch.Tensor, grad_logdet: tor
     if logdet.requires_grad:
         outputs.append(logdet)
         grads.append(grad_logdet.to(logdet.dtype))
-    got = torch.autograd.grad(outputs, [leaf, *tensors], grads, allow_unused=True)
+    got = vjp(outputs, [leaf, *tensors], grads)
     grad_x = got[0] if got[0] is not None else torch.zeros_like(x)
     return grad_x, list(zip(tensors, got[1:]))
 
@@ -59,27 +60,27 @@ def generic_inverse_backward(block: nn.Module, y: torch.Tensor, grad_y: torch.Te
     if rng is not None:
         rng.restore()
     context = kwargs.get("context")
-    extra = [t for t in (*block.parameters(), context) if t is not None and t.requires_grad]
+    extra = trained_tensors(block, context)
     grad_x, pairs = forward_vjp(lambda leaf: block(leaf, **kwargs), x, grad_y, grad_logdet, extra)
     return x, grad_x, pairs
 
 
-def _fsdp_units(block: nn.Module) -> list[nn.Module]:
-    """The modules inside ``block`` that FSDP2 (``fully_shard``) manages."""
+def _fsdp_units(modules: list[nn.Module]) -> list[nn.Module]:
+    """The modules among ``modules`` that FSDP2 (``fully_shard``) manages."""
     if not (dist.is_available() and dist.is_initialized()):
         return []
     from torch.distributed.fsdp import FSDPModule  # noqa: PLC0415
 
-    return [m for m in block.modules() if isinstance(m, FSDPModule)]
+    return [m for m in modules if isinstance(m, FSDPModule)]
 
 
 @contextlib.contextmanager
-def gathered(block: nn.Module):
+def gathered(block: nn.Module, modules: list[nn.Module] | None = None):
     """FSDP2 keeps parameters sharded outside forwards: the units inside ``block`` are gathered
     (``unshard``) for the block's inverse or rebuild and resharded after. Gradients computed for
     the gathered parameters stay in their ``.grad``, which FSDP reduce-scatters when the
-    backward ends."""
-    units = _fsdp_units(block)
+    backward ends. ``modules``: :func:`_state.submodules` of ``block`` when the caller has them."""
+    units = _fsdp_units(_state.submodules(block) if modules is None else modules)
     for unit in units:
         unit.unshard()
     try:
@@ -101,19 +102,20 @@ class _Watched(NamedTuple):
     """Every parameter and buffer of a run of blocks that rebuilding their inputs reads, with its
     version at the end of the forward, frozen parameters included (not the running statistics of
     a train-mode normalization, which its output does not read). ``where[k]`` names
-    ``tensors[k]`` for :func:`_watched_name`. ``training``: every submodule's train/eval flag in the
-    forward, which the rebuild replays."""
+    ``tensors[k]`` for :func:`_watched_name`. ``modules``: each block's :func:`_state.submodules`
+    in the forward; ``training``: every submodule's train/eval flag then, which the rebuild replays."""
 
     where: list[tuple]
     tensors: list[torch.Tensor]
     versions: list[int | None]
+    modules: list[list[nn.Module]]
     training: list[tuple[nn.Module, bool]]
 
 
-def _watched(seq, indices) -> _Watched:
+def _watched(indices, modules: list[list[nn.Module]]) -> _Watched:
     seen, where, tensors, training = set(), [], [], []
-    for i in indices:
-        for m in seq.blocks[i].modules():
+    for i, block_modules in zip(indices, modules):
+        for m in block_modules:
             training.append((m, m.training))
             # A train-mode batch or instance norm normalizes with the batch's own statistics: the
             # rebuild (which replays train mode) reads none of its buffers, only writes copies.
@@ -124,21 +126,17 @@ def _watched(seq, indices) -> _Watched:
                         seen.add(id(t))
                         where.append((i, m, kind, key))
                         tensors.append(t)
-    return _Watched(where, tensors, _versions(tensors), training)
+    return _Watched(where, tensors, _versions(tensors), modules, training)
 
 
-def _tensor_ids(seq, indices) -> set[int]:
-    """The ids of every parameter and buffer of the blocks ``indices``, as they are now."""
-    return {id(t) for i in indices for m in seq.blocks[i].modules()
-            for items in (m._parameters, m._buffers) for t in items.values() if t is not None}
+def run_modules(seq, indices) -> list[list[nn.Module]]:
+    """:func:`_state.submodules` of each block ``indices`` of ``seq``."""
+    return [_state.submodules(seq.blocks[i]) for i in indices]
 
 
-def trained_parameters(seq, indices) -> list[torch.Tensor]:
-    """The parameters of the blocks ``indices`` that require grad, each once (read from the
-    modules' own tables: ``parameters()`` builds names this hot path does not need)."""
-    found = {id(p): p for i in indices for m in seq.blocks[i].modules() for p in m._parameters.values()
-             if p is not None and p.requires_grad}
-    return list(found.values())
+def trained_parameters(modules: list[list[nn.Module]]) -> list[torch.Tensor]:
+    """The parameters of a run's modules (:func:`run_modules`) that require grad, each once."""
+    return _state.trainable([m for block_modules in modules for m in block_modules])
 
 
 def _watched_name(seq, where: tuple) -> str:
@@ -149,15 +147,25 @@ def _watched_name(seq, where: tuple) -> str:
 
 
 def _check_unchanged(seq, indices, watched: _Watched) -> None:
-    """RuntimeError when a tensor the rebuild reads was modified in place, or replaced, between the
-    forward and this backward (as autograd raises for the tensors it saved)."""
+    """RuntimeError when a tensor the rebuild reads was modified in place, or replaced (itself or a
+    module holding it), between the forward and this backward (as autograd raises for the
+    tensors it saved)."""
+    blocks = list(seq.blocks)
+    for i, block_modules in zip(indices, watched.modules):
+        if _state.submodules(blocks[i]) != block_modules:
+            raise RuntimeError(
+                f"InvertibleSequential: a submodule of block {i} ({type(blocks[i]).__name__}) was replaced "
+                f"between the forward and the memory-free backward, which rebuilds the activations with the "
+                f"modules the forward ran. Run backward first.")
     now_versions = _versions(watched.tensors)
-    now = _tensor_ids(seq, indices)
-    if now_versions == watched.versions and all(id(t) in now for t in watched.tensors):
+    if now_versions == watched.versions and all(
+            (m._parameters if kind == "parameter" else m._buffers).get(key) is t
+            for (_, m, kind, key), t in zip(watched.where, watched.tensors)):
         return
     for where, t, version, now_version in zip(watched.where, watched.tensors, watched.versions, now_versions):
+        _, m, kind, key = where
         changed = now_version != version
-        if changed or id(t) not in now:
+        if changed or (m._parameters if kind == "parameter" else m._buffers).get(key) is not t:
             what = (f"was modified by an inplace operation (version {version} -> {now_version})" if changed
                     else "was replaced by another tensor")
             raise RuntimeError(
@@ -184,7 +192,7 @@ class _MemoryFreeChain(torch.autograd.Function):
     rebuilds each block's input from its output and back-propagates block by block."""
 
     @staticmethod
-    def forward(ctx, seq, indices, x, context, *params):
+    def forward(ctx, seq, indices, modules, x, context, *params):
         ctx.seq, ctx.indices = seq, indices
         x_in = x
         ctx.rng = []
@@ -195,7 +203,8 @@ class _MemoryFreeChain(torch.autograd.Function):
         logdet = None
         flow = Flow(x)
         capture = functools.partial(_state.RngState, x)
-        for i in indices:
+        for i, block_modules in zip(indices, modules):
+            block = block_modules[0]
             inputs = flow.tensors()
             if ctx.check:
                 ctx.debug_inputs.append(flow.whole())
@@ -205,17 +214,17 @@ class _MemoryFreeChain(torch.autograd.Function):
                 states = [capture()]
                 ctx.rng.append(states)
                 with _state.recording_rng(states, capture):
-                    flow, block_logdet = seq.forward_flow(i, flow, context)
+                    flow, block_logdet = seq.forward_flow(i, flow, context, block)
             else:
                 ctx.rng.append(None)
-                flow, block_logdet = seq.forward_flow(i, flow, context)
+                flow, block_logdet = seq.forward_flow(i, flow, context, block)
             _check_input_kept(seq, i, before, inputs)
             logdet = add_logdets(logdet, block_logdet)
         x = flow.whole()
         if logdet is None:
             logdet = x.new_zeros(x.shape[0], dtype=logdet_dtype(x.dtype))
         ctx.params = params
-        ctx.watched = _watched(seq, indices)
+        ctx.watched = _watched(indices, modules)
         # The chain's input is saved too, only for create_graph=True (its storage is the caller's
         # tensor or the previous chain's saved output, so it costs no memory of its own).
         ctx.save_for_backward(x_in, x, context)
@@ -232,6 +241,7 @@ class _MemoryFreeChain(torch.autograd.Function):
         errors = []
         devices = ctx.rng[0][0].devices() if ctx.rng and ctx.rng[0] is not None else []
         flow, grad = Flow(y), Flow(grad_y)
+        sharded = dist.is_available() and dist.is_initialized()
         with torch.random.fork_rng(devices=devices, enabled=seq.preserve_rng_state), ctx.autocast(), \
                 _state.training_flags(ctx.watched.training):
             for k in reversed(range(len(ctx.indices))):
@@ -239,10 +249,14 @@ class _MemoryFreeChain(torch.autograd.Function):
                 rng = states[0] if states is not None else None
                 if rng is not None:
                     rng.restore()
-                block = seq.blocks[i]
+                block_modules = ctx.watched.modules[k]
+                block = block_modules[0]
                 # The rebuild reruns the block (train-mode subnets included): what it writes to
                 # buffers (BatchNorm running statistics) goes to copies, so the forward's update counts once.
-                with _state.scratch_buffers(block), gathered(block), _state.replaying_rng(states):
+                scratch = _state.scratch_buffers(block, block_modules) if any(m._buffers for m in block_modules) \
+                    else contextlib.nullcontext()
+                with scratch, gathered(block, block_modules) if sharded else contextlib.nullcontext(), \
+                        _state.replaying_rng(states):
                     flow, grad, pairs = seq._inverse_backward(i, block, flow, grad, grad_logdet, context, rng,
                                                               x_in if k == 0 else None)
                 for t, g in pairs:
@@ -262,7 +276,7 @@ class _MemoryFreeChain(torch.autograd.Function):
                 # its gradient goes where autograd would put it, for FSDP to reduce-scatter.
                 t.grad = g if t.grad is None else t.grad + g
         grad_context = grads[id(context)][1] if context is not None and id(context) in grads else None
-        return (None, None, grad.whole(), grad_context,
+        return (None, None, None, grad.whole(), grad_context,
                 *(grads[id(p)][1] if id(p) in grads else None for p in ctx.params))
 
     @staticmethod
@@ -273,8 +287,8 @@ class _MemoryFreeChain(torch.autograd.Function):
         devices = ctx.rng[0][0].devices() if ctx.rng and ctx.rng[0] is not None else []
         with torch.random.fork_rng(devices=devices, enabled=seq.preserve_rng_state), ctx.autocast(), \
                 _state.training_flags(ctx.watched.training), contextlib.ExitStack() as scratch:
-            for i in ctx.indices:
-                scratch.enter_context(_state.scratch_buffers(seq.blocks[i]))
+            for i, block_modules in zip(ctx.indices, ctx.watched.modules):
+                scratch.enter_context(_state.scratch_buffers(seq.blocks[i], block_modules))
             # The forward is run again in its own order from the state before the run.
             if ctx.rng and ctx.rng[0] is not None:
                 ctx.rng[0][0].restore()
@@ -290,11 +304,12 @@ class _MemoryFreeChain(torch.autograd.Function):
                                        allow_unused=True))
         grad_x = next(got) if x.requires_grad else None
         grad_context = next(got) if given_context else None
-        return (None, None, grad_x, grad_context, *got)
+        return (None, None, None, grad_x, grad_context, *got)
 
 
 @torch._dynamo.disable
-def memory_free_run(seq, indices, x, context, params):
+def memory_free_run(seq, indices, x, context):
     """Runs one memory-free run eagerly: torch.compile leaves it to autograd (one graph break per
     run), because its backward rebuilds activations by running the blocks' own code."""
-    return _MemoryFreeChain.apply(seq, indices, x, context, *params)
+    modules = run_modules(seq, indices)
+    return _MemoryFreeChain.apply(seq, indices, modules, x, context, *trained_parameters(modules))

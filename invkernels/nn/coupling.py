@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from invkernels import _backend, _validation
-from invkernels.nn.subnets import SubnetFactory, call_subnet, conv_subnet, mlp_subnet, subnet_vjp
+from invkernels.nn.subnets import SubnetFactory, call_subnet, conv_subnet, mlp_subnet, subnet_vjp, trained_tensors
 from invkernels.ops import coupling as F
 
 _SUBNET_DIMS = {"mlp": 2, "conv": 4}
@@ -74,7 +74,8 @@ def subnet_h(owner: str, subnet: nn.Module, a: torch.Tensor, context: torch.Tens
     want = [a.shape[0], h_channels, *a.shape[2:]]
     # Under autocast the subnet may return a lower precision than x; the coupling itself runs
     # in x's dtype, which keeps the inverse exact to that precision.
-    return call_subnet(owner, subnet, a, want).to(dtype)
+    h = call_subnet(owner, subnet, a, want)
+    return h if h.dtype == dtype else h.to(dtype)
 
 
 def check_affine(owner: str, scale: str, clamp: float) -> None:
@@ -117,7 +118,7 @@ class _Coupling(nn.Module):
         with grad, on ``y``'s untouched half; ``fused(h) -> (x, grad_x, grad_h)`` is the fused
         inverse+backward op; the subnet's gradient reaching ``x1`` is added to ``grad_x``."""
         leaf = y[:, : self.c1].detach().requires_grad_()
-        extra = [t for t in (*self.subnet.parameters(), context) if t is not None and t.requires_grad]
+        extra = trained_tensors(self.subnet, context)
         with torch.enable_grad():
             h = self._subnet_h(leaf, context, y.dtype)
         x, grad_x, grad_h = fused(h.detach())

@@ -19,7 +19,7 @@ from torch import nn
 
 from invkernels import _state, _validation
 from invkernels.nn.coupling import check_affine, check_block_input, resolve_subnet, subnet_h, subnet_input_dim
-from invkernels.nn.subnets import SubnetFactory, subnet_vjp
+from invkernels.nn.subnets import SubnetFactory, subnet_vjp, trained_tensors
 from invkernels.reference.coupling import affine_half, affine_half_inv, affine_half_vjp
 
 _COUPLINGS = ("additive", "affine")
@@ -182,8 +182,7 @@ class ReversibleBlock(nn.Module):
         self._check_halves(y1, y2, ("y1", "y2"))
         self._check_grads((y1, y2), (grad_y1, grad_y2), (("y1", "grad_y1"), ("y2", "grad_y2")), grad_logdet)
         dtype = y1.dtype
-        extra_g = [t for t in (*self.g.parameters(), context) if t is not None and t.requires_grad]
-        extra_f = [t for t in (*self.f.parameters(), context) if t is not None and t.requires_grad]
+        extra_g, extra_f = trained_tensors(self.g, context), trained_tensors(self.f, context)
         leaf = y1.detach().requires_grad_()
         # g drew its random numbers after f in the forward (a memory-free chain replays both states).
         _state.rng_rewind(1)

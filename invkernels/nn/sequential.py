@@ -11,7 +11,7 @@ from invkernels import _state
 from invkernels._validation import describe, logdet_dtype
 from invkernels.nn import _memory_free
 from invkernels.nn._halves import Flow, add_logdets
-from invkernels.nn._memory_free import gathered, memory_free_run, trained_parameters
+from invkernels.nn._memory_free import gathered, memory_free_run
 from invkernels.nn.protocol import (
     check_block,
     checked_result,
@@ -144,12 +144,13 @@ class InvertibleSequential(nn.Module):
             x, grad_x, pairs = _memory_free.generic_inverse_backward(block, y, grad_y, grad_logdet, kwargs, rng)
         return Flow(x), Flow(grad_x), pairs
 
-    def forward_flow(self, i: int, flow: Flow, context: torch.Tensor | None):
+    def forward_flow(self, i: int, flow: Flow, context: torch.Tensor | None, block: nn.Module | None = None):
         """Block ``i`` on the flow of its input: the flow of its output and its log-det (None for
         a block on halves whose log-det is 0). A block on halves takes its halves directly, unless
         something waits in ``nn.Module.__call__`` (hooks, FSDP2's unshard, ``block.compile()``):
-        then it is called as any module, on the whole tensor."""
-        block = self.blocks[i]
+        then it is called as any module, on the whole tensor. ``block``: ``self.blocks[i]`` when the
+        caller has it."""
+        block = self.blocks[i] if block is None else block
         c1 = split_of(block)
         if c1 is None or entered_by_call(block):
             y, logdet = self._checked_forward(i, block, flow.whole(), context)
@@ -173,16 +174,17 @@ class InvertibleSequential(nn.Module):
             raise TypeError(f"InvertibleSequential: x should be a tensor, got {type(x).__name__}")
         records = torch.is_grad_enabled() and (
             x.requires_grad or (context is not None and context.requires_grad)
-            or any(p.requires_grad for p in self.parameters()))
+            or any(p.requires_grad for m in _state.submodules(self) for p in m._parameters.values()
+                   if p is not None))
         flow, logdet = Flow(x), None
+        blocks = list(self.blocks)
         for capable, indices in self._runs():
             if self.memory_free and records and capable:
-                params = trained_parameters(self, indices)
-                out, run_logdet = memory_free_run(self, indices, flow.whole(), context, params)
+                out, run_logdet = memory_free_run(self, indices, flow.whole(), context)
                 flow, logdet = Flow(out), add_logdets(logdet, run_logdet)
             else:
                 for i in indices:
-                    flow, block_logdet = self.forward_flow(i, flow, context)
+                    flow, block_logdet = self.forward_flow(i, flow, context, blocks[i])
                     logdet = add_logdets(logdet, block_logdet)
         y = flow.whole()
         return y, logdet if logdet is not None else y.new_zeros(y.shape[0], dtype=logdet_dtype(y.dtype))
