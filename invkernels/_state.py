@@ -34,17 +34,19 @@ def eval_mode(module: nn.Module, enabled: bool = True):
 def submodules(module: nn.Module) -> list[nn.Module]:
     """``module`` and its submodules, each once, in the order of ``module.modules()``, read from the
     modules' own tables (``modules()`` builds names that the per-step paths do not need)."""
-    if not module._modules:
-        return [module]
-    found, seen, stack = [], set(), [module]
-    while stack:
-        m = stack.pop()
-        if id(m) in seen:
-            continue
-        seen.add(id(m))
-        found.append(m)
-        stack.extend(reversed([c for c in m._modules.values() if c is not None]))
+    found = [module]
+    if module._modules:
+        _add_children(module._modules, found, {id(module)})
     return found
+
+
+def _add_children(children: dict, found: list[nn.Module], seen: set[int]) -> None:
+    for child in children.values():
+        if child is not None and id(child) not in seen:
+            seen.add(id(child))
+            found.append(child)
+            if child._modules:
+                _add_children(child._modules, found, seen)
 
 
 def trainable(modules: list[nn.Module]) -> list[torch.Tensor]:

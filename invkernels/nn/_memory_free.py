@@ -114,18 +114,23 @@ class _Watched(NamedTuple):
 
 def _watched(indices, modules: list[list[nn.Module]]) -> _Watched:
     seen, where, tensors, training = set(), [], [], []
+
+    def watch(i, m, kind, items):
+        for key, t in items.items():
+            if t is not None and id(t) not in seen:
+                seen.add(id(t))
+                where.append((i, m, kind, key))
+                tensors.append(t)
+
     for i, block_modules in zip(indices, modules):
         for m in block_modules:
             training.append((m, m.training))
+            if m._parameters:
+                watch(i, m, "parameter", m._parameters)
             # A train-mode batch or instance norm normalizes with the batch's own statistics: the
             # rebuild (which replays train mode) reads none of its buffers, only writes copies.
-            unread = m.training and isinstance(m, nn.modules.batchnorm._NormBase)
-            for kind, items in (("parameter", m._parameters), ("buffer", {} if unread else m._buffers)):
-                for key, t in items.items():
-                    if t is not None and id(t) not in seen:
-                        seen.add(id(t))
-                        where.append((i, m, kind, key))
-                        tensors.append(t)
+            if m._buffers and not (m.training and isinstance(m, nn.modules.batchnorm._NormBase)):
+                watch(i, m, "buffer", m._buffers)
     return _Watched(where, tensors, _versions(tensors), modules, training)
 
 
