@@ -182,9 +182,15 @@ def check_product(op: str, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor 
         check_actnorm(op, x, bias, log_scale, x_name)
 
 
+# The smallest minimum bin size and derivative of a spline: a bin of this fraction of the range
+# is still ~8 float32 steps wide next to the bounds, and a derivative of this size keeps every
+# float32 intermediate of the spline finite (docs/ops/spline.md, numerics).
+SPLINE_MIN_FRACTION = 1e-6
+
+
 def _check_fraction(op: str, name: str, value, limit: float, limit_text: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < limit):
-        _fail(op, f"{name} should be a number in (0, {limit_text}), got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (SPLINE_MIN_FRACTION <= value < limit):
+        _fail(op, f"{name} should be a number in [{SPLINE_MIN_FRACTION:g}, {limit_text}), got {value!r}")
 
 
 def check_spline(op: str, x: torch.Tensor, h: torch.Tensor, bins: int, tail_bound: float, min_bin_width: float,

@@ -18,8 +18,22 @@
 
 namespace invk {
 
-// Raw parameters beyond +-kSplineParamBound act as +-kSplineParamBound and get no gradient.
-constexpr double kSplineParamBound = 50.0;
+// The largest knot derivative the spline uses when computing in T: 2^(e/2 - 4) for T's largest
+// exponent e (2^60 in float, 2^508 in double), a sixteenth of the square root of T's largest
+// value. Below it every intermediate of the forward, the inverse's quadratic and the VJPs stays
+// finite; a larger min_derivative + softplus(raw) is held at it and gets no gradient.
+template <typename T>
+struct SplineLimits;
+
+template <>
+struct SplineLimits<float> {
+  static constexpr float derivative = 0x1p60f;
+};
+
+template <>
+struct SplineLimits<double> {
+  static constexpr double derivative = 0x1p508;
+};
 
 template <typename T>
 struct SplineSpec {
@@ -30,18 +44,7 @@ struct SplineSpec {
   T min_derivative;  // min_derivative
 };
 
-template <typename T>
-INVK_HOST_DEVICE T spline_raw(T r) {
-  const T b = T(kSplineParamBound);
-  return r > b ? b : (r < -b ? -b : r);
-}
-
-template <typename T>
-INVK_HOST_DEVICE bool spline_raw_clamped(T r) {
-  return r > T(kSplineParamBound) || r < -T(kSplineParamBound);
-}
-
-// Softmax statistics (max and sum of exp(r - max)) of n clamped raw values.
+// Softmax statistics (max and sum of exp(r - max)) of n raw values: exact for any finite values.
 template <typename T>
 struct SoftmaxStats {
   T max;
@@ -51,13 +54,13 @@ struct SoftmaxStats {
 template <typename T, typename P>
 INVK_HOST_DEVICE SoftmaxStats<T> spline_softmax_stats(const P* p, int64_t stride, int n) {
   using M = MathOps<T>;
-  T m = spline_raw(static_cast<T>(p[0]));
+  T m = static_cast<T>(p[0]);
   for (int j = 1; j < n; ++j) {
-    const T r = spline_raw(static_cast<T>(p[j * stride]));
+    const T r = static_cast<T>(p[j * stride]);
     m = r > m ? r : m;
   }
   T sum = T(0);
-  for (int j = 0; j < n; ++j) sum += M::exp(spline_raw(static_cast<T>(p[j * stride])) - m);
+  for (int j = 0; j < n; ++j) sum += M::exp(static_cast<T>(p[j * stride]) - m);
   return {m, sum};
 }
 
@@ -85,6 +88,20 @@ INVK_HOST_DEVICE T spline_sigmoid(T r) {
   return r >= T(0) ? T(1) / (T(1) + e) : e / (T(1) + e);
 }
 
+// An interior knot derivative from its raw value: min_derivative + softplus(r), held at
+// SplineLimits<T>::derivative.
+template <typename T>
+INVK_HOST_DEVICE T spline_derivative(const SplineSpec<T>& spec, T r) {
+  const T d = spec.min_derivative + spline_softplus(r);
+  return d > SplineLimits<T>::derivative ? SplineLimits<T>::derivative : d;
+}
+
+// d spline_derivative / d r: sigmoid(r), 0 where the derivative is held at the limit.
+template <typename T>
+INVK_HOST_DEVICE T spline_derivative_grad(const SplineSpec<T>& spec, T r) {
+  return spec.min_derivative + spline_softplus(r) > SplineLimits<T>::derivative ? T(0) : spline_sigmoid(r);
+}
+
 // The bin of v (inside [-bound, bound]) among the knots in x (by_y false: the forward) or in y
 // (by_y true: the inverse): the last knot <= v among the first bins (a value on an interior knot
 // belongs to the bin on its right). Knot positions: 2 * bound * (cumulative normalized size) -
@@ -109,8 +126,8 @@ INVK_HOST_DEVICE SplineBin<T> spline_locate(const SplineSpec<T>& spec, const P* 
   b.y0 = -spec.bound;
   int k = 0;
   for (;; ++k) {
-    const T sw = M::exp(spline_raw(static_cast<T>(pw[k * stride])) - b.w.max) / b.w.sum;
-    const T sh = M::exp(spline_raw(static_cast<T>(ph[k * stride])) - b.h.max) / b.h.sum;
+    const T sw = M::exp(static_cast<T>(pw[k * stride]) - b.w.max) / b.w.sum;
+    const T sh = M::exp(static_cast<T>(ph[k * stride]) - b.h.max) / b.h.sum;
     b.cw1 = b.cw0 + sw;
     b.ch1 = b.ch0 + sh;
     cum_w += spec.min_width + scale_w * sw;
@@ -125,13 +142,14 @@ INVK_HOST_DEVICE SplineBin<T> spline_locate(const SplineSpec<T>& spec, const P* 
     b.y0 = b.y1;
   }
   b.k = k;
-  b.d0 = k == 0 ? T(1) : spec.min_derivative + spline_softplus(spline_raw(static_cast<T>(pd[(k - 1) * stride])));
-  b.d1 = k == n - 1 ? T(1) : spec.min_derivative + spline_softplus(spline_raw(static_cast<T>(pd[k * stride])));
+  b.d0 = k == 0 ? T(1) : spline_derivative(spec, static_cast<T>(pd[(k - 1) * stride]));
+  b.d1 = k == n - 1 ? T(1) : spline_derivative(spec, static_cast<T>(pd[k * stride]));
   return b;
 }
 
 // The spline's pieces at the fraction theta of a bin of width w, height H, slope s = H / w:
-// y = y0 + H A / D and L = log dy/dx = 2 log s + log Q - 2 log D.
+// y = y0 + H A / D and L = log dy/dx = 2 log s + log Q - 2 log D (the product s^2 Q could
+// overflow where s and Q do not).
 template <typename T>
 struct SplineTerms {
   T w, H, s, theta, t, A, D, Q;
@@ -155,29 +173,34 @@ INVK_HOST_DEVICE SplineTerms<T> spline_terms(const SplineBin<T>& b, T theta) {
 template <typename T>
 INVK_HOST_DEVICE T spline_log_derivative(const SplineTerms<T>& q) {
   using M = MathOps<T>;
-  return M::log(q.s * q.s * q.Q) - T(2) * M::log(q.D);
+  return T(2) * M::log(q.s) + M::log(q.Q) - T(2) * M::log(q.D);
 }
 
 // Forward inside the bounds: y and log dy/dx at x in bin b.
 template <typename T>
 INVK_HOST_DEVICE void spline_forward(const SplineBin<T>& b, T x, T* y, T* log_d) {
   const SplineTerms<T> q = spline_terms(b, (x - b.x0) / (b.x1 - b.x0));
-  *y = b.y0 + q.H * q.A / q.D;
+  *y = b.y0 + q.H * (q.A / q.D);
   *log_d = spline_log_derivative(q);
 }
 
 // The fraction of the bin at which the spline rises by dy from the end whose derivative is
-// d_near (d_far at the other end): the root in [0, 1] of a theta^2 + b theta + c = 0 in the
-// stable form 2c / (-b - sqrt(b^2 - 4ac)), the discriminant clamped at 0 and the root to [0, 1].
+// d_near (d_far at the other end): the root in [0, 1] of a theta^2 + b theta + c = 0, divided by
+// H so b^2 stays finite for any tail bound. c = -s dy / H <= 0 and a + b + c = s (1 - dy / H) >= 0,
+// so the root is taken in the form without cancellation: 2c / (-b - sqrt(b^2 - 4ac)) for b >= 0,
+// (-b + sqrt(b^2 - 4ac)) / 2a for b < 0 (then a > 0; a rise beyond the bin with a <= 0 gives 1).
+// The discriminant is clamped at 0 and the root to [0, 1].
 template <typename T>
 INVK_HOST_DEVICE T spline_root(T dy, T H, T s, T d_near, T d_far) {
   using M = MathOps<T>;
+  const T rise = dy / H;
   const T slope = d_near + d_far - T(2) * s;
-  const T a = dy * slope + H * (s - d_near);
-  const T bq = H * d_near - dy * slope;
-  const T c = -s * dy;
+  const T a = rise * slope + (s - d_near);
+  const T bq = d_near - rise * slope;
+  const T c = -s * rise;
   const T disc = bq * bq - T(4) * a * c;
-  const T root = T(2) * c / (-bq - M::sqrt(disc > T(0) ? disc : T(0)));
+  const T sq = M::sqrt(disc > T(0) ? disc : T(0));
+  const T root = bq >= T(0) ? T(2) * c / (-bq - sq) : (a > T(0) ? (sq - bq) / (T(2) * a) : T(1));
   return root < T(0) ? T(0) : (root > T(1) ? T(1) : root);
 }
 
@@ -216,13 +239,12 @@ struct SplinePartials {
 template <typename T>
 INVK_HOST_DEVICE SplinePartials<T> spline_value_partials(const SplineBin<T>& b, const SplineTerms<T>& q) {
   const T th = q.theta;
-  const T slope = b.d0 + b.d1 - T(2) * q.s;
   const T r = q.A / q.D;
   const T hd = q.H / q.D;
-  const T A_th = T(2) * q.s * th + b.d0 * (T(1) - T(2) * th);
-  const T D_th = slope * (T(1) - T(2) * th);
   SplinePartials<T> y;
-  y.theta = hd * (A_th - r * D_th);
+  // dy/dtheta = H s Q / D^2 (dy/dx = s^2 Q / D^2): the quotient rule's A'D - AD' would cancel
+  // between terms of the size of the derivatives.
+  y.theta = hd * q.s * q.Q / q.D;
   y.s = hd * (th * th - r * (T(1) - T(2) * q.t));
   y.H = r;
   y.d0 = hd * q.t * (T(1) - r);
@@ -292,7 +314,8 @@ INVK_HOST_DEVICE SplineGrads<T> spline_inverse_vjp(const SplineBin<T>& b, T x, T
 }
 
 // The bin's gradients (g.x0 ... g.d1) taken back to the raw parameters: out[j * out_stride],
-// j < 3 * bins - 1, each written once (0 where a parameter does not reach the bin or is clamped).
+// j < 3 * bins - 1, each written once (0 where a parameter does not reach the bin, or for a
+// derivative held at the limit).
 // Knot m (0 < m < bins) sits at 2 * bound * (m * min_width + (1 - bins * min_width) * C_m) - bound
 // with C_m the sum of the first m softmax terms, so d knot_m / d r_j = 2 * bound * (1 - bins *
 // min_width) * softmax_j * ([j < m] - C_m); the end knots are fixed.
@@ -310,20 +333,20 @@ INVK_HOST_DEVICE void spline_param_grads(const SplineSpec<T>& spec, const P* p, 
   for (int j = 0; j < n; ++j) {
     const T rw = static_cast<T>(p[j * stride]);
     const T rh = static_cast<T>(p[(n + j) * stride]);
-    const T sw = M::exp(spline_raw(rw) - b.w.max) / b.w.sum;
-    const T sh = M::exp(spline_raw(rh) - b.h.max) / b.h.sum;
+    const T sw = M::exp(rw - b.w.max) / b.w.sum;
+    const T sh = M::exp(rh - b.h.max) / b.h.sum;
     const T in_w = (j < k ? g0w : T(0)) + (j < k + 1 ? g1w : T(0));
     const T in_h = (j < k ? g0h : T(0)) + (j < k + 1 ? g1h : T(0));
     const T gw = span * (T(1) - spec.min_width * T(n)) * sw * (in_w - base_w);
     const T gh = span * (T(1) - spec.min_height * T(n)) * sh * (in_h - base_h);
-    out[j * out_stride] = static_cast<G>(spline_raw_clamped(rw) ? T(0) : gw);
-    out[(n + j) * out_stride] = static_cast<G>(spline_raw_clamped(rh) ? T(0) : gh);
+    out[j * out_stride] = static_cast<G>(gw);
+    out[(n + j) * out_stride] = static_cast<G>(gh);
   }
   for (int j = 0; j + 1 < n; ++j) {
     const T r = static_cast<T>(p[(2 * n + j) * stride]);
     // Interior derivative j is d at knot j + 1: the bin's d1 when j == k, its d0 when j == k - 1.
     const T gd = (j == k ? g.d1 : T(0)) + (j + 1 == k ? g.d0 : T(0));
-    out[(2 * n + j) * out_stride] = static_cast<G>(spline_raw_clamped(r) ? T(0) : gd * spline_sigmoid(r));
+    out[(2 * n + j) * out_stride] = static_cast<G>(gd * spline_derivative_grad(spec, r));
   }
 }
 

@@ -103,8 +103,11 @@ void test_vjp(bool inverse_direction) {
     for (uint32_t seed : {11u, 12u}) {
       const SplineSpec<double> spec = spec_of(bins);
       std::vector<double> p = raw_params(bins, 2.0, seed);
-      // One derivative parameter beyond the clamp: no gradient.
+      // One derivative parameter far beyond 50 (it counts in full) and, forward, one whose
+      // derivative is held at the limit (no gradient: the central difference is 0 there too;
+      // the inverse there is flat to ~1e-150 of the bin, beyond what central differences resolve).
       if (bins > 1) p[2 * bins] = 60.0;
+      if (bins > 2 && !inverse_direction) p[2 * bins + 1] = 1e200;
       auto F = [&](double v, const std::vector<double>& q) {
         double out, log_d;
         if (inverse_direction) {
@@ -132,7 +135,7 @@ void test_vjp(bool inverse_direction) {
           up[j] += step;
           down[j] -= step;
           const double fd = (F(v, up) - F(v, down)) / (2 * step);
-          CHECK_CLOSE(grads[j], std::fabs(p[j]) > invk::kSplineParamBound ? 0.0 : fd, 1e-5, 1e-7);
+          CHECK_CLOSE(grads[j], fd, 1e-5, 1e-7);
         }
       }
     }
@@ -154,7 +157,7 @@ void test_root() {
 }
 
 // float32 evaluation of the same element agrees with double, and every value stays finite for
-// parameters far beyond the clamp.
+// huge raw widths and heights (a softmax saturated to one bin).
 void test_float() {
   const int bins = 8;
   std::vector<double> p = raw_params(bins, 3.0, 5u);
@@ -179,6 +182,64 @@ void test_float() {
     for (float v : grads) finite = finite && std::isfinite(v);
     CHECK(finite);
     CHECK(grads[0] == 0.0f && grads[bins] == 0.0f);
+  }
+}
+
+// Adding a constant to every raw width (height) leaves the knots as they were, to round-off,
+// however large the raw values: the softmax is taken relative to their maximum.
+void test_shift_invariance() {
+  const int bins = 6;
+  const SplineSpec<double> spec = spec_of(bins);
+  const std::vector<double> p = raw_params(bins, 80.0, 21u);
+  for (double shift : {-1e3, 60.0, 1e6}) {
+    std::vector<double> q = p;
+    for (int j = 0; j < 2 * bins; ++j) q[j] += shift;
+    for (double x = -2.9; x <= 3.0; x += 0.4) {
+      const SplineBin<double> a = invk::spline_locate(spec, p.data(), 1, x, false);
+      const SplineBin<double> b = invk::spline_locate(spec, q.data(), 1, x, false);
+      CHECK(a.k == b.k);
+      const double tol = 1e-15 * (1.0 + std::fabs(shift)) * 16;
+      CHECK_CLOSE(b.x0, a.x0, 0.0, tol);
+      CHECK_CLOSE(b.x1, a.x1, 0.0, tol);
+      CHECK_CLOSE(b.y0, a.y0, 0.0, tol);
+      CHECK_CLOSE(b.y1, a.y1, 0.0, tol);
+    }
+  }
+}
+
+// Raw derivatives so large that the derivative is held at the limit, in float: with a tail
+// bound of 1e30 forward and inverse values stay finite (the spline is flat to float precision
+// between its knots there, so x is not recoverable from y and no round trip is asked), and with
+// tail bound 3 both VJPs too. (With the huge bound the gradients of the raw heights are of the
+// order bound * limit, beyond float's range whatever the arithmetic.)
+void test_derivative_limit() {
+  const int bins = 4;
+  std::vector<float> p(3 * bins - 1, 0.0f);
+  for (int j = 2 * bins; j < 3 * bins - 1; ++j) p[j] = 3e38f;
+  for (float bound : {1e30f, 3.0f}) {
+    const SplineSpec<float> spec{bins, bound, 1e-3f, 1e-3f, 1e-3f};
+    CHECK(invk::spline_derivative(spec, 3e38f) == invk::SplineLimits<float>::derivative);
+    CHECK(invk::spline_derivative_grad(spec, 3e38f) == 0.0f);
+    CHECK(invk::spline_derivative_grad(spec, 60.0f) == 1.0f);
+    for (float fraction : {-0.9f, -0.26f, 0.1f, 0.77f}) {
+      const float x = fraction * bound;
+      const SplineBin<float> b = invk::spline_locate(spec, p.data(), 1, x, false);
+      float y, log_d, back, log_inv;
+      invk::spline_forward(b, x, &y, &log_d);
+      const SplineBin<float> bi = invk::spline_locate(spec, p.data(), 1, y, true);
+      invk::spline_inverse(bi, y, &back, &log_inv);
+      CHECK(std::isfinite(y) && std::isfinite(log_d) && std::isfinite(back) && std::isfinite(log_inv));
+      if (bound > 1e6f) continue;
+      for (bool inv : {false, true}) {
+        const invk::SplineGrads<float> g = inv ? invk::spline_inverse_vjp(b, x, 1.0f, 1.0f)
+                                               : invk::spline_forward_vjp(b, x, 1.0f, 1.0f);
+        std::vector<float> grads(p.size());
+        invk::spline_param_grads(spec, p.data(), 1, b, g, grads.data(), 1);
+        bool finite = std::isfinite(g.x);
+        for (float v : grads) finite = finite && std::isfinite(v);
+        CHECK(finite);
+      }
+    }
   }
 }
 
@@ -223,6 +284,8 @@ void run_spline_math_tests() {
   test_root();
   test_float();
   test_inverse_next_to_knots();
+  test_shift_invariance();
+  test_derivative_limit();
 }
 
 }  // namespace invk_test

@@ -23,10 +23,13 @@ import torch.nn.functional as F
 
 from invkernels._validation import check_spline, logdet_dtype
 
-# Raw parameters are clamped to [-PARAM_BOUND, PARAM_BOUND]: beyond it a softmax over such values
-# is saturated to float64 round-off already, the derivatives (min_derivative + softplus) stop
-# growing at about 50, and every value and gradient stays finite.
-PARAM_BOUND = 50.0
+def derivative_limit(dtype: torch.dtype) -> float:
+    """The largest knot derivative the spline uses when computing in ``dtype`` (float32 or float64):
+    ``2**(e / 2 - 4)`` for the largest exponent ``e`` (2**60 in float32, 2**508 in float64), a
+    sixteenth of the square root of the largest value. Below it every intermediate of the forward,
+    the inverse's quadratic and both VJPs stays finite; a larger ``min_derivative +
+    softplus(raw)`` is held at it (and gets no gradient)."""
+    return 2.0 ** (math.frexp(torch.finfo(dtype).max)[1] // 2 - 4)
 
 
 def _clamp_outside(v: torch.Tensor, low: float, high: float) -> torch.Tensor:
@@ -59,11 +62,15 @@ def _positions(raw: torch.Tensor, tail_bound: float, minimum: float) -> torch.Te
 def knots(params: torch.Tensor, bins: int, tail_bound: float, min_bin_width: float, min_bin_height: float,
           min_derivative: float) -> Knots:
     """nflows' normalization (``tails="linear"``) of ``params`` (``[..., 3 * bins - 1]``: widths,
-    heights, interior derivatives), each raw value clamped to ``±PARAM_BOUND`` first."""
-    params = _clamp_outside(params, -PARAM_BOUND, PARAM_BOUND)
+    heights, interior derivatives): widths and heights by a softmax (max-subtracted, so exact for
+    any finite raw values and unchanged by adding a constant to all of them), the derivatives
+    held at :func:`derivative_limit`."""
     widths, heights, derivs = params.split([bins, bins, bins - 1], dim=-1)
     ones = torch.ones_like(params[..., :1])
-    ds = torch.cat([ones, min_derivative + F.softplus(derivs), ones], dim=-1)
+    limit = derivative_limit(params.dtype)
+    interior = min_derivative + F.softplus(derivs)
+    interior = torch.where(interior > limit, torch.full_like(interior, limit), interior)
+    ds = torch.cat([ones, interior, ones], dim=-1)
     return Knots(_positions(widths, tail_bound, min_bin_width), _positions(heights, tail_bound, min_bin_height), ds)
 
 
@@ -93,12 +100,13 @@ def _bin(k: Knots, v: torch.Tensor, positions: torch.Tensor) -> _Bin:
 
 
 def _log_derivative(b: _Bin, theta: torch.Tensor) -> torch.Tensor:
-    """``log dy/dx`` of the spline in bin ``b`` at the fraction ``theta`` of the bin."""
+    """``log dy/dx`` of the spline in bin ``b`` at the fraction ``theta`` of the bin, as ``2 log s +
+    log Q - 2 log D`` (the product ``s² Q`` could overflow where each factor does not)."""
     s = b.height / b.width
     t1 = theta * (1 - theta)
     denominator = s + (b.d0 + b.d1 - 2 * s) * t1
-    numerator = s.pow(2) * (b.d1 * theta.pow(2) + 2 * s * t1 + b.d0 * (1 - theta).pow(2))
-    return torch.log(numerator) - 2 * torch.log(denominator)
+    q = b.d1 * theta.pow(2) + 2 * s * t1 + b.d0 * (1 - theta).pow(2)
+    return 2 * torch.log(s) + torch.log(q) - 2 * torch.log(denominator)
 
 
 def spline_forward(v: torch.Tensor, k: Knots) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,21 +115,34 @@ def spline_forward(v: torch.Tensor, k: Knots) -> tuple[torch.Tensor, torch.Tenso
     s = b.height / b.width
     theta = (v - b.x0) / b.width
     t1 = theta * (1 - theta)
-    y = b.y0 + b.height * (s * theta.pow(2) + b.d0 * t1) / (s + (b.d0 + b.d1 - 2 * s) * t1)
+    y = b.y0 + b.height * ((s * theta.pow(2) + b.d0 * t1) / (s + (b.d0 + b.d1 - 2 * s) * t1))
     return y, _log_derivative(b, theta)
 
 
 def _root(dy: torch.Tensor, height: torch.Tensor, s: torch.Tensor, d0: torch.Tensor, d1: torch.Tensor) -> torch.Tensor:
     """The fraction ``theta`` of the bin, measured from the end whose derivative is ``d0``, at which
-    the spline has moved by ``dy`` from that end: the root in ``[0, 1]`` of ``a θ² + b θ + c = 0``, in the stable form ``θ = 2c / (-b - sqrt(b² -
-    4ac))``, the discriminant clamped at 0 and the root to ``[0, 1]`` (both hold in exact
-    arithmetic; rounded, next to a knot of a steep bin, a root just beyond the bin makes the
-    derivative negative)."""
+    the spline has moved by ``dy`` from that end: the root in ``[0, 1]`` of ``a θ² + b θ + c = 0``
+    (divided by the bin's height, so that ``b²`` stays finite for any tail bound). ``c = -s dy / H
+    <= 0`` and ``a + b + c = s (1 - dy / H) >= 0``, so the root is the one of the two forms without
+    cancellation: ``2c / (-b - sqrt(b² - 4ac))`` for ``b >= 0`` (nflows' form), ``(-b + sqrt(b² -
+    4ac)) / 2a`` for ``b < 0`` (then ``a > 0``; the first form loses every digit when the far
+    derivative dwarfs the near one and the spline's plateau lies beyond ``dy``). The discriminant
+    is clamped at 0 and the root to ``[0, 1]`` (both hold in exact arithmetic; rounded, next to a
+    knot of a steep bin, a root just beyond the bin makes the derivative negative); a rise beyond
+    the bin with ``b < 0`` gives 1. Each form is evaluated only where it is used (the other's
+    denominator replaced by a finite one), so no NaN reaches a gradient."""
+    rise = dy / height
     slope = d0 + d1 - 2 * s
-    a = dy * slope + height * (s - d0)
-    b = height * d0 - dy * slope
-    c = -s * dy
-    return _clamp_outside(2 * c / (-b - torch.sqrt((b.pow(2) - 4 * a * c).clamp_min(0))), 0.0, 1.0)
+    a = rise * slope + (s - d0)
+    b = d0 - rise * slope
+    c = -s * rise
+    root = torch.sqrt((b.pow(2) - 4 * a * c).clamp_min(0))
+    plus = b >= 0
+    minus = ~plus & (a > 0)
+    theta = torch.where(plus, 2 * c / torch.where(plus, -b - root, -torch.ones_like(b)),
+                        torch.where(minus, (root - b) / (2 * torch.where(minus, a, torch.ones_like(a))),
+                                    torch.ones_like(a)))
+    return _clamp_outside(theta, 0.0, 1.0)
 
 
 def spline_inverse(v: torch.Tensor, k: Knots) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,8 +171,9 @@ def _transform(op: str, x: torch.Tensor, h: torch.Tensor, bins: int, tail_bound:
     k = knots(params, bins, tail_bound, min_bin_width, min_bin_height, min_derivative)
     inside = (v >= -tail_bound) & (v <= tail_bound)
     # The spline is evaluated on the values clamped into the bounds, so the branch that
-    # torch.where discards is finite and its gradient (multiplied by 0) cannot be NaN.
-    out, log_d = (spline_inverse if inverse else spline_forward)(v.clamp(-tail_bound, tail_bound), k)
+    # torch.where discards is finite and its gradient (multiplied by 0) cannot be NaN; the
+    # bounds themselves keep their gradient (they are the spline's, as in nflows).
+    out, log_d = (spline_inverse if inverse else spline_forward)(_clamp_outside(v, -tail_bound, tail_bound), k)
     out = torch.where(inside, out, v)
     log_d = torch.where(inside, log_d, torch.zeros_like(log_d))
     return out.to(x.dtype), log_d.flatten(1).sum(dim=1, dtype=logdet_dtype(x.dtype))
