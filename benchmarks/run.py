@@ -19,10 +19,11 @@ import bench_coupling
 import bench_glow
 import bench_memory
 import bench_network
+import bench_spline
 import harness
 
-SECTIONS = {"coupling": bench_coupling, "actnorm": bench_actnorm, "glow": bench_glow, "memory": bench_memory,
-            "network": bench_network}
+SECTIONS = {"coupling": bench_coupling, "actnorm": bench_actnorm, "spline": bench_spline, "glow": bench_glow,
+            "memory": bench_memory, "network": bench_network}
 ROOT = os.path.dirname(harness.BENCH_DIR)
 
 

@@ -14,6 +14,7 @@
 
 #include "kernels/actnorm.h"
 #include "kernels/coupling.h"
+#include "kernels/spline.h"
 
 namespace invk {
 
@@ -119,6 +120,54 @@ inline ActNormShape check_actnorm(const char* op, const at::Tensor& x, const at:
   shape.spatial = 1;
   for (int64_t d = 2; d < x.dim(); ++d) shape.spatial *= x.size(d);
   return shape;
+}
+
+// The smallest minimum bin size and derivative of a spline (invkernels/_validation.py's
+// SPLINE_MIN_FRACTION; docs/ops/spline.md, numerics).
+constexpr double kSplineMinFraction = 1e-6;
+
+inline void check_spline_fraction(const char* op, const char* name, double value, double limit,
+                                  const std::string& limit_text) {
+  INVK_CHECK(value >= kSplineMinFraction && value < limit, op, name, " should be a number in [", kSplineMinFraction,
+             ", ", limit_text, "), got ", value);
+}
+
+// Validates a spline input x ([B, C, *spatial]), its parameters h ([B, C * (3 * bins - 1),
+// *spatial]) and the settings; returns the geometry (the spec is built by the caller in its
+// compute type).
+inline SplineShape check_spline(const char* op, const at::Tensor& x, const at::Tensor& h, int64_t bins,
+                                double tail_bound, double min_bin_width, double min_bin_height,
+                                double min_derivative, const char* x_name = "x") {
+  INVK_CHECK(at::isFloatingType(x.scalar_type()), op, x_name, " should be a floating-point tensor, got ",
+             x.scalar_type());
+  INVK_CHECK(x.dim() >= 2, op, x_name, " should be at least 2-D (B, C, ...), got ", x.dim(), "-D");
+  INVK_CHECK(bins >= 1, op, "bins should be a positive integer, got ", bins);
+  INVK_CHECK(tail_bound >= std::numeric_limits<float>::min() && tail_bound <= std::numeric_limits<float>::max(), op,
+             "tail_bound should be positive and finite (within the float32 range), got ", tail_bound);
+  const std::string per_bin = c10::str("1 / bins = ", 1.0 / static_cast<double>(bins));
+  check_spline_fraction(op, "min_bin_width", min_bin_width, 1.0 / static_cast<double>(bins), per_bin);
+  check_spline_fraction(op, "min_bin_height", min_bin_height, 1.0 / static_cast<double>(bins), per_bin);
+  check_spline_fraction(op, "min_derivative", min_derivative, 1.0, "1");
+  INVK_CHECK(h.scalar_type() == x.scalar_type(), op, x_name, " and h should have the same dtype, got ", x_name, " ",
+             x.scalar_type(), " and h ", h.scalar_type());
+  INVK_CHECK(h.device() == x.device(), op, x_name, " and h should be on the same device, got ", x_name, " on ",
+             x.device(), " and h on ", h.device());
+  const int64_t params = 3 * bins - 1;
+  const int64_t want = x.size(1) * params;
+  std::vector<int64_t> shape = x.sizes().vec();
+  shape[1] = want;
+  INVK_CHECK(h.dim() == x.dim() && h.size(0) == x.size(0) && h.sizes().slice(2) == x.sizes().slice(2), op,
+             "h should have shape [B, C * (3 * bins - 1), *spatial] = ", at::IntArrayRef(shape), " for ", x_name,
+             " of shape ", x.sizes(), " and bins=", bins, ", got ", h.sizes());
+  INVK_CHECK(h.size(1) == want, op, "h should have C * (3 * bins - 1) = ", want, " channels for ", x_name,
+             " with C=", x.size(1), " and bins=", bins, ", got ", h.size(1));
+  SplineShape sh{};
+  sh.batch = x.size(0);
+  sh.channels = x.size(1);
+  sh.params = params;
+  sh.spatial = 1;
+  for (int64_t d = 2; d < x.dim(); ++d) sh.spatial *= x.size(d);
+  return sh;
 }
 
 }  // namespace invk

@@ -188,9 +188,14 @@ def check_product(op: str, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor 
 SPLINE_MIN_FRACTION = 1e-6
 
 
+def _number(value) -> str:
+    """A number as the C++ checks print it (``%g``-like); anything else as its repr."""
+    return f"{value:g}" if isinstance(value, (int, float)) and not isinstance(value, bool) else repr(value)
+
+
 def _check_fraction(op: str, name: str, value, limit: float, limit_text: str) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (SPLINE_MIN_FRACTION <= value < limit):
-        _fail(op, f"{name} should be a number in [{SPLINE_MIN_FRACTION:g}, {limit_text}), got {value!r}")
+        _fail(op, f"{name} should be a number in [{SPLINE_MIN_FRACTION:g}, {limit_text}), got {_number(value)}")
 
 
 def check_spline(op: str, x: torch.Tensor, h: torch.Tensor, bins: int, tail_bound: float, min_bin_width: float,
@@ -201,7 +206,7 @@ def check_spline(op: str, x: torch.Tensor, h: torch.Tensor, bins: int, tail_boun
     check_int(op, "bins", bins)
     if isinstance(tail_bound, bool) or not isinstance(tail_bound, (int, float)) or \
             not (_FLOAT32_MIN <= tail_bound <= _FLOAT32_MAX):
-        _fail(op, f"tail_bound should be positive and finite (within the float32 range), got {tail_bound!r}")
+        _fail(op, f"tail_bound should be positive and finite (within the float32 range), got {_number(tail_bound)}")
     _check_fraction(op, "min_bin_width", min_bin_width, 1 / bins, f"1 / bins = {1 / bins:g}")
     _check_fraction(op, "min_bin_height", min_bin_height, 1 / bins, f"1 / bins = {1 / bins:g}")
     _check_fraction(op, "min_derivative", min_derivative, 1, "1")

@@ -5,6 +5,7 @@ gradcheck and gradgradcheck of the differentiable ops, ``torch.library.opcheck``
 argument refused with the C++ CPU kernel's message (by the op and by its fake). The CUDA cases run
 where a GPU is visible (``make gpu-check``)."""
 
+import math
 import os
 
 import pytest
@@ -31,7 +32,7 @@ from optest import (
     to_device,
     valid_args,
 )
-from tolerances import assert_close, reduction_length
+from tolerances import assert_close, conditioned_atol, reduction_length
 
 from invkernels.ops._registry import OUTPUT_KINDS
 
@@ -86,7 +87,10 @@ def assert_matches_reference(name, args, outputs):
         if got is not None:
             assert got.device == x.device
             assert got.dtype == dtype_ref.dtype, (name, kind, got.dtype, dtype_ref.dtype)
-            assert_close(got, expected, reduce_len=reduction_length(kind, x))
+            if kind == "conditioned":
+                assert_close(got, expected, atol=conditioned_atol(got, dtype_ref, expected))
+            else:
+                assert_close(got, expected, reduce_len=reduction_length(kind, x))
 
 
 ELEMENTWISE = [(name, k) for name in NAMES for k, kind in enumerate(descriptor(name).output_kinds)
@@ -179,7 +183,10 @@ def relative_error(t: torch.Tensor, exact: torch.Tensor) -> float:
 @pytest.mark.parametrize("backend_device", KERNEL_BACKENDS)
 def test_reduced_precision_error_is_at_most_twice_the_reference_in_that_dtype(backend_device, case, dtype):
     """Half inputs: every output in the reference's dtype, no further from the float64 result than
-    twice the reference run in that dtype (the kernels compute in float32)."""
+    twice the reference run in that dtype (the kernels compute in float32). A log-det, a float32
+    sum of one sample's terms, may also be off by the rounding of those terms, ``sqrt(n)`` float32
+    steps relative (n terms per sample): one draw's reference error can fall well below it by
+    cancellation, and which of two float32 sums cancels more is the luck of the summation order."""
     backend, device = backend_device
     name, args = case[0], case_args(case, spatial=(6, 6), dtype=dtype, device=device, channels=8)
     exact = as_tuple(reference(name)(*in_float64(args)))
@@ -190,11 +197,15 @@ def test_reduced_precision_error_is_at_most_twice_the_reference_in_that_dtype(ba
     interpreted = backend == "triton" and device == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
     factor = 4 if interpreted and dtype == torch.bfloat16 else 2
     assert len(ours) == len(exact)
-    for got, ref, want in zip(ours, low, exact):
+    x = main_tensor(args)
+    for got, ref, want, kind in zip(ours, low, exact, descriptor(name).output_kinds):
         assert (got is None) == (want is None)
         if got is not None:
             assert got.dtype == ref.dtype and got.shape == want.shape
-            assert relative_error(got, want) <= factor * relative_error(ref, want)
+            bound = factor * relative_error(ref, want)
+            if kind == "logdet":
+                bound = max(bound, math.sqrt(reduction_length(kind, x)) * torch.finfo(torch.float32).eps)
+            assert relative_error(got, want) <= bound
 
 
 @pytest.mark.parametrize("sizes", [{"batch": 0}, {"spatial": (0, 3)}, {"batch": 0, "spatial": ()}],

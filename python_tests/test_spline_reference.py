@@ -298,7 +298,7 @@ def test_reduced_precision_computes_in_float32(dtype):
     ({"min_bin_width": 0.25}, r"min_bin_width should be a number in \[1e-06, 1 / bins = 0.25\), got 0.25"),
     ({"min_bin_height": -1e-3}, r"min_bin_height should be a number in \[1e-06, 1 / bins = 0.25\), got -0.001"),
     ({"min_bin_height": 1e-7}, r"min_bin_height should be a number in \[1e-06, 1 / bins = 0.25\), got 1e-07"),
-    ({"min_derivative": 0.0}, r"min_derivative should be a number in \[1e-06, 1\), got 0.0"),
+    ({"min_derivative": 0.0}, r"min_derivative should be a number in \[1e-06, 1\), got 0"),
     ({"h": torch.zeros(2, 3 * 10, 5, dtype=F64)}, r"h should have C \* \(3 \* bins - 1\) = 33 channels"),
     ({"h": torch.zeros(2, 33, 4, dtype=F64)}, r"h should have shape \[B, C \* \(3 \* bins - 1\), \*spatial\]"),
     ({"h": torch.zeros(2, 33, 5)}, "x and h should have the same dtype"),

@@ -2,7 +2,9 @@
 
 An output that sums ``n`` terms scales atol by ``n``; :func:`reduction_length` gives ``n`` for each
 kind of op output (invkernels.ops._registry.OUTPUT_KINDS): an elementwise output's tolerance does
-not depend on the tensor's size.
+not depend on the tensor's size. A ``"conditioned"`` output's absolute tolerance is instead twice
+the error of the reference computed in the input's dtype (:func:`conditioned_atol`): its rounding
+depends on the data, and the same formulas in that dtype measure it.
 """
 
 import torch
@@ -23,11 +25,19 @@ def reduction_length(kind: str, x: torch.Tensor) -> int:
     ``[C, C]`` matrix)."""
     if kind not in OUTPUT_KINDS:
         raise ValueError(f"reduction_length: kind should be one of {sorted(OUTPUT_KINDS)}, got {kind!r}")
-    if kind == "elementwise":
+    if kind in ("elementwise", "conditioned"):
         return 1
     batch, channels = x.shape[0], x.shape[1]
     return {"logdet": x.numel() // max(batch, 1), "param_grad": x.numel() // max(channels, 1),
             "channel_mix": channels, "param_grad_channel_mix": x.numel()}[kind]
+
+
+def conditioned_atol(actual: torch.Tensor, in_dtype: torch.Tensor, expected: torch.Tensor) -> float:
+    """The absolute tolerance of a ``"conditioned"`` output ``actual``: the larger of its dtype's
+    and twice the largest error of ``in_dtype`` (the reference run in the input's dtype) against
+    ``expected`` (float64)."""
+    error = (in_dtype.double() - expected.double()).abs().max().item() if expected.numel() else 0.0
+    return max(TOL[actual.dtype]["atol"], 2 * error)
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, reduce_len: int = 1, **overrides) -> None:

@@ -104,8 +104,8 @@ INVK_HOST_DEVICE T spline_derivative_grad(const SplineSpec<T>& spec, T r) {
 
 // The bin of v (inside [-bound, bound]) among the knots in x (by_y false: the forward) or in y
 // (by_y true: the inverse): the last knot <= v among the first bins (a value on an interior knot
-// belongs to the bin on its right). Knot positions: 2 * bound * (cumulative normalized size) -
-// bound, the ends set exactly; boundary derivatives 1.
+// belongs to the bin on its right). Knot positions: bound * (2 * cumulative normalized size - 1),
+// the ends set exactly; boundary derivatives 1.
 template <typename T, typename P>
 INVK_HOST_DEVICE SplineBin<T> spline_locate(const SplineSpec<T>& spec, const P* p, int64_t stride, T v, bool by_y) {
   using M = MathOps<T>;
@@ -118,7 +118,6 @@ INVK_HOST_DEVICE SplineBin<T> spline_locate(const SplineSpec<T>& spec, const P* 
   b.h = spline_softmax_stats<T>(ph, stride, n);
   const T scale_w = T(1) - spec.min_width * T(n);
   const T scale_h = T(1) - spec.min_height * T(n);
-  const T span = T(2) * spec.bound;
   T cum_w = T(0), cum_h = T(0);
   b.cw0 = T(0);
   b.ch0 = T(0);
@@ -133,8 +132,10 @@ INVK_HOST_DEVICE SplineBin<T> spline_locate(const SplineSpec<T>& spec, const P* 
     cum_w += spec.min_width + scale_w * sw;
     cum_h += spec.min_height + scale_h * sh;
     const bool last = k == n - 1;
-    b.x1 = last ? spec.bound : span * cum_w - spec.bound;
-    b.y1 = last ? spec.bound : span * cum_h - spec.bound;
+    // bound * (2 cum - 1) rather than 2 bound cum - bound: 2 bound overflows float for bounds
+    // beyond half its range.
+    b.x1 = last ? spec.bound : spec.bound * (T(2) * cum_w - T(1));
+    b.y1 = last ? spec.bound : spec.bound * (T(2) * cum_h - T(1));
     if (last || v < (by_y ? b.y1 : b.x1)) break;
     b.cw0 = b.cw1;
     b.ch0 = b.ch1;
@@ -327,7 +328,6 @@ INVK_HOST_DEVICE void spline_param_grads(const SplineSpec<T>& spec, const P* p, 
   const int k = b.k;
   const T g0w = k > 0 ? g.x0 : T(0), g1w = k + 1 < n ? g.x1 : T(0);
   const T g0h = k > 0 ? g.y0 : T(0), g1h = k + 1 < n ? g.y1 : T(0);
-  const T span = T(2) * spec.bound;
   const T base_w = g0w * b.cw0 + g1w * b.cw1;
   const T base_h = g0h * b.ch0 + g1h * b.ch1;
   for (int j = 0; j < n; ++j) {
@@ -337,8 +337,8 @@ INVK_HOST_DEVICE void spline_param_grads(const SplineSpec<T>& spec, const P* p, 
     const T sh = M::exp(rh - b.h.max) / b.h.sum;
     const T in_w = (j < k ? g0w : T(0)) + (j < k + 1 ? g1w : T(0));
     const T in_h = (j < k ? g0h : T(0)) + (j < k + 1 ? g1h : T(0));
-    const T gw = span * (T(1) - spec.min_width * T(n)) * sw * (in_w - base_w);
-    const T gh = span * (T(1) - spec.min_height * T(n)) * sh * (in_h - base_h);
+    const T gw = T(2) * (spec.bound * ((T(1) - spec.min_width * T(n)) * sw * (in_w - base_w)));
+    const T gh = T(2) * (spec.bound * ((T(1) - spec.min_height * T(n)) * sh * (in_h - base_h)));
     out[j * out_stride] = static_cast<G>(gw);
     out[(n + j) * out_stride] = static_cast<G>(gh);
   }
@@ -348,6 +348,78 @@ INVK_HOST_DEVICE void spline_param_grads(const SplineSpec<T>& spec, const P* p, 
     const T gd = (j == k ? g.d1 : T(0)) + (j + 1 == k ? g.d0 : T(0));
     out[(2 * n + j) * out_stride] = static_cast<G>(gd * spline_derivative_grad(spec, r));
   }
+}
+
+// The geometry of the spline ops: x is [batch, channels, spatial]; h is [batch, channels * params,
+// spatial] with params = 3 * bins - 1, so the parameters of element (b, c, s) sit at
+// param_offset(b, c, s) + j * spatial, j < params.
+struct SplineShape {
+  int64_t batch;
+  int64_t channels;
+  int64_t spatial;
+  int64_t params;
+
+  INVK_HOST_DEVICE int64_t planes() const { return batch * channels; }
+  INVK_HOST_DEVICE int64_t param_offset(int64_t plane, int64_t s) const { return plane * params * spatial + s; }
+};
+
+template <typename T>
+INVK_HOST_DEVICE bool spline_outside(const SplineSpec<T>& spec, T v) {
+  return v < -spec.bound || v > spec.bound;
+}
+
+// The whole transform of one element (identity outside [-bound, bound]): the forward (inverse
+// false) or the inverse, its output and log |d out / d in|.
+template <typename T, typename P>
+INVK_HOST_DEVICE void spline_element(const SplineSpec<T>& spec, const P* p, int64_t stride, T v, bool inverse, T* out,
+                                     T* log_d) {
+  if (spline_outside(spec, v)) {
+    *out = v;
+    *log_d = T(0);
+    return;
+  }
+  const SplineBin<T> b = spline_locate(spec, p, stride, v, inverse);
+  if (inverse) {
+    spline_inverse(b, v, out, log_d);
+  } else {
+    spline_forward(b, v, out, log_d);
+  }
+}
+
+// The VJP of one element's forward at its input x (reverse false) or of its inverse at its output
+// x (reverse true) for the gradients g (of the output) and g_l (of the log-det): the input's
+// gradient, and every raw parameter's at out[j * out_stride] (0 in the tails).
+template <typename T, typename P, typename G>
+INVK_HOST_DEVICE T spline_element_vjp(const SplineSpec<T>& spec, const P* p, int64_t stride, T x, T g, T g_l,
+                                      bool reverse, G* out, int64_t out_stride) {
+  if (spline_outside(spec, x)) {
+    for (int j = 0; j < 3 * spec.bins - 1; ++j) out[j * out_stride] = G(0);
+    return g;
+  }
+  const SplineBin<T> b = spline_locate(spec, p, stride, x, false);
+  const SplineGrads<T> grads = reverse ? spline_inverse_vjp(b, x, g, g_l) : spline_forward_vjp(b, x, g, g_l);
+  spline_param_grads(spec, p, stride, b, grads, out, out_stride);
+  return grads.x;
+}
+
+// Inverse and backward of one element in one pass: x rebuilt from the forward's output y, and the
+// VJP of the forward at x for (g, g_l): returns x, the input's gradient in *g_x, the parameters'
+// at out[j * out_stride].
+template <typename T, typename P, typename G>
+INVK_HOST_DEVICE T spline_element_inv_vjp(const SplineSpec<T>& spec, const P* p, int64_t stride, T y, T g, T g_l,
+                                          T* g_x, G* out, int64_t out_stride) {
+  if (spline_outside(spec, y)) {
+    for (int j = 0; j < 3 * spec.bins - 1; ++j) out[j * out_stride] = G(0);
+    *g_x = g;
+    return y;
+  }
+  const SplineBin<T> b = spline_locate(spec, p, stride, y, true);
+  T x, log_d;
+  spline_inverse(b, y, &x, &log_d);
+  const SplineGrads<T> grads = spline_forward_vjp(b, x, g, g_l);
+  spline_param_grads(spec, p, stride, b, grads, out, out_stride);
+  *g_x = grads.x;
+  return x;
 }
 
 }  // namespace invk

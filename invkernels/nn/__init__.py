@@ -10,6 +10,7 @@ from invkernels.nn.protocol import BlockOnHalves, FusedInverseBackward, Invertib
 from invkernels.nn.residual import InvertibleResidual
 from invkernels.nn.reversible import ReversibleBlock
 from invkernels.nn.sequential import InvertibleSequential
+from invkernels.nn.spline import RQSplineCoupling
 from invkernels.nn.subnets import conv_subnet, mlp_subnet
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "InvertibleResidual",
     "InvertibleSequential",
     "Permute",
+    "RQSplineCoupling",
     "ReversibleBlock",
     "Split",
     "Squeeze",

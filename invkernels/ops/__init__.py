@@ -1,6 +1,6 @@
 """Functional API over the registered ops (``torch.ops.invkernels``), one module per op family."""
 
-from invkernels.ops import _registry, actnorm, coupling, glow, invconv
+from invkernels.ops import _registry, actnorm, coupling, glow, invconv, spline
 from invkernels.ops.actnorm import actnorm_fwd, actnorm_inv
 from invkernels.ops.coupling import (
     additive_coupling_fwd,
@@ -10,6 +10,7 @@ from invkernels.ops.coupling import (
 )
 from invkernels.ops.glow import actnorm_conv1x1, actnorm_conv1x1_vjp
 from invkernels.ops.invconv import conv1x1, invconv_inverse_weight, invconv_weight
+from invkernels.ops.spline import rq_spline_fwd, rq_spline_inv, rq_spline_inv_bwd, rq_spline_vjp
 
 
 def prepare(backend: str) -> None:
@@ -31,4 +32,8 @@ __all__ = [
     "invconv_inverse_weight",
     "invconv_weight",
     "prepare",
+    "rq_spline_fwd",
+    "rq_spline_inv",
+    "rq_spline_inv_bwd",
+    "rq_spline_vjp",
 ]

@@ -46,6 +46,10 @@ OUTPUT_KINDS = {
     "channel_mix": "a sum over the channels (a 1x1 product, the LU weight and its gradients): channels terms",
     "param_grad_channel_mix": "a sum over the batch, positions and channels (a folded ActNorm's gradient "
                               "behind the 1x1 product): x.numel() terms",
+    "conditioned": "a function of one element whose rounding error scales with the data (a gradient through "
+                   "a spline: the bin's partials, of the size of its slope over its width, chained to knots "
+                   "that are sums over the bins): compared at twice the error of the reference computed in "
+                   "the input's dtype",
 }
 
 

@@ -206,6 +206,44 @@ def rq_spline_inv(y: torch.Tensor, h: torch.Tensor, bins: int, tail_bound: float
                       inverse=True)
 
 
+def rq_spline_vjp(grad_out: torch.Tensor, grad_logdet: torch.Tensor, x: torch.Tensor, h: torch.Tensor, bins: int,
+                  tail_bound: float, min_bin_width: float, min_bin_height: float, min_derivative: float,
+                  reverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(grad_in, grad_h)``: the VJP of :func:`rq_spline_fwd` at its input ``x`` (``reverse``
+    False), or of :func:`rq_spline_inv` at its output ``x`` (``reverse`` True: the gradients with
+    respect to the inverse's input ``y = forward(x)`` and ``h``), for the gradients ``(grad_out,
+    grad_logdet)`` of the op's outputs, by autograd through the forward at ``x``.
+
+    The inverse's VJP follows from the forward's by the implicit function theorem (``f(x, h) = y``
+    elementwise, ``L = log f_x``): with ``u = (g_x - g_l L_x) / f_x`` it is ``grad_y = u`` and
+    ``grad_h = -u f_h - g_l L_h``, all taken at ``x`` (no round trip through the inverse)."""
+    settings = (bins, tail_bound, min_bin_width, min_bin_height, min_derivative)
+    with torch.enable_grad():
+        leaf, h_leaf = x.detach().requires_grad_(), h.detach().requires_grad_()
+        y, logdet = rq_spline_fwd(leaf, h_leaf, *settings)
+        if not reverse:
+            grad_in, grad_h = torch.autograd.grad((y, logdet), (leaf, h_leaf), (grad_out, grad_logdet))
+            return grad_in, grad_h
+        # Each element's output and log-derivative depend on that element alone: the gradients of
+        # the sums are the elementwise derivatives.
+        f_x, l_x = (torch.autograd.grad(t.sum(), leaf, retain_graph=True)[0] for t in (y, logdet))
+        g_l = grad_logdet.to(l_x.dtype).view(-1, *([1] * (x.dim() - 1)))
+        u = (grad_out.to(l_x.dtype) - g_l * l_x) / f_x
+        grad_h = torch.autograd.grad((y, logdet), h_leaf, (-u.to(y.dtype), -grad_logdet))[0]
+    return u.to(x.dtype), grad_h
+
+
+def rq_spline_inv_bwd(y: torch.Tensor, h: torch.Tensor, grad_y: torch.Tensor, grad_logdet: torch.Tensor, bins: int,
+                      tail_bound: float, min_bin_width: float, min_bin_height: float,
+                      min_derivative: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(x, grad_x, grad_h)``: ``x`` rebuilt from the forward's output ``y`` and the VJP of the
+    forward at ``x`` for ``(grad_y, grad_logdet)`` (the memory-free backward of the spline)."""
+    settings = (bins, tail_bound, min_bin_width, min_bin_height, min_derivative)
+    with torch.no_grad():
+        x = rq_spline_inv(y, h, *settings)[0]
+    return (x, *rq_spline_vjp(grad_y, grad_logdet, x, h, *settings, reverse=False))
+
+
 def identity_derivative_offset(min_derivative: float) -> float:
     """The raw interior derivative whose normalized derivative is 1 (``min_derivative +
     softplus(raw) = 1``): with zero widths and heights and this offset the spline is the identity."""
