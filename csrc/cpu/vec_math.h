@@ -30,6 +30,19 @@ struct MathOps<at::vec::Vectorized<T>> {
   static V copysign(const V& magnitude, const V& sign) { return magnitude.abs() | (sign & V(T(-0.0))); }
   static V min(const V& a, const V& b) { return at::vec::minimum(a, b); }
   static V select_nonneg(const V& z, const V& a, const V& b) { return V::blendv(b, a, z >= V(T(0))); }
+  static V log(const V& v) { return v.log(); }
+  static V sqrt(const V& v) { return v.sqrt(); }
+  static V max(const V& a, const V& b) { return at::vec::maximum(a, b); }
+  // Comparisons give a mask per lane (all bits set where true), which select blends with.
+  using Mask = V;
+  static V lt(const V& a, const V& b) { return a < b; }
+  static V le(const V& a, const V& b) { return a <= b; }
+  static V gt(const V& a, const V& b) { return a > b; }
+  static V ge(const V& a, const V& b) { return a >= b; }
+  static V eq(const V& a, const V& b) { return a == b; }
+  static V mask_or(const V& a, const V& b) { return a | b; }
+  // a where m, b elsewhere.
+  static V select(const V& m, const V& a, const V& b) { return V::blendv(b, a, m); }
 };
 
 }  // namespace invk

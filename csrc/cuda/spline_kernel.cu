@@ -47,7 +47,8 @@ __global__ void spline_apply_kernel(const scalar_t* __restrict__ in, const scala
       const int64_t i = b * per_sample + k;
       const int64_t plane = i / sh.spatial;
       A v, log_d;
-      spline_element(spec, h + sh.param_offset(plane, i % sh.spatial), sh.spatial, A(in[i]), Inverse, &v, &log_d);
+      spline_element(spec, StridedParams<A, scalar_t>{h + sh.param_offset(plane, i % sh.spatial), sh.spatial}, A(in[i]),
+                     Inverse, &v, &log_d);
       out[i] = static_cast<scalar_t>(v);
       sum += log_d;
     }
@@ -68,8 +69,9 @@ __global__ void spline_vjp_kernel(const scalar_t* __restrict__ g, const acc_t<sc
   for (int64_t i = blockIdx.x * int64_t{kThreads} + threadIdx.x; i < total; i += int64_t{gridDim.x} * kThreads) {
     const int64_t plane = i / sh.spatial;
     const int64_t off = sh.param_offset(plane, i % sh.spatial);
-    gin[i] = static_cast<scalar_t>(spline_element_vjp(spec, h + off, sh.spatial, A(x[i]), A(g[i]),
-                                                      gl[plane / sh.channels], reverse, gh + off, sh.spatial));
+    gin[i] = static_cast<scalar_t>(spline_element_vjp(spec, StridedParams<A, scalar_t>{h + off, sh.spatial}, A(x[i]),
+                                                      A(g[i]), gl[plane / sh.channels], reverse,
+                                                      StridedGrads<A, scalar_t>{gh + off, sh.spatial}));
   }
 }
 
@@ -85,8 +87,9 @@ __global__ void spline_inv_vjp_kernel(const scalar_t* __restrict__ y, const scal
     const int64_t plane = i / sh.spatial;
     const int64_t off = sh.param_offset(plane, i % sh.spatial);
     A g_x;
-    x[i] = static_cast<scalar_t>(spline_element_inv_vjp(spec, h + off, sh.spatial, A(y[i]), A(g[i]),
-                                                        gl[plane / sh.channels], &g_x, gh + off, sh.spatial));
+    x[i] = static_cast<scalar_t>(spline_element_inv_vjp(spec, StridedParams<A, scalar_t>{h + off, sh.spatial}, A(y[i]),
+                                                        A(g[i]), gl[plane / sh.channels], &g_x,
+                                                        StridedGrads<A, scalar_t>{gh + off, sh.spatial}));
     gx[i] = static_cast<scalar_t>(g_x);
   }
 }

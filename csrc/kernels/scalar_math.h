@@ -28,6 +28,19 @@ struct MathOps<float> {
   static INVK_HOST_DEVICE float min(float a, float b) { return (a != a || a < b) ? a : b; }
   // a where z >= 0, b elsewhere (NaN z gives b).
   static INVK_HOST_DEVICE float select_nonneg(float z, float a, float b) { return z >= 0.0f ? a : b; }
+  // Propagates NaN from either argument (fmaxf would drop it).
+  static INVK_HOST_DEVICE float max(float a, float b) { return (a != a || a > b) ? a : b; }
+  // Comparisons and selects of the branch-free kernels (csrc/kernels/spline.h): a mask per lane,
+  // here one bool.
+  using Mask = bool;
+  static INVK_HOST_DEVICE bool lt(float a, float b) { return a < b; }
+  static INVK_HOST_DEVICE bool le(float a, float b) { return a <= b; }
+  static INVK_HOST_DEVICE bool gt(float a, float b) { return a > b; }
+  static INVK_HOST_DEVICE bool ge(float a, float b) { return a >= b; }
+  static INVK_HOST_DEVICE bool eq(float a, float b) { return a == b; }
+  static INVK_HOST_DEVICE bool mask_or(bool a, bool b) { return a || b; }
+  // a where m, b elsewhere.
+  static INVK_HOST_DEVICE float select(bool m, float a, float b) { return m ? a : b; }
 };
 
 template <>
@@ -42,6 +55,19 @@ struct MathOps<double> {
   static INVK_HOST_DEVICE double copysign(double magnitude, double sign) { return ::copysign(magnitude, sign); }
   static INVK_HOST_DEVICE double min(double a, double b) { return (a != a || a < b) ? a : b; }
   static INVK_HOST_DEVICE double select_nonneg(double z, double a, double b) { return z >= 0.0 ? a : b; }
+  // Propagates NaN from either argument (fmax would drop it).
+  static INVK_HOST_DEVICE double max(double a, double b) { return (a != a || a > b) ? a : b; }
+  // Comparisons and selects of the branch-free kernels (csrc/kernels/spline.h): a mask per lane,
+  // here one bool.
+  using Mask = bool;
+  static INVK_HOST_DEVICE bool lt(double a, double b) { return a < b; }
+  static INVK_HOST_DEVICE bool le(double a, double b) { return a <= b; }
+  static INVK_HOST_DEVICE bool gt(double a, double b) { return a > b; }
+  static INVK_HOST_DEVICE bool ge(double a, double b) { return a >= b; }
+  static INVK_HOST_DEVICE bool eq(double a, double b) { return a == b; }
+  static INVK_HOST_DEVICE bool mask_or(bool a, bool b) { return a || b; }
+  // a where m, b elsewhere.
+  static INVK_HOST_DEVICE double select(bool m, double a, double b) { return m ? a : b; }
 };
 
 }  // namespace invk

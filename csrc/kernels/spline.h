@@ -9,12 +9,19 @@
 // conventions with linear tails. Formulas, layout and numerics: docs/ops/spline.md; the float64
 // oracle is invkernels/reference/spline.py.
 //
-// One element's raw parameters are read at p[j * stride], j < 3 * bins - 1: bins widths, bins
-// heights, bins - 1 interior derivatives. The computation has two steps, as in the reference:
-// spline_locate normalizes the parameters into the knots of the element's bin (the one step that
-// differs between the parameterizations of the flow libraries), and the spline is evaluated from
-// those knots (spline_forward, spline_inverse, spline_forward_vjp); spline_param_grads takes the
-// bin's gradients back to the raw parameters.
+// Every function is written once for a compute type T that is either a scalar (float, double: the
+// CUDA threads, the C++ unit tests, the CPU loops over reduced-precision types) or a vector of
+// lanes (at::vec::Vectorized<float / double>: the CPU loops over float and double, with
+// csrc/cpu/vec_math.h), so the code is branch-free: the element's bin is chosen by selects over
+// all the bins, comparisons give MathOps<T>::Mask values, and MathOps<T>::select picks per lane.
+//
+// One element's raw parameters are read through a loader: params(j), j < 3 * bins - 1, gives
+// parameter j of each lane (bins widths, bins heights, bins - 1 interior derivatives);
+// StridedParams reads one element's at p[j * stride]. The computation has two steps, as in the
+// reference: spline_locate normalizes the parameters into the knots of the element's bin (the
+// one step that differs between the parameterizations of the flow libraries), and the spline is
+// evaluated from those knots (spline_forward, spline_inverse, spline_forward_vjp);
+// spline_param_grads takes the bin's gradients back to the raw parameters.
 
 namespace invk {
 
@@ -22,7 +29,7 @@ namespace invk {
 // exponent e (2^60 in float, 2^508 in double), a sixteenth of the square root of T's largest
 // value. Below it every intermediate of the forward, the inverse's quadratic and the VJPs stays
 // finite; a larger min_derivative + softplus(raw) is held at it and gets no gradient.
-template <typename T>
+template <typename S>
 struct SplineLimits;
 
 template <>
@@ -35,41 +42,57 @@ struct SplineLimits<double> {
   static constexpr double derivative = 0x1p508;
 };
 
-template <typename T>
+// The settings, in the scalar type S of the computation (float or double).
+template <typename S>
 struct SplineSpec {
   int bins;
-  T bound;           // tail_bound: the spline covers [-bound, bound], identity outside
-  T min_width;       // min_bin_width
-  T min_height;      // min_bin_height
-  T min_derivative;  // min_derivative
+  S bound;           // tail_bound: the spline covers [-bound, bound], identity outside
+  S min_width;       // min_bin_width
+  S min_height;      // min_bin_height
+  S min_derivative;  // min_derivative
 };
 
-// Softmax statistics (max and sum of exp(r - max)) of n raw values: exact for any finite values.
+// Parameter j of one element at p[j * stride] (a scalar T).
+template <typename T, typename P>
+struct StridedParams {
+  const P* p;
+  int64_t stride;
+  INVK_HOST_DEVICE T operator()(int j) const { return static_cast<T>(p[j * stride]); }
+};
+
+// Writes the gradient of one element's parameter j at out[j * stride] (a scalar T).
+template <typename T, typename G>
+struct StridedGrads {
+  G* out;
+  int64_t stride;
+  INVK_HOST_DEVICE void operator()(int j, T v) const { out[j * stride] = static_cast<G>(v); }
+};
+
+// Softmax statistics (max and sum of exp(r - max)) of n raw values starting at parameter
+// `first`: exact for any finite values.
 template <typename T>
 struct SoftmaxStats {
   T max;
   T sum;
 };
 
-template <typename T, typename P>
-INVK_HOST_DEVICE SoftmaxStats<T> spline_softmax_stats(const P* p, int64_t stride, int n) {
+template <typename T, typename Params>
+INVK_HOST_DEVICE SoftmaxStats<T> spline_softmax_stats(const Params& params, int first, int n) {
   using M = MathOps<T>;
-  T m = static_cast<T>(p[0]);
-  for (int j = 1; j < n; ++j) {
-    const T r = static_cast<T>(p[j * stride]);
-    m = r > m ? r : m;
-  }
+  T m = params(first);
+  for (int j = 1; j < n; ++j) m = M::max(m, params(first + j));
   T sum = T(0);
-  for (int j = 0; j < n; ++j) sum += M::exp(static_cast<T>(p[j * stride]) - m);
+  for (int j = 0; j < n; ++j) sum = sum + M::exp(params(first + j) - m);
   return {m, sum};
 }
 
-// The bin of one element: its index k, its knots (x0, y0) and (x1, y1) with the derivatives d0,
-// d1 there, and for the gradients the softmax statistics and the cumulative softmax of the widths
-// (cw0 = sum of the first k normalized-softmax terms, cw1 the first k + 1) and of the heights.
+// The bin of one element: its index k (as a T: lanes may differ), its knots (x0, y0) and (x1, y1)
+// with the derivatives d0, d1 there, and for the gradients the softmax statistics and the
+// cumulative softmax of the widths (cw0 = sum of the first k normalized-softmax terms, cw1 the
+// first k + 1) and of the heights.
 template <typename T>
 struct SplineBin {
-  int k;
+  T k;
   T x0, x1, y0, y1, d0, d1;
   SoftmaxStats<T> w, h;
   T cw0, cw1, ch0, ch1;
@@ -78,73 +101,86 @@ struct SplineBin {
 template <typename T>
 INVK_HOST_DEVICE T spline_softplus(T r) {
   using M = MathOps<T>;
-  return (r > T(0) ? r : T(0)) + M::log1p(M::exp(-M::abs(r)));
+  return M::max(r, T(0)) + M::log1p(M::exp(T(0) - M::abs(r)));
 }
 
 template <typename T>
 INVK_HOST_DEVICE T spline_sigmoid(T r) {
   using M = MathOps<T>;
-  const T e = M::exp(-M::abs(r));
-  return r >= T(0) ? T(1) / (T(1) + e) : e / (T(1) + e);
+  const T e = M::exp(T(0) - M::abs(r));
+  const T inv = T(1) / (T(1) + e);
+  return M::select(M::ge(r, T(0)), inv, e * inv);
 }
 
 // An interior knot derivative from its raw value: min_derivative + softplus(r), held at
-// SplineLimits<T>::derivative.
-template <typename T>
-INVK_HOST_DEVICE T spline_derivative(const SplineSpec<T>& spec, T r) {
-  const T d = spec.min_derivative + spline_softplus(r);
-  return d > SplineLimits<T>::derivative ? SplineLimits<T>::derivative : d;
+// SplineLimits<S>::derivative.
+template <typename T, typename S>
+INVK_HOST_DEVICE T spline_derivative(const SplineSpec<S>& spec, T r) {
+  using M = MathOps<T>;
+  return M::min(T(spec.min_derivative) + spline_softplus(r), T(SplineLimits<S>::derivative));
 }
 
 // d spline_derivative / d r: sigmoid(r), 0 where the derivative is held at the limit.
-template <typename T>
-INVK_HOST_DEVICE T spline_derivative_grad(const SplineSpec<T>& spec, T r) {
-  return spec.min_derivative + spline_softplus(r) > SplineLimits<T>::derivative ? T(0) : spline_sigmoid(r);
+template <typename T, typename S>
+INVK_HOST_DEVICE T spline_derivative_grad(const SplineSpec<S>& spec, T r) {
+  using M = MathOps<T>;
+  const T d = T(spec.min_derivative) + spline_softplus(r);
+  return M::select(M::gt(d, T(SplineLimits<S>::derivative)), T(0), spline_sigmoid(r));
 }
 
 // The bin of v (inside [-bound, bound]) among the knots in x (by_y false: the forward) or in y
 // (by_y true: the inverse): the last knot <= v among the first bins (a value on an interior knot
-// belongs to the bin on its right). Knot positions: bound * (2 * cumulative normalized size - 1),
-// the ends set exactly; boundary derivatives 1.
-template <typename T, typename P>
-INVK_HOST_DEVICE SplineBin<T> spline_locate(const SplineSpec<T>& spec, const P* p, int64_t stride, T v, bool by_y) {
+// belongs to the bin on its right), chosen by a select per bin. Knot positions: bound * (2 *
+// cumulative normalized size - 1) (2 * bound would overflow float for bounds beyond half its
+// range), the ends set exactly; boundary derivatives 1.
+template <typename T, typename S, typename Params>
+INVK_HOST_DEVICE SplineBin<T> spline_locate(const SplineSpec<S>& spec, const Params& params, T v, bool by_y) {
   using M = MathOps<T>;
   const int n = spec.bins;
-  const P* pw = p;
-  const P* ph = p + n * stride;
-  const P* pd = p + 2 * n * stride;
   SplineBin<T> b;
-  b.w = spline_softmax_stats<T>(pw, stride, n);
-  b.h = spline_softmax_stats<T>(ph, stride, n);
-  const T scale_w = T(1) - spec.min_width * T(n);
-  const T scale_h = T(1) - spec.min_height * T(n);
-  T cum_w = T(0), cum_h = T(0);
-  b.cw0 = T(0);
-  b.ch0 = T(0);
-  b.x0 = -spec.bound;
-  b.y0 = -spec.bound;
-  int k = 0;
-  for (;; ++k) {
-    const T sw = M::exp(static_cast<T>(pw[k * stride]) - b.w.max) / b.w.sum;
-    const T sh = M::exp(static_cast<T>(ph[k * stride]) - b.h.max) / b.h.sum;
-    b.cw1 = b.cw0 + sw;
-    b.ch1 = b.ch0 + sh;
-    cum_w += spec.min_width + scale_w * sw;
-    cum_h += spec.min_height + scale_h * sh;
-    const bool last = k == n - 1;
-    // bound * (2 cum - 1) rather than 2 bound cum - bound: 2 bound overflows float for bounds
-    // beyond half its range.
-    b.x1 = last ? spec.bound : spec.bound * (T(2) * cum_w - T(1));
-    b.y1 = last ? spec.bound : spec.bound * (T(2) * cum_h - T(1));
-    if (last || v < (by_y ? b.y1 : b.x1)) break;
-    b.cw0 = b.cw1;
-    b.ch0 = b.ch1;
-    b.x0 = b.x1;
-    b.y0 = b.y1;
+  b.w = spline_softmax_stats<T>(params, 0, n);
+  b.h = spline_softmax_stats<T>(params, n, n);
+  const T scale_w = T(S(1) - spec.min_width * S(n));
+  const T scale_h = T(S(1) - spec.min_height * S(n));
+  const T bound = T(spec.bound), neg_bound = T(-spec.bound);
+  T cum_w = T(0), cum_h = T(0), soft_w = T(0), soft_h = T(0);
+  T lo_x = neg_bound, lo_y = neg_bound;
+  T raw_d0 = T(0), raw_d1 = T(0);
+  for (int j = 0; j < n; ++j) {
+    const T sw = M::exp(params(j) - b.w.max) / b.w.sum;
+    const T sh = M::exp(params(n + j) - b.h.max) / b.h.sum;
+    const T next_w = soft_w + sw, next_h = soft_h + sh;
+    cum_w = cum_w + (T(spec.min_width) + scale_w * sw);
+    cum_h = cum_h + (T(spec.min_height) + scale_h * sh);
+    const bool last = j == n - 1;
+    const T hi_x = last ? bound : bound * (T(2) * cum_w - T(1));
+    const T hi_y = last ? bound : bound * (T(2) * cum_h - T(1));
+    const T raw_lo = j > 0 ? params(2 * n + j - 1) : T(0);
+    const T raw_hi = last ? T(0) : params(2 * n + j);
+    if (j == 0) {
+      b.k = T(0);
+      b.x0 = lo_x, b.x1 = hi_x, b.y0 = lo_y, b.y1 = hi_y;
+      b.cw0 = soft_w, b.cw1 = next_w, b.ch0 = soft_h, b.ch1 = next_h;
+      raw_d0 = raw_lo, raw_d1 = raw_hi;
+    } else {
+      const auto here = M::ge(v, by_y ? lo_y : lo_x);
+      b.k = M::select(here, T(S(j)), b.k);
+      b.x0 = M::select(here, lo_x, b.x0);
+      b.x1 = M::select(here, hi_x, b.x1);
+      b.y0 = M::select(here, lo_y, b.y0);
+      b.y1 = M::select(here, hi_y, b.y1);
+      b.cw0 = M::select(here, soft_w, b.cw0);
+      b.cw1 = M::select(here, next_w, b.cw1);
+      b.ch0 = M::select(here, soft_h, b.ch0);
+      b.ch1 = M::select(here, next_h, b.ch1);
+      raw_d0 = M::select(here, raw_lo, raw_d0);
+      raw_d1 = M::select(here, raw_hi, raw_d1);
+    }
+    soft_w = next_w, soft_h = next_h;
+    lo_x = hi_x, lo_y = hi_y;
   }
-  b.k = k;
-  b.d0 = k == 0 ? T(1) : spline_derivative(spec, static_cast<T>(pd[(k - 1) * stride]));
-  b.d1 = k == n - 1 ? T(1) : spline_derivative(spec, static_cast<T>(pd[k * stride]));
+  b.d0 = M::select(M::eq(b.k, T(0)), T(1), spline_derivative(spec, raw_d0));
+  b.d1 = M::select(M::eq(b.k, T(S(n - 1))), T(1), spline_derivative(spec, raw_d1));
   return b;
 }
 
@@ -190,7 +226,8 @@ INVK_HOST_DEVICE void spline_forward(const SplineBin<T>& b, T x, T* y, T* log_d)
 // H so b^2 stays finite for any tail bound. c = -s dy / H <= 0 and a + b + c = s (1 - dy / H) >= 0,
 // so the root is taken in the form without cancellation: 2c / (-b - sqrt(b^2 - 4ac)) for b >= 0,
 // (-b + sqrt(b^2 - 4ac)) / 2a for b < 0 (then a > 0; a rise beyond the bin with a <= 0 gives 1).
-// The discriminant is clamped at 0 and the root to [0, 1].
+// Each form divides by a stand-in (-1, 1) on the lanes that use the other. The discriminant is
+// clamped at 0 and the root to [0, 1].
 template <typename T>
 INVK_HOST_DEVICE T spline_root(T dy, T H, T s, T d_near, T d_far) {
   using M = MathOps<T>;
@@ -198,11 +235,14 @@ INVK_HOST_DEVICE T spline_root(T dy, T H, T s, T d_near, T d_far) {
   const T slope = d_near + d_far - T(2) * s;
   const T a = rise * slope + (s - d_near);
   const T bq = d_near - rise * slope;
-  const T c = -s * rise;
-  const T disc = bq * bq - T(4) * a * c;
-  const T sq = M::sqrt(disc > T(0) ? disc : T(0));
-  const T root = bq >= T(0) ? T(2) * c / (-bq - sq) : (a > T(0) ? (sq - bq) / (T(2) * a) : T(1));
-  return root < T(0) ? T(0) : (root > T(1) ? T(1) : root);
+  const T c = T(0) - s * rise;
+  const T sq = M::sqrt(M::max(bq * bq - T(4) * a * c, T(0)));
+  const auto plus = M::ge(bq, T(0));
+  const auto minus = M::gt(a, T(0));
+  const T root_plus = T(2) * c / M::select(plus, T(0) - bq - sq, T(-1));
+  const T root_minus = (sq - bq) / (T(2) * M::select(minus, a, T(1)));
+  const T root = M::select(plus, root_plus, M::select(minus, root_minus, T(1)));
+  return M::min(M::max(root, T(0)), T(1));
 }
 
 // Inverse inside the bounds: x and log dx/dy at y in bin b (located by y). The quadratic is
@@ -210,17 +250,16 @@ INVK_HOST_DEVICE T spline_root(T dy, T H, T s, T d_near, T d_far) {
 // and d1 exchanged).
 template <typename T>
 INVK_HOST_DEVICE void spline_inverse(const SplineBin<T>& b, T y, T* x, T* log_d) {
+  using M = MathOps<T>;
   const T w = b.x1 - b.x0, H = b.y1 - b.y0, s = H / w;
   const T dy = y - b.y0;
-  const bool upper = dy > T(0.5) * H;
+  const auto upper = M::gt(dy, T(0.5) * H);
   SplineBin<T> near = b;
-  if (upper) {
-    near.d0 = b.d1;
-    near.d1 = b.d0;
-  }
-  const T theta = spline_root(upper ? b.y1 - y : dy, H, s, near.d0, near.d1);
-  *x = upper ? b.x1 - theta * w : theta * w + b.x0;
-  *log_d = -spline_log_derivative(spline_terms(near, theta));
+  near.d0 = M::select(upper, b.d1, b.d0);
+  near.d1 = M::select(upper, b.d0, b.d1);
+  const T theta = spline_root(M::select(upper, b.y1 - y, dy), H, s, near.d0, near.d1);
+  *x = M::select(upper, b.x1 - theta * w, theta * w + b.x0);
+  *log_d = T(0) - spline_log_derivative(spline_terms(near, theta));
 }
 
 // Gradients of g_y * y + g_l * log dy/dx with respect to the input x and the bin's knots and
@@ -249,7 +288,7 @@ INVK_HOST_DEVICE SplinePartials<T> spline_value_partials(const SplineBin<T>& b, 
   y.s = hd * (th * th - r * (T(1) - T(2) * q.t));
   y.H = r;
   y.d0 = hd * q.t * (T(1) - r);
-  y.d1 = -hd * r * q.t;
+  y.d1 = T(0) - hd * r * q.t;
   return y;
 }
 
@@ -275,7 +314,7 @@ INVK_HOST_DEVICE SplineGrads<T> spline_chain(const SplineTerms<T>& q, const Spli
   SplineGrads<T> g;
   g.x = f.theta / q.w;
   g.x0 = (f.theta * (q.theta - T(1)) + f.s * q.s) / q.w;
-  g.x1 = -(f.theta * q.theta + f.s * q.s) / q.w;
+  g.x1 = T(0) - (f.theta * q.theta + f.s * q.s) / q.w;
   g.y0 = (value ? T(1) : T(0)) - f.H - f.s / q.w;
   g.y1 = f.H + f.s / q.w;
   g.d0 = f.d0;
@@ -309,50 +348,50 @@ INVK_HOST_DEVICE SplineGrads<T> spline_inverse_vjp(const SplineBin<T>& b, T x, T
   const SplineTerms<T> q = spline_terms(b, (x - b.x0) / (b.x1 - b.x0));
   const SplinePartials<T> py = spline_value_partials(b, q), pl = spline_log_partials(b, q);
   const T u = (g_x - g_l * pl.theta / q.w) / (py.theta / q.w);
-  SplineGrads<T> g = spline_combine(q, py, pl, -u, -g_l);
+  SplineGrads<T> g = spline_combine(q, py, pl, T(0) - u, T(0) - g_l);
   g.x = u;
   return g;
 }
 
-// The bin's gradients (g.x0 ... g.d1) taken back to the raw parameters: out[j * out_stride],
-// j < 3 * bins - 1, each written once (0 where a parameter does not reach the bin, or for a
-// derivative held at the limit).
-// Knot m (0 < m < bins) sits at 2 * bound * (m * min_width + (1 - bins * min_width) * C_m) - bound
-// with C_m the sum of the first m softmax terms, so d knot_m / d r_j = 2 * bound * (1 - bins *
-// min_width) * softmax_j * ([j < m] - C_m); the end knots are fixed.
-template <typename T, typename P, typename G>
-INVK_HOST_DEVICE void spline_param_grads(const SplineSpec<T>& spec, const P* p, int64_t stride, const SplineBin<T>& b,
-                                         const SplineGrads<T>& g, G* out, int64_t out_stride) {
+// The bin's gradients (g.x0 ... g.d1) taken back to the raw parameters, each written once through
+// grads(j, value), j < 3 * bins - 1 (0 where a parameter does not reach the bin, for a derivative
+// held at the limit, and on the lanes of `zero`). Knot m (0 < m < bins) sits at bound * (2 * (m *
+// min_width + (1 - bins * min_width) * C_m) - 1) with C_m the sum of the first m softmax terms, so
+// d knot_m / d r_j = 2 * bound * (1 - bins * min_width) * softmax_j * ([j < m] - C_m); the end
+// knots are fixed.
+template <typename T, typename S, typename Params, typename Grads, typename Mask>
+INVK_HOST_DEVICE void spline_param_grads(const SplineSpec<S>& spec, const Params& params, const SplineBin<T>& b,
+                                         const SplineGrads<T>& g, const Grads& grads, Mask zero) {
   using M = MathOps<T>;
   const int n = spec.bins;
-  const int k = b.k;
-  const T g0w = k > 0 ? g.x0 : T(0), g1w = k + 1 < n ? g.x1 : T(0);
-  const T g0h = k > 0 ? g.y0 : T(0), g1h = k + 1 < n ? g.y1 : T(0);
+  const T k = b.k;
+  const auto inner_lo = M::gt(k, T(0)), inner_hi = M::lt(k, T(S(n - 1)));
+  const T g0w = M::select(inner_lo, g.x0, T(0)), g1w = M::select(inner_hi, g.x1, T(0));
+  const T g0h = M::select(inner_lo, g.y0, T(0)), g1h = M::select(inner_hi, g.y1, T(0));
   const T base_w = g0w * b.cw0 + g1w * b.cw1;
   const T base_h = g0h * b.ch0 + g1h * b.ch1;
+  const T scale_w = T(S(2) * spec.bound) * T(S(1) - spec.min_width * S(n));
+  const T scale_h = T(S(2) * spec.bound) * T(S(1) - spec.min_height * S(n));
   for (int j = 0; j < n; ++j) {
-    const T rw = static_cast<T>(p[j * stride]);
-    const T rh = static_cast<T>(p[(n + j) * stride]);
-    const T sw = M::exp(rw - b.w.max) / b.w.sum;
-    const T sh = M::exp(rh - b.h.max) / b.h.sum;
-    const T in_w = (j < k ? g0w : T(0)) + (j < k + 1 ? g1w : T(0));
-    const T in_h = (j < k ? g0h : T(0)) + (j < k + 1 ? g1h : T(0));
-    const T gw = T(2) * (spec.bound * ((T(1) - spec.min_width * T(n)) * sw * (in_w - base_w)));
-    const T gh = T(2) * (spec.bound * ((T(1) - spec.min_height * T(n)) * sh * (in_h - base_h)));
-    out[j * out_stride] = static_cast<G>(gw);
-    out[(n + j) * out_stride] = static_cast<G>(gh);
+    const T sw = M::exp(params(j) - b.w.max) / b.w.sum;
+    const T sh = M::exp(params(n + j) - b.h.max) / b.h.sum;
+    // Bin k's lower knot is knot k (reached by r_j for j < k), its upper knot k + 1 (j < k + 1).
+    const auto below_lo = M::lt(T(S(j)), k), below_hi = M::le(T(S(j)), k);
+    const T in_w = M::select(below_lo, g0w, T(0)) + M::select(below_hi, g1w, T(0));
+    const T in_h = M::select(below_lo, g0h, T(0)) + M::select(below_hi, g1h, T(0));
+    grads(j, M::select(zero, T(0), scale_w * (sw * (in_w - base_w))));
+    grads(n + j, M::select(zero, T(0), scale_h * (sh * (in_h - base_h))));
   }
   for (int j = 0; j + 1 < n; ++j) {
-    const T r = static_cast<T>(p[(2 * n + j) * stride]);
     // Interior derivative j is d at knot j + 1: the bin's d1 when j == k, its d0 when j == k - 1.
-    const T gd = (j == k ? g.d1 : T(0)) + (j + 1 == k ? g.d0 : T(0));
-    out[(2 * n + j) * out_stride] = static_cast<G>(gd * spline_derivative_grad(spec, r));
+    const T gd = M::select(M::eq(T(S(j)), k), g.d1, T(0)) + M::select(M::eq(T(S(j + 1)), k), g.d0, T(0));
+    grads(2 * n + j, M::select(zero, T(0), gd * spline_derivative_grad(spec, params(2 * n + j))));
   }
 }
 
 // The geometry of the spline ops: x is [batch, channels, spatial]; h is [batch, channels * params,
 // spatial] with params = 3 * bins - 1, so the parameters of element (b, c, s) sit at
-// param_offset(b, c, s) + j * spatial, j < params.
+// param_offset(b * channels + c, s) + j * spatial, j < params.
 struct SplineShape {
   int64_t batch;
   int64_t channels;
@@ -363,63 +402,64 @@ struct SplineShape {
   INVK_HOST_DEVICE int64_t param_offset(int64_t plane, int64_t s) const { return plane * params * spatial + s; }
 };
 
-template <typename T>
-INVK_HOST_DEVICE bool spline_outside(const SplineSpec<T>& spec, T v) {
-  return v < -spec.bound || v > spec.bound;
+// Whether v lies outside [-bound, bound] (where the transform is the identity); NaN is inside.
+template <typename T, typename S>
+INVK_HOST_DEVICE auto spline_outside(const SplineSpec<S>& spec, T v) {
+  using M = MathOps<T>;
+  return M::mask_or(M::lt(v, T(-spec.bound)), M::gt(v, T(spec.bound)));
 }
 
 // The whole transform of one element (identity outside [-bound, bound]): the forward (inverse
-// false) or the inverse, its output and log |d out / d in|.
-template <typename T, typename P>
-INVK_HOST_DEVICE void spline_element(const SplineSpec<T>& spec, const P* p, int64_t stride, T v, bool inverse, T* out,
+// false) or the inverse, its output and log |d out / d in|. The spline runs at v, or at 0 on the
+// lanes outside (a finite point inside), whose results are then replaced.
+template <typename T, typename S, typename Params>
+INVK_HOST_DEVICE void spline_element(const SplineSpec<S>& spec, const Params& params, T v, bool inverse, T* out,
                                      T* log_d) {
-  if (spline_outside(spec, v)) {
-    *out = v;
-    *log_d = T(0);
-    return;
-  }
-  const SplineBin<T> b = spline_locate(spec, p, stride, v, inverse);
+  using M = MathOps<T>;
+  const auto outside = spline_outside(spec, v);
+  const T inside_v = M::select(outside, T(0), v);
+  const SplineBin<T> b = spline_locate(spec, params, inside_v, inverse);
+  T o, l;
   if (inverse) {
-    spline_inverse(b, v, out, log_d);
+    spline_inverse(b, inside_v, &o, &l);
   } else {
-    spline_forward(b, v, out, log_d);
+    spline_forward(b, inside_v, &o, &l);
   }
+  *out = M::select(outside, v, o);
+  *log_d = M::select(outside, T(0), l);
 }
 
 // The VJP of one element's forward at its input x (reverse false) or of its inverse at its output
 // x (reverse true) for the gradients g (of the output) and g_l (of the log-det): the input's
-// gradient, and every raw parameter's at out[j * out_stride] (0 in the tails).
-template <typename T, typename P, typename G>
-INVK_HOST_DEVICE T spline_element_vjp(const SplineSpec<T>& spec, const P* p, int64_t stride, T x, T g, T g_l,
-                                      bool reverse, G* out, int64_t out_stride) {
-  if (spline_outside(spec, x)) {
-    for (int j = 0; j < 3 * spec.bins - 1; ++j) out[j * out_stride] = G(0);
-    return g;
-  }
-  const SplineBin<T> b = spline_locate(spec, p, stride, x, false);
-  const SplineGrads<T> grads = reverse ? spline_inverse_vjp(b, x, g, g_l) : spline_forward_vjp(b, x, g, g_l);
-  spline_param_grads(spec, p, stride, b, grads, out, out_stride);
-  return grads.x;
+// gradient, and every raw parameter's through grads (0 in the tails).
+template <typename T, typename S, typename Params, typename Grads>
+INVK_HOST_DEVICE T spline_element_vjp(const SplineSpec<S>& spec, const Params& params, T x, T g, T g_l, bool reverse,
+                                      const Grads& grads) {
+  using M = MathOps<T>;
+  const auto outside = spline_outside(spec, x);
+  const T inside_x = M::select(outside, T(0), x);
+  const SplineBin<T> b = spline_locate(spec, params, inside_x, false);
+  const SplineGrads<T> d = reverse ? spline_inverse_vjp(b, inside_x, g, g_l) : spline_forward_vjp(b, inside_x, g, g_l);
+  spline_param_grads(spec, params, b, d, grads, outside);
+  return M::select(outside, g, d.x);
 }
 
 // Inverse and backward of one element in one pass: x rebuilt from the forward's output y, and the
 // VJP of the forward at x for (g, g_l): returns x, the input's gradient in *g_x, the parameters'
-// at out[j * out_stride].
-template <typename T, typename P, typename G>
-INVK_HOST_DEVICE T spline_element_inv_vjp(const SplineSpec<T>& spec, const P* p, int64_t stride, T y, T g, T g_l,
-                                          T* g_x, G* out, int64_t out_stride) {
-  if (spline_outside(spec, y)) {
-    for (int j = 0; j < 3 * spec.bins - 1; ++j) out[j * out_stride] = G(0);
-    *g_x = g;
-    return y;
-  }
-  const SplineBin<T> b = spline_locate(spec, p, stride, y, true);
+// through grads.
+template <typename T, typename S, typename Params, typename Grads>
+INVK_HOST_DEVICE T spline_element_inv_vjp(const SplineSpec<S>& spec, const Params& params, T y, T g, T g_l, T* g_x,
+                                          const Grads& grads) {
+  using M = MathOps<T>;
+  const auto outside = spline_outside(spec, y);
+  const T inside_y = M::select(outside, T(0), y);
+  const SplineBin<T> b = spline_locate(spec, params, inside_y, true);
   T x, log_d;
-  spline_inverse(b, y, &x, &log_d);
-  const SplineGrads<T> grads = spline_forward_vjp(b, x, g, g_l);
-  spline_param_grads(spec, p, stride, b, grads, out, out_stride);
-  *g_x = grads.x;
-  return x;
+  spline_inverse(b, inside_y, &x, &log_d);
+  const SplineGrads<T> d = spline_forward_vjp(b, x, g, g_l);
+  spline_param_grads(spec, params, b, d, grads, outside);
+  *g_x = M::select(outside, g, d.x);
+  return M::select(outside, y, x);
 }
 
 }  // namespace invk

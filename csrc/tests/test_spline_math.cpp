@@ -13,6 +13,17 @@ namespace {
 using invk::SplineBin;
 using invk::SplineSpec;
 
+// One element's parameters (or gradients) at consecutive addresses.
+template <typename T>
+invk::StridedParams<T, T> strided(const T* p) {
+  return {p, 1};
+}
+
+template <typename T>
+invk::StridedGrads<T, T> grads_to(T* out) {
+  return {out, 1};
+}
+
 // Deterministic parameters of one element: a linear congruential generator mapped to
 // [-scale, scale].
 std::vector<double> raw_params(int bins, double scale, uint32_t seed) {
@@ -34,12 +45,12 @@ void forward(const SplineSpec<double>& spec, const std::vector<double>& p, doubl
     *log_d = 0.0;
     return;
   }
-  const SplineBin<double> b = invk::spline_locate(spec, p.data(), 1, x, false);
+  const SplineBin<double> b = invk::spline_locate(spec, strided(p.data()), x, false);
   invk::spline_forward(b, x, y, log_d);
 }
 
 void inverse(const SplineSpec<double>& spec, const std::vector<double>& p, double y, double* x, double* log_d) {
-  const SplineBin<double> b = invk::spline_locate(spec, p.data(), 1, y, true);
+  const SplineBin<double> b = invk::spline_locate(spec, strided(p.data()), y, true);
   invk::spline_inverse(b, y, x, log_d);
 }
 
@@ -81,7 +92,7 @@ void test_knots() {
   const std::vector<double> p = raw_params(bins, 1.5, 7u);
   double knot = -3.0;
   for (int m = 0; m < bins; ++m) {
-    const SplineBin<double> b = invk::spline_locate(spec, p.data(), 1, knot, false);
+    const SplineBin<double> b = invk::spline_locate(spec, strided(p.data()), knot, false);
     CHECK(b.k == m);
     CHECK(b.x0 == knot);
     double y, log_d;
@@ -123,13 +134,13 @@ void test_vjp(bool inverse_direction) {
           double log_d;
           inverse(spec, p, v, &x, &log_d);
         }
-        const SplineBin<double> b = invk::spline_locate(spec, p.data(), 1, x, false);
+        const SplineBin<double> b = invk::spline_locate(spec, strided(p.data()), x, false);
         const invk::SplineGrads<double> g = inverse_direction ? invk::spline_inverse_vjp(b, x, g_out, g_l)
                                                               : invk::spline_forward_vjp(b, x, g_out, g_l);
         const double fd_v = (F(v + step, p) - F(v - step, p)) / (2 * step);
         CHECK_CLOSE(g.x, fd_v, 1e-5, 1e-7);
         std::vector<double> grads(p.size());
-        invk::spline_param_grads(spec, p.data(), 1, b, g, grads.data(), 1);
+        invk::spline_param_grads(spec, strided(p.data()), b, g, grads_to(grads.data()), false);
         for (size_t j = 0; j < p.size(); ++j) {
           std::vector<double> up = p, down = p;
           up[j] += step;
@@ -169,7 +180,7 @@ void test_float() {
   for (double x = -2.95; x <= 3.0; x += 0.25) {
     double y, log_d;
     forward(spec, p, x, &y, &log_d);
-    const SplineBin<float> b = invk::spline_locate(specf, pf.data(), 1, float(x), false);
+    const SplineBin<float> b = invk::spline_locate(specf, strided(pf.data()), float(x), false);
     float yf, log_df;
     invk::spline_forward(b, float(x), &yf, &log_df);
     CHECK(std::isfinite(yf) && std::isfinite(log_df));
@@ -177,7 +188,7 @@ void test_float() {
     CHECK_CLOSE(log_df, log_d, 1e-4, 1e-4);
     const invk::SplineGrads<float> g = invk::spline_forward_vjp(b, float(x), 1.0f, 1.0f);
     std::vector<float> grads(pf.size());
-    invk::spline_param_grads(specf, pf.data(), 1, b, g, grads.data(), 1);
+    invk::spline_param_grads(specf, strided(pf.data()), b, g, grads_to(grads.data()), false);
     bool finite = std::isfinite(g.x);
     for (float v : grads) finite = finite && std::isfinite(v);
     CHECK(finite);
@@ -195,8 +206,8 @@ void test_shift_invariance() {
     std::vector<double> q = p;
     for (int j = 0; j < 2 * bins; ++j) q[j] += shift;
     for (double x = -2.9; x <= 3.0; x += 0.4) {
-      const SplineBin<double> a = invk::spline_locate(spec, p.data(), 1, x, false);
-      const SplineBin<double> b = invk::spline_locate(spec, q.data(), 1, x, false);
+      const SplineBin<double> a = invk::spline_locate(spec, strided(p.data()), x, false);
+      const SplineBin<double> b = invk::spline_locate(spec, strided(q.data()), x, false);
       CHECK(a.k == b.k);
       const double tol = 1e-15 * (1.0 + std::fabs(shift)) * 16;
       CHECK_CLOSE(b.x0, a.x0, 0.0, tol);
@@ -223,10 +234,10 @@ void test_derivative_limit() {
     CHECK(invk::spline_derivative_grad(spec, 60.0f) == 1.0f);
     for (float fraction : {-0.9f, -0.26f, 0.1f, 0.77f}) {
       const float x = fraction * bound;
-      const SplineBin<float> b = invk::spline_locate(spec, p.data(), 1, x, false);
+      const SplineBin<float> b = invk::spline_locate(spec, strided(p.data()), x, false);
       float y, log_d, back, log_inv;
       invk::spline_forward(b, x, &y, &log_d);
-      const SplineBin<float> bi = invk::spline_locate(spec, p.data(), 1, y, true);
+      const SplineBin<float> bi = invk::spline_locate(spec, strided(p.data()), y, true);
       invk::spline_inverse(bi, y, &back, &log_inv);
       CHECK(std::isfinite(y) && std::isfinite(log_d) && std::isfinite(back) && std::isfinite(log_inv));
       if (bound > 1e6f) continue;
@@ -234,7 +245,7 @@ void test_derivative_limit() {
         const invk::SplineGrads<float> g = inv ? invk::spline_inverse_vjp(b, x, 1.0f, 1.0f)
                                                : invk::spline_forward_vjp(b, x, 1.0f, 1.0f);
         std::vector<float> grads(p.size());
-        invk::spline_param_grads(spec, p.data(), 1, b, g, grads.data(), 1);
+        invk::spline_param_grads(spec, strided(p.data()), b, g, grads_to(grads.data()), false);
         bool finite = std::isfinite(g.x);
         for (float v : grads) finite = finite && std::isfinite(v);
         CHECK(finite);
@@ -256,15 +267,15 @@ void test_inverse_next_to_knots() {
     for (int m = 0; m <= bins; ++m) {
       for (float toward : {-10.0f, 10.0f}) {
         const float y = std::fmin(3.0f, std::fmax(-3.0f, std::nextafter(knot, toward)));
-        const SplineBin<float> b = invk::spline_locate(spec, p.data(), 1, y, true);
+        const SplineBin<float> b = invk::spline_locate(spec, strided(p.data()), y, true);
         float x, log_d, y_back, log_f;
         invk::spline_inverse(b, y, &x, &log_d);
-        const SplineBin<float> bx = invk::spline_locate(spec, p.data(), 1, x, false);
+        const SplineBin<float> bx = invk::spline_locate(spec, strided(p.data()), x, false);
         invk::spline_forward(bx, x, &y_back, &log_f);
         ++total;
         if (!(std::isfinite(x) && std::isfinite(log_d) && std::fabs(y_back - y) <= 1e-5f)) ++bad;
       }
-      if (m < bins) knot = invk::spline_locate(spec, p.data(), 1, knot, true).y1;
+      if (m < bins) knot = invk::spline_locate(spec, strided(p.data()), knot, true).y1;
     }
   }
   CHECK(total == 400 * (bins + 1) * 2);
