@@ -87,13 +87,14 @@ INVK_HOST_DEVICE SoftmaxStats<T> spline_softmax_stats(const Params& params, int 
 }
 
 // The bin of one element: its index k (as a T: lanes may differ), its knots (x0, y0) and (x1, y1)
-// with the derivatives d0, d1 there, and for the gradients the softmax statistics and the
-// cumulative softmax of the widths (cw0 = sum of the first k normalized-softmax terms, cw1 the
-// first k + 1) and of the heights.
+// with the derivatives d0, d1 there, and for the gradients the derivatives of d0, d1 with
+// respect to their raw values (dd0, dd1: 0 at the boundary knots and at the limit), the softmax
+// statistics and the cumulative softmax of the widths (cw0 = sum of the first k
+// normalized-softmax terms, cw1 the first k + 1) and of the heights.
 template <typename T>
 struct SplineBin {
   T k;
-  T x0, x1, y0, y1, d0, d1;
+  T x0, x1, y0, y1, d0, d1, dd0, dd1;
   SoftmaxStats<T> w, h;
   T cw0, cw1, ch0, ch1;
 };
@@ -126,6 +127,18 @@ INVK_HOST_DEVICE T spline_derivative_grad(const SplineSpec<S>& spec, T r) {
   using M = MathOps<T>;
   const T d = T(spec.min_derivative) + spline_softplus(r);
   return M::select(M::gt(d, T(SplineLimits<S>::derivative)), T(0), spline_sigmoid(r));
+}
+
+// spline_derivative and spline_derivative_grad of r together, sharing exp(-|r|).
+template <typename T, typename S>
+INVK_HOST_DEVICE void spline_derivative_and_grad(const SplineSpec<S>& spec, T r, T* d, T* dd) {
+  using M = MathOps<T>;
+  const T e = M::exp(T(0) - M::abs(r));
+  const T raw = T(spec.min_derivative) + (M::max(r, T(0)) + M::log1p(e));
+  const T inv = T(1) / (T(1) + e);
+  const auto held = M::gt(raw, T(SplineLimits<S>::derivative));
+  *d = M::select(held, T(SplineLimits<S>::derivative), raw);
+  *dd = M::select(held, T(0), M::select(M::ge(r, T(0)), inv, e * inv));
 }
 
 // The bin of v (inside [-bound, bound]) among the knots in x (by_y false: the forward) or in y
@@ -179,8 +192,14 @@ INVK_HOST_DEVICE SplineBin<T> spline_locate(const SplineSpec<S>& spec, const Par
     soft_w = next_w, soft_h = next_h;
     lo_x = hi_x, lo_y = hi_y;
   }
-  b.d0 = M::select(M::eq(b.k, T(0)), T(1), spline_derivative(spec, raw_d0));
-  b.d1 = M::select(M::eq(b.k, T(S(n - 1))), T(1), spline_derivative(spec, raw_d1));
+  T d0, dd0, d1, dd1;
+  spline_derivative_and_grad(spec, raw_d0, &d0, &dd0);
+  spline_derivative_and_grad(spec, raw_d1, &d1, &dd1);
+  const auto first = M::eq(b.k, T(0)), last = M::eq(b.k, T(S(n - 1)));
+  b.d0 = M::select(first, T(1), d0);
+  b.dd0 = M::select(first, T(0), dd0);
+  b.d1 = M::select(last, T(1), d1);
+  b.dd1 = M::select(last, T(0), dd1);
   return b;
 }
 
@@ -382,10 +401,11 @@ INVK_HOST_DEVICE void spline_param_grads(const SplineSpec<S>& spec, const Params
     grads(j, M::select(zero, T(0), scale_w * (sw * (in_w - base_w))));
     grads(n + j, M::select(zero, T(0), scale_h * (sh * (in_h - base_h))));
   }
+  const T gd1 = g.d1 * b.dd1, gd0 = g.d0 * b.dd0;
   for (int j = 0; j + 1 < n; ++j) {
     // Interior derivative j is d at knot j + 1: the bin's d1 when j == k, its d0 when j == k - 1.
-    const T gd = M::select(M::eq(T(S(j)), k), g.d1, T(0)) + M::select(M::eq(T(S(j + 1)), k), g.d0, T(0));
-    grads(2 * n + j, M::select(zero, T(0), gd * spline_derivative_grad(spec, params(2 * n + j))));
+    const T gd = M::select(M::eq(T(S(j)), k), gd1, T(0)) + M::select(M::eq(T(S(j + 1)), k), gd0, T(0));
+    grads(2 * n + j, M::select(zero, T(0), gd));
   }
 }
 
