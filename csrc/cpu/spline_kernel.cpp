@@ -211,9 +211,10 @@ void with_lane_grads(scalar_t* gh, const SplineShape& sh, int count, const int64
   }
 }
 
-template <typename scalar_t>
-void vjp_vectorized(const scalar_t* g, const scalar_t* gl, const scalar_t* x, const scalar_t* h, scalar_t* gin,
-                    scalar_t* gh, const SplineSpec<scalar_t>& spec, const SplineShape& sh, bool reverse) {
+// Runs body(e0, count, params, g_l, grads) over the vectors of elements of a VJP: each vector's
+// parameters, each lane's log-det gradient, and where its parameter gradients go (with_lane_grads).
+template <typename scalar_t, typename Body>
+void for_vjp_vectors(const scalar_t* h, const scalar_t* gl, scalar_t* gh, const SplineShape& sh, const Body& body) {
   using V = Vec<scalar_t>;
   for_vectors<scalar_t>(sh.planes() * sh.spatial, [&](int64_t e0, int count) {
     Scratch<scalar_t> scratch(sh.params);
@@ -222,10 +223,18 @@ void vjp_vectorized(const scalar_t* g, const scalar_t* gl, const scalar_t* x, co
     const bool direct = window.offsets(e0, count, off);
     const LaneParams<V> params = window.load(e0, count, off, direct);
     const V g_l = lane_grad_logdet(gl, sh, e0, count);
-    with_lane_grads(gh, sh, count, off, direct, scratch.grads_buffer(sh.params), [&](const LaneGrads<V>& grads) {
-      spline_element_vjp(spec, params, V::loadu(x + e0, count), V::loadu(g + e0, count), g_l, reverse, grads)
-          .store(gin + e0, count);
-    });
+    with_lane_grads(gh, sh, count, off, direct, scratch.grads_buffer(sh.params),
+                    [&](const LaneGrads<V>& grads) { body(e0, count, params, g_l, grads); });
+  });
+}
+
+template <typename scalar_t>
+void vjp_vectorized(const scalar_t* g, const scalar_t* gl, const scalar_t* x, const scalar_t* h, scalar_t* gin,
+                    scalar_t* gh, const SplineSpec<scalar_t>& spec, const SplineShape& sh, bool reverse) {
+  using V = Vec<scalar_t>;
+  for_vjp_vectors(h, gl, gh, sh, [&](int64_t e0, int count, const auto& params, const V& g_l, const auto& grads) {
+    spline_element_vjp(spec, params, V::loadu(x + e0, count), V::loadu(g + e0, count), g_l, reverse, grads)
+        .store(gin + e0, count);
   });
 }
 
@@ -233,19 +242,11 @@ template <typename scalar_t>
 void inv_vjp_vectorized(const scalar_t* y, const scalar_t* h, const scalar_t* g, const scalar_t* gl, scalar_t* x,
                         scalar_t* gx, scalar_t* gh, const SplineSpec<scalar_t>& spec, const SplineShape& sh) {
   using V = Vec<scalar_t>;
-  for_vectors<scalar_t>(sh.planes() * sh.spatial, [&](int64_t e0, int count) {
-    Scratch<scalar_t> scratch(sh.params);
-    const ParamWindow<scalar_t> window{h, sh, scratch.params_buffer()};
-    int64_t off[V::size()];
-    const bool direct = window.offsets(e0, count, off);
-    const LaneParams<V> params = window.load(e0, count, off, direct);
-    const V g_l = lane_grad_logdet(gl, sh, e0, count);
-    with_lane_grads(gh, sh, count, off, direct, scratch.grads_buffer(sh.params), [&](const LaneGrads<V>& grads) {
-      V g_x;
-      spline_element_inv_vjp(spec, params, V::loadu(y + e0, count), V::loadu(g + e0, count), g_l, &g_x, grads)
-          .store(x + e0, count);
-      g_x.store(gx + e0, count);
-    });
+  for_vjp_vectors(h, gl, gh, sh, [&](int64_t e0, int count, const auto& params, const V& g_l, const auto& grads) {
+    V g_x;
+    spline_element_inv_vjp(spec, params, V::loadu(y + e0, count), V::loadu(g + e0, count), g_l, &g_x, grads)
+        .store(x + e0, count);
+    g_x.store(gx + e0, count);
   });
 }
 
