@@ -38,11 +38,14 @@ SplineSpec<A> spec_of(int64_t bins, double tail_bound, double min_bin_width, dou
           static_cast<A>(min_bin_height), static_cast<A>(min_derivative)};
 }
 
-// Parameter j of every lane: base[j * stride], a vector load.
+// Parameter j of every lane: base[j * stride], a vector load; the softmax terms are kept in
+// `cache` (2 * bins vectors) once computed.
 template <typename V>
 struct LaneParams {
+  static constexpr bool cached = true;
   const typename V::value_type* base;
   int64_t stride;
+  V* cache;
   V operator()(int j) const { return V::loadu(base + j * stride); }
 };
 
@@ -62,6 +65,7 @@ struct ParamWindow {
   const scalar_t* h;
   const SplineShape& sh;
   scalar_t* buffer;
+  Vec<scalar_t>* cache;
 
   // Offsets in h of each lane's first parameter; returns whether they are consecutive.
   bool offsets(int64_t e0, int count, int64_t* off) const {
@@ -75,11 +79,11 @@ struct ParamWindow {
 
   LaneParams<Vec<scalar_t>> load(int64_t e0, int count, const int64_t* off, bool direct) const {
     constexpr int V = Vec<scalar_t>::size();
-    if (direct && count == V) return {h + off[0], sh.spatial};
+    if (direct && count == V) return {h + off[0], sh.spatial, cache};
     for (int64_t j = 0; j < sh.params; ++j) {
       for (int l = 0; l < V; ++l) buffer[j * V + l] = h[off[l < count ? l : 0] + j * sh.spatial];
     }
-    return {buffer, V};
+    return {buffer, V, cache};
   }
 };
 
@@ -93,18 +97,25 @@ void for_vectors(int64_t n, const Body& body) {
   });
 }
 
-// A task's scratch for gathered parameters and gradients: 2 * params vectors.
+// A vector's scratch: gathered parameters and gradients (2 * params vectors of values) and the
+// softmax terms (params + 1 >= 2 * bins vectors).
 template <typename scalar_t>
 struct Scratch {
   static constexpr int V = Vec<scalar_t>::size();
   std::array<scalar_t, 2 * kStackParams * V> stack;
+  std::array<Vec<scalar_t>, kStackParams + 1> stack_terms;
   std::vector<scalar_t> heap;
+  std::vector<Vec<scalar_t>> heap_terms;
 
   explicit Scratch(int64_t params) {
-    if (params > kStackParams) heap.resize(2 * params * V);
+    if (params > kStackParams) {
+      heap.resize(2 * params * V);
+      heap_terms.resize(params + 1);
+    }
   }
   scalar_t* params_buffer() { return heap.empty() ? stack.data() : heap.data(); }
   scalar_t* grads_buffer(int64_t params) { return params_buffer() + params * V; }
+  Vec<scalar_t>* terms() { return heap_terms.empty() ? stack_terms.data() : heap_terms.data(); }
 };
 
 // logdet[b] = sum of sample b's log-derivatives, in double, in element order.
@@ -130,7 +141,7 @@ void transform_vectorized(const scalar_t* in, const scalar_t* h, scalar_t* out, 
   using V = Vec<scalar_t>;
   for_vectors<scalar_t>(sh.planes() * sh.spatial, [&](int64_t e0, int count) {
     Scratch<scalar_t> scratch(sh.params);
-    const ParamWindow<scalar_t> window{h, sh, scratch.params_buffer()};
+    const ParamWindow<scalar_t> window{h, sh, scratch.params_buffer(), scratch.terms()};
     int64_t off[V::size()];
     const bool direct = window.offsets(e0, count, off);
     V o, l;
@@ -218,7 +229,7 @@ void for_vjp_vectors(const scalar_t* h, const scalar_t* gl, scalar_t* gh, const 
   using V = Vec<scalar_t>;
   for_vectors<scalar_t>(sh.planes() * sh.spatial, [&](int64_t e0, int count) {
     Scratch<scalar_t> scratch(sh.params);
-    const ParamWindow<scalar_t> window{h, sh, scratch.params_buffer()};
+    const ParamWindow<scalar_t> window{h, sh, scratch.params_buffer(), scratch.terms()};
     int64_t off[V::size()];
     const bool direct = window.offsets(e0, count, off);
     const LaneParams<V> params = window.load(e0, count, off, direct);

@@ -52,9 +52,13 @@ struct SplineSpec {
   S min_derivative;  // min_derivative
 };
 
-// Parameter j of one element at p[j * stride] (a scalar T).
+// Parameter j of one element at p[j * stride] (a scalar T). A loader with `cached` true also has
+// `T* cache`, room for 2 * bins values: the softmax terms exp(r_j - max) of the widths then the
+// heights are kept there when first computed instead of being computed again (the CPU loops; a
+// CUDA thread keeps no per-bin array).
 template <typename T, typename P>
 struct StridedParams {
+  static constexpr bool cached = false;
   const P* p;
   int64_t stride;
   INVK_HOST_DEVICE T operator()(int j) const { return static_cast<T>(p[j * stride]); }
@@ -82,8 +86,23 @@ INVK_HOST_DEVICE SoftmaxStats<T> spline_softmax_stats(const Params& params, int 
   T m = params(first);
   for (int j = 1; j < n; ++j) m = M::max(m, params(first + j));
   T sum = T(0);
-  for (int j = 0; j < n; ++j) sum = sum + M::exp(params(first + j) - m);
+  for (int j = 0; j < n; ++j) {
+    const T e = M::exp(params(first + j) - m);
+    if constexpr (Params::cached) params.cache[first + j] = e;
+    sum = sum + e;
+  }
   return {m, sum};
+}
+
+// Softmax term j (of the widths from first = 0, of the heights from first = bins), normalized.
+template <typename T, typename Params>
+INVK_HOST_DEVICE T spline_softmax_term(const Params& params, const SoftmaxStats<T>& stats, int index) {
+  using M = MathOps<T>;
+  if constexpr (Params::cached) {
+    return params.cache[index] / stats.sum;
+  } else {
+    return M::exp(params(index) - stats.max) / stats.sum;
+  }
 }
 
 // The bin of one element: its index k (as a T: lanes may differ), its knots (x0, y0) and (x1, y1)
@@ -160,8 +179,8 @@ INVK_HOST_DEVICE SplineBin<T> spline_locate(const SplineSpec<S>& spec, const Par
   T lo_x = neg_bound, lo_y = neg_bound;
   T raw_d0 = T(0), raw_d1 = T(0);
   for (int j = 0; j < n; ++j) {
-    const T sw = M::exp(params(j) - b.w.max) / b.w.sum;
-    const T sh = M::exp(params(n + j) - b.h.max) / b.h.sum;
+    const T sw = spline_softmax_term(params, b.w, j);
+    const T sh = spline_softmax_term(params, b.h, n + j);
     const T next_w = soft_w + sw, next_h = soft_h + sh;
     cum_w = cum_w + (T(spec.min_width) + scale_w * sw);
     cum_h = cum_h + (T(spec.min_height) + scale_h * sh);
@@ -392,8 +411,8 @@ INVK_HOST_DEVICE void spline_param_grads(const SplineSpec<S>& spec, const Params
   const T scale_w = T(S(2) * spec.bound) * T(S(1) - spec.min_width * S(n));
   const T scale_h = T(S(2) * spec.bound) * T(S(1) - spec.min_height * S(n));
   for (int j = 0; j < n; ++j) {
-    const T sw = M::exp(params(j) - b.w.max) / b.w.sum;
-    const T sh = M::exp(params(n + j) - b.h.max) / b.h.sum;
+    const T sw = spline_softmax_term(params, b.w, j);
+    const T sh = spline_softmax_term(params, b.h, n + j);
     // Bin k's lower knot is knot k (reached by r_j for j < k), its upper knot k + 1 (j < k + 1).
     const auto below_lo = M::lt(T(S(j)), k), below_hi = M::le(T(S(j)), k);
     const T in_w = M::select(below_lo, g0w, T(0)) + M::select(below_hi, g1w, T(0));
