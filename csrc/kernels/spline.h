@@ -118,37 +118,9 @@ struct SplineBin {
   T cw0, cw1, ch0, ch1;
 };
 
-template <typename T>
-INVK_HOST_DEVICE T spline_softplus(T r) {
-  using M = MathOps<T>;
-  return M::max(r, T(0)) + M::log1p(M::exp(T(0) - M::abs(r)));
-}
-
-template <typename T>
-INVK_HOST_DEVICE T spline_sigmoid(T r) {
-  using M = MathOps<T>;
-  const T e = M::exp(T(0) - M::abs(r));
-  const T inv = T(1) / (T(1) + e);
-  return M::select(M::ge(r, T(0)), inv, e * inv);
-}
-
-// An interior knot derivative from its raw value: min_derivative + softplus(r), held at
-// SplineLimits<S>::derivative.
-template <typename T, typename S>
-INVK_HOST_DEVICE T spline_derivative(const SplineSpec<S>& spec, T r) {
-  using M = MathOps<T>;
-  return M::min(T(spec.min_derivative) + spline_softplus(r), T(SplineLimits<S>::derivative));
-}
-
-// d spline_derivative / d r: sigmoid(r), 0 where the derivative is held at the limit.
-template <typename T, typename S>
-INVK_HOST_DEVICE T spline_derivative_grad(const SplineSpec<S>& spec, T r) {
-  using M = MathOps<T>;
-  const T d = T(spec.min_derivative) + spline_softplus(r);
-  return M::select(M::gt(d, T(SplineLimits<S>::derivative)), T(0), spline_sigmoid(r));
-}
-
-// spline_derivative and spline_derivative_grad of r together, sharing exp(-|r|).
+// An interior knot derivative from its raw value r, d = min_derivative + softplus(r) held at
+// SplineLimits<S>::derivative, and dd = d d / d r = sigmoid(r) (0 where d is held), sharing
+// exp(-|r|).
 template <typename T, typename S>
 INVK_HOST_DEVICE void spline_derivative_and_grad(const SplineSpec<S>& spec, T r, T* d, T* dd) {
   using M = MathOps<T>;

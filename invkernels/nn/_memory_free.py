@@ -151,6 +151,12 @@ def _watched_name(seq, where: tuple) -> str:
     return f"{kind} blocks.{i}.{path}"
 
 
+def _held(where: tuple) -> torch.Tensor | None:
+    """The tensor the module of ``where`` (see :class:`_Watched`) holds under its key now."""
+    _, module, kind, key = where
+    return (module._parameters if kind == "parameter" else module._buffers).get(key)
+
+
 def _check_unchanged(seq, indices, watched: _Watched) -> None:
     """RuntimeError when a tensor the rebuild reads was modified in place, or replaced (itself or a
     module holding it), between the forward and this backward (as autograd raises for the
@@ -163,14 +169,12 @@ def _check_unchanged(seq, indices, watched: _Watched) -> None:
                 f"between the forward and the memory-free backward, which rebuilds the activations with the "
                 f"modules the forward ran. Run backward first.")
     now_versions = _versions(watched.tensors)
-    if now_versions == watched.versions and all(
-            (m._parameters if kind == "parameter" else m._buffers).get(key) is t
-            for (_, m, kind, key), t in zip(watched.where, watched.tensors)):
+    held = [_held(where) is t for where, t in zip(watched.where, watched.tensors)]
+    if now_versions == watched.versions and all(held):
         return
-    for where, t, version, now_version in zip(watched.where, watched.tensors, watched.versions, now_versions):
-        _, m, kind, key = where
+    for where, still, version, now_version in zip(watched.where, held, watched.versions, now_versions):
         changed = now_version != version
-        if changed or (m._parameters if kind == "parameter" else m._buffers).get(key) is not t:
+        if changed or not still:
             what = (f"was modified by an inplace operation (version {version} -> {now_version})" if changed
                     else "was replaced by another tensor")
             raise RuntimeError(
