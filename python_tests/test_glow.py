@@ -25,10 +25,10 @@ def unfused(step, x):
     return y, ld1 + ld2 + ld3
 
 
-@pytest.mark.parametrize("scale", ["sigmoid", "exp"])
+@pytest.mark.parametrize("coupling,scale", [("affine", "sigmoid"), ("affine", "exp"), ("spline", "sigmoid")])
 @pytest.mark.parametrize("lu", [True, False])
-def test_folded_step_equals_the_three_layers(scale, lu):
-    step = randomized(GlowStep(6, hidden=8, scale=scale, lu=lu)).double()
+def test_folded_step_equals_the_three_layers(coupling, scale, lu):
+    step = randomized(GlowStep(6, hidden=8, scale=scale, lu=lu, coupling=coupling, bins=4)).double()
     x = torch.randn(3, 6, 4, 4, dtype=torch.float64, requires_grad=True)
     y, logdet = step(x)
     y_ref, logdet_ref = unfused(step, x)
@@ -44,8 +44,9 @@ def test_folded_step_equals_the_three_layers(scale, lu):
     assert_close(logdet_inv, -logdet.detach())
 
 
-def test_logdet_is_slogdet_of_dense_jacobian():
-    step = randomized(GlowStep(4, hidden=8)).double()
+@pytest.mark.parametrize("coupling", ["affine", "spline"])
+def test_logdet_is_slogdet_of_dense_jacobian(coupling):
+    step = randomized(GlowStep(4, hidden=8, coupling=coupling, bins=3, tail_bound=1.5)).double()
     x = torch.randn(1, 4, 2, 2, dtype=torch.float64)
     _, logdet = step(x)
     jac = torch.autograd.functional.jacobian(lambda v: step(v.reshape(1, 4, 2, 2))[0].reshape(-1), x.reshape(-1))
@@ -76,6 +77,25 @@ def test_vectors_and_backends(backend):
     assert_close(step.inverse(y), x)
 
 
+def test_spline_step_memory_free_gradients_equal_stored_ones():
+    """A chain of spline Glow steps: the fused inverse-backward path (the coupling's
+    ``rq_spline_inv_bwd``, then the front's VJP) gives the stored chain's gradients."""
+    from invkernels.nn import InvertibleSequential  # noqa: PLC0415
+
+    torch.manual_seed(7)
+    chain = InvertibleSequential(*(randomized(GlowStep(4, hidden=8, coupling="spline", bins=4)) for _ in range(2)))
+    chain = chain.double()
+    x = torch.randn(3, 4, 2, 2, dtype=torch.float64, requires_grad=True)
+    grads = {}
+    for memory_free in (True, False):
+        chain.memory_free = memory_free
+        y, logdet = chain(x)
+        loss = y.sin().sum() + logdet.square().sum()
+        grads[memory_free] = torch.autograd.grad(loss, [x, *chain.parameters()])
+    for got, want in zip(grads[True], grads[False]):
+        assert_close(got, want)
+
+
 def test_compiles_fullgraph():
     torch._dynamo.reset()
     step = randomized(GlowStep(4, hidden=8)).double()
@@ -94,6 +114,10 @@ def test_bad_arguments():
         GlowStep(4, hidden=8)(torch.randn(2, 3, 4, 4))
     with pytest.raises(ValueError, match="backend should be one of"):
         GlowStep(4, backend="fast")
+    with pytest.raises(ValueError, match="GlowStep: coupling should be 'affine' or 'spline', got 'rq'"):
+        GlowStep(4, coupling="rq")
+    with pytest.raises(ValueError, match="RQSplineCoupling: bins should be"):
+        GlowStep(4, coupling="spline", bins=0)
     assert invkernels.get_backend() == "cpp"
 
 

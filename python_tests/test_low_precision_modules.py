@@ -50,7 +50,8 @@ def test_coupling_logdet_past_the_half_range(dtype):
 def test_every_block_and_the_chain_return_float32_logdets(dtype):
     torch.manual_seed(0)
     blocks = [ActNorm(4, data_init=False), InvConv1x1(4), AffineCoupling(4, "conv", hidden=8),
-              AdditiveCoupling(4, "conv", hidden=8), Permute(4), GlowStep(4, hidden=8), Squeeze()]
+              AdditiveCoupling(4, "conv", hidden=8), Permute(4), GlowStep(4, hidden=8),
+              GlowStep(4, hidden=8, coupling="spline"), Squeeze()]
     for block in blocks:
         if isinstance(block, GlowStep):
             block.actnorm.mark_initialized()

@@ -57,6 +57,7 @@ def test_realnvp_log_prob_integrates_to_one(kwargs):
 
 
 @pytest.mark.parametrize("model_fn", [lambda: tiny_glow(prior="gaussian").double(),
+                                      lambda: tiny_glow(prior="gaussian", coupling="spline", bins=3).double(),
                                       lambda: RealNVP(6, blocks=3, hidden=16).double()])
 def test_log_prob_is_the_change_of_variables_of_the_dense_jacobian(model_fn):
     """log p(x) = log N(z; 0, I) + log|det dz/dx| with z all the latents (the factored-out halves
@@ -91,12 +92,13 @@ def test_glow_round_trip_and_shapes():
     torch.testing.assert_close(model.inverse(z), x)
 
 
-def test_glow_loss_decreases_on_digits():
+@pytest.mark.parametrize("coupling", ["affine", "spline"])
+def test_glow_loss_decreases_on_digits(coupling):
     from invkernels.demo import load_digits_split  # noqa: PLC0415
 
     torch.manual_seed(5)
     train, _ = load_digits_split()
-    model = tiny_glow(steps=2, hidden=16)
+    model = tiny_glow(steps=2, hidden=16, coupling=coupling)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     batch = train[:128]
     losses = []
@@ -150,6 +152,10 @@ def test_bad_inputs_give_clear_errors():
         model.bits_per_dim(digits_like(), 1)
     with pytest.raises(ValueError, match="H and W should be divisible by 2 \\*\\* levels = 8"):
         Glow((1, 12, 12), levels=3)
+    with pytest.raises(ValueError, match="Glow: coupling should be 'affine' or 'spline', got 'additive'"):
+        Glow((1, 8, 8), coupling="additive")
+    with pytest.raises(ValueError, match="Glow: tail_bound should be"):
+        Glow((1, 8, 8), coupling="spline", tail_bound=-1.0)
     with pytest.raises(ValueError, match="temperature should be a finite number >= 0, got -1"):
         model.sample(2, temperature=-1)
     with pytest.raises(ValueError, match=r"z should have shape \[B, 64\]"):

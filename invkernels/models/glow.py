@@ -10,13 +10,15 @@ from invkernels._validation import check_int, logdet_dtype
 from invkernels.models.base import FlowModel
 from invkernels.nn import AffineCoupling, GlowStep, InvConv1x1, InvertibleSequential, Permute, Split, Squeeze
 from invkernels.nn.actnorm import ActNorm
+from invkernels.nn.glow import check_coupling
+from invkernels.nn.spline import check_spline_settings
 
 
 class Glow(FlowModel):
     """Multi-scale Glow for images ``[B, C, H, W]`` with values in ``[0, 1]``.
 
     Each of the ``levels`` levels is a :class:`Squeeze` and ``steps`` :class:`GlowStep` s (ActNorm,
-    LU-decomposed 1x1 convolution, affine coupling), run as one memory-free
+    LU-decomposed 1x1 convolution, affine or rational-quadratic spline coupling), run as one memory-free
     :class:`InvertibleSequential`; every level but the last ends with a :class:`Split` that factors
     out half the channels under a Gaussian prior (``prior="learned"``: conditioned on the kept half).
     The final latent has a standard normal base. Inputs are centred (``x - 0.5``) first.
@@ -26,8 +28,11 @@ class Glow(FlowModel):
         levels, steps: number of levels and of Glow steps per level.
         hidden: width of the coupling subnets (Glow uses 512).
         prior: ``"gaussian"`` or ``"learned"`` prior of the factored-out halves.
-        scale: coupling scale, ``"sigmoid"`` (Glow) or ``"exp"``.
+        scale: affine coupling scale, ``"sigmoid"`` (Glow) or ``"exp"``.
         memory_free: train without storing the steps' activations.
+        coupling: ``"affine"`` (Glow's) or ``"spline"`` (:class:`RQSplineCoupling`, identity at
+            initialization).
+        bins, tail_bound: the spline couplings' bins and range ``[-tail_bound, tail_bound]``.
         backend: ``"cpp"``, ``"triton"``, ``"reference"`` or None for ``invkernels.get_backend()``.
 
     ``forward(x) -> (z, logdet)`` with ``z`` the latents of every level flattened and concatenated
@@ -38,9 +43,12 @@ class Glow(FlowModel):
 
     def __init__(self, in_shape: tuple[int, int, int], levels: int = 3, steps: int = 8, hidden: int = 512,
                  prior: str = "gaussian", scale: str = "sigmoid", memory_free: bool = True,
-                 backend: str | None = None):
+                 backend: str | None = None, *, coupling: str = "affine", bins: int = 8, tail_bound: float = 3.0):
         super().__init__()
         cls = "Glow"
+        check_coupling(cls, coupling)
+        if coupling == "spline":
+            check_spline_settings(cls, bins, tail_bound, 1e-3, 1e-3, 1e-3)
         if not (isinstance(in_shape, (tuple, list)) and len(in_shape) == 3):
             raise ValueError(f"{cls}: in_shape should be (C, H, W), got {in_shape!r}")
         c, h, w = (check_int(cls, "in_shape entries", v) for v in in_shape)
@@ -58,7 +66,8 @@ class Glow(FlowModel):
         for level in range(levels):
             c, h, w = 4 * c, h // 2, w // 2
             self.flows.append(InvertibleSequential(
-                Squeeze(), *(GlowStep(c, hidden=hidden, scale=scale, backend=backend) for _ in range(steps)),
+                Squeeze(), *(GlowStep(c, hidden=hidden, scale=scale, backend=backend, coupling=coupling, bins=bins,
+                                      tail_bound=tail_bound) for _ in range(steps)),
                 memory_free=memory_free))
             if level < levels - 1:
                 split = Split(c, prior=prior)

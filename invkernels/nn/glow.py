@@ -1,4 +1,5 @@
-"""Glow's flow step: ActNorm → InvConv1x1 → AffineCoupling, with the first two in one GEMM."""
+"""Glow's flow step: ActNorm → InvConv1x1 → coupling (affine or rational-quadratic spline), with the
+first two in one GEMM."""
 
 from __future__ import annotations
 
@@ -8,26 +9,40 @@ from torch import nn
 from invkernels.nn.actnorm import ActNorm
 from invkernels.nn.coupling import AffineCoupling
 from invkernels.nn.invconv import InvConv1x1
+from invkernels.nn.spline import RQSplineCoupling
 from invkernels.nn.subnets import SubnetFactory, conv_subnet
 from invkernels.ops import glow as glow_ops
 from invkernels.ops import invconv as invconv_ops
 
 
+COUPLINGS = ("affine", "spline")
+
+
+def check_coupling(owner: str, coupling: str) -> None:
+    """ValueError naming ``owner`` unless ``coupling`` is one of :data:`COUPLINGS`."""
+    if coupling not in COUPLINGS:
+        raise ValueError(f"{owner}: coupling should be 'affine' or 'spline', got {coupling!r}")
+
+
 class GlowStep(nn.Module):
-    """One step of Glow's flow: ``ActNorm → InvConv1x1 → AffineCoupling``.
+    """One step of Glow's flow: ``ActNorm → InvConv1x1 → coupling``, the coupling an
+    :class:`AffineCoupling` (Glow) or an :class:`RQSplineCoupling` (``coupling="spline"``: neural
+    spline flows' image steps).
 
     ActNorm followed by the 1x1 convolution is computed as one GEMM with a bias,
     ``W · diag(exp(log_scale))`` and ``W · (exp(log_scale) ⊙ bias)``, with the two log-dets added;
-    the coupling is the fused coupling op. ActNorm is initialized from the first training batch,
-    as :class:`ActNorm` is.
+    the coupling is the fused coupling or spline op. ActNorm is initialized from the first training
+    batch, as :class:`ActNorm` is.
 
     Args:
         channels: number of channels ``C``.
         hidden: width of the default conv subnet (Glow uses 512).
         subnet: a factory ``(in_channels, out_channels) -> nn.Module``, ``"mlp"`` or ``"conv"``;
             None for Glow's conv subnet of width ``hidden``.
-        scale: coupling scale, ``"sigmoid"`` (Glow) or ``"exp"`` (soft-clamped).
+        coupling: ``"affine"`` (Glow) or ``"spline"``.
+        scale: affine coupling scale, ``"sigmoid"`` (Glow) or ``"exp"`` (soft-clamped).
         clamp: soft clamp of ``"exp"``.
+        bins, tail_bound: the spline coupling's bins and range ``[-tail_bound, tail_bound]``.
         lu: LU-parameterized 1x1 convolution (True) or a dense weight (False).
         context_channels: channels of the optional ``context=`` of the coupling subnet.
         backend: ``"cpp"``, ``"triton"``, ``"reference"`` or None for ``invkernels.get_backend()``.
@@ -37,12 +52,18 @@ class GlowStep(nn.Module):
 
     def __init__(self, channels: int, hidden: int = 512, subnet: str | SubnetFactory | None = None,
                  scale: str = "sigmoid", clamp: float = 2.0, lu: bool = True, context_channels: int = 0,
-                 backend: str | None = None):
+                 backend: str | None = None, *, coupling: str = "affine", bins: int = 8, tail_bound: float = 3.0):
         super().__init__()
+        check_coupling("GlowStep", coupling)
         self.actnorm = ActNorm(channels, backend=backend)
         self.invconv = InvConv1x1(channels, lu=lu, backend=backend)
-        self.coupling = AffineCoupling(channels, conv_subnet(hidden) if subnet is None else subnet, scale=scale,
-                                       clamp=clamp, context_channels=context_channels, backend=backend)
+        subnet = conv_subnet(hidden) if subnet is None else subnet
+        if coupling == "affine":
+            self.coupling = AffineCoupling(channels, subnet, scale=scale, clamp=clamp,
+                                           context_channels=context_channels, backend=backend)
+        else:
+            self.coupling = RQSplineCoupling(channels, subnet, bins=bins, tail_bound=tail_bound,
+                                             context_channels=context_channels, backend=backend)
         self.channels = channels
 
     def _front(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,8 +94,8 @@ class GlowStep(nn.Module):
                          context: torch.Tensor | None = None):
         """Memory-free backward (used by :class:`InvertibleSequential`): ``(x, grad_x, grads)``.
 
-        The coupling rebuilds its input with the fused ``affine_coupling_inv_bwd`` (its subnet runs
-        once, with grad); the front is inverted with the cached ``W⁻¹`` and the ActNorm inverse, and
+        The coupling rebuilds its input with its fused inverse-backward op (its subnet runs once,
+        with grad); the front is inverted with the cached ``W⁻¹`` and the ActNorm inverse, and
         back-propagated by the fused ``conv1x1_bwd`` with the ActNorm folded in. ``grads`` pairs each
         parameter (and ``context``) that requires grad with its gradient.
         """
