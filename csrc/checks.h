@@ -132,12 +132,13 @@ inline void check_spline_fraction(const char* op, const char* name, double value
              ", ", limit_text, "), got ", value);
 }
 
-// Validates a spline input x ([B, C, *spatial]), its parameters h ([B, C * (3 * bins - 1),
-// *spatial]) and the settings; returns the geometry (the spec is built by the caller in its
-// compute type).
+// Validates a spline input x ([B, C, *spatial]) whose first `passthrough` channels are copied
+// through, the parameters h ([B, (C - passthrough) * (3 * bins - 1), *spatial]) of the others and
+// the settings; returns the geometry of the transformed channels (the spec is built by the caller
+// in its compute type).
 inline SplineShape check_spline(const char* op, const at::Tensor& x, const at::Tensor& h, int64_t bins,
                                 double tail_bound, double min_bin_width, double min_bin_height,
-                                double min_derivative, const char* x_name = "x") {
+                                double min_derivative, int64_t passthrough, const char* x_name = "x") {
   INVK_CHECK(at::isFloatingType(x.scalar_type()), op, x_name, " should be a floating-point tensor, got ",
              x.scalar_type());
   INVK_CHECK(x.dim() >= 2, op, x_name, " should be at least 2-D (B, C, ...), got ", x.dim(), "-D");
@@ -148,25 +149,30 @@ inline SplineShape check_spline(const char* op, const at::Tensor& x, const at::T
   check_spline_fraction(op, "min_bin_width", min_bin_width, 1.0 / static_cast<double>(bins), per_bin);
   check_spline_fraction(op, "min_bin_height", min_bin_height, 1.0 / static_cast<double>(bins), per_bin);
   check_spline_fraction(op, "min_derivative", min_derivative, 1.0, "1");
+  INVK_CHECK(passthrough >= 0 && passthrough < x.size(1), op, "passthrough should be an integer in [0, C) = [0, ",
+             x.size(1), ") for ", x_name, " with C=", x.size(1), ", got ", passthrough);
   INVK_CHECK(h.scalar_type() == x.scalar_type(), op, x_name, " and h should have the same dtype, got ", x_name, " ",
              x.scalar_type(), " and h ", h.scalar_type());
   INVK_CHECK(h.device() == x.device(), op, x_name, " and h should be on the same device, got ", x_name, " on ",
              x.device(), " and h on ", h.device());
   const int64_t params = 3 * bins - 1;
-  const int64_t want = x.size(1) * params;
+  const int64_t channels = x.size(1) - passthrough;
+  const int64_t want = channels * params;
   std::vector<int64_t> shape = x.sizes().vec();
   shape[1] = want;
   INVK_CHECK(h.dim() == x.dim() && h.size(0) == x.size(0) && h.sizes().slice(2) == x.sizes().slice(2), op,
-             "h should have shape [B, C * (3 * bins - 1), *spatial] = ", at::IntArrayRef(shape), " for ", x_name,
-             " of shape ", x.sizes(), " and bins=", bins, ", got ", h.sizes());
-  INVK_CHECK(h.size(1) == want, op, "h should have C * (3 * bins - 1) = ", want, " channels for ", x_name,
-             " with C=", x.size(1), " and bins=", bins, ", got ", h.size(1));
+             "h should have shape [B, (C - passthrough) * (3 * bins - 1), *spatial] = ", at::IntArrayRef(shape),
+             " for ", x_name, " of shape ", x.sizes(), ", passthrough=", passthrough, " and bins=", bins, ", got ",
+             h.sizes());
+  INVK_CHECK(h.size(1) == want, op, "h should have (C - passthrough) * (3 * bins - 1) = ", want, " channels for ",
+             x_name, " with C=", x.size(1), ", passthrough=", passthrough, " and bins=", bins, ", got ", h.size(1));
   SplineShape sh{};
   sh.batch = x.size(0);
-  sh.channels = x.size(1);
+  sh.channels = channels;
   sh.params = params;
   sh.spatial = 1;
   for (int64_t d = 2; d < x.dim(); ++d) sh.spatial *= x.size(d);
+  sh.skip = passthrough * sh.spatial;
   return sh;
 }
 

@@ -38,25 +38,26 @@ TORCH_LIBRARY(invkernels, m) {
       "-> (Tensor grad_in, Tensor grad_bias, Tensor grad_log_scale)");
 
   // Rational-quadratic spline (neural spline flows), elementwise on x with per-element parameters
-  // h: docs/ops/spline.md.
+  // h; the first `passthrough` channels of x are copied through (a coupling's untouched half):
+  // docs/ops/spline.md.
   m.def(
       "rq_spline_fwd(Tensor x, Tensor h, int bins, float tail_bound=3.0, float min_bin_width=0.001, "
-      "float min_bin_height=0.001, float min_derivative=0.001) -> (Tensor y, Tensor logdet)");
+      "float min_bin_height=0.001, float min_derivative=0.001, int passthrough=0) -> (Tensor y, Tensor logdet)");
   m.def(
       "rq_spline_inv(Tensor y, Tensor h, int bins, float tail_bound=3.0, float min_bin_width=0.001, "
-      "float min_bin_height=0.001, float min_derivative=0.001) -> (Tensor x, Tensor logdet)");
+      "float min_bin_height=0.001, float min_derivative=0.001, int passthrough=0) -> (Tensor x, Tensor logdet)");
   // The VJP of the forward at its input x (reverse false) or of the inverse at its output x
   // (reverse true).
   m.def(
       "rq_spline_bwd(Tensor grad_out, Tensor grad_logdet, Tensor x, Tensor h, int bins, float tail_bound, "
-      "float min_bin_width, float min_bin_height, float min_derivative, bool reverse) -> (Tensor grad_in, "
-      "Tensor grad_h)");
+      "float min_bin_width, float min_bin_height, float min_derivative, bool reverse, int passthrough=0) -> "
+      "(Tensor grad_in, Tensor grad_h)");
   // Inverse and backward in one pass (memory-free backprop): x rebuilt from y, and the VJP of the
   // forward at x.
   m.def(
       "rq_spline_inv_bwd(Tensor y, Tensor h, Tensor grad_y, Tensor grad_logdet, int bins, float tail_bound, "
-      "float min_bin_width, float min_bin_height, float min_derivative) -> (Tensor x, Tensor grad_x, "
-      "Tensor grad_h)");
+      "float min_bin_width, float min_bin_height, float min_derivative, int passthrough=0) -> (Tensor x, "
+      "Tensor grad_x, Tensor grad_h)");
 
   // LU-decomposed invertible 1x1 convolution, weight assembly: docs/ops/invconv.md.
   m.def("invconv_weight(Tensor perm, Tensor lower, Tensor upper, Tensor sign, Tensor log_s) -> Tensor");

@@ -199,9 +199,10 @@ def _check_fraction(op: str, name: str, value, limit: float, limit_text: str) ->
 
 
 def check_spline(op: str, x: torch.Tensor, h: torch.Tensor, bins: int, tail_bound: float, min_bin_width: float,
-                 min_bin_height: float, min_derivative: float, x_name: str = "x") -> None:
-    """Validate a rational-quadratic spline input ``x`` ([B, C, *spatial]), its parameters ``h``
-    ([B, C * (3 * bins - 1), *spatial]) and the spline's settings."""
+                 min_bin_height: float, min_derivative: float, passthrough: int = 0, x_name: str = "x") -> None:
+    """Validate a rational-quadratic spline input ``x`` ([B, C, *spatial]) whose first
+    ``passthrough`` channels are copied through, the parameters ``h`` ([B, (C - passthrough) *
+    (3 * bins - 1), *spatial]) of the others and the spline's settings."""
     check_input(op, x, x_name)
     check_int(op, "bins", bins)
     if isinstance(tail_bound, bool) or not isinstance(tail_bound, (int, float)) or \
@@ -210,15 +211,18 @@ def check_spline(op: str, x: torch.Tensor, h: torch.Tensor, bins: int, tail_boun
     _check_fraction(op, "min_bin_width", min_bin_width, 1 / bins, f"1 / bins = {1 / bins:g}")
     _check_fraction(op, "min_bin_height", min_bin_height, 1 / bins, f"1 / bins = {1 / bins:g}")
     _check_fraction(op, "min_derivative", min_derivative, 1, "1")
+    c = x.shape[1]
+    if isinstance(passthrough, bool) or not isinstance(passthrough, int) or not 0 <= passthrough < c:
+        _fail(op, f"passthrough should be an integer in [0, C) = [0, {c}) for {x_name} with C={c}, got {passthrough}")
     if h.dtype != x.dtype:
         _fail(op, f"{x_name} and h should have the same dtype, got {x_name} {x.dtype} and h {h.dtype}")
     if h.device != x.device:
         _fail(op, f"{x_name} and h should be on the same device, got {x_name} on {x.device} and h on {h.device}")
+    want = (c - passthrough) * (3 * bins - 1)
     if h.dim() != x.dim() or h.shape[0] != x.shape[0] or h.shape[2:] != x.shape[2:]:
-        _fail(op, f"h should have shape [B, C * (3 * bins - 1), *spatial] = "
-                  f"{[x.shape[0], x.shape[1] * (3 * bins - 1), *x.shape[2:]]} for {x_name} of shape {list(x.shape)} "
-                  f"and bins={bins}, got {list(h.shape)}")
-    want = x.shape[1] * (3 * bins - 1)
+        _fail(op, f"h should have shape [B, (C - passthrough) * (3 * bins - 1), *spatial] = "
+                  f"{[x.shape[0], want, *x.shape[2:]]} for {x_name} of shape {list(x.shape)}, "
+                  f"passthrough={passthrough} and bins={bins}, got {list(h.shape)}")
     if h.shape[1] != want:
-        _fail(op, f"h should have C * (3 * bins - 1) = {want} channels for {x_name} with C={x.shape[1]} and "
-                  f"bins={bins}, got {h.shape[1]}")
+        _fail(op, f"h should have (C - passthrough) * (3 * bins - 1) = {want} channels for {x_name} with C={c}, "
+                  f"passthrough={passthrough} and bins={bins}, got {h.shape[1]}")

@@ -90,7 +90,7 @@ def case_args(case, **kwargs):
     name, variant = case
     args = valid_args(name, **kwargs)
     for index, value in (descriptor(name).variants[variant] if variant is not None else {}).items():
-        args = replaced(args, index, value)
+        args = replaced(args, index, value(args) if callable(value) else value)
     return args
 
 

@@ -155,3 +155,57 @@ def test_a_wrong_gradient_fails_the_conditioned_comparison(perturbation):
             wrong = got.flatten().index_add(0, torch.tensor([0]), torch.full((1,), 1e-2)).view_as(got)
         with pytest.raises(AssertionError):
             torch.testing.assert_close(wrong.double(), want, atol=atol, rtol=2e-5)
+
+
+@pytest.mark.parametrize("backend_device", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, F64, torch.bfloat16])
+@pytest.mark.parametrize("shape,passthrough", [((5, 7), 3), ((3, 2), 1), ((4, 5, 3, 2), 2), ((2, 3, 1), 0)])
+def test_passthrough_is_the_elementwise_op_on_the_transformed_channels(backend_device, dtype, shape, passthrough):
+    """With ``passthrough=p`` every op equals the elementwise op on ``x[:, p:]`` with the first
+    ``p`` channels copied (values, log-dets, gradients: bit for bit, the lanes' math is the same),
+    for vectors whose samples split the CPU's vectors (gathered lanes) and for images."""
+    backend, device = backend_device
+    ops = ops_of(backend)
+    bins = 4
+    settings = (bins, *SETTINGS)
+    c2 = shape[1] - passthrough
+    x = to_device(torch.randn(shape, dtype=F64) * 2, device).to(dtype)
+    h = to_device(torch.randn(shape[0], c2 * (3 * bins - 1), *shape[2:], dtype=F64), device).to(dtype)
+    g = to_device(torch.randn(shape, dtype=F64), device).to(dtype)
+    gl = to_device(torch.randn(shape[0], dtype=F64), device).to(logdet_dtype(dtype))
+
+    def whole(t, part):
+        return torch.cat([t[:, :passthrough], part], 1)
+
+    for op in (ops.fwd, ops.inv):
+        y, logdet = op(x, h, *settings, passthrough)
+        y2, logdet2 = op(x[:, passthrough:], h, *settings)
+        assert torch.equal(y, whole(x, y2)) and torch.equal(logdet, logdet2)
+    for reverse in (False, True):
+        g_in, g_h = ops.bwd(g, gl, x, h, *settings, reverse, passthrough)
+        g_in2, g_h2 = ops.bwd(g[:, passthrough:], gl, x[:, passthrough:], h, *settings, reverse)
+        assert torch.equal(g_in, whole(g, g_in2)) and torch.equal(g_h, g_h2)
+    got = ops.inv_bwd(x, h, g, gl, *settings, passthrough)
+    want = ops.inv_bwd(x[:, passthrough:], h, g[:, passthrough:], gl, *settings)
+    assert torch.equal(got[0], whole(x, want[0])) and torch.equal(got[1], whole(g, want[1]))
+    assert torch.equal(got[2], want[2])
+
+
+def test_passthrough_through_autograd_and_the_functional_api():
+    """``invkernels.ops.rq_spline_fwd(..., passthrough=p)`` on every backend: the passed-through
+    channels' gradient is the output's, and the others' and ``h``'s equal the reference's."""
+    bins = 3
+    x = torch.randn(4, 5, 2, dtype=F64)
+    h = torch.randn(4, 3 * (3 * bins - 1), 2, dtype=F64)
+    gy, gl = torch.randn_like(x), torch.randn(4, dtype=F64)
+    want = None
+    for backend in ("reference", "cpp", "triton"):
+        def fn(a, b):
+            return S.rq_spline_fwd(a, b, bins, *SETTINGS, passthrough=2, backend=backend)
+
+        got = grads(fn, x, h, gy, gl)
+        assert torch.equal(got[0][:, :2], gy[:, :2])
+        if want is None:
+            want = got
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)

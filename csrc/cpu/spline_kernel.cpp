@@ -1,10 +1,12 @@
 // CPU backend of the rational-quadratic spline ops (docs/ops/spline.md), with the shared
 // per-element math of csrc/kernels/spline.h. float and double inputs run it on vectors of
-// consecutive elements (Vectorized<scalar_t>: the bin search, softmax, root and VJP lane by lane,
-// branch-free); float16 and bfloat16 inputs one element at a time in float. The raw parameters
-// of a vector of elements in one (b, c) plane are consecutive in memory (h is [B, C * params,
-// S]) and are loaded as vectors; a vector that spans planes (few positions per plane, e.g. [B, D]
-// vectors) gathers them into a small buffer first. Each element's log-derivative is kept and the
+// consecutive transformed elements (Vectorized<scalar_t>: the bin search, softmax, root and VJP
+// lane by lane, branch-free); float16 and bfloat16 inputs one element at a time in float. The raw
+// parameters of a vector of elements in one (b, c) plane are consecutive in memory (h is
+// [B, C * params, S]) and are loaded as vectors; a vector that spans planes (few positions per
+// plane, e.g. [B, D] vectors) gathers them into a small buffer first. The data of a vector are
+// loaded and stored as vectors too, gathered and scattered only where a vector spans two samples
+// with passed-through channels between them; the passed-through channels are copied once. Each element's log-derivative is kept and the
 // log-det of a sample summed over them in double, in element order, so it does not depend on
 // the number of threads. Compiled once per CPU capability, like coupling_kernel.cpp.
 
@@ -19,6 +21,7 @@
 
 #include "../checks.h"
 #include "../kernels/spline.h"
+#include "../ops/spline_passthrough.h"
 #include "lanes.h"
 #include "vec_math.h"
 
@@ -87,6 +90,37 @@ struct ParamWindow {
   }
 };
 
+// Where the data (x, y, gradients) of a vector of `count` transformed elements starting at e0
+// are: one vector load or store when they are consecutive in memory, else lane by lane (padded
+// lanes read the first element's value).
+template <typename scalar_t>
+struct DataLanes {
+  using V = Vec<scalar_t>;
+  int count;
+  bool consecutive;
+  int64_t off[V::size()];
+
+  DataLanes(const SplineShape& sh, int64_t e0, int n) : count(n) {
+    consecutive = sh.skip == 0 || e0 % sh.per_sample() + n <= sh.per_sample();
+    for (int l = 0; l < V::size(); ++l) off[l] = sh.data_offset(e0 + (l < n ? l : 0));
+  }
+  V load(const scalar_t* p) const {
+    if (consecutive) return V::loadu(p + off[0], count);
+    scalar_t lanes[V::size()];
+    for (int l = 0; l < V::size(); ++l) lanes[l] = p[off[l]];
+    return V::loadu(lanes);
+  }
+  void store(scalar_t* p, const V& v) const {
+    if (consecutive) {
+      v.store(p + off[0], count);
+      return;
+    }
+    scalar_t lanes[V::size()];
+    v.store(lanes);
+    for (int l = 0; l < count; ++l) p[off[l]] = lanes[l];
+  }
+};
+
 // Runs body(e0, count) over the flat elements [0, n) in vectors, in parallel.
 template <typename scalar_t, typename Body>
 void for_vectors(int64_t n, const Body& body) {
@@ -144,9 +178,10 @@ void transform_vectorized(const scalar_t* in, const scalar_t* h, scalar_t* out, 
     const ParamWindow<scalar_t> window{h, sh, scratch.params_buffer(), scratch.terms()};
     int64_t off[V::size()];
     const bool direct = window.offsets(e0, count, off);
+    const DataLanes<scalar_t> data(sh, e0, count);
     V o, l;
-    spline_element(spec, window.load(e0, count, off, direct), V::loadu(in + e0, count), Inverse, &o, &l);
-    o.store(out + e0, count);
+    spline_element(spec, window.load(e0, count, off, direct), data.load(in), Inverse, &o, &l);
+    data.store(out, o);
     l.store(log_d + e0, count);
   });
 }
@@ -157,9 +192,10 @@ void transform_scalar(const scalar_t* in, const scalar_t* h, scalar_t* out, floa
   at::parallel_for(0, sh.planes() * sh.spatial, kGrain, [&](int64_t begin, int64_t end) {
     for (int64_t e = begin; e < end; ++e) {
       const StridedParams<float, scalar_t> params{h + sh.param_offset(e / sh.spatial, e % sh.spatial), sh.spatial};
+      const int64_t d = sh.data_offset(e);
       float o, l;
-      spline_element(spec, params, static_cast<float>(in[e]), Inverse, &o, &l);
-      out[e] = static_cast<scalar_t>(o);
+      spline_element(spec, params, static_cast<float>(in[d]), Inverse, &o, &l);
+      out[d] = static_cast<scalar_t>(o);
       log_d[e] = l;
     }
   });
@@ -178,21 +214,22 @@ void transform(const scalar_t* in, const scalar_t* h, scalar_t* out, A* log_d, c
 template <bool Inverse>
 std::tuple<at::Tensor, at::Tensor> rq_spline(const at::Tensor& in_, const at::Tensor& h_, int64_t bins,
                                              double tail_bound, double min_bin_width, double min_bin_height,
-                                             double min_derivative) {
+                                             double min_derivative, int64_t passthrough) {
   constexpr const char* op = Inverse ? "rq_spline_inv" : "rq_spline_fwd";
   const SplineShape sh = check_spline(op, in_, h_, bins, tail_bound, min_bin_width, min_bin_height, min_derivative,
-                                      Inverse ? "y" : "x");
+                                      passthrough, Inverse ? "y" : "x");
   const at::Tensor in = in_.contiguous(), h = h_.contiguous();
   at::Tensor out = at::empty(in.sizes(), in.options());
   at::Tensor logdet;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.scalar_type(), op, [&] {
     using A = acc_t<scalar_t>;
     const SplineSpec<A> spec = spec_of<A>(bins, tail_bound, min_bin_width, min_bin_height, min_derivative);
-    std::vector<A> log_d(in.numel());
+    std::vector<A> log_d(sh.planes() * sh.spatial);
     transform<Inverse>(in.const_data_ptr<scalar_t>(), h.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
                        log_d.data(), spec, sh);
     logdet = sum_samples(log_d, sh, in);
   });
+  copy_passthrough(out, in, passthrough);
   return {out, logdet};
 }
 
@@ -244,8 +281,8 @@ void vjp_vectorized(const scalar_t* g, const scalar_t* gl, const scalar_t* x, co
                     scalar_t* gh, const SplineSpec<scalar_t>& spec, const SplineShape& sh, bool reverse) {
   using V = Vec<scalar_t>;
   for_vjp_vectors(h, gl, gh, sh, [&](int64_t e0, int count, const auto& params, const V& g_l, const auto& grads) {
-    spline_element_vjp(spec, params, V::loadu(x + e0, count), V::loadu(g + e0, count), g_l, reverse, grads)
-        .store(gin + e0, count);
+    const DataLanes<scalar_t> data(sh, e0, count);
+    data.store(gin, spline_element_vjp(spec, params, data.load(x), data.load(g), g_l, reverse, grads));
   });
 }
 
@@ -254,10 +291,10 @@ void inv_vjp_vectorized(const scalar_t* y, const scalar_t* h, const scalar_t* g,
                         scalar_t* gx, scalar_t* gh, const SplineSpec<scalar_t>& spec, const SplineShape& sh) {
   using V = Vec<scalar_t>;
   for_vjp_vectors(h, gl, gh, sh, [&](int64_t e0, int count, const auto& params, const V& g_l, const auto& grads) {
+    const DataLanes<scalar_t> data(sh, e0, count);
     V g_x;
-    spline_element_inv_vjp(spec, params, V::loadu(y + e0, count), V::loadu(g + e0, count), g_l, &g_x, grads)
-        .store(x + e0, count);
-    g_x.store(gx + e0, count);
+    data.store(x, spline_element_inv_vjp(spec, params, data.load(y), data.load(g), g_l, &g_x, grads));
+    data.store(gx, g_x);
   });
 }
 
@@ -268,9 +305,10 @@ void vjp_scalar(const scalar_t* g, const float* gl, const scalar_t* x, const sca
   at::parallel_for(0, sh.planes() * sh.spatial, kGrain, [&](int64_t begin, int64_t end) {
     for (int64_t e = begin; e < end; ++e) {
       const int64_t off = sh.param_offset(e / sh.spatial, e % sh.spatial);
-      gin[e] = static_cast<scalar_t>(spline_element_vjp(
-          spec, StridedParams<float, scalar_t>{h + off, sh.spatial}, static_cast<float>(x[e]),
-          static_cast<float>(g[e]), gl[e / (sh.channels * sh.spatial)], reverse,
+      const int64_t d = sh.data_offset(e);
+      gin[d] = static_cast<scalar_t>(spline_element_vjp(
+          spec, StridedParams<float, scalar_t>{h + off, sh.spatial}, static_cast<float>(x[d]),
+          static_cast<float>(g[d]), gl[e / sh.per_sample()], reverse,
           StridedGrads<float, scalar_t>{gh + off, sh.spatial}));
     }
   });
@@ -282,12 +320,13 @@ void inv_vjp_scalar(const scalar_t* y, const scalar_t* h, const scalar_t* g, con
   at::parallel_for(0, sh.planes() * sh.spatial, kGrain, [&](int64_t begin, int64_t end) {
     for (int64_t e = begin; e < end; ++e) {
       const int64_t off = sh.param_offset(e / sh.spatial, e % sh.spatial);
+      const int64_t d = sh.data_offset(e);
       float g_x;
-      x[e] = static_cast<scalar_t>(spline_element_inv_vjp(
-          spec, StridedParams<float, scalar_t>{h + off, sh.spatial}, static_cast<float>(y[e]),
-          static_cast<float>(g[e]), gl[e / (sh.channels * sh.spatial)], &g_x,
+      x[d] = static_cast<scalar_t>(spline_element_inv_vjp(
+          spec, StridedParams<float, scalar_t>{h + off, sh.spatial}, static_cast<float>(y[d]),
+          static_cast<float>(g[d]), gl[e / sh.per_sample()], &g_x,
           StridedGrads<float, scalar_t>{gh + off, sh.spatial}));
-      gx[e] = static_cast<scalar_t>(g_x);
+      gx[d] = static_cast<scalar_t>(g_x);
     }
   });
 }
@@ -315,9 +354,10 @@ void inv_vjp(const scalar_t* y, const scalar_t* h, const scalar_t* g, const A* g
 std::tuple<at::Tensor, at::Tensor> rq_spline_bwd(const at::Tensor& g_, const at::Tensor& gl_, const at::Tensor& x_,
                                                  const at::Tensor& h_, int64_t bins, double tail_bound,
                                                  double min_bin_width, double min_bin_height, double min_derivative,
-                                                 bool reverse) {
+                                                 bool reverse, int64_t passthrough) {
   constexpr const char* op = "rq_spline_bwd";
-  const SplineShape sh = check_spline(op, x_, h_, bins, tail_bound, min_bin_width, min_bin_height, min_derivative);
+  const SplineShape sh =
+      check_spline(op, x_, h_, bins, tail_bound, min_bin_width, min_bin_height, min_derivative, passthrough);
   check_grad(op, g_, x_, "grad_out", "x");
   check_grad_logdet(op, gl_, x_);
   const at::Tensor g = g_.contiguous(), gl = gl_.contiguous(), x = x_.contiguous(), h = h_.contiguous();
@@ -330,16 +370,18 @@ std::tuple<at::Tensor, at::Tensor> rq_spline_bwd(const at::Tensor& g_, const at:
         h.const_data_ptr<scalar_t>(), gin.mutable_data_ptr<scalar_t>(), gh.mutable_data_ptr<scalar_t>(), spec, sh,
         reverse);
   });
+  copy_passthrough(gin, g, passthrough);
   return {gin, gh};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rq_spline_inv_bwd(const at::Tensor& y_, const at::Tensor& h_,
                                                                  const at::Tensor& g_, const at::Tensor& gl_,
                                                                  int64_t bins, double tail_bound, double min_bin_width,
-                                                                 double min_bin_height, double min_derivative) {
+                                                                 double min_bin_height, double min_derivative,
+                                                                 int64_t passthrough) {
   constexpr const char* op = "rq_spline_inv_bwd";
   const SplineShape sh =
-      check_spline(op, y_, h_, bins, tail_bound, min_bin_width, min_bin_height, min_derivative, "y");
+      check_spline(op, y_, h_, bins, tail_bound, min_bin_width, min_bin_height, min_derivative, passthrough, "y");
   check_grad(op, g_, y_, "grad_y", "y");
   check_grad_logdet(op, gl_, y_);
   const at::Tensor y = y_.contiguous(), h = h_.contiguous(), g = g_.contiguous(), gl = gl_.contiguous();
@@ -353,6 +395,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rq_spline_inv_bwd(const at::Tenso
             gl.const_data_ptr<A>(), x.mutable_data_ptr<scalar_t>(), gx.mutable_data_ptr<scalar_t>(),
             gh.mutable_data_ptr<scalar_t>(), spec, sh);
   });
+  copy_passthrough(x, y, passthrough);
+  copy_passthrough(gx, g, passthrough);
   return {x, gx, gh};
 }
 

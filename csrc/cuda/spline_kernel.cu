@@ -15,6 +15,7 @@
 
 #include "../checks.h"
 #include "../kernels/spline.h"
+#include "../ops/spline_passthrough.h"
 #include "launch.h"
 
 namespace invk::cuda {
@@ -29,7 +30,8 @@ SplineSpec<A> spec_of(int64_t bins, double tail_bound, double min_bin_width, dou
           static_cast<A>(min_bin_height), static_cast<A>(min_derivative)};
 }
 
-// in, out: [B, C, S]; h: [B, C * params, S]; partial: [B, chunks] per-tile log-det sums.
+// in, out: [B, skip + C * S] per sample (the transformed elements after the passed-through ones);
+// h: [B, C * params, S]; partial: [B, chunks] per-tile log-det sums.
 template <typename scalar_t, bool Inverse>
 __global__ void spline_apply_kernel(const scalar_t* __restrict__ in, const scalar_t* __restrict__ h,
                                     scalar_t* __restrict__ out, acc_t<scalar_t>* __restrict__ partial,
@@ -47,9 +49,10 @@ __global__ void spline_apply_kernel(const scalar_t* __restrict__ in, const scala
       const int64_t i = b * per_sample + k;
       const int64_t plane = i / sh.spatial;
       A v, log_d;
-      spline_element(spec, StridedParams<A, scalar_t>{h + sh.param_offset(plane, i % sh.spatial), sh.spatial}, A(in[i]),
+      const int64_t d = sh.data_offset(i);
+      spline_element(spec, StridedParams<A, scalar_t>{h + sh.param_offset(plane, i % sh.spatial), sh.spatial}, A(in[d]),
                      Inverse, &v, &log_d);
-      out[i] = static_cast<scalar_t>(v);
+      out[d] = static_cast<scalar_t>(v);
       sum += log_d;
     }
     const A total = Reduce(tmp).Sum(sum);
@@ -58,7 +61,7 @@ __global__ void spline_apply_kernel(const scalar_t* __restrict__ in, const scala
   }
 }
 
-// g, x, gin: [B, C, S]; h, gh: [B, C * params, S]; gl: [B].
+// g, x, gin: [B, skip + C * S] per sample; h, gh: [B, C * params, S]; gl: [B].
 template <typename scalar_t>
 __global__ void spline_vjp_kernel(const scalar_t* __restrict__ g, const acc_t<scalar_t>* __restrict__ gl,
                                   const scalar_t* __restrict__ x, const scalar_t* __restrict__ h,
@@ -69,13 +72,14 @@ __global__ void spline_vjp_kernel(const scalar_t* __restrict__ g, const acc_t<sc
   for (int64_t i = blockIdx.x * int64_t{kThreads} + threadIdx.x; i < total; i += int64_t{gridDim.x} * kThreads) {
     const int64_t plane = i / sh.spatial;
     const int64_t off = sh.param_offset(plane, i % sh.spatial);
-    gin[i] = static_cast<scalar_t>(spline_element_vjp(spec, StridedParams<A, scalar_t>{h + off, sh.spatial}, A(x[i]),
-                                                      A(g[i]), gl[plane / sh.channels], reverse,
+    const int64_t d = sh.data_offset(i);
+    gin[d] = static_cast<scalar_t>(spline_element_vjp(spec, StridedParams<A, scalar_t>{h + off, sh.spatial}, A(x[d]),
+                                                      A(g[d]), gl[plane / sh.channels], reverse,
                                                       StridedGrads<A, scalar_t>{gh + off, sh.spatial}));
   }
 }
 
-// y, g, x, gx: [B, C, S]; h, gh: [B, C * params, S]; gl: [B].
+// y, g, x, gx: [B, skip + C * S] per sample; h, gh: [B, C * params, S]; gl: [B].
 template <typename scalar_t>
 __global__ void spline_inv_vjp_kernel(const scalar_t* __restrict__ y, const scalar_t* __restrict__ h,
                                       const scalar_t* __restrict__ g, const acc_t<scalar_t>* __restrict__ gl,
@@ -86,27 +90,28 @@ __global__ void spline_inv_vjp_kernel(const scalar_t* __restrict__ y, const scal
   for (int64_t i = blockIdx.x * int64_t{kThreads} + threadIdx.x; i < total; i += int64_t{gridDim.x} * kThreads) {
     const int64_t plane = i / sh.spatial;
     const int64_t off = sh.param_offset(plane, i % sh.spatial);
+    const int64_t d = sh.data_offset(i);
     A g_x;
-    x[i] = static_cast<scalar_t>(spline_element_inv_vjp(spec, StridedParams<A, scalar_t>{h + off, sh.spatial}, A(y[i]),
-                                                        A(g[i]), gl[plane / sh.channels], &g_x,
+    x[d] = static_cast<scalar_t>(spline_element_inv_vjp(spec, StridedParams<A, scalar_t>{h + off, sh.spatial}, A(y[d]),
+                                                        A(g[d]), gl[plane / sh.channels], &g_x,
                                                         StridedGrads<A, scalar_t>{gh + off, sh.spatial}));
-    gx[i] = static_cast<scalar_t>(g_x);
+    gx[d] = static_cast<scalar_t>(g_x);
   }
 }
 
 template <bool Inverse>
 std::tuple<at::Tensor, at::Tensor> rq_spline(const at::Tensor& in_, const at::Tensor& h_, int64_t bins,
                                              double tail_bound, double min_bin_width, double min_bin_height,
-                                             double min_derivative) {
+                                             double min_derivative, int64_t passthrough) {
   constexpr const char* op = Inverse ? "rq_spline_inv" : "rq_spline_fwd";
   const SplineShape sh = check_spline(op, in_, h_, bins, tail_bound, min_bin_width, min_bin_height, min_derivative,
-                                      Inverse ? "y" : "x");
+                                      passthrough, Inverse ? "y" : "x");
   const c10::cuda::CUDAGuard guard(in_.device());
   const at::Tensor in = in_.contiguous(), h = h_.contiguous();
   at::Tensor out = at::empty(in.sizes(), in.options());
   const int64_t chunks = std::max<int64_t>(1, (sh.channels * sh.spatial + kChunk - 1) / kChunk);
   at::Tensor partial = at::zeros({sh.batch, chunks}, in.options().dtype(logdet_dtype(in.scalar_type())));
-  if (in.numel() > 0) {
+  if (h.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.scalar_type(), op, [&] {
       using A = acc_t<scalar_t>;
       spline_apply_kernel<scalar_t, Inverse>
@@ -117,41 +122,45 @@ std::tuple<at::Tensor, at::Tensor> rq_spline(const at::Tensor& in_, const at::Te
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
+  copy_passthrough(out, in, passthrough);
   return {out, partial.sum(1)};
 }
 
 std::tuple<at::Tensor, at::Tensor> rq_spline_bwd(const at::Tensor& g_, const at::Tensor& gl_, const at::Tensor& x_,
                                                  const at::Tensor& h_, int64_t bins, double tail_bound,
                                                  double min_bin_width, double min_bin_height, double min_derivative,
-                                                 bool reverse) {
+                                                 bool reverse, int64_t passthrough) {
   constexpr const char* op = "rq_spline_bwd";
-  const SplineShape sh = check_spline(op, x_, h_, bins, tail_bound, min_bin_width, min_bin_height, min_derivative);
+  const SplineShape sh =
+      check_spline(op, x_, h_, bins, tail_bound, min_bin_width, min_bin_height, min_derivative, passthrough);
   check_grad(op, g_, x_, "grad_out", "x");
   check_grad_logdet(op, gl_, x_);
   const c10::cuda::CUDAGuard guard(x_.device());
   const at::Tensor g = g_.contiguous(), gl = gl_.contiguous(), x = x_.contiguous(), h = h_.contiguous();
   at::Tensor gin = at::empty(x.sizes(), x.options());
   at::Tensor gh = at::empty(h.sizes(), h.options());
-  if (x.numel() > 0) {
+  if (h.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), op, [&] {
       using A = acc_t<scalar_t>;
-      spline_vjp_kernel<scalar_t><<<grid_for_elements(x.numel()), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      spline_vjp_kernel<scalar_t><<<grid_for_elements(sh.planes() * sh.spatial), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
           g.const_data_ptr<scalar_t>(), gl.const_data_ptr<A>(), x.const_data_ptr<scalar_t>(),
           h.const_data_ptr<scalar_t>(), gin.mutable_data_ptr<scalar_t>(), gh.mutable_data_ptr<scalar_t>(),
           spec_of<A>(bins, tail_bound, min_bin_width, min_bin_height, min_derivative), sh, reverse);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
+  copy_passthrough(gin, g, passthrough);
   return {gin, gh};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rq_spline_inv_bwd(const at::Tensor& y_, const at::Tensor& h_,
                                                                  const at::Tensor& g_, const at::Tensor& gl_,
                                                                  int64_t bins, double tail_bound, double min_bin_width,
-                                                                 double min_bin_height, double min_derivative) {
+                                                                 double min_bin_height, double min_derivative,
+                                                                 int64_t passthrough) {
   constexpr const char* op = "rq_spline_inv_bwd";
   const SplineShape sh =
-      check_spline(op, y_, h_, bins, tail_bound, min_bin_width, min_bin_height, min_derivative, "y");
+      check_spline(op, y_, h_, bins, tail_bound, min_bin_width, min_bin_height, min_derivative, passthrough, "y");
   check_grad(op, g_, y_, "grad_y", "y");
   check_grad_logdet(op, gl_, y_);
   const c10::cuda::CUDAGuard guard(y_.device());
@@ -159,11 +168,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rq_spline_inv_bwd(const at::Tenso
   at::Tensor x = at::empty(y.sizes(), y.options());
   at::Tensor gx = at::empty(y.sizes(), y.options());
   at::Tensor gh = at::empty(h.sizes(), h.options());
-  if (y.numel() > 0) {
+  if (h.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), op, [&] {
       using A = acc_t<scalar_t>;
       spline_inv_vjp_kernel<scalar_t>
-          <<<grid_for_elements(y.numel()), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+          <<<grid_for_elements(sh.planes() * sh.spatial), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
               y.const_data_ptr<scalar_t>(), h.const_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(),
               gl.const_data_ptr<A>(), x.mutable_data_ptr<scalar_t>(), gx.mutable_data_ptr<scalar_t>(),
               gh.mutable_data_ptr<scalar_t>(), spec_of<A>(bins, tail_bound, min_bin_width, min_bin_height,
@@ -172,6 +181,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rq_spline_inv_bwd(const at::Tenso
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
+  copy_passthrough(x, y, passthrough);
+  copy_passthrough(gx, g, passthrough);
   return {x, gx, gh};
 }
 

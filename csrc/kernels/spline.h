@@ -400,17 +400,23 @@ INVK_HOST_DEVICE void spline_param_grads(const SplineSpec<S>& spec, const Params
   }
 }
 
-// The geometry of the spline ops: x is [batch, channels, spatial]; h is [batch, channels * params,
-// spatial] with params = 3 * bins - 1, so the parameters of element (b, c, s) sit at
-// param_offset(b * channels + c, s) + j * spatial, j < params.
+// The geometry of the spline ops: the transformed elements are [batch, channels, spatial], stored
+// in the data tensors (x, y and their gradients) after `skip` passed-through elements of each
+// sample; h is [batch, channels * params, spatial] with params = 3 * bins - 1, so the parameters
+// of element (b, c, s) sit at param_offset(b * channels + c, s) + j * spatial, j < params.
 struct SplineShape {
   int64_t batch;
-  int64_t channels;
+  int64_t channels;  // the transformed channels
   int64_t spatial;
   int64_t params;
+  int64_t skip;  // elements per sample passed through ahead of the transformed ones
 
   INVK_HOST_DEVICE int64_t planes() const { return batch * channels; }
+  INVK_HOST_DEVICE int64_t per_sample() const { return channels * spatial; }
   INVK_HOST_DEVICE int64_t param_offset(int64_t plane, int64_t s) const { return plane * params * spatial + s; }
+  // Where transformed element e (flat over [B, channels, spatial]) sits in the data tensors
+  // ([B, skip + channels * spatial] per sample).
+  INVK_HOST_DEVICE int64_t data_offset(int64_t e) const { return e + (e / per_sample() + 1) * skip; }
 };
 
 // Whether v lies outside [-bound, bound] (where the transform is the identity); NaN is inside.

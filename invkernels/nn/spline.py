@@ -55,7 +55,8 @@ class RQSplineCoupling(_Coupling):
 
     ``forward(x, context=None) -> (y, logdet)``; ``inverse(y, context=None, return_logdet=False)``;
     ``inverse_backward(y, grad_y, grad_logdet, context=None)`` for memory-free chains. Log-dets of
-    float16/bfloat16 inputs are float32.
+    float16/bfloat16 inputs are float32. The spline ops run on the full input with
+    ``passthrough=C // 2``: the transformed half is never sliced out and concatenated back.
     """
 
     def __init__(self, channels: int, subnet: str | SubnetFactory = "mlp", *, hidden: int | None = None,
@@ -88,21 +89,17 @@ class RQSplineCoupling(_Coupling):
 
     def _spline(self, x: torch.Tensor, h: torch.Tensor, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """The spline on the transformed half of ``x`` (forward, or ``inverse``), the other half passed
-        through: ``(output, logdet)``."""
+        through, in one op on the full tensor: ``(output, logdet)``."""
         op = F.rq_spline_inv if inverse else F.rq_spline_fwd
-        out2, logdet = op(x[:, self.c1:], h, *self._settings(), backend=self.backend)
-        return torch.cat([x[:, : self.c1], out2], dim=1), logdet
+        return op(x, h, *self._settings(), self.c1, backend=self.backend)
 
     def _spline_inverse_backward(self, y: torch.Tensor, h: torch.Tensor, grad_y: torch.Tensor,
                                  grad_logdet: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(x, grad_x, grad_h)``: the input rebuilt from the output ``y`` and the gradients of
-        ``(y, logdet)`` carried back through the spline at ``(x, h)`` (``grad_x``'s passed-through
-        half is ``grad_y``'s, a new tensor the subnet's gradient can be added to)."""
-        x2, grad_x2, grad_h = F.rq_spline_inv_bwd(y[:, self.c1:], h, grad_y[:, self.c1:], grad_logdet,
-                                                  *self._settings(), backend=self.backend)
-        x = torch.cat([y[:, : self.c1], x2], dim=1)
-        grad_x = torch.cat([grad_y[:, : self.c1], grad_x2], dim=1)
-        return x, grad_x, grad_h
+        ``(y, logdet)`` carried back through the spline at ``(x, h)``, in one op on the full tensors
+        (``grad_x``'s passed-through half is a copy of ``grad_y``'s, which the subnet's gradient is
+        added to)."""
+        return F.rq_spline_inv_bwd(y, h, grad_y, grad_logdet, *self._settings(), self.c1, backend=self.backend)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         self._check_input(x, "x")

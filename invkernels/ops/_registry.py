@@ -96,7 +96,9 @@ class OpDef(NamedTuple):
         differentiable: the argument positions that get gradients through the op's autograd (empty
             for a backward op).
         variants: the other settings of the op's non-tensor (or optional) arguments, as name ->
-            {argument position: value} replacing the example's.
+            {argument position: value} replacing the example's; a value may be a function of the
+            example's arguments (a tensor that must match the setting, e.g. parameters for fewer
+            channels).
         bad_arguments: ``bad_arguments()`` returns ``[(position, value)]``: one argument of the
             example (sizes and dtype of ``Example()``, CPU) replaced by a value every backend
             refuses, one per check, in the C++ kernels' order.

@@ -33,19 +33,21 @@ class SplineOps(NamedTuple):
 
 
 def _check(op, x, h, bins, tail_bound=3.0, min_bin_width=1e-3, min_bin_height=1e-3, min_derivative=1e-3,
-           x_name="x"):
-    _validation.check_spline(op, x, h, bins, tail_bound, min_bin_width, min_bin_height, min_derivative, x_name)
+           passthrough=0, x_name="x"):
+    _validation.check_spline(op, x, h, bins, tail_bound, min_bin_width, min_bin_height, min_derivative, passthrough,
+                             x_name)
 
 
 def _check_bwd(op, grad_out, grad_logdet, x, h, bins, tail_bound, min_bin_width, min_bin_height, min_derivative,
-               reverse):
-    _check(op, x, h, bins, tail_bound, min_bin_width, min_bin_height, min_derivative)
+               reverse, passthrough=0):
+    _check(op, x, h, bins, tail_bound, min_bin_width, min_bin_height, min_derivative, passthrough)
     _validation.check_grad(op, grad_out, x, "grad_out", "x")
     _validation.check_grad_logdet(op, grad_logdet, x)
 
 
-def _check_inv_bwd(op, y, h, grad_y, grad_logdet, bins, tail_bound, min_bin_width, min_bin_height, min_derivative):
-    _check(op, y, h, bins, tail_bound, min_bin_width, min_bin_height, min_derivative, "y")
+def _check_inv_bwd(op, y, h, grad_y, grad_logdet, bins, tail_bound, min_bin_width, min_bin_height, min_derivative,
+                   passthrough=0):
+    _check(op, y, h, bins, tail_bound, min_bin_width, min_bin_height, min_derivative, passthrough, "y")
     _validation.check_grad(op, grad_y, y, "grad_y", "y")
     _validation.check_grad_logdet(op, grad_logdet, y)
 
@@ -74,7 +76,16 @@ def _example(args: Callable[[_Tensors], tuple]) -> Callable[[Example], tuple]:
 
 
 _T = torch.randn
-_VARIANTS = {"settings": {3: 1.0, 4: 1e-2, 5: 5e-2, 6: 0.2}}
+_PARAMS = 3 * _BINS - 1
+
+
+def _passthrough(h_position: int, position: int, channels: int = 2) -> dict:
+    """The variant with the first ``channels`` channels passed through: the setting at
+    ``position`` and the parameters at ``h_position`` without those channels'."""
+    return {h_position: lambda args: args[h_position][:, channels * _PARAMS:].contiguous(), position: channels}
+
+
+_VARIANTS = {"settings": {3: 1.0, 4: 1e-2, 5: 5e-2, 6: 0.2}, "passthrough": _passthrough(1, 7)}
 _WITH_LOGDET = ("elementwise", "logdet")
 
 # The four ops of docs/ops/spline.md (schemas in csrc/invkernels.cpp), in SplineOps' order: their
@@ -87,7 +98,8 @@ _DEFS = {
         output_kinds=_WITH_LOGDET, differentiable=(0, 1), variants=_VARIANTS,
         bad_arguments=refused((0, lambda: _T(5)), (0, lambda: torch.ones(2, 5, 3, dtype=torch.long)),
                            (2, lambda: 0), (3, lambda: 0.0), (3, lambda: 1e39), (4, lambda: 0.5),
-                           (5, lambda: 1e-7), (6, lambda: 1.0), (1, lambda: _T(2, 40, 3, dtype=torch.float64)),
+                           (5, lambda: 1e-7), (6, lambda: 1.0), (7, lambda: 5), (7, lambda: -1),
+                           (1, lambda: _T(2, 40, 3, dtype=torch.float64)),
                            (1, lambda: _T(2, 40, 4)), (1, lambda: _T(3, 40, 3)), (1, lambda: _T(2, 39, 3)))),
     "rq_spline_inv": OpDef(
         partial(_check, x_name="y"), lambda y, *_, **__: (contiguous_like(y), logdet_like(y)),
@@ -99,18 +111,19 @@ _DEFS = {
         reference=reference.rq_spline_vjp,
         example=_example(lambda t: (t.grad, t.gl, t.x, t.h, _BINS, *_SETTINGS, False)),
         output_kinds=("conditioned", "conditioned"),
-        variants={"reverse": {9: True}, "settings-reverse": {5: 1.0, 6: 1e-2, 7: 5e-2, 8: 0.2, 9: True}},
+        variants={"reverse": {9: True}, "settings-reverse": {5: 1.0, 6: 1e-2, 7: 5e-2, 8: 0.2, 9: True},
+                  "passthrough": _passthrough(3, 10), "passthrough-reverse": {9: True, **_passthrough(3, 10)}},
         bad_arguments=refused((0, lambda: _T(2, 5, 4)), (0, lambda: _T(2, 5, 3, dtype=torch.float64)),
                            (1, lambda: _T(3)), (1, lambda: _T(2, dtype=torch.float64)), (3, lambda: _T(2, 41, 3)),
-                           (4, lambda: 0))),
+                           (4, lambda: 0), (10, lambda: 5))),
     "rq_spline_inv_bwd": OpDef(
         _check_inv_bwd, lambda y, h, *_: (contiguous_like(y), contiguous_like(y), contiguous_like(h)),
         reference=reference.rq_spline_inv_bwd,
         example=_example(lambda t: (t.x, t.h, t.grad, t.gl, _BINS, *_SETTINGS)),
         output_kinds=("elementwise", "conditioned", "conditioned"),
-        variants={"settings": {5: 1.0, 6: 1e-2, 7: 5e-2, 8: 0.2}},
+        variants={"settings": {5: 1.0, 6: 1e-2, 7: 5e-2, 8: 0.2}, "passthrough": _passthrough(1, 9)},
         bad_arguments=refused((1, lambda: _T(2, 40, 3, dtype=torch.float64)), (2, lambda: _T(2, 5, 4)),
-                           (3, lambda: _T(1)), (5, lambda: -3.0))),
+                           (3, lambda: _T(1)), (5, lambda: -3.0), (9, lambda: 7))),
 }
 
 
@@ -130,7 +143,7 @@ def _register_autograd(suffix: str, ops: SplineOps) -> None:
 
     def grads(ctx, grad_out, grad_logdet, reverse):
         needs = ctx.needs_input_grad[:2]
-        none = (None,) * 5
+        none = (None,) * 6
         if not any(needs):
             return (None, None, *none)
         saved = ctx.saved_tensors
@@ -139,7 +152,8 @@ def _register_autograd(suffix: str, ops: SplineOps) -> None:
             inputs = (saved[0], saved[-1])
             return (*_graph_vjp(op, inputs, needs, (grad_out, grad_logdet), ctx.settings), *none)
         x, h = saved[-2], saved[-1]
-        grad_in, grad_h = ops.bwd(grad_out, grad_logdet, x, h, *ctx.settings, reverse)
+        *settings, passthrough = ctx.settings
+        grad_in, grad_h = ops.bwd(grad_out, grad_logdet, x, h, *settings, reverse, passthrough)
         return (grad_in if needs[0] else None, grad_h if needs[1] else None, *none)
 
     def save(ctx, tensors, settings):
@@ -162,64 +176,73 @@ _ops_for = _FAMILY.for_tensor
 
 
 def rq_spline_fwd(x: torch.Tensor, h: torch.Tensor, bins: int, tail_bound: float = 3.0, min_bin_width: float = 1e-3,
-                  min_bin_height: float = 1e-3, min_derivative: float = 1e-3, *,
+                  min_bin_height: float = 1e-3, min_derivative: float = 1e-3, passthrough: int = 0, *,
                   backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused rational-quadratic spline with linear tails, elementwise: ``(y, logdet)``, nflows'
     ``unconstrained_rational_quadratic_spline(..., tails="linear")`` in one pass.
 
     Args:
         x: ``[B, C, *spatial]``.
-        h: ``[B, C * (3 * bins - 1), *spatial]``; ``h.unflatten(1, (C, 3 * bins - 1))`` holds per
-            element ``bins`` unnormalized widths, ``bins`` unnormalized heights and ``bins - 1``
+        h: ``[B, (C - passthrough) * (3 * bins - 1), *spatial]``;
+            ``h.unflatten(1, (C - passthrough, 3 * bins - 1))`` holds per transformed element
+            ``bins`` unnormalized widths, ``bins`` unnormalized heights and ``bins - 1``
             unnormalized interior derivatives. Same dtype and device as ``x``.
         bins: number of bins (``>= 1``).
         tail_bound: the spline covers ``[-tail_bound, tail_bound]``; identity outside.
         min_bin_width, min_bin_height: minimum bin sizes as fractions of the range, in
             ``[1e-6, 1 / bins)``; min_derivative: minimum knot derivative, in ``[1e-6, 1)``.
+        passthrough: the first ``passthrough`` channels of ``x`` are copied to ``y`` untouched
+            (a coupling's conditioning half, in ``[0, C)``); the spline transforms the others in
+            place in the full tensor, without slicing them out.
         backend: ``"cpp"``, ``"triton"``, ``"reference"`` or None for ``invkernels.get_backend()``.
 
     Returns:
         ``y`` (``x``'s dtype; float16/bfloat16 computed in float32) and ``logdet`` ``[B]`` in
         ``logdet_dtype(x.dtype)``.
     """
+    settings = (bins, tail_bound, min_bin_width, min_bin_height, min_derivative, passthrough)
     ops = _ops_for(backend, x)
     if ops is None:
-        return reference.rq_spline_fwd(x, h, bins, tail_bound, min_bin_width, min_bin_height, min_derivative)
-    return ops.fwd(x, h, bins, tail_bound, min_bin_width, min_bin_height, min_derivative)
+        return reference.rq_spline_fwd(x, h, *settings)
+    return ops.fwd(x, h, *settings)
 
 
 def rq_spline_inv(y: torch.Tensor, h: torch.Tensor, bins: int, tail_bound: float = 3.0, min_bin_width: float = 1e-3,
-                  min_bin_height: float = 1e-3, min_derivative: float = 1e-3, *,
+                  min_bin_height: float = 1e-3, min_derivative: float = 1e-3, passthrough: int = 0, *,
                   backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inverse of :func:`rq_spline_fwd` with the same ``h``: ``(x, logdet of the inverse)``, the
-    log-det being minus the forward's at ``x``."""
+    """Inverse of :func:`rq_spline_fwd` with the same ``h`` (and ``passthrough``): ``(x, logdet of
+    the inverse)``, the log-det being minus the forward's at ``x``."""
+    settings = (bins, tail_bound, min_bin_width, min_bin_height, min_derivative, passthrough)
     ops = _ops_for(backend, y)
     if ops is None:
-        return reference.rq_spline_inv(y, h, bins, tail_bound, min_bin_width, min_bin_height, min_derivative)
-    return ops.inv(y, h, bins, tail_bound, min_bin_width, min_bin_height, min_derivative)
+        return reference.rq_spline_inv(y, h, *settings)
+    return ops.inv(y, h, *settings)
 
 
 def rq_spline_vjp(grad_out: torch.Tensor, grad_logdet: torch.Tensor, x: torch.Tensor, h: torch.Tensor, bins: int,
                   tail_bound: float = 3.0, min_bin_width: float = 1e-3, min_bin_height: float = 1e-3,
-                  min_derivative: float = 1e-3, reverse: bool = False, *, backend: str | None = None):
+                  min_derivative: float = 1e-3, reverse: bool = False, passthrough: int = 0, *,
+                  backend: str | None = None):
     """``(grad_in, grad_h)``: the VJP of :func:`rq_spline_fwd` at its input ``x``, or with ``reverse``
     of :func:`rq_spline_inv` at its output ``x``, for the gradients ``(grad_out, grad_logdet)`` of
-    the op's outputs (``grad_logdet`` in the log-det dtype). Not differentiable (it is a backward)."""
+    the op's outputs (``grad_logdet`` in the log-det dtype; ``grad_in``'s passed-through channels
+    are ``grad_out``'s). Not differentiable (it is a backward)."""
     settings = (bins, tail_bound, min_bin_width, min_bin_height, min_derivative)
     ops = _ops_for(backend, x)
     if ops is None:
-        _check_bwd("rq_spline_bwd", grad_out, grad_logdet, x, h, *settings, reverse)
-        return reference.rq_spline_vjp(grad_out, grad_logdet, x, h, *settings, reverse)
-    return ops.bwd(grad_out, grad_logdet, x, h, *settings, reverse)
+        _check_bwd("rq_spline_bwd", grad_out, grad_logdet, x, h, *settings, reverse, passthrough)
+        return reference.rq_spline_vjp(grad_out, grad_logdet, x, h, *settings, reverse, passthrough)
+    return ops.bwd(grad_out, grad_logdet, x, h, *settings, reverse, passthrough)
 
 
 def rq_spline_inv_bwd(y: torch.Tensor, h: torch.Tensor, grad_y: torch.Tensor, grad_logdet: torch.Tensor, bins: int,
                       tail_bound: float = 3.0, min_bin_width: float = 1e-3, min_bin_height: float = 1e-3,
-                      min_derivative: float = 1e-3, *, backend: str | None = None):
+                      min_derivative: float = 1e-3, passthrough: int = 0, *, backend: str | None = None):
     """Inverse and backward in one pass (memory-free backprop): ``(x, grad_x, grad_h)`` with ``x``
     rebuilt from the forward's output ``y`` and the VJP of :func:`rq_spline_fwd` at ``(x, h)`` for
-    ``(grad_y, grad_logdet)``. Not differentiable (it is a backward)."""
-    settings = (bins, tail_bound, min_bin_width, min_bin_height, min_derivative)
+    ``(grad_y, grad_logdet)`` (the passed-through channels of ``x`` and ``grad_x`` are ``y``'s and
+    ``grad_y``'s). Not differentiable (it is a backward)."""
+    settings = (bins, tail_bound, min_bin_width, min_bin_height, min_derivative, passthrough)
     ops = _ops_for(backend, y)
     if ops is None:
         _check_inv_bwd("rq_spline_inv_bwd", y, h, grad_y, grad_logdet, *settings)

@@ -162,12 +162,12 @@ def spline_inverse(v: torch.Tensor, k: Knots) -> tuple[torch.Tensor, torch.Tenso
 
 
 def _transform(op: str, x: torch.Tensor, h: torch.Tensor, bins: int, tail_bound: float, min_bin_width: float,
-               min_bin_height: float, min_derivative: float, inverse: bool):
-    check_spline(op, x, h, bins, tail_bound, min_bin_width, min_bin_height, min_derivative,
+               min_bin_height: float, min_derivative: float, passthrough: int, inverse: bool):
+    check_spline(op, x, h, bins, tail_bound, min_bin_width, min_bin_height, min_derivative, passthrough,
                  "y" if inverse else "x")
     acc = torch.promote_types(x.dtype, torch.float32)
-    v = x.to(acc)
-    params = h.to(acc).unflatten(1, (x.shape[1], 3 * bins - 1)).movedim(2, -1)
+    v = x[:, passthrough:].to(acc)
+    params = h.to(acc).unflatten(1, (v.shape[1], 3 * bins - 1)).movedim(2, -1)
     k = knots(params, bins, tail_bound, min_bin_width, min_bin_height, min_derivative)
     inside = (v >= -tail_bound) & (v <= tail_bound)
     # The spline is evaluated on the values clamped into the bounds, so the branch that
@@ -176,39 +176,45 @@ def _transform(op: str, x: torch.Tensor, h: torch.Tensor, bins: int, tail_bound:
     out, log_d = (spline_inverse if inverse else spline_forward)(_clamp_outside(v, -tail_bound, tail_bound), k)
     out = torch.where(inside, out, v)
     log_d = torch.where(inside, log_d, torch.zeros_like(log_d))
-    return out.to(x.dtype), log_d.flatten(1).sum(dim=1, dtype=logdet_dtype(x.dtype))
+    out = torch.cat([x[:, :passthrough], out.to(x.dtype)], dim=1)
+    return out, log_d.flatten(1).sum(dim=1, dtype=logdet_dtype(x.dtype))
 
 
 def rq_spline_fwd(x: torch.Tensor, h: torch.Tensor, bins: int, tail_bound: float = 3.0, min_bin_width: float = 1e-3,
-                  min_bin_height: float = 1e-3, min_derivative: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(y, logdet)`` of the rational-quadratic spline with linear tails, elementwise on ``x``.
+                  min_bin_height: float = 1e-3, min_derivative: float = 1e-3,
+                  passthrough: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y, logdet)`` of the rational-quadratic spline with linear tails, elementwise on
+    ``x[:, passthrough:]``; ``y[:, :passthrough] = x[:, :passthrough]``.
 
     Args:
         x: ``[B, C, *spatial]``.
-        h: ``[B, C * (3 * bins - 1), *spatial]``; ``h.unflatten(1, (C, 3 * bins - 1))`` holds per
-            element the unnormalized widths (``bins``), heights (``bins``) and interior derivatives
+        h: ``[B, (C - passthrough) * (3 * bins - 1), *spatial]``;
+            ``h.unflatten(1, (C - passthrough, 3 * bins - 1))`` holds per transformed element the
+            unnormalized widths (``bins``), heights (``bins``) and interior derivatives
             (``bins - 1``).
         bins, tail_bound, min_bin_width, min_bin_height, min_derivative: as in nflows.
+        passthrough: leading channels copied through (a coupling's untouched half), in ``[0, C)``.
 
     Returns:
         ``y`` (``x``'s dtype; float16/bfloat16 computed in float32) and ``logdet`` ``[B]`` in
         ``logdet_dtype(x.dtype)``.
     """
     return _transform("rq_spline_fwd", x, h, bins, tail_bound, min_bin_width, min_bin_height, min_derivative,
-                      inverse=False)
+                      passthrough, inverse=False)
 
 
 def rq_spline_inv(y: torch.Tensor, h: torch.Tensor, bins: int, tail_bound: float = 3.0, min_bin_width: float = 1e-3,
-                  min_bin_height: float = 1e-3, min_derivative: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
+                  min_bin_height: float = 1e-3, min_derivative: float = 1e-3,
+                  passthrough: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Inverse of :func:`rq_spline_fwd`: ``(x, logdet of the inverse)``, the log-det being minus the
     forward's at ``x``."""
     return _transform("rq_spline_inv", y, h, bins, tail_bound, min_bin_width, min_bin_height, min_derivative,
-                      inverse=True)
+                      passthrough, inverse=True)
 
 
 def rq_spline_vjp(grad_out: torch.Tensor, grad_logdet: torch.Tensor, x: torch.Tensor, h: torch.Tensor, bins: int,
                   tail_bound: float, min_bin_width: float, min_bin_height: float, min_derivative: float,
-                  reverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                  reverse: bool, passthrough: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """``(grad_in, grad_h)``: the VJP of :func:`rq_spline_fwd` at its input ``x`` (``reverse``
     False), or of :func:`rq_spline_inv` at its output ``x`` (``reverse`` True: the gradients with
     respect to the inverse's input ``y = forward(x)`` and ``h``), for the gradients ``(grad_out,
@@ -217,7 +223,7 @@ def rq_spline_vjp(grad_out: torch.Tensor, grad_logdet: torch.Tensor, x: torch.Te
     The inverse's VJP follows from the forward's by the implicit function theorem (``f(x, h) = y``
     elementwise, ``L = log f_x``): with ``u = (g_x - g_l L_x) / f_x`` it is ``grad_y = u`` and
     ``grad_h = -u f_h - g_l L_h``, all taken at ``x`` (no round trip through the inverse)."""
-    settings = (bins, tail_bound, min_bin_width, min_bin_height, min_derivative)
+    settings = (bins, tail_bound, min_bin_width, min_bin_height, min_derivative, passthrough)
     with torch.enable_grad():
         leaf, h_leaf = x.detach().requires_grad_(), h.detach().requires_grad_()
         y, logdet = rq_spline_fwd(leaf, h_leaf, *settings)
@@ -234,14 +240,14 @@ def rq_spline_vjp(grad_out: torch.Tensor, grad_logdet: torch.Tensor, x: torch.Te
 
 
 def rq_spline_inv_bwd(y: torch.Tensor, h: torch.Tensor, grad_y: torch.Tensor, grad_logdet: torch.Tensor, bins: int,
-                      tail_bound: float, min_bin_width: float, min_bin_height: float,
-                      min_derivative: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      tail_bound: float, min_bin_width: float, min_bin_height: float, min_derivative: float,
+                      passthrough: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(x, grad_x, grad_h)``: ``x`` rebuilt from the forward's output ``y`` and the VJP of the
     forward at ``x`` for ``(grad_y, grad_logdet)`` (the memory-free backward of the spline)."""
     settings = (bins, tail_bound, min_bin_width, min_bin_height, min_derivative)
     with torch.no_grad():
-        x = rq_spline_inv(y, h, *settings)[0]
-    return (x, *rq_spline_vjp(grad_y, grad_logdet, x, h, *settings, reverse=False))
+        x = rq_spline_inv(y, h, *settings, passthrough)[0]
+    return (x, *rq_spline_vjp(grad_y, grad_logdet, x, h, *settings, False, passthrough))
 
 
 def identity_derivative_offset(min_derivative: float) -> float:

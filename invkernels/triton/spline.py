@@ -6,12 +6,14 @@ here, which only check the device. Formulas, layout and op schemas: docs/ops/spl
 per-element math is that of csrc/kernels/spline.h (which the C++ and CUDA kernels run), function
 for function, and invkernels/reference/spline.py is its float64 oracle.
 
-Layout. The contiguous input is viewed as ``[B, C, S]`` (``S`` the product of the spatial sizes, 1
-for vectors) and each sample as ``N = C * S`` elements: element ``(b, c, s)`` sits at
-``b * N + c * S + s``. ``h`` is ``[B, C * P, S]`` with ``P = 3 * bins - 1``: the raw parameter
-``j`` of element ``(b, c, s)`` (``bins`` widths, then ``bins`` heights, then ``bins - 1`` interior
-derivatives) sits at ``((b * C + c) * P + j) * S + s``, so one element's parameters are ``S``
-apart.
+Layout. The contiguous input is viewed as ``[B, P_ + C, S]`` (``S`` the product of the spatial
+sizes, 1 for vectors; the first ``P_ = passthrough`` channels copied through, ``C`` transformed)
+and each sample's transformed part as ``N = C * S`` elements: element ``(b, c, s)`` sits at
+``b * (P_ * S + N) + P_ * S + c * S + s``: the launchers pass the data tensors from their first
+transformed element, with samples ``ROW_STRIDE = P_ * S + N`` apart. ``h`` is ``[B, C * P, S]`` with
+``P = 3 * bins - 1``: the raw parameter ``j`` of element ``(b, c, s)`` (``bins`` widths, then
+``bins`` heights, then ``bins - 1`` interior derivatives) sits at ``((b * C + c) * P + j) * S + s``,
+so one element's parameters are ``S`` apart.
 
 Normalization (``B_ = tail_bound``; per element, for raw widths ``w``, heights ``h`` and
 derivatives ``r``)::
@@ -129,21 +131,23 @@ def _sqrt(v):
 
 
 @triton.jit
-def _tile(B, C, S, N, NBLK, bins, ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    # Program pid covers samples rows (ROWS of them) and elements cols (BLOCK of them) of each
-    # sample. Returns the samples, the tile's column block, which rows exist, the mask and offsets
-    # of the tile's elements in x ([B, N]), the offsets of their parameter 0 in h and the parameter
-    # stride S as an int64 tensor. Every offset is int64 and multiplies before adding (C, S, N and
-    # bins arrive as int32 when below 2^31), so offsets past 2^31 elements do not wrap.
+def _tile(B, C, S, ROW_STRIDE, NBLK, bins, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    # Program pid covers samples rows (ROWS of them) and transformed elements cols (BLOCK of them)
+    # of each sample. Returns the samples, the tile's column block, which rows exist, the mask and
+    # offsets of the tile's elements in the data tensors (from their first transformed element,
+    # samples ROW_STRIDE apart), the offsets of their parameter 0 in h and the parameter
+    # stride S as an int64 tensor. Every offset is int64 and multiplies before adding (C, S, ROW_STRIDE
+    # and bins arrive as int32 when below 2^31), so offsets past 2^31 elements do not wrap; the
+    # launchers keep C * S below 2^31.
     pid = tl.program_id(0).to(tl.int64)
     col_blk = pid % NBLK
     rows = (pid // NBLK) * ROWS + tl.arange(0, ROWS)
     cols = col_blk * BLOCK + tl.arange(0, BLOCK)
     row_ok = rows < B
-    mask = row_ok[:, None] & (cols < N)[None, :]
+    mask = row_ok[:, None] & (cols < C * S)[None, :]
     chan = cols // S
     pos = cols - chan * S
-    offs = rows[:, None] * N + cols[None, :]
+    offs = rows[:, None] * ROW_STRIDE + cols[None, :]
     base = ((rows[:, None] * C + chan[None, :]) * (3 * bins - 1)) * S + pos[None, :]
     stride = tl.zeros([ROWS, BLOCK], tl.int64) + S
     return rows, col_blk, row_ok, mask, offs, base, stride
@@ -456,17 +460,17 @@ def _param_grads(h_ptr, gh_ptr, base, stride, mask, inside, bins, k, g_x0, g_x1,
         tl.store(gh_ptr + derivs + j * stride, tl.where(inside, gd, 0.0).to(out_ty), mask=mask)
 
 
-@triton.jit(do_not_specialize=["bound_hi", "bound_lo", "min_w_hi", "min_w_lo", "min_h_hi", "min_h_lo", "min_d_hi",
-                               "min_d_lo"])
+@triton.jit(do_not_specialize=["bound_hi", "bound_lo", "min_w_hi", "min_w_lo", "min_h_hi", "min_h_lo",
+                               "min_d_hi", "min_d_lo"])
 def _rq_spline_kernel(
-    in_ptr,  # [B, C, S] contiguous: x (forward) or y (inverse)
+    in_ptr,  # [B, C, S], samples ROW_STRIDE apart: x (forward) or y (inverse)
     h_ptr,  # [B, C * P, S] contiguous: raw widths, heights, interior derivatives per element
-    out_ptr,  # [B, C, S] contiguous: y (forward) or x (inverse)
+    out_ptr,  # [B, C, S], samples ROW_STRIDE apart: y (forward) or x (inverse)
     partial_ptr,  # [B, NBLK] compute dtype: sum of log |d out / d in| over the tile's part of each sample
     B,
     C,
     S,
-    N,
+    ROW_STRIDE,
     NBLK,
     bins,
     bound_hi,
@@ -482,7 +486,7 @@ def _rq_spline_kernel(
     ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    rows, col_blk, row_ok, mask, offs, base, stride = _tile(B, C, S, N, NBLK, bins, ROWS, BLOCK)
+    rows, col_blk, row_ok, mask, offs, base, stride = _tile(B, C, S, ROW_STRIDE, NBLK, bins, ROWS, BLOCK)
     bound, min_w, min_h, min_d = _settings(bound_hi, bound_lo, min_w_hi, min_w_lo, min_h_hi, min_h_lo, min_d_hi,
                                            min_d_lo, ACC)
     v = tl.load(in_ptr + offs, mask=mask, other=0.0).to(ACC)
@@ -499,19 +503,19 @@ def _rq_spline_kernel(
     tl.store(partial_ptr + rows * NBLK + col_blk, part, mask=row_ok)
 
 
-@triton.jit(do_not_specialize=["bound_hi", "bound_lo", "min_w_hi", "min_w_lo", "min_h_hi", "min_h_lo", "min_d_hi",
-                               "min_d_lo"])
+@triton.jit(do_not_specialize=["bound_hi", "bound_lo", "min_w_hi", "min_w_lo", "min_h_hi", "min_h_lo",
+                               "min_d_hi", "min_d_lo"])
 def _rq_spline_bwd_kernel(
-    g_ptr,  # [B, C, S] contiguous: gradient of the op's output
+    g_ptr,  # [B, C, S], samples ROW_STRIDE apart: gradient of the op's output
     gl_ptr,  # [B] compute dtype: gradient of the op's log-det
-    x_ptr,  # [B, C, S] contiguous: data side, the forward's input or the inverse's output
+    x_ptr,  # [B, C, S], samples ROW_STRIDE apart: data side, the forward's input or the inverse's output
     h_ptr,  # [B, C * P, S] contiguous: raw parameters
-    gin_ptr,  # [B, C, S] contiguous: gradient of the op's input (x forward, y inverse)
+    gin_ptr,  # [B, C, S], samples ROW_STRIDE apart: gradient of the op's input (x forward, y inverse)
     gh_ptr,  # [B, C * P, S] contiguous: gradient of h
     B,
     C,
     S,
-    N,
+    ROW_STRIDE,
     NBLK,
     bins,
     bound_hi,
@@ -527,7 +531,7 @@ def _rq_spline_bwd_kernel(
     ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    rows, col_blk, row_ok, mask, offs, base, stride = _tile(B, C, S, N, NBLK, bins, ROWS, BLOCK)
+    rows, col_blk, row_ok, mask, offs, base, stride = _tile(B, C, S, ROW_STRIDE, NBLK, bins, ROWS, BLOCK)
     bound, min_w, min_h, min_d = _settings(bound_hi, bound_lo, min_w_hi, min_w_lo, min_h_hi, min_h_lo, min_d_hi,
                                            min_d_lo, ACC)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
@@ -543,20 +547,20 @@ def _rq_spline_bwd_kernel(
                  ch0, ch1, rd0, rd1, max_w, sum_w, max_h, sum_h, bound, min_w, min_h, min_d, ACC)
 
 
-@triton.jit(do_not_specialize=["bound_hi", "bound_lo", "min_w_hi", "min_w_lo", "min_h_hi", "min_h_lo", "min_d_hi",
-                               "min_d_lo"])
+@triton.jit(do_not_specialize=["bound_hi", "bound_lo", "min_w_hi", "min_w_lo", "min_h_hi", "min_h_lo",
+                               "min_d_hi", "min_d_lo"])
 def _rq_spline_inv_bwd_kernel(
-    y_ptr,  # [B, C, S] contiguous: the forward's output
+    y_ptr,  # [B, C, S], samples ROW_STRIDE apart: the forward's output
     h_ptr,  # [B, C * P, S] contiguous: raw parameters
-    g_ptr,  # [B, C, S] contiguous: gradient of y
+    g_ptr,  # [B, C, S], samples ROW_STRIDE apart: gradient of y
     gl_ptr,  # [B] compute dtype: gradient of the log-det
-    x_ptr,  # [B, C, S] contiguous: the rebuilt input
-    gx_ptr,  # [B, C, S] contiguous: gradient of x
+    x_ptr,  # [B, C, S], samples ROW_STRIDE apart: the rebuilt input
+    gx_ptr,  # [B, C, S], samples ROW_STRIDE apart: gradient of x
     gh_ptr,  # [B, C * P, S] contiguous: gradient of h
     B,
     C,
     S,
-    N,
+    ROW_STRIDE,
     NBLK,
     bins,
     bound_hi,
@@ -573,7 +577,7 @@ def _rq_spline_inv_bwd_kernel(
 ):
     # Inverse and forward VJP in one pass: the bin located by y, x rebuilt in it, and the forward's
     # VJP at x in the same bin (spline_element_inv_vjp).
-    rows, col_blk, row_ok, mask, offs, base, stride = _tile(B, C, S, N, NBLK, bins, ROWS, BLOCK)
+    rows, col_blk, row_ok, mask, offs, base, stride = _tile(B, C, S, ROW_STRIDE, NBLK, bins, ROWS, BLOCK)
     bound, min_w, min_h, min_d = _settings(bound_hi, bound_lo, min_w_hi, min_w_lo, min_h_hi, min_h_lo, min_d_hi,
                                            min_d_lo, ACC)
     y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(ACC)
@@ -616,12 +620,13 @@ def tile_config(batch: int, n: int) -> TileConfig:
 
 class _Geometry(NamedTuple):
     batch: int
-    channels: int
+    channels: int  # the transformed channels
     spatial: int
+    passthrough: int
 
 
-def _geometry(x: torch.Tensor) -> _Geometry:
-    return _Geometry(x.shape[0], x.shape[1], math.prod(x.shape[2:]))
+def _geometry(x: torch.Tensor, passthrough: int) -> _Geometry:
+    return _Geometry(x.shape[0], x.shape[1] - passthrough, math.prod(x.shape[2:]), passthrough)
 
 
 def _split(value: float) -> tuple[float, float]:
@@ -638,73 +643,90 @@ def _launch_args(geo: _Geometry, bins: int, tail_bound: float, min_bin_width: fl
     """``(grid, NBLK, keyword arguments)`` shared by every spline kernel: the sizes, the tile and
     the settings."""
     n = geo.channels * geo.spatial
+    if n >= 2**31:
+        raise ValueError(f"the Triton spline kernels transform fewer than 2^31 elements per sample, got {n} "
+                         f"({geo.channels} channels of {geo.spatial} positions); use backend='cpp'")
     tile = tile_config(geo.batch, n)
     nblk = triton.cdiv(n, tile.block)
     settings = {}
     for name, value in (("bound", tail_bound), ("min_w", min_bin_width), ("min_h", min_bin_height),
                         ("min_d", min_derivative)):
         settings[f"{name}_hi"], settings[f"{name}_lo"] = _split(float(value))
-    kwargs = dict(B=geo.batch, C=geo.channels, S=geo.spatial, N=n, NBLK=nblk, bins=bins, **settings,
+    kwargs = dict(B=geo.batch, C=geo.channels, S=geo.spatial, ROW_STRIDE=n + geo.passthrough * geo.spatial,
+                  NBLK=nblk, bins=bins, **settings,
                   ACC=compute_dtype(dtype)[1], ROWS=tile.rows, BLOCK=tile.block, num_warps=tile.num_warps)
     return (triton.cdiv(geo.batch, tile.rows) * nblk,), nblk, kwargs
 
 
+def _copy_passthrough(to: torch.Tensor, src: torch.Tensor, passthrough: int) -> None:
+    """The first ``passthrough`` channels of an op's output (or gradient) are its input's."""
+    if passthrough:
+        to[:, :passthrough] = src[:, :passthrough]
+
+
 def _apply(op: str, src: torch.Tensor, h: torch.Tensor, bins: int, tail_bound: float, min_bin_width: float,
-           min_bin_height: float, min_derivative: float, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+           min_bin_height: float, min_derivative: float, passthrough: int,
+           inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
     check_device(op, src, "y" if inverse else "x")
     src = src.contiguous()
     h = h.contiguous()
-    geo = _geometry(src)
+    geo = _geometry(src, passthrough)
     acc_torch, _ = compute_dtype(src.dtype)
     out = torch.empty(src.shape, dtype=src.dtype, device=src.device)
-    if out.numel() == 0:
+    _copy_passthrough(out, src, passthrough)
+    if h.numel() == 0:
         return out, torch.zeros(geo.batch, dtype=acc_torch, device=src.device)
     grid, nblk, kwargs = _launch_args(geo, bins, tail_bound, min_bin_width, min_bin_height, min_derivative,
                                       src.dtype)
     partial = torch.empty((geo.batch, nblk), dtype=acc_torch, device=src.device)
     with device_guard(src):
-        _rq_spline_kernel[grid](in_ptr=src, h_ptr=h, out_ptr=out, partial_ptr=partial, INVERSE=inverse, **kwargs)
+        _rq_spline_kernel[grid](in_ptr=src[:, passthrough:], h_ptr=h, out_ptr=out[:, passthrough:], partial_ptr=partial,
+                                INVERSE=inverse, **kwargs)
     return out, partial.sum(dim=1)
 
 
 def rq_spline_forward(x: torch.Tensor, h: torch.Tensor, bins: int, tail_bound: float = 3.0,
-                      min_bin_width: float = 1e-3, min_bin_height: float = 1e-3,
-                      min_derivative: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(y, logdet)`` of the spline forward."""
+                      min_bin_width: float = 1e-3, min_bin_height: float = 1e-3, min_derivative: float = 1e-3,
+                      passthrough: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y, logdet)`` of the spline forward (the first ``passthrough`` channels copied)."""
     return _apply("rq_spline_fwd", x, h, bins, tail_bound, min_bin_width, min_bin_height, min_derivative,
-                  inverse=False)
+                  passthrough, inverse=False)
 
 
 def rq_spline_inverse(y: torch.Tensor, h: torch.Tensor, bins: int, tail_bound: float = 3.0,
-                      min_bin_width: float = 1e-3, min_bin_height: float = 1e-3,
-                      min_derivative: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
+                      min_bin_width: float = 1e-3, min_bin_height: float = 1e-3, min_derivative: float = 1e-3,
+                      passthrough: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x, logdet_inv)`` of the spline inverse; ``logdet_inv`` is minus the forward's at ``x``."""
     return _apply("rq_spline_inv", y, h, bins, tail_bound, min_bin_width, min_bin_height, min_derivative,
-                  inverse=True)
+                  passthrough, inverse=True)
 
 
 def rq_spline_backward(grad_out: torch.Tensor, grad_logdet: torch.Tensor, x: torch.Tensor, h: torch.Tensor,
                        bins: int, tail_bound: float, min_bin_width: float, min_bin_height: float,
-                       min_derivative: float, reverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                       min_derivative: float, reverse: bool,
+                       passthrough: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """``(grad_in, grad_h)`` of the spline forward (``reverse=False``, ``x`` its input) or inverse
     (``reverse=True``, ``x`` its output: ``grad_in`` is the gradient of its input ``y``)."""
     check_device("rq_spline_bwd", x, "x")
     grad_out, grad_logdet, x, h = (t.contiguous() for t in (grad_out, grad_logdet, x, h))
     grad_in = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     grad_h = torch.empty(h.shape, dtype=h.dtype, device=h.device)
-    if grad_in.numel() == 0:
+    _copy_passthrough(grad_in, grad_out, passthrough)
+    if grad_h.numel() == 0:
         return grad_in, grad_h
-    grid, _, kwargs = _launch_args(_geometry(x), bins, tail_bound, min_bin_width, min_bin_height, min_derivative,
-                                   x.dtype)
+    grid, _, kwargs = _launch_args(_geometry(x, passthrough), bins, tail_bound, min_bin_width, min_bin_height,
+                                   min_derivative, x.dtype)
     with device_guard(x):
-        _rq_spline_bwd_kernel[grid](g_ptr=grad_out, gl_ptr=grad_logdet, x_ptr=x, h_ptr=h, gin_ptr=grad_in,
-                                    gh_ptr=grad_h, REVERSE=reverse, **kwargs)
+        _rq_spline_bwd_kernel[grid](g_ptr=grad_out[:, passthrough:], gl_ptr=grad_logdet, x_ptr=x[:, passthrough:],
+                                    h_ptr=h, gin_ptr=grad_in[:, passthrough:], gh_ptr=grad_h, REVERSE=reverse,
+                                    **kwargs)
     return grad_in, grad_h
 
 
 def rq_spline_inverse_backward(y: torch.Tensor, h: torch.Tensor, grad_y: torch.Tensor, grad_logdet: torch.Tensor,
                                bins: int, tail_bound: float, min_bin_width: float, min_bin_height: float,
-                               min_derivative: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                               min_derivative: float,
+                               passthrough: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(x, grad_x, grad_h)``: the forward's input rebuilt from its output ``y`` and the gradients
     of the forward at it, in one pass (memory-free backprop)."""
     check_device("rq_spline_inv_bwd", y, "y")
@@ -712,12 +734,15 @@ def rq_spline_inverse_backward(y: torch.Tensor, h: torch.Tensor, grad_y: torch.T
     x = torch.empty(y.shape, dtype=y.dtype, device=y.device)
     grad_x = torch.empty(y.shape, dtype=y.dtype, device=y.device)
     grad_h = torch.empty(h.shape, dtype=h.dtype, device=h.device)
-    if x.numel() == 0:
+    _copy_passthrough(x, y, passthrough)
+    _copy_passthrough(grad_x, grad_y, passthrough)
+    if grad_h.numel() == 0:
         return x, grad_x, grad_h
-    grid, _, kwargs = _launch_args(_geometry(y), bins, tail_bound, min_bin_width, min_bin_height, min_derivative,
-                                   y.dtype)
+    grid, _, kwargs = _launch_args(_geometry(y, passthrough), bins, tail_bound, min_bin_width, min_bin_height,
+                                   min_derivative, y.dtype)
     with device_guard(y):
-        _rq_spline_inv_bwd_kernel[grid](y_ptr=y, h_ptr=h, g_ptr=grad_y, gl_ptr=grad_logdet, x_ptr=x, gx_ptr=grad_x,
+        _rq_spline_inv_bwd_kernel[grid](y_ptr=y[:, passthrough:], h_ptr=h, g_ptr=grad_y[:, passthrough:],
+                                        gl_ptr=grad_logdet, x_ptr=x[:, passthrough:], gx_ptr=grad_x[:, passthrough:],
                                         gh_ptr=grad_h, **kwargs)
     return x, grad_x, grad_h
 
