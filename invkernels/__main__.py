@@ -1,7 +1,11 @@
 """Command line: ``python -m invkernels {demo,invert,check,bench}``.
 
-- ``demo``: trains a memory-free Glow on scikit-learn's digits and reports test bits/dim, a
-  Gaussian baseline, anomaly-detection AUROCs and the round-trip error (invkernels/demo.py).
+- ``demo`` (or ``demo glow``): trains a memory-free Glow on scikit-learn's digits and reports test
+  bits/dim, a Gaussian baseline, anomaly-detection AUROCs and the round-trip error
+  (invkernels/demo.py).
+- ``demo spline``: fits a neural spline flow to scikit-learn's two moons and draws the data, the
+  learned 2-D density and samples in one PNG, with train/test log-likelihoods next to a Gaussian
+  (invkernels/spline_demo.py).
 - ``invert``: inverts test digits from each depth of a small CNN by optimization and by a decoder,
   next to exactly invertible models (invkernels/invert_demo.py).
 - ``check``: prints the build and runs a quick round trip and gradient check on every backend and
@@ -9,7 +13,8 @@
 - ``bench``: runs the benchmarks of a source checkout and writes docs/performance.md and plots.
 
 Bad arguments (numbers out of range, an ``--out`` that cannot take the files, ``demo --backend
-triton`` without a GPU or the interpreter) are usage errors with exit code 2, found before
+triton`` without a GPU or the interpreter, an option of one demo given to the other: ``--epochs``
+is Glow's, ``--steps`` the spline demo's) are usage errors with exit code 2, found before
 anything runs. ``demo`` exits with 1 when a file could not be written after training; it is
 saved to a temporary directory instead, and the message says where.
 """
@@ -30,12 +35,19 @@ def _set_threads(threads: int) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from invkernels import demo  # noqa: PLC0415
-
     _set_threads(args.threads)
-    cfg = demo.DemoConfig(epochs=args.epochs, seed=args.seed, backend=args.backend, out_dir=args.out)
-    results = demo.run(cfg, progress=not args.no_progress)
-    print(demo.report(results))
+    if args.model == "spline":
+        from invkernels import spline_demo as module  # noqa: PLC0415
+
+        settings = {} if args.steps is None else {"steps": args.steps}
+        cfg = module.SplineDemoConfig(**settings, seed=args.seed, backend=args.backend, out_dir=args.out)
+    else:
+        from invkernels import demo as module  # noqa: PLC0415
+
+        settings = {} if args.epochs is None else {"epochs": args.epochs}
+        cfg = module.DemoConfig(**settings, seed=args.seed, backend=args.backend, out_dir=args.out)
+    results = module.run(cfg, progress=not args.no_progress)
+    print(module.report(results))
     failures = results["write_failures"]
     if failures:
         print(f"demo: {len(failures)} file(s) could not be written to {args.out!r}; the finished work was saved "
@@ -172,6 +184,10 @@ _seed = _integer(0, 2**32 - 1)
 
 def _check_demo(args: argparse.Namespace) -> None:
     """Usage errors of ``demo`` found before anything runs."""
+    # Each demo's length option is its own; the other demo would silently ignore it.
+    for option, value, owner in (("--epochs", args.epochs, "glow"), ("--steps", args.steps, "spline")):
+        if value is not None and args.model != owner:
+            args.parser.error(f"argument {option}: only demo {owner} takes it, got {value} for demo {args.model}")
     if args.backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
         import torch  # noqa: PLC0415
 
@@ -192,11 +208,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m invkernels", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     threads_help = "torch threads, at most 4 per logical CPU (default 0: torch's choice)"
-    demo_parser = sub.add_parser("demo", help="train a memory-free Glow on scikit-learn's digits")
-    demo_parser.add_argument("--epochs", type=_integer(1), default=40, help="training epochs (default 40)")
+    demo_parser = sub.add_parser("demo", help="train a memory-free Glow on scikit-learn's digits (demo spline: "
+                                              "a neural spline flow's 2-D density of two moons)")
+    demo_parser.add_argument("model", nargs="?", choices=["glow", "spline"], default="glow",
+                             help="glow (default): Glow on digits; spline: NeuralSplineFlow on two moons")
+    demo_parser.add_argument("--epochs", type=_integer(1), default=None, help="demo glow: training epochs (default 40)")
+    demo_parser.add_argument("--steps", type=_integer(1), default=None,
+                             help="demo spline: training steps (default 1000)")
     demo_parser.add_argument("--seed", type=_seed, default=0)
     demo_parser.add_argument("--backend", choices=["cpp", "triton", "reference"], default="cpp")
-    demo_parser.add_argument("--out", type=_directory, default="demo_output", help="directory for the PNGs, checkpoint and results.json")
+    demo_parser.add_argument("--out", type=_directory, default="demo_output",
+                             help="directory for the output files (glow: PNGs, checkpoint and results.json; spline: "
+                                  "spline_moons.png and spline_results.json)")
     demo_parser.add_argument("--threads", type=_threads, default=0, help=threads_help)
     demo_parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     demo_parser.set_defaults(run=_demo, parser=demo_parser)
@@ -216,9 +239,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         _check_demo(args)
     if args.command in ("demo", "invert"):
-        from invkernels import demo  # noqa: PLC0415
+        from invkernels import demo, spline_demo  # noqa: PLC0415
 
-        outputs = demo.OUTPUT_FILES.values() if args.command == "demo" else _INVERT_OUTPUTS
+        if args.command == "invert":
+            outputs = _INVERT_OUTPUTS
+        else:
+            outputs = (spline_demo.OUTPUT_FILES if args.model == "spline" else demo.OUTPUT_FILES).values()
         try:
             demo.check_out_dir("--out", args.out, outputs)
         except ValueError as e:
