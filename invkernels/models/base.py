@@ -31,6 +31,14 @@ def check_levels(name: str, levels) -> int:
     return check_int(name, "levels", levels, minimum=2)
 
 
+def check_unconditional(model: torch.nn.Module, context) -> None:
+    """ValueError unless ``context`` is None: ``model`` is unconditional and takes ``context=`` only
+    for the API it shares with conditional models."""
+    if context is not None:
+        raise ValueError(f"{type(model).__name__}: the model is unconditional, so context should be None, got "
+                         f"{type(context).__name__}; NeuralSplineFlow(..., context_features=...) is conditional")
+
+
 def check_temperature(name: str, temperature) -> float:
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or \
             not math.isfinite(temperature) or temperature < 0:

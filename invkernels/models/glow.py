@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from invkernels._validation import check_int, logdet_dtype
-from invkernels.models.base import FlowModel
+from invkernels.models.base import FlowModel, check_unconditional
 from invkernels.nn import AffineCoupling, GlowStep, InvConv1x1, InvertibleSequential, Permute, Split, Squeeze
 from invkernels.nn.actnorm import ActNorm
 from invkernels.nn.glow import check_coupling
@@ -35,10 +35,12 @@ class Glow(FlowModel):
         bins, tail_bound: the spline couplings' bins and range ``[-tail_bound, tail_bound]``.
         backend: ``"cpp"``, ``"triton"``, ``"reference"`` or None for ``invkernels.get_backend()``.
 
-    ``forward(x) -> (z, logdet)`` with ``z`` the latents of every level flattened and concatenated
-    (the factored-out halves in level order, then the final latent) and ``logdet`` including the
-    priors of the factored-out halves, so ``log p(x) = log N(z_final; 0, I) + logdet``;
-    ``inverse(z) -> x``; ``log_prob(x)``; ``sample(n, temperature)``; ``bits_per_dim(x, levels)``.
+    ``forward(x, context=None) -> (z, logdet)`` with ``z`` the latents of every level flattened and
+    concatenated (the factored-out halves in level order, then the final latent) and ``logdet``
+    including the priors of the factored-out halves, so ``log p(x) = log N(z_final; 0, I) + logdet``;
+    ``inverse(z, context=None, return_logdet=False) -> x`` (with ``return_logdet``, ``(x, log |det
+    dx/dz|)``, the levels' Jacobians without the priors); ``context`` is for the uniform API of
+    conditional models and must be None; ``log_prob(x)``; ``sample(n, temperature)``; ``bits_per_dim(x, levels)``.
     """
 
     def __init__(self, in_shape: tuple[int, int, int], levels: int = 3, steps: int = 8, hidden: int = 512,
@@ -82,8 +84,9 @@ class Glow(FlowModel):
     def _final_latent(self, z: torch.Tensor) -> torch.Tensor:
         return z[:, -self._sizes()[-1]:]
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         self._check_input(x)
+        check_unconditional(self, context)
         h = x - 0.5
         logdet = x.new_zeros(x.shape[0], dtype=logdet_dtype(x.dtype))
         parts = []
@@ -98,7 +101,8 @@ class Glow(FlowModel):
         parts.append(h.flatten(1))
         return torch.cat(parts, dim=1), logdet
 
-    def inverse(self, z: torch.Tensor) -> torch.Tensor:
+    def inverse(self, z: torch.Tensor, context: torch.Tensor | None = None, return_logdet: bool = False):
+        check_unconditional(self, context)
         total = sum(self._sizes())
         if not isinstance(z, torch.Tensor):
             raise TypeError(f"Glow: z should be a tensor, got {type(z).__name__}")
@@ -107,11 +111,13 @@ class Glow(FlowModel):
         self._check_dtype(z, "z")
         parts = list(torch.split(z, self._sizes(), dim=1))
         h = parts[-1].reshape(z.shape[0], *self._latent_shapes[-1])
+        logdet = z.new_zeros(z.shape[0], dtype=logdet_dtype(z.dtype))
         for level in reversed(range(self.levels)):
             if level < self.levels - 1:
                 h = self.splits[level].inverse(h, z2=parts[level].reshape(z.shape[0], *self._latent_shapes[level]))
-            h = self.flows[level].inverse(h)
-        return h + 0.5
+            h, level_logdet = self.flows[level].inverse(h, return_logdet=True)
+            logdet = logdet + level_logdet
+        return (h + 0.5, logdet) if return_logdet else h + 0.5
 
     def _sample(self, n: int, temperature: float) -> torch.Tensor:
         p = next(self.parameters())
@@ -162,13 +168,15 @@ class RealNVP(FlowModel):
         self.event_shape = (features,)
         self.flow = InvertibleSequential(*layers, memory_free=memory_free)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         self._check_input(x)
+        check_unconditional(self, context)
         return self.flow(x)
 
-    def inverse(self, z: torch.Tensor) -> torch.Tensor:
+    def inverse(self, z: torch.Tensor, context: torch.Tensor | None = None, return_logdet: bool = False):
         self._check_input(z, "z")
-        return self.flow.inverse(z)
+        check_unconditional(self, context)
+        return self.flow.inverse(z, return_logdet=return_logdet)
 
     def _sample(self, n: int, temperature: float) -> torch.Tensor:
         p = next(self.parameters())

@@ -36,7 +36,8 @@ class NeuralSplineFlow(FlowModel):
         memory_free: train without storing the blocks' activations.
         backend: ``"cpp"``, ``"triton"``, ``"reference"`` or None for ``invkernels.get_backend()``.
 
-    ``forward(x, context=None) -> (z, logdet)``; ``inverse(z, context=None) -> x``;
+    ``forward(x, context=None) -> (z, logdet)``; ``inverse(z, context=None, return_logdet=False) -> x``
+    (or ``(x, logdet of the inverse)``);
     ``log_prob(x, context=None)``; ``sample(n, context=None, temperature=1.0)``;
     ``bits_per_dim(x, levels=256, context=None)``. A conditional model takes ``context`` of shape
     ``[B, context_features]`` (one row per sample) or ``[1, context_features]`` (one row for all).
@@ -96,9 +97,9 @@ class NeuralSplineFlow(FlowModel):
         self._check_input(x)
         return self.flow(x, self._context(context, x, x.shape[0]))
 
-    def inverse(self, z: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def inverse(self, z: torch.Tensor, context: torch.Tensor | None = None, return_logdet: bool = False):
         self._check_input(z, "z")
-        return self.flow.inverse(z, self._context(context, z, z.shape[0]))
+        return self.flow.inverse(z, self._context(context, z, z.shape[0]), return_logdet)
 
     def log_prob(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """``log p(x | context)`` per sample (nats), shape ``[B]``; float32 for float16, bfloat16 and

@@ -56,6 +56,10 @@ class ActNorm(nn.Module):
     # memory-free backward (inverse_backward) never writes it, so it need not be copied (_state).
     buffers_read_only = True
 
+    # forward and inverse take ``context=`` like every block, and do not use it: a chain passes
+    # none to this block (protocol.takes_context).
+    uses_context = False
+
     def __init__(self, channels: int, eps: float = 1e-6, backend: str | None = None, *, data_init: bool = True,
                  process_group=None):
         super().__init__()
@@ -154,12 +158,12 @@ class ActNorm(nn.Module):
                 "parameters")
         self.initialize(x, inverse)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         self._check(x, "x")
         self.initialize_if_needed(x)
         return F.actnorm_fwd(x, self.bias.to(x.dtype), self.log_scale.to(x.dtype), backend=self.backend)
 
-    def inverse(self, y: torch.Tensor, return_logdet: bool = False):
+    def inverse(self, y: torch.Tensor, context: torch.Tensor | None = None, return_logdet: bool = False):
         self._check(y, "y")
         self.initialize_if_needed(y, inverse=True)
         x, logdet = F.actnorm_inv(y, self.bias.to(y.dtype), self.log_scale.to(y.dtype), backend=self.backend)

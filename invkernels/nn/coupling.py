@@ -30,6 +30,9 @@ def resolve_subnet(owner: str, subnet: str | SubnetFactory, hidden: int | None) 
             raise ValueError(f"{owner}: hidden applies to subnet='mlp' or 'conv' only, got a factory and "
                              f"hidden={hidden!r}")
         return subnet
+    if isinstance(subnet, (int, float)) and not isinstance(subnet, bool):
+        raise TypeError(f"{owner}: subnet should be 'mlp', 'conv' or a factory(in, out), got the number {subnet!r}; "
+                        f"the subnet's width is the keyword argument hidden={subnet!r}")
     raise ValueError(f"{owner}: subnet should be 'mlp', 'conv' or a factory(in, out), got {subnet!r}")
 
 

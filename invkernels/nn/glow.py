@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from invkernels.nn.actnorm import ActNorm
-from invkernels.nn.coupling import AffineCoupling
+from invkernels.nn.coupling import AffineCoupling, resolve_subnet
 from invkernels.nn.invconv import InvConv1x1
 from invkernels.nn.spline import RQSplineCoupling
 from invkernels.nn.subnets import SubnetFactory, conv_subnet
@@ -36,9 +36,10 @@ class GlowStep(nn.Module):
 
     Args:
         channels: number of channels ``C``.
-        hidden: width of the default conv subnet (Glow uses 512).
         subnet: a factory ``(in_channels, out_channels) -> nn.Module``, ``"mlp"`` or ``"conv"``;
-            None for Glow's conv subnet of width ``hidden``.
+            None for Glow's conv subnet of width ``hidden`` (512 by default). The arguments after it
+            are keyword-only, as the couplings' are.
+        hidden: width of the ``"mlp"`` / ``"conv"`` subnet (or of Glow's).
         coupling: ``"affine"`` (Glow) or ``"spline"``.
         scale: affine coupling scale, ``"sigmoid"`` (Glow) or ``"exp"`` (soft-clamped).
         clamp: soft clamp of ``"exp"``.
@@ -50,14 +51,15 @@ class GlowStep(nn.Module):
     ``forward(x, context=None) -> (y, logdet)``; ``inverse(y, context=None) -> x``.
     """
 
-    def __init__(self, channels: int, hidden: int = 512, subnet: str | SubnetFactory | None = None,
+    def __init__(self, channels: int, subnet: str | SubnetFactory | None = None, *, hidden: int | None = None,
                  scale: str = "sigmoid", clamp: float = 2.0, lu: bool = True, context_channels: int = 0,
-                 backend: str | None = None, *, coupling: str = "affine", bins: int = 8, tail_bound: float = 3.0):
+                 backend: str | None = None, coupling: str = "affine", bins: int = 8, tail_bound: float = 3.0):
         super().__init__()
         check_coupling("GlowStep", coupling)
+        subnet = conv_subnet(512 if hidden is None else hidden) if subnet is None else \
+            resolve_subnet("GlowStep", subnet, hidden)
         self.actnorm = ActNorm(channels, backend=backend)
         self.invconv = InvConv1x1(channels, lu=lu, backend=backend)
-        subnet = conv_subnet(hidden) if subnet is None else subnet
         if coupling == "affine":
             self.coupling = AffineCoupling(channels, subnet, scale=scale, clamp=clamp,
                                            context_channels=context_channels, backend=backend)

@@ -42,6 +42,10 @@ class InvConv1x1(nn.Module):
     # cached inverse built from them stays valid.
     buffers_read_only = True
 
+    # forward and inverse take ``context=`` like every block, and do not use it: a chain passes
+    # none to this block (protocol.takes_context).
+    uses_context = False
+
     def __init__(self, channels: int, lu: bool = True, backend: str | None = None):
         super().__init__()
         _validation.check_int("InvConv1x1", "channels", channels)
@@ -151,12 +155,12 @@ class InvConv1x1(nn.Module):
         relative accuracy."""
         return torch.linalg.cond(self.weight(torch.float64))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         self._check(x, "x")
         w = self.weight(x.dtype)
         return F.conv1x1(x, w, backend=self.backend), self._logdet(x)
 
-    def inverse(self, y: torch.Tensor, return_logdet: bool = False):
+    def inverse(self, y: torch.Tensor, context: torch.Tensor | None = None, return_logdet: bool = False):
         self._check(y, "y")
         x = F.conv1x1(y, self.inverse_weight(y.dtype), backend=self.backend)
         if not return_logdet:

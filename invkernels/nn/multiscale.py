@@ -44,14 +44,19 @@ class Squeeze(nn.Module):
     Args:
         factor: the spatial block size ``f`` (a positive integer, default 2).
 
-    ``forward(x) -> (y, zeros[B])``; ``inverse(y, return_logdet=False) -> x`` (or ``(x, zeros[B])``).
+    ``forward(x, context=None) -> (y, zeros[B])``; ``inverse(y, context=None, return_logdet=False) -> x``
+    (or ``(x, zeros[B])``); ``context`` is accepted for a uniform block API and not used.
     """
+
+    # forward and inverse take ``context=`` like every block, and do not use it: a chain passes
+    # none to this block (protocol.takes_context).
+    uses_context = False
 
     def __init__(self, factor: int = 2):
         super().__init__()
         self.factor = _validation.check_int("Squeeze", "factor", factor)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         f = self.factor
         if x.dim() != 4:
             raise ValueError(f"Squeeze: x should be 4-D [B, C, H, W], got shape {list(x.shape)}")
@@ -60,7 +65,7 @@ class Squeeze(nn.Module):
         b, c, h, w = x.shape
         return _shuffle(x, [b, c * f * f, h // f, w // f], True, f), x.new_zeros(b, dtype=_validation.logdet_dtype(x.dtype))
 
-    def inverse(self, y: torch.Tensor, return_logdet: bool = False):
+    def inverse(self, y: torch.Tensor, context: torch.Tensor | None = None, return_logdet: bool = False):
         f = self.factor
         if y.dim() != 4:
             raise ValueError(f"Squeeze: y should be 4-D [B, C, H, W], got shape {list(y.shape)}")

@@ -28,6 +28,10 @@ class Permute(nn.Module):
     # perm and inverse_perm are fixed: the memory-free backward need not copy them (_state).
     buffers_read_only = True
 
+    # forward and inverse take ``context=`` like every block, and do not use it: a chain passes
+    # none to this block (protocol.takes_context).
+    uses_context = False
+
     def __init__(self, channels: int, kind: str | None = None, *, perm=None):
         super().__init__()
         _validation.check_int("Permute", "channels", channels)
@@ -103,11 +107,11 @@ class Permute(nn.Module):
         if x.dim() < 2 or x.shape[1] != self.channels:
             raise ValueError(f"Permute: {name} should have shape [B, {self.channels}, ...], got {list(x.shape)}")
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         self._check(x, "x")
         return x.index_select(1, self.perm), x.new_zeros(x.shape[0], dtype=_validation.logdet_dtype(x.dtype))
 
-    def inverse(self, y: torch.Tensor, return_logdet: bool = False):
+    def inverse(self, y: torch.Tensor, context: torch.Tensor | None = None, return_logdet: bool = False):
         self._check(y, "y")
         x = y.index_select(1, self.inverse_perm)
         return (x, y.new_zeros(y.shape[0], dtype=_validation.logdet_dtype(y.dtype))) if return_logdet else x

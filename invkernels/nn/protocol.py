@@ -84,6 +84,10 @@ def has_fused_inverse_backward(block: nn.Module) -> bool:
 
 
 def takes_context(block: nn.Module) -> bool:
+    """Whether a chain passes its ``context`` to ``block``: its ``forward`` takes ``context`` and
+    the block does not declare ``uses_context = False`` (accepting it only for a uniform API)."""
+    if not getattr(block, "uses_context", True):
+        return False
     try:
         return "context" in inspect.signature(block.forward).parameters
     except (TypeError, ValueError):

@@ -58,11 +58,16 @@ class InvertibleResidual(nn.Module):
         max_iter: iterations at most; None (default): twice the iterations a contraction of
             ``lipschitz`` needs to reach ``tol``, plus 10.
 
-    ``forward(x) -> (y, logdet)``; ``inverse(y, tol=None, max_iter=None) -> x`` by the Banach
+    ``forward(x, context=None) -> (y, logdet)``; ``inverse(y, context=None, return_logdet=False, *,
+    tol=None, max_iter=None) -> x`` by the Banach
     iteration ``x <- y - g(x)`` (``tol`` and ``max_iter`` default to the module's attributes, which
     the memory-free rebuild uses), which records ``last_inverse = {"iterations", "residual"}`` and
     raises RuntimeError when it does not converge.
     """
+
+    # forward and inverse take ``context=`` like every block, and do not use it: a chain passes
+    # none to this block (protocol.takes_context).
+    uses_context = False
 
     def __init__(self, subnet: nn.Module, lipschitz: float = 0.9, logdet: str = "series", terms: int = 10,
                  samples: int = 1, n_power_iterations: int = 1, tol: float | None = None,
@@ -160,7 +165,7 @@ class InvertibleResidual(nn.Module):
             return x + gx.detach(), logdet.detach()
         return x + gx, logdet
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if self.training:
             self.update_spectral_norms()
         return self._map(x)
@@ -176,10 +181,16 @@ class InvertibleResidual(nn.Module):
         return tol, max_iter
 
     @torch.no_grad()
-    def inverse(self, y: torch.Tensor, tol: float | None = None, max_iter: int | None = None) -> torch.Tensor:
+    def inverse(self, y: torch.Tensor, context: torch.Tensor | None = None, return_logdet: bool = False, *,
+                tol: float | None = None, max_iter: int | None = None):
         """``x`` with ``x + g(x) = y`` by the fixed-point iteration ``x <- y - g(x)`` from ``x = y``,
         stopping when every sample's relative residual is at most ``tol``; ``tol`` and ``max_iter``
-        default to the module's (see the class docstring). Never changes the module."""
+        default to the module's (see the class docstring). Never changes the module. With
+        ``return_logdet``, ``(x, -logdet)`` with ``logdet`` the forward's estimate at ``x``."""
+        x = self._fixed_point(y, tol, max_iter)
+        return (x, -self._map(x)[1]) if return_logdet else x
+
+    def _fixed_point(self, y: torch.Tensor, tol: float | None, max_iter: int | None) -> torch.Tensor:
         if not isinstance(y, torch.Tensor):
             raise TypeError(f"InvertibleResidual: y should be a tensor, got {type(y).__name__}")
         tol, max_iter = self._resolved(tol, max_iter, y.dtype if y.is_floating_point() else torch.float32)

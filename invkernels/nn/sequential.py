@@ -4,6 +4,8 @@ protocol: :mod:`invkernels.nn.protocol`; the memory-free run: :mod:`invkernels.n
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
@@ -25,9 +27,17 @@ from invkernels.nn.protocol import (
 __all__ = ["InvertibleSequential"]
 
 
+def _inverse_returns_logdet(block: nn.Module) -> bool:
+    try:
+        return "return_logdet" in inspect.signature(block.inverse).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 class InvertibleSequential(nn.Module):
     """A chain of invertible blocks, ``forward(x, context=None) -> (y, logdet)`` with the log-dets
-    summed, and ``inverse(y, context=None) -> x`` through the blocks in reverse.
+    summed, and ``inverse(y, context=None, return_logdet=False) -> x`` (or ``(x, logdet)``) through
+    the blocks in reverse.
 
     With ``memory_free=True`` (default) a training forward stores no activations: runs of blocks
     that can be inverted are computed without recording and only their output is kept; backward
@@ -98,9 +108,12 @@ class InvertibleSequential(nn.Module):
                              f"{list(out[1].shape)}; it should have shape [batch] = [{x.shape[0]}]")
         return out
 
-    def inverse_block(self, i: int, y: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        """Block ``i``'s inverse at ``y`` (its parameters gathered when FSDP2 shards them); TypeError
-        for a block without ``inverse``, ValueError for one whose inverse needs more than its output
+    def inverse_block(self, i: int, y: torch.Tensor, context: torch.Tensor | None = None,
+                      return_logdet: bool = False):
+        """Block ``i``'s inverse at ``y`` (its parameters gathered when FSDP2 shards them), with
+        ``return_logdet`` ``(x, logdet of the inverse)``: the block's own when its ``inverse`` takes
+        ``return_logdet``, else minus its forward's log-det at ``x``. TypeError for a block without
+        ``inverse``, ValueError for one whose inverse needs more than its output
         (``memory_free_invertible = False``)."""
         block = self.blocks[i]
         if not callable(getattr(block, "inverse", None)):
@@ -111,8 +124,15 @@ class InvertibleSequential(nn.Module):
                 f"output: its inverse needs what its forward factored out (for Split, the half z2), which the "
                 f"chain does not keep. Invert the blocks around it yourself, passing z2 to its inverse, or draw "
                 f"samples with a model's sample()")
+        kwargs = self._kwargs(i, context)
         with gathered(block):
-            return block.inverse(y, **self._kwargs(i, context))
+            if not return_logdet:
+                return block.inverse(y, **kwargs)
+            if _inverse_returns_logdet(block):
+                return block.inverse(y, return_logdet=True, **kwargs)
+            x = block.inverse(y, **kwargs)
+            with torch.no_grad():
+                return x, -self._checked_forward(i, block, x, context)[1]
 
     def _inverse_backward(self, i: int, block: nn.Module, flow: Flow, grad: Flow, grad_logdet: torch.Tensor,
                           context: torch.Tensor | None, rng: _state.RngState | None, like: torch.Tensor | None):
@@ -189,22 +209,31 @@ class InvertibleSequential(nn.Module):
         y = flow.whole()
         return y, logdet if logdet is not None else y.new_zeros(y.shape[0], dtype=logdet_dtype(y.dtype))
 
-    def inverse(self, y: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        """``x`` from ``y`` through the blocks' inverses in reverse order. A block whose inverse needs
-        more than its output (``memory_free_invertible = False``, e.g. :class:`~invkernels.nn.Split`)
-        raises ValueError: the chain does not keep what it factored out."""
+    def inverse(self, y: torch.Tensor, context: torch.Tensor | None = None, return_logdet: bool = False):
+        """``x`` from ``y`` through the blocks' inverses in reverse order; with ``return_logdet``
+        ``(x, logdet)``, the summed log-dets of the inverses (minus the forward's at ``x``). A block
+        whose inverse needs more than its output (``memory_free_invertible = False``, e.g.
+        :class:`~invkernels.nn.Split`) raises ValueError: the chain does not keep what it factored
+        out."""
         if not isinstance(y, torch.Tensor):
             raise TypeError(f"InvertibleSequential: y should be a tensor, got {type(y).__name__}")
         flow = Flow(y)
+        logdet = y.new_zeros(y.shape[0], dtype=logdet_dtype(y.dtype)) if return_logdet else None
         for i in reversed(range(len(self.blocks))):
             block, c1 = self.blocks[i], split_of(self.blocks[i])
             if c1 is None:
-                flow = Flow(self.inverse_block(i, flow.whole(), context))
+                out = self.inverse_block(i, flow.whole(), context, return_logdet)
+                if return_logdet:
+                    out, block_logdet = out
+                    logdet = logdet + block_logdet
+                flow = Flow(out)
                 continue
             with gathered(block):
-                x1, x2, _ = block.inverse_split(*flow.split(c1), **self._kwargs(i, context))
+                x1, x2, block_logdet = block.inverse_split(*flow.split(c1), **self._kwargs(i, context))
+            if return_logdet and block_logdet is not None:
+                logdet = logdet + block_logdet
             flow = Flow(halves=(x1, x2))
-        return flow.whole()
+        return (flow.whole(), logdet) if return_logdet else flow.whole()
 
     def extra_repr(self) -> str:
         return f"memory_free={self.memory_free}"
