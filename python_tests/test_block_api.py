@@ -4,7 +4,6 @@ the blocks that do not use a context accept and ignore it (a chain passes them n
 couplings' positional order ``(channels, subnet, ...)`` with everything after keyword-only, so a
 width given where the subnet goes is a TypeError naming ``hidden``."""
 
-
 import pytest
 import torch
 from torch import nn
