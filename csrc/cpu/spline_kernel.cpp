@@ -102,7 +102,10 @@ struct DataLanes {
 
   DataLanes(const SplineShape& sh, int64_t e0, int n) : count(n) {
     consecutive = sh.skip == 0 || e0 % sh.per_sample() + n <= sh.per_sample();
-    for (int l = 0; l < V::size(); ++l) off[l] = sh.data_offset(e0 + (l < n ? l : 0));
+    off[0] = sh.data_offset(e0);
+    if (!consecutive) {
+      for (int l = 1; l < V::size(); ++l) off[l] = sh.data_offset(e0 + (l < n ? l : 0));
+    }
   }
   V load(const scalar_t* p) const {
     if (consecutive) return V::loadu(p + off[0], count);

@@ -416,7 +416,9 @@ struct SplineShape {
   INVK_HOST_DEVICE int64_t param_offset(int64_t plane, int64_t s) const { return plane * params * spatial + s; }
   // Where transformed element e (flat over [B, channels, spatial]) sits in the data tensors
   // ([B, skip + channels * spatial] per sample).
-  INVK_HOST_DEVICE int64_t data_offset(int64_t e) const { return e + (e / per_sample() + 1) * skip; }
+  INVK_HOST_DEVICE int64_t data_offset(int64_t e) const {
+    return skip == 0 ? e : e + (e / per_sample() + 1) * skip;
+  }
 };
 
 // Whether v lies outside [-bound, bound] (where the transform is the identity); NaN is inside.
