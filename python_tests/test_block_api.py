@@ -138,7 +138,8 @@ def test_glow_inverse_logdet_is_that_of_the_dense_jacobian_of_the_inverse():
         torch.testing.assert_close(logdet[b], torch.linalg.slogdet(jac).logabsdet, rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("make", [lambda: RealNVP(4, blocks=2, hidden=8), lambda: NeuralSplineFlow(4, blocks=2, hidden=8),
+@pytest.mark.parametrize("make", [lambda: RealNVP(4, blocks=2, hidden=8),
+                                  lambda: NeuralSplineFlow(4, blocks=2, hidden=8),
                                   lambda: NeuralSplineFlow(4, blocks=2, hidden=8, context_features=2)])
 def test_vector_models_inverse_logdet(make):
     torch.manual_seed(4)
@@ -167,3 +168,54 @@ def test_a_width_where_the_subnet_goes_is_a_type_error_naming_hidden(cls):
     with pytest.raises(TypeError, match="positional"):
         cls(4, "conv", 8)
     assert isinstance(GlowStep(4, "mlp", hidden=8).coupling.subnet, nn.Module)
+
+
+CONDITIONAL = {
+    "AffineCoupling": lambda: AffineCoupling(4, "conv", hidden=8, context_channels=3),
+    "RQSplineCoupling": lambda: RQSplineCoupling(4, "conv", hidden=8, bins=3, context_channels=3),
+    "ReversibleBlock": lambda: ReversibleBlock(4, "conv", hidden=8, coupling="affine", context_channels=3),
+    "GlowStep": lambda: GlowStep(4, hidden=8, context_channels=3),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONDITIONAL))
+def test_a_vector_or_unbatched_context_is_tiled_over_positions_and_batch(name):
+    """A context of shape [B, Cc] (one vector per sample) is the same as that vector at every
+    position, one of shape [Cc] or [1, Cc, H, W] the same for every sample; in a chain, memory-free
+    gradients of the small context equal stored ones and the tiled context's summed."""
+    torch.manual_seed(5)
+    block = randomized(CONDITIONAL[name]())
+    x = torch.randn(2, 4, 3, 3, dtype=F64)
+    vector = torch.randn(2, 3, dtype=F64)
+    tiled = vector[:, :, None, None].expand(2, 3, 3, 3).contiguous()
+    one = tiled[:1].expand(2, -1, -1, -1)
+    for small, full in ((vector, tiled), (vector[0], one), (tiled[:1], one)):
+        for got, want in zip(block(x, context=small), block(x, context=full)):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+        y = block(x, context=small)[0]
+        torch.testing.assert_close(block.inverse(y, context=small), block.inverse(y, context=full), rtol=0, atol=0)
+    chain = InvertibleSequential(block, ActNorm(4, data_init=False).double())
+    grads = {}
+    for memory_free, context in ((True, vector), (False, vector), (False, tiled)):
+        chain.memory_free = memory_free
+        leaf = context.clone().requires_grad_()
+        y, logdet = chain(x.clone().requires_grad_(), leaf)
+        grads[memory_free, context.dim()] = torch.autograd.grad(y.sin().sum() + logdet.sum(), leaf)[0]
+    torch.testing.assert_close(grads[True, 2], grads[False, 2], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grads[False, 2], grads[False, 4].sum((2, 3)), rtol=1e-10, atol=1e-12)
+
+
+def test_a_context_of_another_shape_names_the_forms_it_takes():
+    layer = AffineCoupling(4, "conv", hidden=8, context_channels=3)
+    x = torch.randn(2, 4, 3, 3)
+    forms = (r"context should have shape \[2, 3, 3, 3\], \[2, 3\] \(one vector per sample, tiled over the "
+             r"positions\) or \[3\] \(one for all\); a batch of 1 broadcasts; got ")
+    wrong = (torch.randn(2, 4), torch.randn(3, 3), torch.randn(4), torch.randn(2, 3, 3, 4), torch.randn(2, 3, 1))
+    for context in wrong:
+        with pytest.raises(ValueError, match=rf"AffineCoupling: {forms}\[{', '.join(map(str, context.shape))}\]"):
+            layer(x, context=context)
+    vector_layer = AffineCoupling(4, "mlp", hidden=8, context_channels=3)
+    with pytest.raises(ValueError, match=r"shape \[2, 3\] or \[3\] \(one for all\); .* \[2, 3, 1\]"):
+        vector_layer(torch.randn(2, 4), context=torch.randn(2, 3, 1))
+    y, _ = vector_layer(torch.randn(2, 4), context=torch.ones(3))
+    assert y.shape == (2, 4) and bool(torch.isfinite(y).all())

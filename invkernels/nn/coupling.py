@@ -55,6 +55,28 @@ def check_block_input(owner: str, x: torch.Tensor, x_name: str, channels: int, i
                          f"{x.dim()} dims; use subnet='{other}' or a factory")
 
 
+def broadcast_context(owner: str, context: torch.Tensor, a: torch.Tensor, channels: int) -> torch.Tensor:
+    """``context`` expanded to ``[B, channels, *spatial]`` of the subnet input ``a``: given as
+    ``[B, channels, *spatial]``, as ``[B, channels]`` (one vector per sample, tiled over the
+    positions) or as ``[channels]`` (one for the whole batch); a batch of 1 broadcasts. A view
+    (the concatenation with ``a`` copies it once); its gradient sums over what was broadcast."""
+    b, spatial = a.shape[0], tuple(a.shape[2:])
+    shape = list(context.shape)
+    ones = (1,) * len(spatial)
+    view = None
+    if context.dim() == 1:
+        view = context.reshape(1, -1, *ones)
+    elif context.dim() == 2 and spatial:
+        view = context.reshape(*shape, *ones)
+    elif context.dim() == a.dim() and tuple(shape[2:]) == spatial:
+        view = context
+    if view is not None and view.shape[0] in (1, b) and view.shape[1] == channels:
+        return view.expand(b, channels, *spatial)
+    tiled = f", {[b, channels]} (one vector per sample, tiled over the positions)" if spatial else ""
+    forms = f"{[b, channels, *spatial]}{tiled} or {[channels]} (one for all)"
+    raise ValueError(f"{owner}: context should have shape {forms}; a batch of 1 broadcasts; got {shape}")
+
+
 def subnet_h(owner: str, subnet: nn.Module, a: torch.Tensor, context: torch.Tensor | None, context_channels: int,
              h_channels: int, dtype: torch.dtype) -> torch.Tensor:
     """``subnet([a, context])`` checked to have ``h_channels`` channels, in ``dtype``."""
@@ -66,12 +88,7 @@ def subnet_h(owner: str, subnet: nn.Module, a: torch.Tensor, context: torch.Tens
         if context.dtype != a.dtype or context.device != a.device:
             raise ValueError(f"{owner}: context should have the input's dtype and device ({a.dtype} on {a.device}), "
                              f"got {context.dtype} on {context.device}; pass context.to(x)")
-        if context.shape[0] != a.shape[0] or context.shape[1] != context_channels or \
-                context.shape[2:] != a.shape[2:]:
-            raise ValueError(
-                f"{owner}: context should have shape {[a.shape[0], context_channels, *a.shape[2:]]}, "
-                f"got {list(context.shape)}")
-        a = torch.cat([a, context], dim=1)
+        a = torch.cat([a, broadcast_context(owner, context, a, context_channels)], dim=1)
     elif context is not None:
         raise ValueError(f"{owner}: context was given but the layer was built with context_channels=0")
     want = [a.shape[0], h_channels, *a.shape[2:]]
