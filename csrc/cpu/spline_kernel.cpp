@@ -6,9 +6,10 @@
 // [B, C * params, S]) and are loaded as vectors; a vector that spans planes (few positions per
 // plane, e.g. [B, D] vectors) gathers them into a small buffer first. The data of a vector are
 // loaded and stored as vectors too, gathered and scattered only where a vector spans two samples
-// with passed-through channels between them; the passed-through channels are copied once. Each element's log-derivative is kept and the
-// log-det of a sample summed over them in double, in element order, so it does not depend on
-// the number of threads. Compiled once per CPU capability, like coupling_kernel.cpp.
+// with passed-through channels between them; the passed-through channels are copied once. Each
+// element's log-derivative is kept and the log-det of a sample summed over them in double, in
+// element order, so it does not depend on the number of threads. Compiled once per CPU
+// capability, like coupling_kernel.cpp.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -33,13 +34,6 @@ constexpr int64_t kGrain = 1024;
 // Largest 3 * bins - 1 whose parameters a gathered vector keeps on the stack (beyond it, a heap
 // buffer per task).
 constexpr int kStackParams = 64;
-
-template <typename A>
-SplineSpec<A> spec_of(int64_t bins, double tail_bound, double min_bin_width, double min_bin_height,
-                      double min_derivative) {
-  return {static_cast<int>(bins), static_cast<A>(tail_bound), static_cast<A>(min_bin_width),
-          static_cast<A>(min_bin_height), static_cast<A>(min_derivative)};
-}
 
 // Parameter j of every lane: base[j * stride], a vector load; the softmax terms are kept in
 // `cache` (2 * bins vectors) once computed.
@@ -226,7 +220,7 @@ std::tuple<at::Tensor, at::Tensor> rq_spline(const at::Tensor& in_, const at::Te
   at::Tensor logdet;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.scalar_type(), op, [&] {
     using A = acc_t<scalar_t>;
-    const SplineSpec<A> spec = spec_of<A>(bins, tail_bound, min_bin_width, min_bin_height, min_derivative);
+    const SplineSpec<A> spec = spline_spec<A>(bins, tail_bound, min_bin_width, min_bin_height, min_derivative);
     std::vector<A> log_d(sh.planes() * sh.spatial);
     transform<Inverse>(in.const_data_ptr<scalar_t>(), h.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
                        log_d.data(), spec, sh);
@@ -368,7 +362,7 @@ std::tuple<at::Tensor, at::Tensor> rq_spline_bwd(const at::Tensor& g_, const at:
   at::Tensor gh = at::empty(h.sizes(), h.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), op, [&] {
     using A = acc_t<scalar_t>;
-    const SplineSpec<A> spec = spec_of<A>(bins, tail_bound, min_bin_width, min_bin_height, min_derivative);
+    const SplineSpec<A> spec = spline_spec<A>(bins, tail_bound, min_bin_width, min_bin_height, min_derivative);
     vjp(g.const_data_ptr<scalar_t>(), gl.const_data_ptr<A>(), x.const_data_ptr<scalar_t>(),
         h.const_data_ptr<scalar_t>(), gin.mutable_data_ptr<scalar_t>(), gh.mutable_data_ptr<scalar_t>(), spec, sh,
         reverse);
@@ -393,7 +387,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rq_spline_inv_bwd(const at::Tenso
   at::Tensor gh = at::empty(h.sizes(), h.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), op, [&] {
     using A = acc_t<scalar_t>;
-    const SplineSpec<A> spec = spec_of<A>(bins, tail_bound, min_bin_width, min_bin_height, min_derivative);
+    const SplineSpec<A> spec = spline_spec<A>(bins, tail_bound, min_bin_width, min_bin_height, min_derivative);
     inv_vjp(y.const_data_ptr<scalar_t>(), h.const_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(),
             gl.const_data_ptr<A>(), x.mutable_data_ptr<scalar_t>(), gx.mutable_data_ptr<scalar_t>(),
             gh.mutable_data_ptr<scalar_t>(), spec, sh);

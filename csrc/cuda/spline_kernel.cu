@@ -23,13 +23,6 @@ namespace {
 
 constexpr int64_t kChunk = 4096;
 
-template <typename A>
-SplineSpec<A> spec_of(int64_t bins, double tail_bound, double min_bin_width, double min_bin_height,
-                      double min_derivative) {
-  return {static_cast<int>(bins), static_cast<A>(tail_bound), static_cast<A>(min_bin_width),
-          static_cast<A>(min_bin_height), static_cast<A>(min_derivative)};
-}
-
 // in, out: [B, skip + C * S] per sample (the transformed elements after the passed-through ones);
 // h: [B, C * params, S]; partial: [B, chunks] per-tile log-det sums.
 template <typename scalar_t, bool Inverse>
@@ -118,7 +111,7 @@ std::tuple<at::Tensor, at::Tensor> rq_spline(const at::Tensor& in_, const at::Te
           <<<grid_for(sh.batch * chunks), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
               in.const_data_ptr<scalar_t>(), h.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
               partial.mutable_data_ptr<A>(),
-              spec_of<A>(bins, tail_bound, min_bin_width, min_bin_height, min_derivative), sh, chunks);
+              spline_spec<A>(bins, tail_bound, min_bin_width, min_bin_height, min_derivative), sh, chunks);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
@@ -142,10 +135,11 @@ std::tuple<at::Tensor, at::Tensor> rq_spline_bwd(const at::Tensor& g_, const at:
   if (h.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), op, [&] {
       using A = acc_t<scalar_t>;
-      spline_vjp_kernel<scalar_t><<<grid_for_elements(sh.planes() * sh.spatial), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      spline_vjp_kernel<scalar_t>
+          <<<grid_for_elements(sh.planes() * sh.spatial), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
           g.const_data_ptr<scalar_t>(), gl.const_data_ptr<A>(), x.const_data_ptr<scalar_t>(),
           h.const_data_ptr<scalar_t>(), gin.mutable_data_ptr<scalar_t>(), gh.mutable_data_ptr<scalar_t>(),
-          spec_of<A>(bins, tail_bound, min_bin_width, min_bin_height, min_derivative), sh, reverse);
+          spline_spec<A>(bins, tail_bound, min_bin_width, min_bin_height, min_derivative), sh, reverse);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
@@ -175,9 +169,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rq_spline_inv_bwd(const at::Tenso
           <<<grid_for_elements(sh.planes() * sh.spatial), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
               y.const_data_ptr<scalar_t>(), h.const_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(),
               gl.const_data_ptr<A>(), x.mutable_data_ptr<scalar_t>(), gx.mutable_data_ptr<scalar_t>(),
-              gh.mutable_data_ptr<scalar_t>(), spec_of<A>(bins, tail_bound, min_bin_width, min_bin_height,
-                                                          min_derivative),
-              sh);
+              gh.mutable_data_ptr<scalar_t>(),
+              spline_spec<A>(bins, tail_bound, min_bin_width, min_bin_height, min_derivative), sh);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }

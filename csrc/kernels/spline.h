@@ -52,6 +52,14 @@ struct SplineSpec {
   S min_derivative;  // min_derivative
 };
 
+// The spec of an op's settings (as the schemas pass them) in the compute type S.
+template <typename S>
+SplineSpec<S> spline_spec(int64_t bins, double tail_bound, double min_bin_width, double min_bin_height,
+                          double min_derivative) {
+  return {static_cast<int>(bins), static_cast<S>(tail_bound), static_cast<S>(min_bin_width),
+          static_cast<S>(min_bin_height), static_cast<S>(min_derivative)};
+}
+
 // Parameter j of one element at p[j * stride] (a scalar T). A loader with `cached` true also has
 // `T* cache`, room for 2 * bins values: the softmax terms exp(r_j - max) of the widths then the
 // heights are kept there when first computed instead of being computed again (the CPU loops; a

@@ -4,11 +4,14 @@ with uniform dequantization of discrete data."""
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import nn
 
+from invkernels import _backend
 from invkernels._validation import check_int
+from invkernels.nn import ActNorm, InvConv1x1, InvertibleSequential, Permute
 
 _LOG_2PI = math.log(2 * math.pi)
 
@@ -29,6 +32,33 @@ def uniform_dequantize(x: torch.Tensor, levels: int) -> torch.Tensor:
 
 def check_levels(name: str, levels) -> int:
     return check_int(name, "levels", levels, minimum=2)
+
+
+def vector_flow(cls: str, features: int, blocks: int, hidden: int, mixing: str, actnorm: bool, memory_free: bool,
+                backend: str | None, coupling: Callable[[int, int], nn.Module]) -> nn.Module:
+    """The flow of the vector models (RealNVP, NeuralSplineFlow), its arguments checked with
+    errors naming ``cls``: ``blocks`` times an optional ActNorm, a channel mixing layer
+    (``"invconv"``: a learned LU-decomposed ``D x D`` mixing; ``"reverse"`` / ``"random"``: a fixed
+    permutation) and ``coupling(features, hidden)``, as one :class:`InvertibleSequential`."""
+    features = check_int(cls, "features", features)
+    if features < 2:
+        raise ValueError(f"{cls}: features should be >= 2 (a coupling splits them), got {features}")
+    blocks = check_int(cls, "blocks", blocks)
+    hidden = check_int(cls, "hidden", hidden)
+    if mixing not in ("invconv", "reverse", "random"):
+        raise ValueError(f"{cls}: mixing should be 'invconv', 'reverse' or 'random', got {mixing!r}")
+    for name, flag in (("actnorm", actnorm), ("memory_free", memory_free)):
+        if not isinstance(flag, bool):
+            raise ValueError(f"{cls}: {name} should be True or False, got {flag!r}")
+    if backend is not None and backend not in _backend.BACKENDS:
+        raise ValueError(f"{cls}: backend should be one of {_backend.BACKENDS}, got {backend!r}")
+    layers: list[nn.Module] = []
+    for _ in range(blocks):
+        if actnorm:
+            layers.append(ActNorm(features, backend=backend))
+        layers.append(InvConv1x1(features, backend=backend) if mixing == "invconv" else Permute(features, mixing))
+        layers.append(coupling(features, hidden))
+    return InvertibleSequential(*layers, memory_free=memory_free)
 
 
 def check_unconditional(model: torch.nn.Module, context) -> None:

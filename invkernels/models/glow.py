@@ -7,9 +7,8 @@ import torch
 from torch import nn
 
 from invkernels._validation import check_int, logdet_dtype
-from invkernels.models.base import FlowModel, check_unconditional
-from invkernels.nn import AffineCoupling, GlowStep, InvConv1x1, InvertibleSequential, Permute, Split, Squeeze
-from invkernels.nn.actnorm import ActNorm
+from invkernels.models.base import FlowModel, check_unconditional, vector_flow
+from invkernels.nn import AffineCoupling, GlowStep, InvertibleSequential, Split, Squeeze
 from invkernels.nn.glow import check_coupling
 from invkernels.nn.spline import check_spline_settings
 
@@ -149,24 +148,9 @@ class RealNVP(FlowModel):
     def __init__(self, features: int, blocks: int = 8, hidden: int = 256, mixing: str = "invconv",
                  scale: str = "exp", actnorm: bool = True, memory_free: bool = True, backend: str | None = None):
         super().__init__()
-        cls = "RealNVP"
-        features = check_int(cls, "features", features)
-        if features < 2:
-            raise ValueError(f"{cls}: features should be >= 2 (a coupling splits them), got {features}")
-        blocks = check_int(cls, "blocks", blocks)
-        hidden = check_int(cls, "hidden", hidden)
-        if mixing not in ("invconv", "reverse", "random"):
-            raise ValueError(f"{cls}: mixing should be 'invconv', 'reverse' or 'random', got {mixing!r}")
-        if not isinstance(actnorm, bool):
-            raise ValueError(f"{cls}: actnorm should be True or False, got {actnorm!r}")
-        layers: list[nn.Module] = []
-        for _ in range(blocks):
-            if actnorm:
-                layers.append(ActNorm(features, backend=backend))
-            layers.append(InvConv1x1(features, backend=backend) if mixing == "invconv" else Permute(features, mixing))
-            layers.append(AffineCoupling(features, "mlp", hidden=hidden, scale=scale, backend=backend))
+        self.flow = vector_flow("RealNVP", features, blocks, hidden, mixing, actnorm, memory_free, backend,
+                                lambda d, width: AffineCoupling(d, "mlp", hidden=width, scale=scale, backend=backend))
         self.event_shape = (features,)
-        self.flow = InvertibleSequential(*layers, memory_free=memory_free)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         self._check_input(x)

@@ -6,13 +6,10 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 
-from invkernels import _backend
 from invkernels._validation import check_int
-from invkernels.models.base import FlowModel, check_temperature, standard_normal_log_prob
-from invkernels.nn import InvConv1x1, InvertibleSequential, Permute, RQSplineCoupling
-from invkernels.nn.actnorm import ActNorm
+from invkernels.models.base import FlowModel, check_temperature, standard_normal_log_prob, vector_flow
+from invkernels.nn import RQSplineCoupling
 from invkernels.nn.spline import check_spline_settings
 
 
@@ -48,30 +45,15 @@ class NeuralSplineFlow(FlowModel):
                  backend: str | None = None):
         super().__init__()
         cls = "NeuralSplineFlow"
-        features = check_int(cls, "features", features)
-        if features < 2:
-            raise ValueError(f"{cls}: features should be >= 2 (a coupling splits them), got {features}")
-        blocks = check_int(cls, "blocks", blocks)
-        hidden = check_int(cls, "hidden", hidden)
         check_spline_settings(cls, bins, tail_bound, 1e-3, 1e-3, 1e-3)
-        if mixing not in ("invconv", "reverse", "random"):
-            raise ValueError(f"{cls}: mixing should be 'invconv', 'reverse' or 'random', got {mixing!r}")
         context_features = check_int(cls, "context_features", context_features, minimum=0)
-        for name, flag in (("actnorm", actnorm), ("memory_free", memory_free)):
-            if not isinstance(flag, bool):
-                raise ValueError(f"{cls}: {name} should be True or False, got {flag!r}")
-        if backend is not None and backend not in _backend.BACKENDS:
-            raise ValueError(f"{cls}: backend should be one of {_backend.BACKENDS}, got {backend!r}")
-        layers: list[nn.Module] = []
-        for _ in range(blocks):
-            if actnorm:
-                layers.append(ActNorm(features, backend=backend))
-            layers.append(InvConv1x1(features, backend=backend) if mixing == "invconv" else Permute(features, mixing))
-            layers.append(RQSplineCoupling(features, "mlp", hidden=hidden, bins=bins, tail_bound=tail_bound,
-                                           context_channels=context_features, backend=backend))
+        self.flow = vector_flow(cls, features, blocks, hidden, mixing, actnorm, memory_free, backend,
+                                lambda d, width: RQSplineCoupling(d, "mlp", hidden=width, bins=bins,
+                                                                  tail_bound=tail_bound,
+                                                                  context_channels=context_features,
+                                                                  backend=backend))
         self.event_shape = (features,)
         self.context_features = context_features
-        self.flow = InvertibleSequential(*layers, memory_free=memory_free)
 
     def _context(self, context: torch.Tensor | None, like: torch.Tensor, rows: int) -> torch.Tensor | None:
         """``context`` checked against the model and broadcast to ``rows`` rows (a single row is
