@@ -24,9 +24,10 @@ else
 env: $(VENV)/.deps-installed
 endif
 
-# Peer libraries the tests compare against (nflows: the spline reference's oracle), installed
-# without their dependencies so that they never pull another torch.
-TEST_PEERS := nflows==0.14
+# Peer libraries the tests compare against (nflows: the spline reference's oracle; FrEIA: the oracle
+# of invkernels.compat.freia), installed without their dependencies so that they never pull another
+# torch.
+TEST_PEERS := nflows==0.14 FrEIA==0.2
 
 $(VENV)/.deps-installed: requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)

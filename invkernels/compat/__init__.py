@@ -1,0 +1,17 @@
+"""Drop-in classes for the flow libraries people already use.
+
+Each submodule carries one library's class names, constructor signatures, calling convention and
+state-dict layout, with invkernels' fused ops inside where the library's math maps onto them:
+
+- :mod:`invkernels.compat.freia`: FrEIA's ``InvertibleModule`` blocks and a ``SequenceINN`` with
+  ``memory_free=True``.
+
+``import invkernels.compat.<library>`` works without the library installed; its classes are
+built on first use (they subclass the library's base classes), and using one without the library
+raises ImportError naming it. :data:`constructed` counts the compat objects built, by class.
+See docs/compat.md.
+"""
+
+from invkernels.compat._lazy import constructed
+
+__all__ = ["constructed"]
