@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import sys
 from dataclasses import dataclass
 
@@ -59,14 +58,6 @@ def pytest_cmdline_main(config):
         harness.ensure_allocator_env()
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
 def _device_description(device: str) -> tuple[str, float | None]:
     """The device in words, and its peak DRAM bandwidth (GB/s) on a GPU."""
     if device == "cpu":
@@ -96,7 +87,7 @@ def pytest_configure(config):
     config.stash[_SETTINGS] = Settings(device, config.getoption("--bench-rounds"), threads, tuple(backends))
     config.stash[_META] = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{_cpu_name()}, {os.cpu_count()} cores, torch threads {threads}, "
+        "machine": f"{harness.cpu_name()}, {os.cpu_count()} cores, torch threads {threads}, "
                    f"capability {torch.backends.cpu.get_cpu_capability()}",
         "device": device,
         "device_description": description,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -35,6 +36,15 @@ INVKERNELS_BACKENDS = ("cpp", "triton")
 SMALL_CASE_BYTES = 64 * 2**20
 # On a GPU, the repetition time (ms) of triton.testing.do_bench per provider per round.
 CUDA_REP_MS = 20
+
+
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 def reps_for(bytes_moved: int) -> int:
