@@ -8,6 +8,7 @@
 #include <c10/util/Exception.h>
 
 #include <limits>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -31,17 +32,25 @@ inline ScaleKind parse_scale(const char* op, c10::string_view scale, double clam
   return ScaleKind::Sigmoid;
 }
 
-// Validates a coupling input x ([B, C, *spatial], C >= 2) and returns the coupling geometry.
-inline CouplingShape check_coupling_input(const char* op, const at::Tensor& x, const char* x_name = "x") {
+// Validates a coupling input x ([B, C, *spatial]) and returns the coupling geometry: the first
+// `passthrough` channels pass through (0 <= passthrough < C), C // 2 of them when it is not given
+// (then C >= 2).
+inline CouplingShape check_coupling_input(const char* op, const at::Tensor& x, const char* x_name = "x",
+                                          std::optional<int64_t> passthrough = std::nullopt) {
   INVK_CHECK(at::isFloatingType(x.scalar_type()), op, x_name, " should be a floating-point tensor, got ",
              x.scalar_type());
   INVK_CHECK(x.dim() >= 2, op, x_name, " should be at least 2-D (B, C, ...), got ", x.dim(), "-D");
   const int64_t channels = x.size(1);
-  INVK_CHECK(channels >= 2, op, x_name, " should have at least 2 channels to split, got C=", channels);
+  if (passthrough.has_value()) {
+    INVK_CHECK(*passthrough >= 0 && *passthrough < channels, op, "passthrough should be an integer in [0, C) = [0, ",
+               channels, ") for ", x_name, " with C=", channels, ", got ", *passthrough);
+  } else {
+    INVK_CHECK(channels >= 2, op, x_name, " should have at least 2 channels to split, got C=", channels);
+  }
   CouplingShape shape{};
   shape.batch = x.size(0);
   shape.channels = channels;
-  shape.c1 = channels / 2;
+  shape.c1 = passthrough.value_or(channels / 2);
   shape.c2 = channels - shape.c1;
   shape.spatial = 1;
   for (int64_t d = 2; d < x.dim(); ++d) shape.spatial *= x.size(d);
@@ -55,10 +64,11 @@ inline std::vector<int64_t> additive_shift_sizes(const at::Tensor& x, const Coup
   return sizes;
 }
 
-// Validates x ([B, C, *spatial]) and the subnet output h and returns the coupling geometry.
+// Validates x ([B, C, *spatial]) and the subnet output h ([B, 2 * C2 or C2, *spatial]) and returns the
+// coupling geometry (passthrough as check_coupling_input).
 inline CouplingShape check_coupling(const char* op, const at::Tensor& x, const at::Tensor& h, bool affine,
-                                    const char* x_name = "x") {
-  const CouplingShape shape = check_coupling_input(op, x, x_name);
+                                    const char* x_name = "x", std::optional<int64_t> passthrough = std::nullopt) {
+  const CouplingShape shape = check_coupling_input(op, x, x_name, passthrough);
   INVK_CHECK(h.scalar_type() == x.scalar_type(), op, x_name, " and h should have the same dtype, got ", x_name, " ",
              x.scalar_type(), " and h ", h.scalar_type());
   INVK_CHECK(h.device() == x.device(), op, x_name, " and h should be on the same device, got ", x_name, " on ",
@@ -70,8 +80,11 @@ inline CouplingShape check_coupling(const char* op, const at::Tensor& x, const a
   INVK_CHECK(h.sizes().slice(2) == x.sizes().slice(2), op, "h should have the spatial shape of ", x_name, " ",
              x.sizes().slice(2), ", got ", h.sizes().slice(2));
   const int64_t want = affine ? 2 * shape.c2 : shape.c2;
-  INVK_CHECK(h.size(1) == want, op, "h should have ", (affine ? "2 * (C - C // 2)" : "C - C // 2"), " = ", want,
-             " channels for ", x_name, " with C=", shape.channels, ", got ", h.size(1));
+  const char* formula = passthrough.has_value() ? (affine ? "2 * (C - passthrough)" : "C - passthrough")
+                                                : (affine ? "2 * (C - C // 2)" : "C - C // 2");
+  const std::string with_passthrough = passthrough.has_value() ? c10::str(", passthrough=", *passthrough) : "";
+  INVK_CHECK(h.size(1) == want, op, "h should have ", formula, " = ", want, " channels for ", x_name, " with C=",
+             shape.channels, with_passthrough, ", got ", h.size(1));
   return shape;
 }
 

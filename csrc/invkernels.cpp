@@ -13,22 +13,31 @@
 #endif
 
 TORCH_LIBRARY(invkernels, m) {
-  // Coupling layers: docs/ops/coupling.md.
-  m.def("affine_coupling_fwd(Tensor x, Tensor h, str scale, float clamp) -> (Tensor y, Tensor logdet)");
-  m.def("affine_coupling_inv(Tensor y, Tensor h, str scale, float clamp) -> (Tensor x, Tensor logdet)");
+  // Coupling layers: docs/ops/coupling.md. The first `passthrough` channels of x pass through and
+  // the others are transformed; C // 2 pass through when it is None.
+  m.def(
+      "affine_coupling_fwd(Tensor x, Tensor h, str scale, float clamp, int? passthrough=None) -> "
+      "(Tensor y, Tensor logdet)");
+  m.def(
+      "affine_coupling_inv(Tensor y, Tensor h, str scale, float clamp, int? passthrough=None) -> "
+      "(Tensor x, Tensor logdet)");
   m.def(
       "affine_coupling_bwd(Tensor grad_out, Tensor grad_logdet, Tensor x, Tensor h, str scale, float clamp, "
-      "bool reverse) -> (Tensor grad_in, Tensor grad_h)");
+      "bool reverse, int? passthrough=None) -> (Tensor grad_in, Tensor grad_h)");
   // Inverse and backward in one pass (memory-free backprop): x rebuilt from y, and the VJP of the
   // forward at x.
   m.def(
-      "affine_coupling_inv_bwd(Tensor y, Tensor h, Tensor grad_y, Tensor grad_logdet, str scale, float clamp) "
-      "-> (Tensor x, Tensor grad_x, Tensor grad_h)");
-  m.def("additive_coupling_fwd(Tensor x, Tensor h) -> Tensor");
-  m.def("additive_coupling_inv(Tensor y, Tensor h) -> Tensor");
-  // grad_h has C - C // 2 channels and the batch and spatial sizes of grad_out.
-  m.def("additive_coupling_bwd(Tensor grad_out, bool reverse) -> (Tensor grad_in, Tensor grad_h)");
-  m.def("additive_coupling_inv_bwd(Tensor y, Tensor h, Tensor grad_y) -> (Tensor x, Tensor grad_x, Tensor grad_h)");
+      "affine_coupling_inv_bwd(Tensor y, Tensor h, Tensor grad_y, Tensor grad_logdet, str scale, float clamp, "
+      "int? passthrough=None) -> (Tensor x, Tensor grad_x, Tensor grad_h)");
+  m.def("additive_coupling_fwd(Tensor x, Tensor h, int? passthrough=None) -> Tensor");
+  m.def("additive_coupling_inv(Tensor y, Tensor h, int? passthrough=None) -> Tensor");
+  // grad_h has the transformed channels and the batch and spatial sizes of grad_out.
+  m.def(
+      "additive_coupling_bwd(Tensor grad_out, bool reverse, int? passthrough=None) -> "
+      "(Tensor grad_in, Tensor grad_h)");
+  m.def(
+      "additive_coupling_inv_bwd(Tensor y, Tensor h, Tensor grad_y, int? passthrough=None) -> "
+      "(Tensor x, Tensor grad_x, Tensor grad_h)");
 
   // ActNorm: docs/ops/actnorm.md.
   m.def("actnorm_fwd(Tensor x, Tensor bias, Tensor log_scale) -> (Tensor y, Tensor logdet)");

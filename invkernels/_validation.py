@@ -61,9 +61,10 @@ def check_permutation(owner: str, name: str, perm, n: int, key: str) -> None:
                          f"(each index once), got {perm.tolist() if n <= 32 else perm}")
 
 
-def split_channels(channels: int) -> tuple[int, int]:
-    """Channels of the conditioning half and of the transformed half."""
-    c1 = channels // 2
+def split_channels(channels: int, passthrough: int | None = None) -> tuple[int, int]:
+    """Channels of the conditioning half and of the transformed half: ``passthrough`` and the rest,
+    or ``C // 2`` and the rest when it is None."""
+    c1 = channels // 2 if passthrough is None else passthrough
     return c1, channels - c1
 
 
@@ -75,16 +76,23 @@ def check_input(op: str, x: torch.Tensor, x_name: str = "x") -> None:
         _fail(op, f"{x_name} should be at least 2-D (B, C, ...), got {x.dim()}-D")
 
 
-def check_coupling_input(op: str, x: torch.Tensor, x_name: str = "x") -> None:
-    """Validate a coupling input ``x``: floating point, ``[B, C, *spatial]`` with ``C >= 2``."""
+def check_coupling_input(op: str, x: torch.Tensor, x_name: str = "x", passthrough: int | None = None) -> None:
+    """Validate a coupling input ``x``: floating point, ``[B, C, *spatial]``, and ``passthrough`` an
+    integer in ``[0, C)`` (or None: ``C // 2``, then ``C >= 2``)."""
     check_input(op, x, x_name)
-    if x.shape[1] < 2:
-        _fail(op, f"{x_name} should have at least 2 channels to split, got C={x.shape[1]}")
+    channels = x.shape[1]
+    if passthrough is None:
+        if channels < 2:
+            _fail(op, f"{x_name} should have at least 2 channels to split, got C={channels}")
+    elif isinstance(passthrough, bool) or not isinstance(passthrough, int) or not 0 <= passthrough < channels:
+        _fail(op, f"passthrough should be an integer in [0, C) = [0, {channels}) for {x_name} with C={channels}, "
+                  f"got {passthrough!r}")
 
 
-def check_coupling(op: str, x: torch.Tensor, h: torch.Tensor, affine: bool, x_name: str = "x") -> None:
-    """Validate a coupling input ``x`` ([B, C, *spatial]) and subnet output ``h``."""
-    check_coupling_input(op, x, x_name)
+def check_coupling(op: str, x: torch.Tensor, h: torch.Tensor, affine: bool, x_name: str = "x",
+                   passthrough: int | None = None) -> None:
+    """Validate a coupling input ``x`` ([B, C, *spatial]), its ``passthrough`` and the subnet output ``h``."""
+    check_coupling_input(op, x, x_name, passthrough)
     channels = x.shape[1]
     if h.dtype != x.dtype:
         _fail(op, f"{x_name} and h should have the same dtype, got {x_name} {x.dtype} and h {h.dtype}")
@@ -96,11 +104,13 @@ def check_coupling(op: str, x: torch.Tensor, h: torch.Tensor, affine: bool, x_na
         _fail(op, f"h should have the batch size of {x_name} ({x.shape[0]}), got {h.shape[0]}")
     if h.shape[2:] != x.shape[2:]:
         _fail(op, f"h should have the spatial shape of {x_name} {list(x.shape[2:])}, got {list(h.shape[2:])}")
-    _, c2 = split_channels(channels)
+    _, c2 = split_channels(channels, passthrough)
     want = 2 * c2 if affine else c2
     if h.shape[1] != want:
-        formula = "2 * (C - C // 2)" if affine else "C - C // 2"
-        _fail(op, f"h should have {formula} = {want} channels for {x_name} with C={channels}, got {h.shape[1]}")
+        rest = "C // 2" if passthrough is None else "passthrough"
+        formula = f"2 * (C - {rest})" if affine else f"C - {rest}"
+        given = "" if passthrough is None else f", passthrough={passthrough}"
+        _fail(op, f"h should have {formula} = {want} channels for {x_name} with C={channels}{given}, got {h.shape[1]}")
 
 
 def check_grad(op: str, grad: torch.Tensor, like: torch.Tensor, name: str, like_name: str) -> None:

@@ -42,7 +42,7 @@ def test_every_cpp_op_has_a_twin_with_its_schema():
 
 def test_additive_coupling_bwd_takes_no_h():
     args = [(a.name, str(a.type)) for a in NS.additive_coupling_bwd.default._schema.arguments]
-    assert args == [("grad_out", "Tensor"), ("reverse", "bool")]
+    assert args == [("grad_out", "Tensor"), ("reverse", "bool"), ("passthrough", "Optional[int]")]
 
 
 def test_a_family_without_a_launcher_for_an_op_is_refused():

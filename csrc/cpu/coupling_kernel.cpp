@@ -34,8 +34,8 @@ struct PassCopy {
 
 // Runs transform(task, b, start, n) over the chunks of every sample's transformed half and copies
 // the passthrough halves of `copies`: the task of chunk j of a sample also copies the j-th of
-// `chunks` equal pieces of that sample's passthrough half (n1 <= n2), so every task carries the
-// same work and the threads stay balanced.
+// `chunks` equal pieces of that sample's passthrough half, so every task carries the same work and
+// the threads stay balanced.
 template <typename scalar_t, size_t N, typename Transform>
 void run_tasks(const CouplingShape& sh, const std::array<PassCopy<scalar_t>, N>& copies, const Transform& transform) {
   const int64_t n1 = sh.n1(), n2 = sh.n2();
@@ -132,10 +132,10 @@ void affine_backward_apply(const at::Tensor& g, const at::Tensor& gl, const at::
 
 template <bool Inverse>
 std::tuple<at::Tensor, at::Tensor> affine_coupling(const at::Tensor& in_, const at::Tensor& h_,
-                                                   c10::string_view scale, double clamp) {
+                                                   c10::string_view scale, double clamp, std::optional<int64_t> passthrough) {
   constexpr const char* op = Inverse ? "affine_coupling_inv" : "affine_coupling_fwd";
   const ScaleKind kind = parse_scale(op, scale, clamp);
-  const CouplingShape sh = check_coupling(op, in_, h_, /*affine=*/true, Inverse ? "y" : "x");
+  const CouplingShape sh = check_coupling(op, in_, h_, /*affine=*/true, Inverse ? "y" : "x", passthrough);
   const at::Tensor in = in_.contiguous(), h = h_.contiguous();
   at::Tensor out = at::empty(in.sizes(), in.options());
   at::Tensor logdet = at::empty({sh.batch}, in.options().dtype(logdet_dtype(in.scalar_type())));
@@ -147,10 +147,11 @@ std::tuple<at::Tensor, at::Tensor> affine_coupling(const at::Tensor& in_, const 
 
 std::tuple<at::Tensor, at::Tensor> affine_coupling_bwd(const at::Tensor& g_, const at::Tensor& gl_,
                                                        const at::Tensor& x_, const at::Tensor& h_,
-                                                       c10::string_view scale, double clamp, bool reverse) {
+                                                       c10::string_view scale, double clamp, bool reverse,
+                                                       std::optional<int64_t> passthrough) {
   constexpr const char* op = "affine_coupling_bwd";
   const ScaleKind kind = parse_scale(op, scale, clamp);
-  const CouplingShape sh = check_coupling(op, x_, h_, /*affine=*/true);
+  const CouplingShape sh = check_coupling(op, x_, h_, /*affine=*/true, "x", passthrough);
   check_grad(op, g_, x_, "grad_out", "x");
   check_grad_logdet(op, gl_, x_);
   const at::Tensor g = g_.contiguous(), gl = gl_.contiguous(), x = x_.contiguous(), h = h_.contiguous();
@@ -203,10 +204,10 @@ void affine_inv_bwd_apply(const at::Tensor& y, const at::Tensor& h, const at::Te
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_coupling_inv_bwd(const at::Tensor& y_, const at::Tensor& h_,
                                                                        const at::Tensor& g_, const at::Tensor& gl_,
-                                                                       c10::string_view scale, double clamp) {
+                                                                       c10::string_view scale, double clamp, std::optional<int64_t> passthrough) {
   constexpr const char* op = "affine_coupling_inv_bwd";
   const ScaleKind kind = parse_scale(op, scale, clamp);
-  const CouplingShape sh = check_coupling(op, y_, h_, /*affine=*/true, "y");
+  const CouplingShape sh = check_coupling(op, y_, h_, /*affine=*/true, "y", passthrough);
   check_grad(op, g_, y_, "grad_y", "y");
   check_grad_logdet(op, gl_, y_);
   const at::Tensor y = y_.contiguous(), h = h_.contiguous(), g = g_.contiguous(), gl = gl_.contiguous();
@@ -222,9 +223,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_coupling_inv_bwd(const at:
 }
 
 template <bool Inverse>
-at::Tensor additive_coupling(const at::Tensor& in_, const at::Tensor& h_) {
+at::Tensor additive_coupling(const at::Tensor& in_, const at::Tensor& h_, std::optional<int64_t> passthrough) {
   constexpr const char* op = Inverse ? "additive_coupling_inv" : "additive_coupling_fwd";
-  const CouplingShape sh = check_coupling(op, in_, h_, /*affine=*/false, Inverse ? "y" : "x");
+  const CouplingShape sh = check_coupling(op, in_, h_, /*affine=*/false, Inverse ? "y" : "x", passthrough);
   const at::Tensor in = in_.contiguous(), h = h_.contiguous();
   at::Tensor out = at::empty(in.sizes(), in.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.scalar_type(), op, [&] {
@@ -244,9 +245,10 @@ at::Tensor additive_coupling(const at::Tensor& in_, const at::Tensor& h_) {
 }
 
 // grad_h has the shape of the shift, [B, C2, *spatial], which follows from grad_out's.
-std::tuple<at::Tensor, at::Tensor> additive_coupling_bwd(const at::Tensor& g_, bool reverse) {
+std::tuple<at::Tensor, at::Tensor> additive_coupling_bwd(const at::Tensor& g_, bool reverse,
+                                                         std::optional<int64_t> passthrough) {
   constexpr const char* op = "additive_coupling_bwd";
-  const CouplingShape sh = check_coupling_input(op, g_, "grad_out");
+  const CouplingShape sh = check_coupling_input(op, g_, "grad_out", passthrough);
   const at::Tensor g = g_.contiguous();
   at::Tensor gin = at::empty(g.sizes(), g.options());
   at::Tensor gh = at::empty(additive_shift_sizes(g, sh), g.options());
@@ -268,9 +270,9 @@ std::tuple<at::Tensor, at::Tensor> additive_coupling_bwd(const at::Tensor& g_, b
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> additive_coupling_inv_bwd(const at::Tensor& y_, const at::Tensor& h_,
-                                                                         const at::Tensor& g_) {
+                                                                         const at::Tensor& g_, std::optional<int64_t> passthrough) {
   constexpr const char* op = "additive_coupling_inv_bwd";
-  const CouplingShape sh = check_coupling(op, y_, h_, /*affine=*/false, "y");
+  const CouplingShape sh = check_coupling(op, y_, h_, /*affine=*/false, "y", passthrough);
   check_grad(op, g_, y_, "grad_y", "y");
   const at::Tensor y = y_.contiguous(), h = h_.contiguous(), g = g_.contiguous();
   at::Tensor x = at::empty(y.sizes(), y.options());

@@ -166,10 +166,10 @@ __global__ void additive_inverse_backward_kernel(const scalar_t* __restrict__ y,
 
 template <bool Inverse>
 std::tuple<at::Tensor, at::Tensor> affine_coupling(const at::Tensor& in_, const at::Tensor& h_,
-                                                   c10::string_view scale, double clamp) {
+                                                   c10::string_view scale, double clamp, std::optional<int64_t> passthrough) {
   constexpr const char* op = Inverse ? "affine_coupling_inv" : "affine_coupling_fwd";
   const ScaleKind kind = parse_scale(op, scale, clamp);
-  const CouplingShape sh = check_coupling(op, in_, h_, /*affine=*/true, Inverse ? "y" : "x");
+  const CouplingShape sh = check_coupling(op, in_, h_, /*affine=*/true, Inverse ? "y" : "x", passthrough);
   const c10::cuda::CUDAGuard guard(in_.device());
   const at::Tensor in = in_.contiguous(), h = h_.contiguous();
   at::Tensor out = at::empty(in.sizes(), in.options());
@@ -197,10 +197,11 @@ std::tuple<at::Tensor, at::Tensor> affine_coupling(const at::Tensor& in_, const 
 
 std::tuple<at::Tensor, at::Tensor> affine_coupling_bwd(const at::Tensor& g_, const at::Tensor& gl_,
                                                        const at::Tensor& x_, const at::Tensor& h_,
-                                                       c10::string_view scale, double clamp, bool reverse) {
+                                                       c10::string_view scale, double clamp, bool reverse,
+                                                       std::optional<int64_t> passthrough) {
   constexpr const char* op = "affine_coupling_bwd";
   const ScaleKind kind = parse_scale(op, scale, clamp);
-  const CouplingShape sh = check_coupling(op, x_, h_, /*affine=*/true);
+  const CouplingShape sh = check_coupling(op, x_, h_, /*affine=*/true, "x", passthrough);
   check_grad(op, g_, x_, "grad_out", "x");
   check_grad_logdet(op, gl_, x_);
   const c10::cuda::CUDAGuard guard(x_.device());
@@ -237,10 +238,10 @@ std::tuple<at::Tensor, at::Tensor> affine_coupling_bwd(const at::Tensor& g_, con
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_coupling_inv_bwd(const at::Tensor& y_, const at::Tensor& h_,
                                                                        const at::Tensor& g_, const at::Tensor& gl_,
-                                                                       c10::string_view scale, double clamp) {
+                                                                       c10::string_view scale, double clamp, std::optional<int64_t> passthrough) {
   constexpr const char* op = "affine_coupling_inv_bwd";
   const ScaleKind kind = parse_scale(op, scale, clamp);
-  const CouplingShape sh = check_coupling(op, y_, h_, /*affine=*/true, "y");
+  const CouplingShape sh = check_coupling(op, y_, h_, /*affine=*/true, "y", passthrough);
   check_grad(op, g_, y_, "grad_y", "y");
   check_grad_logdet(op, gl_, y_);
   const c10::cuda::CUDAGuard guard(y_.device());
@@ -268,9 +269,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_coupling_inv_bwd(const at:
 }
 
 template <bool Inverse>
-at::Tensor additive_coupling(const at::Tensor& in_, const at::Tensor& h_) {
+at::Tensor additive_coupling(const at::Tensor& in_, const at::Tensor& h_, std::optional<int64_t> passthrough) {
   constexpr const char* op = Inverse ? "additive_coupling_inv" : "additive_coupling_fwd";
-  const CouplingShape sh = check_coupling(op, in_, h_, /*affine=*/false, Inverse ? "y" : "x");
+  const CouplingShape sh = check_coupling(op, in_, h_, /*affine=*/false, Inverse ? "y" : "x", passthrough);
   const c10::cuda::CUDAGuard guard(in_.device());
   const at::Tensor in = in_.contiguous(), h = h_.contiguous();
   at::Tensor out = at::empty(in.sizes(), in.options());
@@ -287,9 +288,10 @@ at::Tensor additive_coupling(const at::Tensor& in_, const at::Tensor& h_) {
 }
 
 // grad_h has the shape of the shift, [B, C2, *spatial], which follows from grad_out's.
-std::tuple<at::Tensor, at::Tensor> additive_coupling_bwd(const at::Tensor& g_, bool reverse) {
+std::tuple<at::Tensor, at::Tensor> additive_coupling_bwd(const at::Tensor& g_, bool reverse,
+                                                         std::optional<int64_t> passthrough) {
   constexpr const char* op = "additive_coupling_bwd";
-  const CouplingShape sh = check_coupling_input(op, g_, "grad_out");
+  const CouplingShape sh = check_coupling_input(op, g_, "grad_out", passthrough);
   const c10::cuda::CUDAGuard guard(g_.device());
   const at::Tensor g = g_.contiguous();
   at::Tensor gin = at::empty(g.sizes(), g.options());
@@ -308,9 +310,9 @@ std::tuple<at::Tensor, at::Tensor> additive_coupling_bwd(const at::Tensor& g_, b
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> additive_coupling_inv_bwd(const at::Tensor& y_, const at::Tensor& h_,
-                                                                         const at::Tensor& g_) {
+                                                                         const at::Tensor& g_, std::optional<int64_t> passthrough) {
   constexpr const char* op = "additive_coupling_inv_bwd";
-  const CouplingShape sh = check_coupling(op, y_, h_, /*affine=*/false, "y");
+  const CouplingShape sh = check_coupling(op, y_, h_, /*affine=*/false, "y", passthrough);
   check_grad(op, g_, y_, "grad_y", "y");
   const c10::cuda::CUDAGuard guard(y_.device());
   const at::Tensor y = y_.contiguous(), h = h_.contiguous(), g = g_.contiguous();

@@ -5,15 +5,14 @@ and the same draws from the random generators in the same order (a seed gives th
 Where a block's math is that of a fused op, the op runs:
 
 - the affine coupling of ``AllInOneBlock`` (``y2 = x2 * exp(α tanh(0.1 a_s / α)) + 0.1 a_t``) is
-  ``affine_coupling_fwd/inv(x, 0.1 a, "exp", α)`` when the split falls where the op splits (an
-  even channel count) and ``gin_block=False``;
+  ``affine_coupling_fwd/inv(x, 0.1 a, "exp", α, passthrough=ceil(C / 2))`` unless ``gin_block``;
 - a coupling with ``clamp_activation="TANH"`` (``s = α tanh(a_s)``) transforming the channels after
-  ``split_len1 = C // 2`` is the same op on ``h = [α a_s, a_t]`` (``GLOWCouplingBlock``'s second
-  half, ``AffineCouplingOneSided``);
+  ``split_len1`` is the same op on ``h = [α a_s, a_t]`` with ``passthrough=split_len1``
+  (``GLOWCouplingBlock``'s second half, ``AffineCouplingOneSided``);
 - ``ActNorm``'s ``(x - loc) / exp(log_scale)`` is ``actnorm_fwd/inv(x, -loc, -log_scale)``.
 
-Everything else (the ATAN and SIGMOID clamps, callable clamps, other splits, GIN, the two halves of
-``RNVPCouplingBlock``, ``NICECouplingBlock``, permutations) runs in tensor ops, as in FrEIA.
+Everything else (the ATAN and SIGMOID clamps, callable clamps, GIN, the first half of the two-sided
+blocks, ``RNVPCouplingBlock``, ``NICECouplingBlock``, permutations) runs in tensor ops, as in FrEIA.
 """
 
 from __future__ import annotations
@@ -101,8 +100,7 @@ class _Coupling(InvertibleModule):
         return torch.exp(s) * x + t, j
 
     def _fused_second_half(self) -> bool:
-        return self._clamp_name == "TANH" and _fusable_clamp(self.clamp) and self.split_len1 == self.channels // 2 \
-            and self.split_len1 > 0
+        return self._clamp_name == "TANH" and _fusable_clamp(self.clamp) and self.split_len2 > 0
 
     def _transform_second(self, x: torch.Tensor, a: torch.Tensor, rev: bool):
         """``x = [x1 | x2]`` with ``x2`` transformed by ``a = [a_s | a_t]``: ``(y, logdet)``."""
@@ -110,7 +108,7 @@ class _Coupling(InvertibleModule):
             factor = torch.ones(a.shape[1], *([1] * (a.dim() - 2)), dtype=a.dtype, device=a.device)
             factor[: self.split_len2] = float(self.clamp)
             op = F.affine_coupling_inv if rev else F.affine_coupling_fwd
-            return op(x.contiguous(), a * factor, "exp", float(self.clamp))
+            return op(x.contiguous(), a * factor, "exp", float(self.clamp), self.split_len1)
         x1, x2 = torch.split(x, [self.split_len1, self.split_len2], dim=1)
         y2, j = self._affine(x2, a[:, : self.split_len2], a[:, self.split_len2:], rev)
         return torch.cat((x1, y2), 1), j
@@ -213,7 +211,7 @@ class AllInOneBlock(InvertibleModule):
     """FrEIA's ``AllInOneBlock``: affine coupling (soft clamp ``α tanh(0.1 a / α)``), a global affine
     ``Ψ(s_global) * u + t_global`` and a permutation, with FrEIA's options (GIN, soft and learned
     Householder permutations, the reversed pre-permutation, SIGMOID / SOFTPLUS / EXP global scales).
-    The coupling is fused for an even channel count without ``gin_block``."""
+    The coupling is fused unless ``gin_block``."""
 
     def __init__(self, dims_in, dims_c=[], subnet_constructor: Callable = None, affine_clamping: float = 2.0,
                  gin_block: bool = False, global_affine_init: float = 1.0, global_affine_type: str = "SOFTPLUS",
@@ -330,9 +328,9 @@ class AllInOneBlock(InvertibleModule):
         return (x - a[:, ch:]) * torch.exp(-sub_jac), -torch.sum(sub_jac, dim=self.sum_dims)
 
     def _coupling(self, x: torch.Tensor, a: torch.Tensor, rev: bool):
-        if not self.GIN and self.splits[0] == self.splits[1] and _fusable_clamp(self.clamp):
+        if not self.GIN and self.splits[1] > 0 and _fusable_clamp(self.clamp):
             op = F.affine_coupling_inv if rev else F.affine_coupling_fwd
-            return op(x.contiguous(), a * 0.1, "exp", float(self.clamp))
+            return op(x.contiguous(), a * 0.1, "exp", float(self.clamp), self.splits[0])
         x1, x2 = torch.split(x, self.splits, dim=1)
         y2, j2 = self._affine(x2, a, rev)
         return torch.cat((x1, y2), 1), j2

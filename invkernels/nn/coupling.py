@@ -107,16 +107,20 @@ def check_affine(owner: str, scale: str, clamp: float) -> None:
 
 class _Coupling(nn.Module):
     def __init__(self, channels: int, subnet: str | SubnetFactory, hidden: int | None, context_channels: int,
-                 h_per_channel: int, backend: str | None):
+                 h_per_channel: int, backend: str | None, passthrough: int | None):
         super().__init__()
         name = type(self).__name__
         _validation.check_int(name, "channels", channels, minimum=2)
         _validation.check_int(name, "context_channels", context_channels, minimum=0)
+        if passthrough is not None and (isinstance(passthrough, bool) or not isinstance(passthrough, int)
+                                        or not 1 <= passthrough < channels):
+            raise ValueError(f"{name}: passthrough should be None (channels // 2) or an integer in [1, channels) "
+                             f"= [1, {channels}), got {passthrough!r}")
         if backend is not None:
             F.prepare(_backend.check_backend(backend))
         factory = resolve_subnet(name, subnet, hidden)
         self.channels = channels
-        self.c1, self.c2 = _validation.split_channels(channels)
+        self.c1, self.c2 = _validation.split_channels(channels, passthrough)
         self.context_channels = context_channels
         self.backend = backend
         self._input_dim = subnet_input_dim(factory)
@@ -156,7 +160,7 @@ class AffineCoupling(_Coupling):
     """Affine coupling ``y2 = x2 * s(hs) + t`` with ``(hs, t) = subnet([x1, context])``.
 
     Args:
-        channels: number of channels ``C`` (``>= 2``; odd ``C`` transforms ``C - C // 2``).
+        channels: number of channels ``C`` (``>= 2``).
         subnet: ``"mlp"`` (for ``[B, C]`` inputs), ``"conv"`` (for ``[B, C, H, W]``) or a factory
             ``(in_channels, out_channels) -> nn.Module``.
         hidden: width of the ``"mlp"`` / ``"conv"`` subnet (defaults 256 / 128).
@@ -164,25 +168,29 @@ class AffineCoupling(_Coupling):
             (Glow, ``s = sigmoid(hs + 2)``).
         clamp: soft-clamp bound of ``"exp"``: ``s`` stays in ``[exp(-clamp), exp(clamp)]``.
         context_channels: channels of the optional ``context=`` concatenated to the subnet input.
+        passthrough: channels ``x1 = x[:, :passthrough]`` that condition the subnet and pass through
+            (``[1, C)``); None (default): ``C // 2``. Any split runs fused (the ops' ``passthrough``).
         backend: ``"cpp"``, ``"triton"``, ``"reference"`` or None for ``invkernels.get_backend()``.
 
     ``forward(x, context=None) -> (y, logdet)``; ``inverse(y, context=None) -> x``.
     """
 
     def __init__(self, channels: int, subnet: str | SubnetFactory = "mlp", *, hidden: int | None = None,
-                 scale: str = "exp", clamp: float = 2.0, context_channels: int = 0, backend: str | None = None):
+                 scale: str = "exp", clamp: float = 2.0, context_channels: int = 0, passthrough: int | None = None,
+                 backend: str | None = None):
         check_affine("AffineCoupling", scale, clamp)
-        super().__init__(channels, subnet, hidden, context_channels, 2, backend)
+        super().__init__(channels, subnet, hidden, context_channels, 2, backend, passthrough)
         self.scale = scale
         self.clamp = float(clamp)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         self._check_input(x, "x")
-        return F.affine_coupling_fwd(x, self._h(x, context), self.scale, self.clamp, backend=self.backend)
+        return F.affine_coupling_fwd(x, self._h(x, context), self.scale, self.clamp, self.c1, backend=self.backend)
 
     def inverse(self, y: torch.Tensor, context: torch.Tensor | None = None, return_logdet: bool = False):
         self._check_input(y, "y")
-        x, logdet = F.affine_coupling_inv(y, self._h(y, context), self.scale, self.clamp, backend=self.backend)
+        x, logdet = F.affine_coupling_inv(y, self._h(y, context), self.scale, self.clamp, self.c1,
+                                          backend=self.backend)
         return (x, logdet) if return_logdet else x
 
     def inverse_backward(self, y: torch.Tensor, grad_y: torch.Tensor, grad_logdet: torch.Tensor,
@@ -194,7 +202,7 @@ class AffineCoupling(_Coupling):
         ``affine_coupling_inv_bwd`` op rebuilds ``x2`` and back-propagates in one pass."""
         self._check_input(y, "y")
         return self._subnet_backward(y, context, lambda h: F.affine_coupling_inv_bwd(
-            y, h, grad_y, grad_logdet, self.scale, self.clamp, backend=self.backend))
+            y, h, grad_y, grad_logdet, self.scale, self.clamp, self.c1, backend=self.backend))
 
     def extra_repr(self) -> str:
         clamp = f", clamp={self.clamp}" if self.scale == "exp" else ""
@@ -208,17 +216,17 @@ class AdditiveCoupling(_Coupling):
     """
 
     def __init__(self, channels: int, subnet: str | SubnetFactory = "mlp", *, hidden: int | None = None,
-                 context_channels: int = 0, backend: str | None = None):
-        super().__init__(channels, subnet, hidden, context_channels, 1, backend)
+                 context_channels: int = 0, passthrough: int | None = None, backend: str | None = None):
+        super().__init__(channels, subnet, hidden, context_channels, 1, backend, passthrough)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         self._check_input(x, "x")
-        y = F.additive_coupling_fwd(x, self._h(x, context), backend=self.backend)
+        y = F.additive_coupling_fwd(x, self._h(x, context), self.c1, backend=self.backend)
         return y, x.new_zeros(x.shape[0], dtype=_validation.logdet_dtype(x.dtype))
 
     def inverse(self, y: torch.Tensor, context: torch.Tensor | None = None, return_logdet: bool = False):
         self._check_input(y, "y")
-        x = F.additive_coupling_inv(y, self._h(y, context), backend=self.backend)
+        x = F.additive_coupling_inv(y, self._h(y, context), self.c1, backend=self.backend)
         return (x, y.new_zeros(y.shape[0], dtype=_validation.logdet_dtype(y.dtype))) if return_logdet else x
 
     def inverse_backward(self, y: torch.Tensor, grad_y: torch.Tensor, grad_logdet: torch.Tensor,
@@ -227,4 +235,4 @@ class AdditiveCoupling(_Coupling):
         ``grad_logdet`` is not used)."""
         self._check_input(y, "y")
         return self._subnet_backward(y, context, lambda h: F.additive_coupling_inv_bwd(
-            y, h, grad_y, backend=self.backend))
+            y, h, grad_y, self.c1, backend=self.backend))

@@ -32,7 +32,7 @@ class RQSplineCoupling(_Coupling):
     monotone spline of ``bins`` bins on ``[-tail_bound, tail_bound]`` (identity outside) whose
     parameters are ``h = subnet([x1, context])``.
 
-    The subnet returns ``(C - C // 2) * (3 * bins - 1)`` channels; for each transformed channel
+    The subnet returns ``(C - passthrough) * (3 * bins - 1)`` channels; for each transformed channel
     ``bins`` unnormalized widths, ``bins`` unnormalized heights and ``bins - 1`` unnormalized
     interior derivatives, in that order (nflows' conventions with ``tails="linear"``; the layout of
     :func:`invkernels.ops.rq_spline_fwd`). The layer adds
@@ -41,7 +41,7 @@ class RQSplineCoupling(_Coupling):
     every knot derivative 1.
 
     Args:
-        channels: number of channels ``C`` (``>= 2``; odd ``C`` transforms ``C - C // 2``).
+        channels: number of channels ``C`` (``>= 2``).
         subnet: ``"mlp"`` (for ``[B, C]`` inputs), ``"conv"`` (for ``[B, C, H, W]``) or a factory
             ``(in_channels, out_channels) -> nn.Module``.
         hidden: width of the ``"mlp"`` / ``"conv"`` subnet (defaults 256 / 128).
@@ -51,19 +51,22 @@ class RQSplineCoupling(_Coupling):
             ``[1e-6, 1 / bins)``.
         min_derivative: minimum knot derivative, in ``[1e-6, 1)``.
         context_channels: channels of the optional ``context=`` concatenated to the subnet input.
+        passthrough: channels ``x1 = x[:, :passthrough]`` that condition the subnet and pass through
+            (``[1, C)``); None (default): ``C // 2``.
         backend: ``"cpp"``, ``"triton"``, ``"reference"`` or None for ``invkernels.get_backend()``.
 
     ``forward(x, context=None) -> (y, logdet)``; ``inverse(y, context=None, return_logdet=False)``;
     ``inverse_backward(y, grad_y, grad_logdet, context=None)`` for memory-free chains. Log-dets of
     float16/bfloat16 inputs are float32. The spline ops run on the full input with
-    ``passthrough=C // 2``: the transformed half is never sliced out and concatenated back.
+    their ``passthrough``: the transformed half is never sliced out and concatenated back.
     """
 
     def __init__(self, channels: int, subnet: str | SubnetFactory = "mlp", *, hidden: int | None = None,
                  bins: int = 8, tail_bound: float = 3.0, min_bin_width: float = 1e-3, min_bin_height: float = 1e-3,
-                 min_derivative: float = 1e-3, context_channels: int = 0, backend: str | None = None):
+                 min_derivative: float = 1e-3, context_channels: int = 0, passthrough: int | None = None,
+                 backend: str | None = None):
         check_spline_settings("RQSplineCoupling", bins, tail_bound, min_bin_width, min_bin_height, min_derivative)
-        super().__init__(channels, subnet, hidden, context_channels, 3 * bins - 1, backend)
+        super().__init__(channels, subnet, hidden, context_channels, 3 * bins - 1, backend, passthrough)
         if backend is not None:
             F.prepare(_backend.check_backend(backend))
         self.bins = bins

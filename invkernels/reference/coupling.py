@@ -45,35 +45,38 @@ def affine_half_inv(b: torch.Tensor, h: torch.Tensor, scale: str = "exp", clamp:
     return (b - t) * torch.exp(-log_s), -_sum_per_sample(log_s)
 
 
-def affine_coupling_fwd(x: torch.Tensor, h: torch.Tensor, scale: str = "exp", clamp: float = 2.0):
-    """``(y, logdet)`` of the affine coupling forward."""
+def affine_coupling_fwd(x: torch.Tensor, h: torch.Tensor, scale: str = "exp", clamp: float = 2.0,
+                        passthrough: int | None = None):
+    """``(y, logdet)`` of the affine coupling forward (the first ``passthrough`` channels pass
+    through, ``C // 2`` when None)."""
     check_scale("affine_coupling_fwd", scale, clamp)
-    check_coupling("affine_coupling_fwd", x, h, affine=True)
-    c1, _ = split_channels(x.shape[1])
+    check_coupling("affine_coupling_fwd", x, h, affine=True, passthrough=passthrough)
+    c1, _ = split_channels(x.shape[1], passthrough)
     y2, logdet = affine_half(x[:, c1:], h, scale, clamp)
     return torch.cat([x[:, :c1], y2], dim=1), logdet
 
 
-def affine_coupling_inv(y: torch.Tensor, h: torch.Tensor, scale: str = "exp", clamp: float = 2.0):
+def affine_coupling_inv(y: torch.Tensor, h: torch.Tensor, scale: str = "exp", clamp: float = 2.0,
+                        passthrough: int | None = None):
     """``(x, logdet_inv)`` of the affine coupling inverse; ``logdet_inv = -logdet``."""
     check_scale("affine_coupling_inv", scale, clamp)
-    check_coupling("affine_coupling_inv", y, h, affine=True, x_name="y")
-    c1, _ = split_channels(y.shape[1])
+    check_coupling("affine_coupling_inv", y, h, affine=True, x_name="y", passthrough=passthrough)
+    c1, _ = split_channels(y.shape[1], passthrough)
     x2, logdet_inv = affine_half_inv(y[:, c1:], h, scale, clamp)
     return torch.cat([y[:, :c1], x2], dim=1), logdet_inv
 
 
-def additive_coupling_fwd(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+def additive_coupling_fwd(x: torch.Tensor, h: torch.Tensor, passthrough: int | None = None) -> torch.Tensor:
     """``y`` of the additive coupling forward (its log-det is 0)."""
-    check_coupling("additive_coupling_fwd", x, h, affine=False)
-    c1, _ = split_channels(x.shape[1])
+    check_coupling("additive_coupling_fwd", x, h, affine=False, passthrough=passthrough)
+    c1, _ = split_channels(x.shape[1], passthrough)
     return torch.cat([x[:, :c1], x[:, c1:] + h], dim=1)
 
 
-def additive_coupling_inv(y: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+def additive_coupling_inv(y: torch.Tensor, h: torch.Tensor, passthrough: int | None = None) -> torch.Tensor:
     """``x`` of the additive coupling inverse."""
-    check_coupling("additive_coupling_inv", y, h, affine=False, x_name="y")
-    c1, _ = split_channels(y.shape[1])
+    check_coupling("additive_coupling_inv", y, h, affine=False, x_name="y", passthrough=passthrough)
+    c1, _ = split_channels(y.shape[1], passthrough)
     return torch.cat([y[:, :c1], y[:, c1:] - h], dim=1)
 
 
@@ -106,39 +109,41 @@ def affine_half_vjp(grad_b: torch.Tensor, grad_logdet: torch.Tensor, a: torch.Te
 
 
 def affine_coupling_vjp(grad_out: torch.Tensor, grad_logdet: torch.Tensor, x: torch.Tensor, h: torch.Tensor,
-                        scale: str = "exp", clamp: float = 2.0, reverse: bool = False):
+                        scale: str = "exp", clamp: float = 2.0, reverse: bool = False,
+                        passthrough: int | None = None):
     """``(grad_in, grad_h)`` by the formulas of docs/ops/coupling.md, in differentiable tensor ops
     (what the fused ``affine_coupling_bwd`` computes; used for double backward). ``grad_logdet`` has
     the log-det dtype (float32 for half inputs); the gradients have the dtype of ``x``."""
-    c1, _ = split_channels(x.shape[1])
+    c1, _ = split_channels(x.shape[1], passthrough)
     g_in2, g_h = affine_half_vjp(grad_out[:, c1:], grad_logdet, x[:, c1:], h, scale, clamp, reverse)
     return torch.cat([grad_out[:, :c1], g_in2], dim=1), g_h
 
 
-def additive_coupling_vjp(grad_out: torch.Tensor, reverse: bool = False):
+def additive_coupling_vjp(grad_out: torch.Tensor, reverse: bool = False, passthrough: int | None = None):
     """``(grad_in, grad_h)`` of the additive coupling forward or inverse (differentiable)."""
-    c1, _ = split_channels(grad_out.shape[1])
+    c1, _ = split_channels(grad_out.shape[1], passthrough)
     g2 = grad_out[:, c1:]
     return grad_out, -g2 if reverse else g2
 
 
 def affine_coupling_inv_bwd(y: torch.Tensor, h: torch.Tensor, grad_y: torch.Tensor, grad_logdet: torch.Tensor,
-                            scale: str = "exp", clamp: float = 2.0):
+                            scale: str = "exp", clamp: float = 2.0, passthrough: int | None = None):
     """``(x, grad_x, grad_h)``: the forward's input rebuilt from its output ``y`` and the subnet
     output ``h``, and the VJP of :func:`affine_coupling_fwd` at ``(x, h)`` for the gradients
     ``(grad_y, grad_logdet)`` of its outputs (what the fused ``affine_coupling_inv_bwd`` computes
     in one pass, for memory-free backprop). ``grad_x``'s first half is ``grad_y``'s: the path
     through the subnet is the caller's."""
-    x, _ = affine_coupling_inv(y, h, scale, clamp)
+    x, _ = affine_coupling_inv(y, h, scale, clamp, passthrough)
     check_grad("affine_coupling_inv_bwd", grad_y, y, "grad_y", "y")
     check_grad_logdet("affine_coupling_inv_bwd", grad_logdet, y)
-    grad_x, grad_h = affine_coupling_vjp(grad_y, grad_logdet, x, h, scale, clamp)
+    grad_x, grad_h = affine_coupling_vjp(grad_y, grad_logdet, x, h, scale, clamp, passthrough=passthrough)
     return x, grad_x, grad_h
 
 
-def additive_coupling_inv_bwd(y: torch.Tensor, h: torch.Tensor, grad_y: torch.Tensor):
+def additive_coupling_inv_bwd(y: torch.Tensor, h: torch.Tensor, grad_y: torch.Tensor,
+                              passthrough: int | None = None):
     """``(x, grad_x, grad_h)`` of the additive coupling, as :func:`affine_coupling_inv_bwd`."""
-    x = additive_coupling_inv(y, h)
+    x = additive_coupling_inv(y, h, passthrough)
     check_grad("additive_coupling_inv_bwd", grad_y, y, "grad_y", "y")
-    grad_x, grad_h = additive_coupling_vjp(grad_y)
+    grad_x, grad_h = additive_coupling_vjp(grad_y, passthrough=passthrough)
     return x, grad_x.clone(), grad_h.clone()

@@ -54,9 +54,10 @@ interpreter (numpy's ``exp`` and ``log``); compiled for a GPU the large branch a
 accurate as ``tl.exp`` and ``tl.log`` there, while the small branch uses neither.
 
 Each program handles a tile of ``ROWS`` samples by ``BLOCK`` elements of the transformed half and
-the matching elements of the passthrough half (``N1 <= N2``, so the tiles of the transformed half
-cover it). On a GPU the tile is one of the explicit set :data:`GPU_TILES` (from 128 samples by 8
-elements to 2 samples by 512: the first whose ``BLOCK`` covers ``N2``, else the last), which is what
+the matching elements of the passthrough half; the tiles cover ``max(N1, N2)`` elements of a
+sample (where the passthrough half is the longer, the last tiles only copy). On a GPU the tile is
+one of the explicit set :data:`GPU_TILES` (from 128 samples by 8 elements to 2 samples by 512: the
+first whose ``BLOCK`` covers ``max(N1, N2)``, else the last), which is what
 is compiled ahead of time (invkernels.triton.aot); the interpreter runs each program as numpy
 operations, so there a tile covers up to 32768 elements. The affine forward and inverse kernels write one partial log-det per sample and tile
 into a ``[B, NBLK]`` buffer, in the compute dtype; torch adds the partials of a sample in a fixed
@@ -99,9 +100,9 @@ __all__ = [
 def _tile(B, N1, N2, NBLK, H_PARTS: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     # The indexing of every coupling kernel. Program pid covers samples rows (ROWS of them) and
     # columns cols (BLOCK of them) of each sample's transformed half, and the same columns of its
-    # passthrough half (N1 <= N2). Returns, for a tensor shaped like x ([B, C, S]: x1 at
-    # b * (N1 + N2) + col, x2 at that + N1) and one shaped like h ([B, H_PARTS * C2, S]: part k at
-    # b * H_PARTS * N2 + k * N2 + col):
+    # passthrough half (the grid covers the longer of the two). Returns, for a tensor shaped like x
+    # ([B, C, S]: x1 at b * (N1 + N2) + col, x2 at that + N1) and one shaped like h
+    # ([B, H_PARTS * C2, S]: part k at b * H_PARTS * N2 + k * N2 + col):
     #   rows, col_blk, row_ok   the samples, the tile's column block, which rows exist
     #   mask1, x1_off           passthrough elements of the tile and their offsets in x
     #   mask2, x2_off, h_off    transformed elements, their offsets in x and in h (part 0)
@@ -405,11 +406,11 @@ class TileConfig(NamedTuple):
 GPU_TILES = (TileConfig(128, 8, 8), TileConfig(16, 64, 8), TileConfig(2, 512, 8))
 
 
-def tile_config(batch: int, n2: int) -> TileConfig:
-    """The tile the launchers use for ``batch`` samples of ``n2`` transformed elements each."""
+def tile_config(batch: int, n: int) -> TileConfig:
+    """The tile the launchers use for ``batch`` samples of ``n`` elements each (the longer half)."""
     if not interpreting():
-        return next((t for t in GPU_TILES if t.block >= n2), GPU_TILES[-1])
-    block = min(triton.next_power_of_2(n2), MAX_TILE_INTERPRETER)
+        return next((t for t in GPU_TILES if t.block >= n), GPU_TILES[-1])
+    block = min(triton.next_power_of_2(n), MAX_TILE_INTERPRETER)
     return TileConfig(min(triton.next_power_of_2(batch), MAX_TILE_INTERPRETER // block), block, 4)
 
 
@@ -431,29 +432,31 @@ def _split_clamp(scale: str, clamp: float) -> tuple[float, float]:
     return hi, lo
 
 
-def _geometry(x: torch.Tensor) -> tuple[int, int, int]:
-    """``(B, N1, N2)`` of a coupling input ``[B, C, *spatial]``."""
-    c1, c2 = split_channels(x.shape[1])
+def _geometry(x: torch.Tensor, passthrough: int | None) -> tuple[int, int, int]:
+    """``(B, N1, N2)`` of a coupling input ``[B, C, *spatial]`` whose first ``passthrough`` channels
+    (``C // 2`` when None) pass through."""
+    c1, c2 = split_channels(x.shape[1], passthrough)
     spatial = math.prod(x.shape[2:])
     return x.shape[0], c1 * spatial, c2 * spatial
 
 
-def _tiling(batch: int, n2: int) -> _Tiling:
-    tile = tile_config(batch, n2)
-    nblk = triton.cdiv(n2, tile.block)
+def _tiling(batch: int, n1: int, n2: int) -> _Tiling:
+    n = max(n1, n2)
+    tile = tile_config(batch, n)
+    nblk = triton.cdiv(n, tile.block)
     return _Tiling(tile.rows, tile.block, nblk, (triton.cdiv(batch, tile.rows) * nblk,), tile.num_warps)
 
 
-def _affine_apply(kernel, src: torch.Tensor, h: torch.Tensor, scale: str, clamp: float):
+def _affine_apply(kernel, src: torch.Tensor, h: torch.Tensor, scale: str, clamp: float, passthrough: int | None):
     clamp_hi, clamp_lo = _split_clamp(scale, clamp)
     src = src.contiguous()
     h = h.contiguous()
-    batch, n1, n2 = _geometry(src)
+    batch, n1, n2 = _geometry(src, passthrough)
     out = torch.empty(src.shape, dtype=src.dtype, device=src.device)
     acc_torch, acc_tl = compute_dtype(src.dtype)
     if out.numel() == 0:
         return out, torch.zeros(batch, dtype=acc_torch, device=src.device)
-    tiling = _tiling(batch, n2)
+    tiling = _tiling(batch, n1, n2)
     partial = torch.empty((batch, tiling.nblk), dtype=acc_torch, device=src.device)
     with device_guard(src):
         kernel[tiling.grid](
@@ -477,19 +480,19 @@ def _affine_apply(kernel, src: torch.Tensor, h: torch.Tensor, scale: str, clamp:
 
 
 def affine_coupling_forward(
-    x: torch.Tensor, h: torch.Tensor, scale: str = "exp", clamp: float = 2.0
+    x: torch.Tensor, h: torch.Tensor, scale: str = "exp", clamp: float = 2.0, passthrough: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(y, logdet)`` of the affine coupling forward."""
     check_device("affine_coupling_fwd", x, "x")
-    return _affine_apply(_affine_coupling_fwd_kernel, x, h, scale, clamp)
+    return _affine_apply(_affine_coupling_fwd_kernel, x, h, scale, clamp, passthrough)
 
 
 def affine_coupling_inverse(
-    y: torch.Tensor, h: torch.Tensor, scale: str = "exp", clamp: float = 2.0
+    y: torch.Tensor, h: torch.Tensor, scale: str = "exp", clamp: float = 2.0, passthrough: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x, logdet_inv)`` of the affine coupling inverse; ``logdet_inv = -logdet``."""
     check_device("affine_coupling_inv", y, "y")
-    return _affine_apply(_affine_coupling_inv_kernel, y, h, scale, clamp)
+    return _affine_apply(_affine_coupling_inv_kernel, y, h, scale, clamp, passthrough)
 
 
 def affine_coupling_backward(
@@ -500,6 +503,7 @@ def affine_coupling_backward(
     scale: str = "exp",
     clamp: float = 2.0,
     reverse: bool = False,
+    passthrough: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(grad_in, grad_h)`` of the affine coupling forward (``reverse=False``, ``x`` its input) or
     inverse (``reverse=True``, ``x`` its output)."""
@@ -509,13 +513,13 @@ def affine_coupling_backward(
     grad_logdet = grad_logdet.contiguous()
     x = x.contiguous()
     h = h.contiguous()
-    batch, n1, n2 = _geometry(x)
+    batch, n1, n2 = _geometry(x, passthrough)
     grad_in = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     grad_h = torch.empty(h.shape, dtype=h.dtype, device=h.device)
     if grad_in.numel() == 0:
         return grad_in, grad_h
     _, acc_tl = compute_dtype(x.dtype)
-    tiling = _tiling(batch, n2)
+    tiling = _tiling(batch, n1, n2)
     with device_guard(x):
         _affine_coupling_bwd_kernel[tiling.grid](
             g_ptr=grad_out,
@@ -540,15 +544,15 @@ def affine_coupling_backward(
     return grad_in, grad_h
 
 
-def _additive_apply(src: torch.Tensor, h: torch.Tensor, sign: int) -> torch.Tensor:
+def _additive_apply(src: torch.Tensor, h: torch.Tensor, sign: int, passthrough: int | None) -> torch.Tensor:
     src = src.contiguous()
     h = h.contiguous()
-    batch, n1, n2 = _geometry(src)
+    batch, n1, n2 = _geometry(src, passthrough)
     out = torch.empty(src.shape, dtype=src.dtype, device=src.device)
     if out.numel() == 0:
         return out
     _, acc_tl = compute_dtype(src.dtype)
-    tiling = _tiling(batch, n2)
+    tiling = _tiling(batch, n1, n2)
     with device_guard(src):
         _additive_coupling_kernel[tiling.grid](
             in_ptr=src,
@@ -567,30 +571,31 @@ def _additive_apply(src: torch.Tensor, h: torch.Tensor, sign: int) -> torch.Tens
     return out
 
 
-def additive_coupling_forward(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+def additive_coupling_forward(x: torch.Tensor, h: torch.Tensor, passthrough: int | None = None) -> torch.Tensor:
     """``y`` of the additive coupling forward (its log-det is 0)."""
     check_device("additive_coupling_fwd", x, "x")
-    return _additive_apply(x, h, 1)
+    return _additive_apply(x, h, 1, passthrough)
 
 
-def additive_coupling_inverse(y: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+def additive_coupling_inverse(y: torch.Tensor, h: torch.Tensor, passthrough: int | None = None) -> torch.Tensor:
     """``x`` of the additive coupling inverse."""
     check_device("additive_coupling_inv", y, "y")
-    return _additive_apply(y, h, -1)
+    return _additive_apply(y, h, -1, passthrough)
 
 
-def additive_coupling_backward(grad_out: torch.Tensor, reverse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def additive_coupling_backward(grad_out: torch.Tensor, reverse: bool = False,
+                               passthrough: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(grad_in, grad_h)`` of the additive coupling forward (``reverse=False``) or inverse;
-    ``grad_h`` has the shift's shape ``[B, C - C // 2, *spatial]``."""
+    ``grad_h`` has the shift's shape ``[B, C - passthrough, *spatial]``."""
     check_device("additive_coupling_bwd", grad_out, "grad_out")
     grad_out = grad_out.contiguous()
-    batch, n1, n2 = _geometry(grad_out)
+    batch, n1, n2 = _geometry(grad_out, passthrough)
     grad_in = torch.empty(grad_out.shape, dtype=grad_out.dtype, device=grad_out.device)
-    grad_h = grad_out.new_empty((batch, split_channels(grad_out.shape[1])[1], *grad_out.shape[2:]))
+    grad_h = grad_out.new_empty((batch, split_channels(grad_out.shape[1], passthrough)[1], *grad_out.shape[2:]))
     if grad_in.numel() == 0:
         return grad_in, grad_h
     _, acc_tl = compute_dtype(grad_out.dtype)
-    tiling = _tiling(batch, n2)
+    tiling = _tiling(batch, n1, n2)
     with device_guard(grad_out):
         _additive_coupling_bwd_kernel[tiling.grid](
             g_ptr=grad_out,
@@ -616,20 +621,21 @@ def affine_coupling_inverse_backward(
     grad_logdet: torch.Tensor,
     scale: str = "exp",
     clamp: float = 2.0,
+    passthrough: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(x, grad_x, grad_h)``: the forward's input rebuilt from its output ``y`` and the gradients
     of the forward at it, in one pass (memory-free backprop)."""
     check_device("affine_coupling_inv_bwd", y, "y")
     clamp_hi, clamp_lo = _split_clamp(scale, clamp)
     y, h, grad_y, grad_logdet = (t.contiguous() for t in (y, h, grad_y, grad_logdet))
-    batch, n1, n2 = _geometry(y)
+    batch, n1, n2 = _geometry(y, passthrough)
     x = torch.empty(y.shape, dtype=y.dtype, device=y.device)
     grad_x = torch.empty(y.shape, dtype=y.dtype, device=y.device)
     grad_h = torch.empty(h.shape, dtype=h.dtype, device=h.device)
     if x.numel() == 0:
         return x, grad_x, grad_h
     _, acc_tl = compute_dtype(y.dtype)
-    tiling = _tiling(batch, n2)
+    tiling = _tiling(batch, n1, n2)
     with device_guard(y):
         _affine_coupling_inv_bwd_kernel[tiling.grid](
             y_ptr=y,
@@ -655,19 +661,19 @@ def affine_coupling_inverse_backward(
 
 
 def additive_coupling_inverse_backward(
-    y: torch.Tensor, h: torch.Tensor, grad_y: torch.Tensor
+    y: torch.Tensor, h: torch.Tensor, grad_y: torch.Tensor, passthrough: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(x, grad_x, grad_h)`` of the additive coupling, as :func:`affine_coupling_inverse_backward`."""
     check_device("additive_coupling_inv_bwd", y, "y")
     y, h, grad_y = (t.contiguous() for t in (y, h, grad_y))
-    batch, n1, n2 = _geometry(y)
+    batch, n1, n2 = _geometry(y, passthrough)
     x = torch.empty(y.shape, dtype=y.dtype, device=y.device)
     grad_x = torch.empty(y.shape, dtype=y.dtype, device=y.device)
     grad_h = torch.empty(h.shape, dtype=h.dtype, device=h.device)
     if x.numel() == 0:
         return x, grad_x, grad_h
     _, acc_tl = compute_dtype(y.dtype)
-    tiling = _tiling(batch, n2)
+    tiling = _tiling(batch, n1, n2)
     with device_guard(y):
         _additive_coupling_inv_bwd_kernel[tiling.grid](
             y_ptr=y,
