@@ -25,6 +25,11 @@ SUITES = {
     "freia": ("FrEIA", {"SequenceINN": "FrEIA.framework"},
               ["tests/test_sequence.py", "tests/test_conditioning.py", "tests/test_reversible_graph_net.py",
                "tests/test_graph_inn.py", "tests/test_base.py"]),
+    "nflows": ("nflows", {"AffineCouplingTransform": "nflows.transforms.coupling",
+                          "AdditiveCouplingTransform": "nflows.transforms.coupling",
+                          "PiecewiseRationalQuadraticCouplingTransform": "nflows.transforms.coupling",
+                          "SimpleRealNVP": "nflows.flows.realnvp"},
+               ["tests/transforms/coupling_test.py", "tests/flows/realnvp_test.py"]),
 }
 
 

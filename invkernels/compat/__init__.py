@@ -4,7 +4,8 @@ Each submodule carries one library's class names, constructor signatures, callin
 state-dict layout, with invkernels' fused ops inside where the library's math maps onto them:
 
 - :mod:`invkernels.compat.freia`: FrEIA's ``InvertibleModule`` blocks and a ``SequenceINN`` with
-  ``memory_free=True``.
+  ``memory_free=True``;
+- :mod:`invkernels.compat.nflows`: nflows' coupling transforms and ``SimpleRealNVP``.
 
 ``import invkernels.compat.<library>`` works without the library installed; its classes are
 built on first use (they subclass the library's base classes), and using one without the library
