@@ -22,13 +22,17 @@ namespace invk {
 #define INVK_CHECK(cond, op, ...) TORCH_CHECK_VALUE(cond, op, ": ", __VA_ARGS__)
 
 inline ScaleKind parse_scale(const char* op, c10::string_view scale, double clamp) {
-  if (scale == "exp") {
+  const bool exp = scale == "exp", atan = scale == "atan", rational = scale == "rational";
+  if (exp || atan || rational) {
     // 1 / clamp and clamp must both be finite in float32, the compute type of most inputs.
     INVK_CHECK(clamp >= std::numeric_limits<float>::min() && clamp <= std::numeric_limits<float>::max(), op,
-               "clamp should be positive and finite (within the float32 range) for scale='exp', got ", clamp);
-    return ScaleKind::Exp;
+               "clamp should be positive and finite (within the float32 range) for scale='", std::string(scale),
+               "', got ", clamp);
+    return exp ? ScaleKind::Exp : atan ? ScaleKind::Atan : ScaleKind::Rational;
   }
-  INVK_CHECK(scale == "sigmoid", op, "scale should be 'exp' or 'sigmoid', got '", std::string(scale), "'");
+  if (scale == "sigmoid_eps") return ScaleKind::SigmoidEps;
+  INVK_CHECK(scale == "sigmoid", op, "scale should be one of 'exp', 'sigmoid', 'sigmoid_eps', 'atan', 'rational', got '",
+             std::string(scale), "'");
   return ScaleKind::Sigmoid;
 }
 

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import torch
 
-SCALES = ("exp", "sigmoid")
+SCALES = ("exp", "sigmoid", "sigmoid_eps", "atan", "rational")
+# The scales whose clamp is used (and checked); the sigmoid scales ignore it.
+CLAMPED_SCALES = ("exp", "atan", "rational")
+SCALE_CHOICES = "one of " + ", ".join(repr(s) for s in SCALES)
 _FLOAT32_MIN = torch.finfo(torch.float32).tiny
 _FLOAT32_MAX = torch.finfo(torch.float32).max
 
@@ -43,10 +46,11 @@ def check_int(owner: str, name: str, value, minimum: int = 1) -> int:
 
 def check_scale(op: str, scale: str, clamp: float) -> None:
     if scale not in SCALES:
-        _fail(op, f"scale should be 'exp' or 'sigmoid', got {scale!r}")
+        _fail(op, f"scale should be {SCALE_CHOICES}, got {scale!r}")
     # 1 / clamp and clamp must both be finite in float32, the compute type of most inputs.
-    if scale == "exp" and not (_FLOAT32_MIN <= clamp <= _FLOAT32_MAX):
-        _fail(op, f"clamp should be positive and finite (within the float32 range) for scale='exp', got {clamp:g}")
+    if scale in CLAMPED_SCALES and not (_FLOAT32_MIN <= clamp <= _FLOAT32_MAX):
+        _fail(op, f"clamp should be positive and finite (within the float32 range) for scale={scale!r}, "
+                  f"got {clamp:g}")
 
 
 def check_permutation(owner: str, name: str, perm, n: int, key: str) -> None:

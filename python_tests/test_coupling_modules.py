@@ -106,7 +106,7 @@ def test_default_subnets_start_as_identity():
 @pytest.mark.parametrize("args,kwargs,message", [
     ((1,), {}, "channels should be an integer >= 2, got 1"),
     ((4, "resnet"), {}, "subnet should be 'mlp', 'conv' or a factory"),
-    ((4,), {"scale": "tanh"}, "scale should be 'exp' or 'sigmoid', got 'tanh'"),
+    ((4,), {"scale": "tanh"}, "scale should be one of 'exp', 'sigmoid', 'sigmoid_eps', 'atan', 'rational', got 'tanh'"),
     ((4,), {"clamp": 0.0}, "clamp should be a positive finite number, got 0.0"),
     ((4,), {"context_channels": -1}, "context_channels should be an integer >= 0, got -1"),
     ((4,), {"backend": "cuda"}, "backend should be one of"),

@@ -247,7 +247,7 @@ BAD_INPUTS = [
      lambda ops: ops.affine_fwd(torch.randn(2, 4, 3), torch.randn(2, 4), "exp", 2.0)),
     ("floating-point", lambda ops: ops.affine_fwd(torch.ones(2, 4, dtype=torch.long), torch.ones(2, 4, dtype=torch.long),
                                                   "exp", 2.0)),
-    ("scale should be 'exp' or 'sigmoid', got 'softplus'",
+    ("scale should be one of 'exp', 'sigmoid', 'sigmoid_eps', 'atan', 'rational', got 'softplus'",
      lambda ops: ops.affine_fwd(torch.randn(2, 4), torch.randn(2, 4), "softplus", 2.0)),
     ("clamp should be positive", lambda ops: ops.affine_fwd(torch.randn(2, 4), torch.randn(2, 4), "exp", -1.0)),
     ("within the float32 range", lambda ops: ops.affine_fwd(torch.randn(2, 4), torch.randn(2, 4), "exp", 1e39)),

@@ -108,7 +108,7 @@ def test_compiles_fullgraph():
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError, match="scale should be 'exp' or 'sigmoid', got 'relu'"):
+    with pytest.raises(ValueError, match="scale should be one of 'exp', 'sigmoid', 'sigmoid_eps', 'atan', 'rational', got 'relu'"):
         GlowStep(4, scale="relu")
     with pytest.raises(ValueError, match=r"x should have shape \[B, 4, ...\], got \[2, 3, 4, 4\]"):
         GlowStep(4, hidden=8)(torch.randn(2, 3, 4, 4))

@@ -31,6 +31,7 @@ struct MathOps<at::vec::Vectorized<T>> {
   static V min(const V& a, const V& b) { return at::vec::minimum(a, b); }
   static V select_nonneg(const V& z, const V& a, const V& b) { return V::blendv(b, a, z >= V(T(0))); }
   static V log(const V& v) { return v.log(); }
+  static V atan(const V& v) { return v.atan(); }
   static V sqrt(const V& v) { return v.sqrt(); }
   static V max(const V& a, const V& b) { return at::vec::maximum(a, b); }
   // Comparisons give a mask per lane (all bits set where true), which select blends with.

@@ -12,7 +12,13 @@
 
 namespace invk {
 
-enum class ScaleKind : int { Exp = 0, Sigmoid = 1 };
+// The scale functions (docs/ops/coupling.md): "exp" L = c tanh(h / c); "sigmoid" s = sigmoid(h + 2)
+// (Glow); "sigmoid_eps" s = sigmoid(h + 2) + 1e-3 (nflows); "atan" L = c (0.636 atan(h)) (FrEIA's
+// ATAN clamp); "rational" L = h / (1 + |h| / c) (zuko's soft clamp, c = -log(slope)).
+enum class ScaleKind : int { Exp = 0, Sigmoid = 1, SigmoidEps = 2, Atan = 3, Rational = 4 };
+
+constexpr double kSigmoidEps = 1e-3;  // nflows' floor of the sigmoid scale
+constexpr double kAtanFactor = 0.636;  // FrEIA's ATAN clamp: 0.636 atan(h), within (-1, 1)
 
 // Geometry of a coupling input x: [batch, channels, spatial] contiguous, split into the
 // conditioning half (c1 channels) and the transformed half (c2 channels).
@@ -44,10 +50,22 @@ INVK_HOST_DEVICE int64_t num_chunks(int64_t n, int64_t chunk) { return (n + chun
 // kernel instantiation).
 template <typename F>
 inline void dispatch_scale(ScaleKind kind, const F& f) {
-  if (kind == ScaleKind::Exp) {
-    f(std::integral_constant<ScaleKind, ScaleKind::Exp>{});
-  } else {
-    f(std::integral_constant<ScaleKind, ScaleKind::Sigmoid>{});
+  switch (kind) {
+    case ScaleKind::Exp:
+      f(std::integral_constant<ScaleKind, ScaleKind::Exp>{});
+      break;
+    case ScaleKind::Sigmoid:
+      f(std::integral_constant<ScaleKind, ScaleKind::Sigmoid>{});
+      break;
+    case ScaleKind::SigmoidEps:
+      f(std::integral_constant<ScaleKind, ScaleKind::SigmoidEps>{});
+      break;
+    case ScaleKind::Atan:
+      f(std::integral_constant<ScaleKind, ScaleKind::Atan>{});
+      break;
+    case ScaleKind::Rational:
+      f(std::integral_constant<ScaleKind, ScaleKind::Rational>{});
+      break;
   }
 }
 
@@ -98,33 +116,6 @@ INVK_HOST_DEVICE void soft_clamp(T h, const ScaleParams<T>& p, T& L, T& dL) {
   dL = M::select_nonneg(small, one - t * t, (M::splat(S(4)) * e) / (one_e * one_e));
 }
 
-// L = log-scale of the raw value h.
-template <ScaleKind K, typename T, typename M = MathOps<T>>
-INVK_HOST_DEVICE T log_scale(T h, const ScaleParams<T>& p) {
-  if constexpr (K == ScaleKind::Exp) {
-    T L, dL;
-    soft_clamp<T, M>(h, p, L, dL);
-    return L;
-  } else {
-    const T z = h + M::splat(2);
-    return M::min(z, M::splat(0)) - M::log1p(M::exp(M::splat(0) - M::abs(z)));
-  }
-}
-
-// L and dL/dh together.
-template <ScaleKind K, typename T, typename M = MathOps<T>>
-INVK_HOST_DEVICE void log_scale_with_grad(T h, const ScaleParams<T>& p, T& L, T& dL) {
-  if constexpr (K == ScaleKind::Exp) {
-    soft_clamp<T, M>(h, p, L, dL);
-  } else {
-    // dL/dh = sigmoid(-z) = exp(log sigmoid(-z)), with log sigmoid(-z) sharing log1p(exp(-|z|)).
-    const T z = h + M::splat(2);
-    const T lp = M::log1p(M::exp(M::splat(0) - M::abs(z)));
-    L = M::min(z, M::splat(0)) - lp;
-    dL = M::exp(M::min(M::splat(0) - z, M::splat(0)) - lp);
-  }
-}
-
 // The sigmoid scale s = sigmoid(z), z = h + 2, from one exponential e = exp(-|z|) in (0, 1]:
 // with d = 1 + e, s = (z >= 0 ? 1 : e) / d, 1 / s = d / (z >= 0 ? 1 : e), 1 - s = (z >= 0 ? e : 1) / d
 // and L = log s = min(z, 0) - log1p(e), so no term overflows and each costs at most one division.
@@ -137,6 +128,58 @@ struct SigmoidScale {
   INVK_HOST_DEVICE T numerator() const { return M::select_nonneg(z, M::splat(1), e); }
   INVK_HOST_DEVICE T one_minus_numerator() const { return M::select_nonneg(z, e, M::splat(1)); }
 };
+
+// L = log-scale of the raw value h.
+template <ScaleKind K, typename T, typename M = MathOps<T>>
+INVK_HOST_DEVICE T log_scale(T h, const ScaleParams<T>& p) {
+  using S = typename M::scalar;
+  if constexpr (K == ScaleKind::Exp) {
+    T L, dL;
+    soft_clamp<T, M>(h, p, L, dL);
+    return L;
+  } else if constexpr (K == ScaleKind::Sigmoid) {
+    const T z = h + M::splat(2);
+    return M::min(z, M::splat(0)) - M::log1p(M::exp(M::splat(0) - M::abs(z)));
+  } else if constexpr (K == ScaleKind::SigmoidEps) {
+    const SigmoidScale<T, M> sg(h);
+    return M::log(sg.numerator() / sg.d + M::splat(S(kSigmoidEps)));
+  } else if constexpr (K == ScaleKind::Atan) {
+    return p.clamp * (M::splat(S(kAtanFactor)) * M::atan(h));
+  } else {
+    return h / (M::splat(S(1)) + M::abs(h) * p.inv_clamp);
+  }
+}
+
+// L and dL/dh together.
+template <ScaleKind K, typename T, typename M = MathOps<T>>
+INVK_HOST_DEVICE void log_scale_with_grad(T h, const ScaleParams<T>& p, T& L, T& dL) {
+  using S = typename M::scalar;
+  if constexpr (K == ScaleKind::Exp) {
+    soft_clamp<T, M>(h, p, L, dL);
+  } else if constexpr (K == ScaleKind::Sigmoid) {
+    // dL/dh = sigmoid(-z) = exp(log sigmoid(-z)), with log sigmoid(-z) sharing log1p(exp(-|z|)).
+    const T z = h + M::splat(2);
+    const T lp = M::log1p(M::exp(M::splat(0) - M::abs(z)));
+    L = M::min(z, M::splat(0)) - lp;
+    dL = M::exp(M::min(M::splat(0) - z, M::splat(0)) - lp);
+  } else if constexpr (K == ScaleKind::SigmoidEps) {
+    // s = sigma + eps, ds/dh = sigma (1 - sigma), dL/dh = sigma (1 - sigma) / s.
+    const SigmoidScale<T, M> sg(h);
+    const T r = M::splat(S(1)) / sg.d;
+    const T sigma = sg.numerator() * r;
+    const T s = sigma + M::splat(S(kSigmoidEps));
+    L = M::log(s);
+    dL = sigma * (sg.one_minus_numerator() * r) / s;
+  } else if constexpr (K == ScaleKind::Atan) {
+    const T k = p.clamp * M::splat(S(kAtanFactor));
+    L = p.clamp * (M::splat(S(kAtanFactor)) * M::atan(h));
+    dL = k / (M::splat(S(1)) + h * h);
+  } else {
+    const T q = M::splat(S(1)) + M::abs(h) * p.inv_clamp;
+    L = h / q;
+    dL = M::splat(S(1)) / (q * q);
+  }
+}
 
 // y2 = x2 * exp(L) + t; L returned for the log-det.
 template <ScaleKind K, typename T, typename M = MathOps<T>>

@@ -20,6 +20,7 @@ struct MathOps<float> {
   static INVK_HOST_DEVICE float exp(float v) { return expf(v); }
   static INVK_HOST_DEVICE float log1p(float v) { return log1pf(v); }
   static INVK_HOST_DEVICE float log(float v) { return logf(v); }
+  static INVK_HOST_DEVICE float atan(float v) { return atanf(v); }
   static INVK_HOST_DEVICE float sqrt(float v) { return sqrtf(v); }
   static INVK_HOST_DEVICE float abs(float v) { return fabsf(v); }
   // |magnitude| with the sign of sign.
@@ -50,6 +51,7 @@ struct MathOps<double> {
   static INVK_HOST_DEVICE double exp(double v) { return ::exp(v); }
   static INVK_HOST_DEVICE double log1p(double v) { return ::log1p(v); }
   static INVK_HOST_DEVICE double log(double v) { return ::log(v); }
+  static INVK_HOST_DEVICE double atan(double v) { return ::atan(v); }
   static INVK_HOST_DEVICE double sqrt(double v) { return ::sqrt(v); }
   static INVK_HOST_DEVICE double abs(double v) { return fabs(v); }
   static INVK_HOST_DEVICE double copysign(double magnitude, double sign) { return ::copysign(magnitude, sign); }

@@ -6,13 +6,15 @@ Where a block's math is that of a fused op, the op runs:
 
 - the affine coupling of ``AllInOneBlock`` (``y2 = x2 * exp(α tanh(0.1 a_s / α)) + 0.1 a_t``) is
   ``affine_coupling_fwd/inv(x, 0.1 a, "exp", α, passthrough=ceil(C / 2))`` unless ``gin_block``;
-- a coupling with ``clamp_activation="TANH"`` (``s = α tanh(a_s)``) transforming the channels after
-  ``split_len1`` is the same op on ``h = [α a_s, a_t]`` with ``passthrough=split_len1``
-  (``GLOWCouplingBlock``'s second half, ``AffineCouplingOneSided``);
+- the second half of the coupling blocks (``GLOWCouplingBlock``, ``RNVPCouplingBlock``) and
+  ``AffineCouplingOneSided`` with a named clamp activation is the same op with
+  ``passthrough=split_len1``: ATAN (``s = α 0.636 atan(a_s)``) is the op's ``"atan"`` scale on
+  ``h = [a_s, a_t]``, TANH (``α tanh(a_s)``) its ``"exp"`` scale on ``[α a_s, a_t]`` and SIGMOID
+  (``α 2 (sigmoid(a_s) - 1/2) = α tanh(a_s / 2)``) the ``"exp"`` scale on ``[α a_s / 2, a_t]``;
 - ``ActNorm``'s ``(x - loc) / exp(log_scale)`` is ``actnorm_fwd/inv(x, -loc, -log_scale)``.
 
-Everything else (the ATAN and SIGMOID clamps, callable clamps, GIN, the first half of the two-sided
-blocks, ``RNVPCouplingBlock``, ``NICECouplingBlock``, permutations) runs in tensor ops, as in FrEIA.
+Everything else (callable clamps, GIN, the first half of the two-sided blocks, ``NICECouplingBlock``,
+permutations) runs in tensor ops, as in FrEIA.
 """
 
 from __future__ import annotations
@@ -49,6 +51,11 @@ def _clamp_activation(owner: str, activation) -> tuple[str | None, Callable]:
         raise TypeError(f"{owner}: clamp_activation should be 'ATAN', 'TANH', 'SIGMOID' or a callable, got "
                         f"{type(activation).__name__}")
     return None, activation
+
+
+# FrEIA's clamp activations as an op scale and the factor of ``clamp`` that multiplies ``a_s``
+# (None: ``a_s`` as it is).
+_FUSED_ACTIVATIONS = {"ATAN": ("atan", None), "TANH": ("exp", 1.0), "SIGMOID": ("exp", 0.5)}
 
 
 def _fusable_clamp(clamp) -> bool:
@@ -99,16 +106,17 @@ class _Coupling(InvertibleModule):
             return (x - t) * torch.exp(-s), -j
         return torch.exp(s) * x + t, j
 
-    def _fused_second_half(self) -> bool:
-        return self._clamp_name == "TANH" and _fusable_clamp(self.clamp) and self.split_len2 > 0
-
     def _transform_second(self, x: torch.Tensor, a: torch.Tensor, rev: bool):
         """``x = [x1 | x2]`` with ``x2`` transformed by ``a = [a_s | a_t]``: ``(y, logdet)``."""
-        if self._fused_second_half():
-            factor = torch.ones(a.shape[1], *([1] * (a.dim() - 2)), dtype=a.dtype, device=a.device)
-            factor[: self.split_len2] = float(self.clamp)
+        if self._clamp_name in _FUSED_ACTIVATIONS and _fusable_clamp(self.clamp) and self.split_len2 > 0:
+            scale, factor = _FUSED_ACTIVATIONS[self._clamp_name]
+            h = a
+            if factor is not None:
+                per_channel = torch.ones(a.shape[1], *([1] * (a.dim() - 2)), dtype=a.dtype, device=a.device)
+                per_channel[: self.split_len2] = factor * float(self.clamp)
+                h = a * per_channel
             op = F.affine_coupling_inv if rev else F.affine_coupling_fwd
-            return op(x.contiguous(), a * factor, "exp", float(self.clamp), self.split_len1)
+            return op(x.contiguous(), h.contiguous(), scale, float(self.clamp), self.split_len1)
         x1, x2 = torch.split(x, [self.split_len1, self.split_len2], dim=1)
         y2, j = self._affine(x2, a[:, : self.split_len2], a[:, self.split_len2:], rev)
         return torch.cat((x1, y2), 1), j
@@ -156,14 +164,18 @@ class RNVPCouplingBlock(_Coupling):
         if not rev:
             u2 = _with_conditions(x2, c, cond)
             y1, j1 = self._affine(x1, self.subnet_s2(u2), self.subnet_t2(u2), False)
-            u1 = _with_conditions(y1, c, cond)
-            y2, j2 = self._affine(x2, self.subnet_s1(u1), self.subnet_t1(u1), False)
-        else:
-            u1 = _with_conditions(x1, c, cond)
-            y2, j2 = self._affine(x2, self.subnet_s1(u1), self.subnet_t1(u1), True)
-            u2 = _with_conditions(y2, c, cond)
-            y1, j1 = self._affine(x1, self.subnet_s2(u2), self.subnet_t2(u2), True)
+            y, j2 = self._transform_second(torch.cat((y1, x2), 1), self._a1(_with_conditions(y1, c, cond)), False)
+            return (y,), j1 + j2
+        half, j2 = self._transform_second(x[0], self._a1(_with_conditions(x1, c, cond)), True)
+        y2 = half[:, self.split_len1:]
+        u2 = _with_conditions(y2, c, cond)
+        y1, j1 = self._affine(x1, self.subnet_s2(u2), self.subnet_t2(u2), True)
         return (torch.cat((y1, y2), 1),), j1 + j2
+
+    def _a1(self, u1: torch.Tensor) -> torch.Tensor:
+        """The second half's coefficients ``[s1 | t1]`` (FrEIA runs ``subnet_s1`` first)."""
+        s1 = self.subnet_s1(u1)
+        return torch.cat((s1, self.subnet_t1(u1)), 1)
 
 
 class GLOWCouplingBlock(_Coupling):

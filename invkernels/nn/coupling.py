@@ -100,7 +100,7 @@ def subnet_h(owner: str, subnet: nn.Module, a: torch.Tensor, context: torch.Tens
 
 def check_affine(owner: str, scale: str, clamp: float) -> None:
     if scale not in _validation.SCALES:
-        raise ValueError(f"{owner}: scale should be 'exp' or 'sigmoid', got {scale!r}")
+        raise ValueError(f"{owner}: scale should be {_validation.SCALE_CHOICES}, got {scale!r}")
     if isinstance(clamp, bool) or not (isinstance(clamp, (int, float)) and math.isfinite(clamp) and clamp > 0):
         raise ValueError(f"{owner}: clamp should be a positive finite number, got {clamp!r}")
 
@@ -164,9 +164,12 @@ class AffineCoupling(_Coupling):
         subnet: ``"mlp"`` (for ``[B, C]`` inputs), ``"conv"`` (for ``[B, C, H, W]``) or a factory
             ``(in_channels, out_channels) -> nn.Module``.
         hidden: width of the ``"mlp"`` / ``"conv"`` subnet (defaults 256 / 128).
-        scale: ``"exp"`` (``s = exp(clamp * tanh(hs / clamp))``, default) or ``"sigmoid"``
-            (Glow, ``s = sigmoid(hs + 2)``).
-        clamp: soft-clamp bound of ``"exp"``: ``s`` stays in ``[exp(-clamp), exp(clamp)]``.
+        scale: ``"exp"`` (``s = exp(clamp * tanh(hs / clamp))``, default), ``"sigmoid"``
+            (Glow, ``s = sigmoid(hs + 2)``), ``"sigmoid_eps"`` (nflows, ``sigmoid(hs + 2) + 1e-3``),
+            ``"atan"`` (FrEIA's ATAN, ``log s = clamp * 0.636 atan(hs)``) or ``"rational"``
+            (zuko, ``log s = hs / (1 + |hs| / clamp)``); all fused.
+        clamp: bound of the log-scale of ``"exp"``, ``"atan"`` and ``"rational"``: ``s`` stays in
+            ``[exp(-clamp), exp(clamp)]``.
         context_channels: channels of the optional ``context=`` concatenated to the subnet input.
         passthrough: channels ``x1 = x[:, :passthrough]`` that condition the subnet and pass through
             (``[1, C)``); None (default): ``C // 2``. Any split runs fused (the ops' ``passthrough``).

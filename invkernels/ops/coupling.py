@@ -98,6 +98,13 @@ def _passthrough(position: int, split: Callable[[int], int], h_position: int | N
     return variant
 
 
+def _peer_scales(position: int, extra: dict | None = None, suffix: str = "") -> dict:
+    """Variants with the peers' scale functions at ``position`` (the clamp after it)."""
+    scales = {"sigmoid_eps": 2.0, "atan": 1.5, "rational": 6.9}
+    return {f"{scale}{suffix}": {position: scale, position + 1: clamp, **(extra or {})}
+            for scale, clamp in scales.items()}
+
+
 def _wide(channels: int) -> int:
     return channels - 1
 
@@ -123,7 +130,7 @@ _DEFS = {
         reference=reference.affine_coupling_fwd,
         example=_example(lambda t: (t.x, t.h, "exp", 2.0)),
         output_kinds=_WITH_LOGDET, differentiable=(0, 1),
-        variants={"sigmoid": {2: "sigmoid"}, "passthrough-wide": _passthrough(4, _wide, 1),
+        variants={"sigmoid": {2: "sigmoid"}, **_peer_scales(2), "passthrough-wide": _passthrough(4, _wide, 1),
                   "passthrough-0": _passthrough(4, _none, 1),
                   "passthrough-1-sigmoid": {2: "sigmoid", **_passthrough(4, _one, 1)}},
         bad_arguments=refused((0, lambda: _T(5)), (0, lambda: _T(2, 1, 3)),
@@ -136,7 +143,7 @@ _DEFS = {
         reference=reference.affine_coupling_inv,
         example=_example(lambda t: (t.x, t.h, "exp", 2.0)),
         output_kinds=_WITH_LOGDET, differentiable=(0, 1),
-        variants={"sigmoid": {2: "sigmoid", 3: 0.5}, "passthrough-wide": _passthrough(4, _wide, 1),
+        variants={"sigmoid": {2: "sigmoid", 3: 0.5}, **_peer_scales(2), "passthrough-wide": _passthrough(4, _wide, 1),
                   "passthrough-0": _passthrough(4, _none, 1)},
         bad_arguments=refused((1, lambda: _T(2, 4, 3)), (3, lambda: 1e39))),
     "affine_coupling_bwd": OpDef(
@@ -144,7 +151,8 @@ _DEFS = {
         reference=reference.affine_coupling_vjp,
         example=_example(lambda t: (t.grad, t.gl, t.x, t.h, "sigmoid", 2.0, True)),
         output_kinds=_VALUES * 2,
-        variants={"exp-forward": {4: "exp", 6: False}, "passthrough-wide": _passthrough(7, _wide, 3),
+        variants={"exp-forward": {4: "exp", 6: False}, **_peer_scales(4), **_peer_scales(4, {6: False}, "-forward"),
+                  "passthrough-wide": _passthrough(7, _wide, 3),
                   "passthrough-0-exp-forward": {4: "exp", 6: False, **_passthrough(7, _none, 3)}},
         bad_arguments=refused((0, lambda: _T(2, 4, 3)), (0, lambda: _T(2, 5, 3, dtype=torch.float64)),
                            (1, lambda: _T(3)), (1, lambda: _T(2, dtype=torch.float64)), (3, lambda: _T(2, 3, 3)),
@@ -154,7 +162,7 @@ _DEFS = {
         reference=reference.affine_coupling_inv_bwd,
         example=_example(lambda t: (t.x, t.h, t.grad, t.gl, "exp", 2.0)),
         output_kinds=_VALUES * 3,
-        variants={"sigmoid": {4: "sigmoid"}, "passthrough-wide": _passthrough(6, _wide, 1),
+        variants={"sigmoid": {4: "sigmoid"}, **_peer_scales(4), "passthrough-wide": _passthrough(6, _wide, 1),
                   "passthrough-0": _passthrough(6, _none, 1)},
         bad_arguments=refused((1, lambda: _T(2, 5, 3)), (2, lambda: _T(2, 5, 4)), (3, lambda: _T(1)),
                            (5, lambda: 0.0))),

@@ -19,10 +19,20 @@ from invkernels._validation import (
 )
 
 
+SIGMOID_EPS = 1e-3  # nflows' floor of the sigmoid scale
+ATAN_FACTOR = 0.636  # FrEIA's ATAN clamp: 0.636 atan(h)
+
+
 def log_scale(hs: torch.Tensor, scale: str = "exp", clamp: float = 2.0) -> torch.Tensor:
     """Log of the coupling scale for the raw subnet output ``hs``."""
     if scale == "exp":
         return clamp * torch.tanh(hs / clamp)
+    if scale == "sigmoid_eps":
+        return torch.log(torch.sigmoid(hs + 2.0) + SIGMOID_EPS)
+    if scale == "atan":
+        return clamp * (ATAN_FACTOR * torch.atan(hs))
+    if scale == "rational":
+        return hs / (1.0 + hs.abs() / clamp)
     return F.logsigmoid(hs + 2.0)
 
 
@@ -84,6 +94,13 @@ def log_scale_grad(hs: torch.Tensor, scale: str = "exp", clamp: float = 2.0) -> 
     """``dL/dhs`` of :func:`log_scale`."""
     if scale == "exp":
         return 1.0 - torch.tanh(hs / clamp).square()
+    if scale == "sigmoid_eps":
+        sigma = torch.sigmoid(hs + 2.0)
+        return sigma * torch.sigmoid(-(hs + 2.0)) / (sigma + SIGMOID_EPS)
+    if scale == "atan":
+        return clamp * ATAN_FACTOR / (1.0 + hs.square())
+    if scale == "rational":
+        return 1.0 / (1.0 + hs.abs() / clamp).square()
     return torch.sigmoid(-(hs + 2.0))
 
 

@@ -74,7 +74,7 @@ import torch
 import triton
 import triton.language as tl
 
-from invkernels._validation import split_channels
+from invkernels._validation import CLAMPED_SCALES, SCALES, split_channels
 from invkernels.triton._common import MAX_TILE_INTERPRETER, check_device, compute_dtype, device_guard, interpreting, \
     meta
 
@@ -127,9 +127,41 @@ def _copy_passthrough(src_ptr, dst_ptr, x1_off, mask1):
 
 
 @triton.jit
+def _atan(h, ACC: tl.constexpr):
+    # Cephes' atan (float64) and atanf (float32): the argument reduced to |x| <= tan(pi / 8)
+    # (float32) or 0.66 (float64) through atan(a) = pi / 2 - atan(1 / a) and
+    # pi / 4 + atan((a - 1) / (a + 1)), then a minimax polynomial (rational for float64), with the
+    # low part of pi / 2 added back in float64. NaN stays NaN; +-inf gives +-pi / 2.
+    a = tl.abs(h)
+    big = a > 2.414213562373095
+    if ACC == tl.float64:
+        mid = a > 0.66
+    else:
+        mid = a > 0.4142135623730950
+    x = tl.where(big, -1.0 / tl.where(big, a, 1.0), tl.where(mid, (a - 1.0) / (a + 1.0), a))
+    # A literal alone in tl.where is a float32 constant: the offsets are added to a tensor of ACC.
+    zero = tl.zeros_like(a)
+    base = tl.where(big, zero + 1.5707963267948966, tl.where(mid, zero + 0.7853981633974483, zero))
+    z = x * x
+    if ACC == tl.float64:
+        p = (((-8.750608600031904122785e-1 * z - 1.615753718733365076637e1) * z - 7.500855792314704667340e1) * z
+             - 1.228866684490136173410e2) * z - 6.485021904942025371773e1
+        q = ((((z + 2.485846490142306297962e1) * z + 1.650270098316988542046e2) * z + 4.328810604912902668951e2) * z
+             + 4.853903996359136964868e2) * z + 1.945506571482613964425e2
+        r = x * (z * p / q) + x
+        low = tl.where(mid, zero + 3.061616997868382943065e-17, zero)
+        r = r + tl.where(big, zero + 6.123233995736765886130e-17, low)
+    else:
+        r = (((8.05374449538e-2 * z - 1.38776856032e-1) * z + 1.99777106478e-1) * z - 3.33329491539e-1) * z * x + x
+    y = base + r
+    return tl.where(h < 0.0, -y, y)
+
+
+@triton.jit
 def _scale_terms(hs, c, SCALE: tl.constexpr, ACC: tl.constexpr):
-    # (L, L') of the raw log-scale hs; c is the clamp in the compute dtype ACC (unused for sigmoid).
-    # The formulas of soft_clamp in csrc/kernels/coupling.h and of the CPU's log1p (module docstring).
+    # (L, L') of the raw log-scale hs; c is the clamp in the compute dtype ACC (unused by the
+    # sigmoid scales). The formulas of log_scale_with_grad in csrc/kernels/coupling.h, and of the
+    # CPU's log1p (module docstring).
     if SCALE == "exp":
         u = hs / c
         a = tl.abs(u)
@@ -152,23 +184,41 @@ def _scale_terms(hs, c, SCALE: tl.constexpr, ACC: tl.constexpr):
         log_s = tl.where(small, hss + hss * q, (signed_clamp - signed_clamp * e) / one_e)
         t = us + us * q
         dlog_s = tl.where(small, 1.0 - t * t, 4.0 * e / (one_e * one_e))
-    else:
+    elif SCALE == "sigmoid":
         z = hs + 2.0
         e = tl.exp(-tl.abs(z))
         one_e = 1.0 + e
         lp = tl.log(one_e) + (e - (one_e - 1.0))
         log_s = tl.where(z < 0.0, z, 0.0) - lp
         dlog_s = tl.exp(tl.where(z > 0.0, -z, 0.0) - lp)
+    elif SCALE == "sigmoid_eps":
+        # nflows: s = sigmoid(z) + 1e-3, dL/dh = sigmoid(z) (1 - sigmoid(z)) / s.
+        z = hs + 2.0
+        e = tl.exp(-tl.abs(z))
+        d = 1.0 + e
+        sigma = tl.where(z >= 0.0, 1.0, e) / d
+        s = sigma + 1e-3
+        log_s = tl.log(s)
+        dlog_s = sigma * (tl.where(z >= 0.0, e, 1.0) / d) / s
+    elif SCALE == "atan":
+        # FrEIA's ATAN: L = c (0.636 atan(h)), L' = 0.636 c / (1 + h^2).
+        log_s = c * (0.636 * _atan(hs, ACC))
+        dlog_s = c * 0.636 / (1.0 + hs * hs)
+    else:
+        # zuko's soft clamp: L = h / (1 + |h| / c), L' = 1 / (1 + |h| / c)^2.
+        q = 1.0 + tl.abs(hs) * (1.0 / c)
+        log_s = hs / q
+        dlog_s = 1.0 / (q * q)
     return log_s, dlog_s
 
 
 @triton.jit
 def _inverse_scale(hs, log_s, SCALE: tl.constexpr):
     # exp(-L); for the sigmoid scale the equal 1 + exp(-z), which does not round through L.
-    if SCALE == "exp":
-        inv_s = tl.exp(-log_s)
-    else:
+    if SCALE == "sigmoid":
         inv_s = 1.0 + tl.exp(-(hs + 2.0))
+    else:
+        inv_s = tl.exp(-log_s)
     return inv_s
 
 
@@ -425,7 +475,7 @@ class _Tiling(NamedTuple):
 def _split_clamp(scale: str, clamp: float) -> tuple[float, float]:
     """``clamp`` as a float32 pair ``hi + lo``: the kernels add the two in the compute dtype, which
     recovers a float64 clamp to 2^-48 relative although Triton passes Python floats as float32."""
-    if scale != "exp":
+    if scale not in CLAMPED_SCALES:
         return 1.0, 0.0
     hi = struct.unpack("f", struct.pack("f", clamp))[0]
     lo = struct.unpack("f", struct.pack("f", clamp - hi))[0]
@@ -711,7 +761,7 @@ def aot_cases(dtype: torch.dtype):
     gl = meta(2, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
     for tile in GPU_TILES:
         x, h, shift = (meta(2, c, tile.block, dtype=dtype) for c in (2, 2, 1))
-        for scale in ("exp", "sigmoid"):
+        for scale in SCALES:
             yield "affine_coupling_fwd", (x, h, scale, 2.0)
             yield "affine_coupling_inv", (x, h, scale, 2.0)
             yield "affine_coupling_bwd", (x, gl, x, h, scale, 2.0, False)
