@@ -24,10 +24,10 @@ else
 env: $(VENV)/.deps-installed
 endif
 
-# Peer libraries the tests compare against (nflows: the spline reference's oracle; FrEIA: the oracle
-# of invkernels.compat.freia), installed without their dependencies so that they never pull another
+# Peer libraries the tests compare against (nflows: the spline reference's oracle; all: the oracles of
+# invkernels.compat), installed without their dependencies so that they never pull another
 # torch.
-TEST_PEERS := nflows==0.14 FrEIA==0.2
+TEST_PEERS := nflows==0.14 FrEIA==0.2 zuko==1.6.0 normflows==1.7.3
 
 $(VENV)/.deps-installed: requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)

@@ -30,6 +30,14 @@ SUITES = {
                           "PiecewiseRationalQuadraticCouplingTransform": "nflows.transforms.coupling",
                           "SimpleRealNVP": "nflows.flows.realnvp"},
                ["tests/transforms/coupling_test.py", "tests/flows/realnvp_test.py"]),
+    "zuko": ("zuko", {"CouplingTransform": "zuko.transforms", "GeneralCouplingTransform": "zuko.flows",
+                      "NICE": "zuko.flows", "RealNVP": "zuko.flows"},
+             ["tests/test_flows.py", "tests/test_bayesian.py"]),
+    "normflows": ("normflows", {name: "normflows.flows" for name in [
+                      "ActNorm", "AffineConstFlow", "AffineCouplingBlock", "CoupledRationalQuadraticSpline",
+                      "GlowBlock", "Invertible1x1Conv", "MaskedAffineFlow"]},
+                  ["normflows/flows/affine/coupling_test.py", "normflows/flows/affine/glow_test.py",
+                   "normflows/flows/neural_spline/wrapper_test.py", "normflows/core_test.py"]),
 }
 
 

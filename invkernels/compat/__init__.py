@@ -5,7 +5,10 @@ state-dict layout, with invkernels' fused ops inside where the library's math ma
 
 - :mod:`invkernels.compat.freia`: FrEIA's ``InvertibleModule`` blocks and a ``SequenceINN`` with
   ``memory_free=True``;
-- :mod:`invkernels.compat.nflows`: nflows' coupling transforms and ``SimpleRealNVP``.
+- :mod:`invkernels.compat.nflows`: nflows' coupling transforms and ``SimpleRealNVP``;
+- :mod:`invkernels.compat.zuko`: zuko's ``GeneralCouplingTransform``, ``NICE`` and ``RealNVP``;
+- :mod:`invkernels.compat.normflows`: normflows' affine couplings, ``GlowBlock``, ``ActNorm``,
+  ``Invertible1x1Conv`` and ``CoupledRationalQuadraticSpline``.
 
 ``import invkernels.compat.<library>`` works without the library installed; its classes are
 built on first use (they subclass the library's base classes), and using one without the library
