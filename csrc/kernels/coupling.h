@@ -129,6 +129,23 @@ struct SigmoidScale {
   INVK_HOST_DEVICE T one_minus_numerator() const { return M::select_nonneg(z, e, M::splat(1)); }
 };
 
+// nflows' scale s = sigmoid(z) + 1e-3, z = h + 2, evaluated directly (not as exp(L)), so that the
+// forward multiplies and the inverse divides by s to an ulp or two; L = log s for the log-det and
+// dL/dh = sigmoid(z) (1 - sigmoid(z)) / s.
+template <typename T, typename M>
+struct SigmoidEpsScale {
+  T s, sigma, one_minus_sigma;
+  INVK_HOST_DEVICE explicit SigmoidEpsScale(T h) {
+    const SigmoidScale<T, M> sg(h);
+    const T r = M::splat(1) / sg.d;
+    sigma = sg.numerator() * r;
+    one_minus_sigma = sg.one_minus_numerator() * r;
+    s = sigma + M::splat(typename M::scalar(kSigmoidEps));
+  }
+  INVK_HOST_DEVICE T log_s() const { return M::log(s); }
+  INVK_HOST_DEVICE T dlog_s() const { return sigma * one_minus_sigma / s; }
+};
+
 // L = log-scale of the raw value h.
 template <ScaleKind K, typename T, typename M = MathOps<T>>
 INVK_HOST_DEVICE T log_scale(T h, const ScaleParams<T>& p) {
@@ -141,8 +158,7 @@ INVK_HOST_DEVICE T log_scale(T h, const ScaleParams<T>& p) {
     const T z = h + M::splat(2);
     return M::min(z, M::splat(0)) - M::log1p(M::exp(M::splat(0) - M::abs(z)));
   } else if constexpr (K == ScaleKind::SigmoidEps) {
-    const SigmoidScale<T, M> sg(h);
-    return M::log(sg.numerator() / sg.d + M::splat(S(kSigmoidEps)));
+    return SigmoidEpsScale<T, M>(h).log_s();
   } else if constexpr (K == ScaleKind::Atan) {
     return p.clamp * (M::splat(S(kAtanFactor)) * M::atan(h));
   } else {
@@ -163,13 +179,9 @@ INVK_HOST_DEVICE void log_scale_with_grad(T h, const ScaleParams<T>& p, T& L, T&
     L = M::min(z, M::splat(0)) - lp;
     dL = M::exp(M::min(M::splat(0) - z, M::splat(0)) - lp);
   } else if constexpr (K == ScaleKind::SigmoidEps) {
-    // s = sigma + eps, ds/dh = sigma (1 - sigma), dL/dh = sigma (1 - sigma) / s.
-    const SigmoidScale<T, M> sg(h);
-    const T r = M::splat(S(1)) / sg.d;
-    const T sigma = sg.numerator() * r;
-    const T s = sigma + M::splat(S(kSigmoidEps));
-    L = M::log(s);
-    dL = sigma * (sg.one_minus_numerator() * r) / s;
+    const SigmoidEpsScale<T, M> sc(h);
+    L = sc.log_s();
+    dL = sc.dlog_s();
   } else if constexpr (K == ScaleKind::Atan) {
     const T k = p.clamp * M::splat(S(kAtanFactor));
     L = p.clamp * (M::splat(S(kAtanFactor)) * M::atan(h));
@@ -188,6 +200,10 @@ INVK_HOST_DEVICE T affine_forward(T x2, T hs, T t, const ScaleParams<T>& p, T& L
     const SigmoidScale<T, M> sg(hs);
     L = sg.log_s();
     return x2 * (sg.numerator() / sg.d) + t;
+  } else if constexpr (K == ScaleKind::SigmoidEps) {
+    const SigmoidEpsScale<T, M> sc(hs);
+    L = sc.log_s();
+    return x2 * sc.s + t;
   } else {
     L = log_scale<K, T, M>(hs, p);
     return x2 * M::exp(L) + t;
@@ -202,6 +218,10 @@ INVK_HOST_DEVICE T affine_inverse(T y2, T hs, T t, const ScaleParams<T>& p, T& L
     const SigmoidScale<T, M> sg(hs);
     L = sg.log_s();
     return (y2 - t) * (sg.d / sg.numerator());
+  } else if constexpr (K == ScaleKind::SigmoidEps) {
+    const SigmoidEpsScale<T, M> sc(hs);
+    L = sc.log_s();
+    return (y2 - t) / sc.s;
   } else {
     L = log_scale<K, T, M>(hs, p);
     return (y2 - t) * M::exp(M::splat(0) - L);
@@ -220,6 +240,10 @@ INVK_HOST_DEVICE void affine_backward(T g, T gl, T x2, T hs, const ScaleParams<T
     const T r = M::splat(1) / sg.d;
     dL = sg.one_minus_numerator() * r;
     s_or_inv = Reverse ? sg.d / sg.numerator() : sg.numerator() * r;
+  } else if constexpr (K == ScaleKind::SigmoidEps) {
+    const SigmoidEpsScale<T, M> sc(hs);
+    dL = sc.dlog_s();
+    s_or_inv = Reverse ? M::splat(1) / sc.s : sc.s;
   } else {
     T L;
     log_scale_with_grad<K, T, M>(hs, p, L, dL);
@@ -249,6 +273,11 @@ INVK_HOST_DEVICE void affine_inverse_backward(T y2, T hs, T t, T g, T gl, const 
     dL = sg.one_minus_numerator() * r;
     s = sg.numerator() * r;
     inv_s = sg.d / sg.numerator();
+  } else if constexpr (K == ScaleKind::SigmoidEps) {
+    const SigmoidEpsScale<T, M> sc(hs);
+    dL = sc.dlog_s();
+    s = sc.s;
+    inv_s = M::splat(1) / sc.s;
   } else {
     T L;
     log_scale_with_grad<K, T, M>(hs, p, L, dL);

@@ -17,9 +17,12 @@ math, the op runs:
   the op's range (``min_bin_width * num_bins >= 1``, fractions below 1e-6, a non-int ``num_bins``)
   and inputs other than float32 / float64 run nflows' code.
 
-Everything else runs nflows' own code (``super()``): ``AffineCouplingTransform``, whose scale
-``sigmoid(u + 2) + 1e-3`` (or nflows main's ``scale_activation``) is not the op's ``exp`` or
-``sigmoid(u + 2)`` scale; the spline without tails (``tails=None``, the ``[0, 1]`` spline);
+- ``AffineCouplingTransform`` (``z2 = x2 * (sigmoid(u + 2) + 1e-3) + t``) is
+  ``affine_coupling_fwd/inv`` with the ``"sigmoid_eps"`` scale on ``h = [u | t]`` (nflows' params
+  are ``[t | u]``), the mask handled as for the additive coupling.
+
+Everything else runs nflows' own code (``super()``): an affine coupling with nflows main's
+``scale_activation`` other than its default; the spline without tails (``tails=None``, the ``[0, 1]`` spline);
 unconditional transforms of the identity features; subclasses that override the coupling math.
 ``SimpleRealNVP`` is nflows' flow built from this module's couplings (same draws, same order).
 """
@@ -81,26 +84,22 @@ def _counted(base: type):
     return __init__
 
 
-class AffineCouplingTransform(_coupling.AffineCouplingTransform):
-    """nflows' ``AffineCouplingTransform`` (``z2 = x2 * (sigmoid(u + 2) + 1e-3) + t``, params
-    ``[t | u]``). Its scale is neither of the fused op's scales, so it runs nflows' code."""
-
-    __init__ = _counted(_coupling.AffineCouplingTransform)
-
-
-class AdditiveCouplingTransform(_coupling.AdditiveCouplingTransform):
-    """nflows' ``AdditiveCouplingTransform`` (``z2 = x2 + t``, log-det 0), fused
-    (``additive_coupling_fwd/inv`` with ``passthrough`` the number of identity features)."""
-
-    __init__ = _counted(_coupling.AdditiveCouplingTransform)
+class _FusedCoupling:
+    """The fused path of nflows' affine-family couplings: the identity features gathered first (when
+    they are not already), the transform net run as nflows runs it, one op over the whole input."""
 
     def _fusable(self, inputs: torch.Tensor) -> bool:
         cls = type(self)
+        base = self._nflows_base
         return (self.unconditional_transform is None and inputs.dim() in (2, 4)
                 and inputs.shape[1] == self.features >= 2
-                and cls._scale_and_shift is _coupling.AdditiveCouplingTransform._scale_and_shift
+                and cls._scale_and_shift is base._scale_and_shift
                 and cls._coupling_transform_forward is _coupling.AffineCouplingTransform._coupling_transform_forward
-                and cls._coupling_transform_inverse is _coupling.AffineCouplingTransform._coupling_transform_inverse)
+                and cls._coupling_transform_inverse is _coupling.AffineCouplingTransform._coupling_transform_inverse
+                and self._default_scale())
+
+    def _default_scale(self) -> bool:
+        return True
 
     def forward(self, inputs, context=None):
         if not self._fusable(inputs):
@@ -117,17 +116,49 @@ class AdditiveCouplingTransform(_coupling.AdditiveCouplingTransform):
         x = inputs.contiguous() if ordered else inputs.index_select(1, perm)
         p = self.num_identity_features
         identity_split = x[:, :p].contiguous()
-        shift = self.transform_net(identity_split, context)
-        if shift.dtype != x.dtype or shift.shape != (x.shape[0], x.shape[1] - p, *x.shape[2:]):
+        params = self.transform_net(identity_split, context)
+        want = (x.shape[0], self._transform_dim_multiplier() * (x.shape[1] - p), *x.shape[2:])
+        if params.dtype != x.dtype or params.shape != want:
             # Not the op's h: nflows' tensor ops on the splits (and their errors).
             method = self._coupling_transform_inverse if inverse else self._coupling_transform_forward
-            transform_split, logabsdet = method(x[:, p:], shift)
-            return _assemble(inputs, self, identity_split, transform_split), (-logabsdet if inverse else logabsdet)
-        op = F.additive_coupling_inv if inverse else F.additive_coupling_fwd
-        y = op(x, shift.contiguous(), p)
+            transform_split, logabsdet = method(x[:, p:], params)
+            return _assemble(inputs, self, identity_split, transform_split), logabsdet
+        y, logabsdet = self._op(x, params, p, inverse)
         if not ordered:
             y = y.index_select(1, perm_inv)
-        return y, shift.new_zeros(x.shape[0])
+        return y, logabsdet
+
+
+class AffineCouplingTransform(_FusedCoupling, _coupling.AffineCouplingTransform):
+    """nflows' ``AffineCouplingTransform`` (``z2 = x2 * (sigmoid(u + 2) + 1e-3) + t``, params
+    ``[t | u]``): ``affine_coupling_fwd/inv`` with the ``"sigmoid_eps"`` scale on ``h = [u | t]`` and
+    ``passthrough`` the identity features (nflows main's ``scale_activation``, when not its default,
+    runs nflows' code)."""
+
+    __init__ = _counted(_coupling.AffineCouplingTransform)
+    _nflows_base = _coupling.AffineCouplingTransform
+
+    def _default_scale(self) -> bool:
+        default = getattr(type(self), "DEFAULT_SCALE_ACTIVATION", None)
+        return getattr(self, "scale_activation", default) is default
+
+    def _op(self, x: torch.Tensor, params: torch.Tensor, p: int, inverse: bool):
+        n = x.shape[1] - p
+        h = torch.cat([params[:, n:], params[:, :n]], 1)
+        op = F.affine_coupling_inv if inverse else F.affine_coupling_fwd
+        return op(x, h, "sigmoid_eps", 1.0, p)
+
+
+class AdditiveCouplingTransform(_FusedCoupling, _coupling.AdditiveCouplingTransform):
+    """nflows' ``AdditiveCouplingTransform`` (``z2 = x2 + t``, log-det 0), fused
+    (``additive_coupling_fwd/inv`` with ``passthrough`` the number of identity features)."""
+
+    __init__ = _counted(_coupling.AdditiveCouplingTransform)
+    _nflows_base = _coupling.AdditiveCouplingTransform
+
+    def _op(self, x: torch.Tensor, params: torch.Tensor, p: int, inverse: bool):
+        op = F.additive_coupling_inv if inverse else F.additive_coupling_fwd
+        return op(x, params.contiguous(), p), params.new_zeros(x.shape[0])
 
 
 class PiecewiseRationalQuadraticCouplingTransform(_coupling.PiecewiseRationalQuadraticCouplingTransform):

@@ -159,9 +159,9 @@ def _atan(h, ACC: tl.constexpr):
 
 @triton.jit
 def _scale_terms(hs, c, SCALE: tl.constexpr, ACC: tl.constexpr):
-    # (L, L') of the raw log-scale hs; c is the clamp in the compute dtype ACC (unused by the
-    # sigmoid scales). The formulas of log_scale_with_grad in csrc/kernels/coupling.h, and of the
-    # CPU's log1p (module docstring).
+    # (L, L', s = exp(L), 1 / s) of the raw log-scale hs; c is the clamp in the compute dtype ACC
+    # (unused by the sigmoid scales); a kernel computes only what it uses. The formulas of
+    # log_scale_with_grad in csrc/kernels/coupling.h, and of the CPU's log1p (module docstring).
     if SCALE == "exp":
         u = hs / c
         a = tl.abs(u)
@@ -184,6 +184,8 @@ def _scale_terms(hs, c, SCALE: tl.constexpr, ACC: tl.constexpr):
         log_s = tl.where(small, hss + hss * q, (signed_clamp - signed_clamp * e) / one_e)
         t = us + us * q
         dlog_s = tl.where(small, 1.0 - t * t, 4.0 * e / (one_e * one_e))
+        s = tl.exp(log_s)
+        inv_s = tl.exp(-log_s)
     elif SCALE == "sigmoid":
         z = hs + 2.0
         e = tl.exp(-tl.abs(z))
@@ -191,35 +193,36 @@ def _scale_terms(hs, c, SCALE: tl.constexpr, ACC: tl.constexpr):
         lp = tl.log(one_e) + (e - (one_e - 1.0))
         log_s = tl.where(z < 0.0, z, 0.0) - lp
         dlog_s = tl.exp(tl.where(z > 0.0, -z, 0.0) - lp)
+        s = tl.exp(log_s)
+        # 1 + exp(-z), which does not round through L.
+        inv_s = 1.0 + tl.exp(-z)
     elif SCALE == "sigmoid_eps":
-        # nflows: s = sigmoid(z) + 1e-3, dL/dh = sigmoid(z) (1 - sigmoid(z)) / s.
+        # nflows: s = sigmoid(z) + 1e-3 = w / d with d = 1 + e, w = (z >= 0 ? 1 : e) + 1e-3 d and
+        # e = exp(-|z|): s and 1 / s each one division (not exp(+-L): they round once),
+        # L = log w - log d, dL/dh = sigmoid(z) (1 - sigmoid(z)) / s = n (1 - n') / (d w).
         z = hs + 2.0
         e = tl.exp(-tl.abs(z))
         d = 1.0 + e
-        sigma = tl.where(z >= 0.0, 1.0, e) / d
-        s = sigma + 1e-3
-        log_s = tl.log(s)
-        dlog_s = sigma * (tl.where(z >= 0.0, e, 1.0) / d) / s
+        n = tl.where(z >= 0.0, 1.0, e)
+        w = n + 1e-3 * d
+        log_s = tl.log(w) - (tl.log(d) + (e - (d - 1.0)))
+        dlog_s = n * tl.where(z >= 0.0, e, 1.0) / (d * w)
+        s = w / d
+        inv_s = d / w
     elif SCALE == "atan":
         # FrEIA's ATAN: L = c (0.636 atan(h)), L' = 0.636 c / (1 + h^2).
         log_s = c * (0.636 * _atan(hs, ACC))
         dlog_s = c * 0.636 / (1.0 + hs * hs)
+        s = tl.exp(log_s)
+        inv_s = tl.exp(-log_s)
     else:
         # zuko's soft clamp: L = h / (1 + |h| / c), L' = 1 / (1 + |h| / c)^2.
         q = 1.0 + tl.abs(hs) * (1.0 / c)
         log_s = hs / q
         dlog_s = 1.0 / (q * q)
-    return log_s, dlog_s
-
-
-@triton.jit
-def _inverse_scale(hs, log_s, SCALE: tl.constexpr):
-    # exp(-L); for the sigmoid scale the equal 1 + exp(-z), which does not round through L.
-    if SCALE == "sigmoid":
-        inv_s = 1.0 + tl.exp(-(hs + 2.0))
-    else:
+        s = tl.exp(log_s)
         inv_s = tl.exp(-log_s)
-    return inv_s
+    return log_s, dlog_s, s, inv_s
 
 
 @triton.jit(do_not_specialize=["clamp_hi", "clamp_lo"])
@@ -245,8 +248,8 @@ def _affine_coupling_fwd_kernel(
     x2 = tl.load(in_ptr + x2_off, mask=mask2, other=0.0).to(ACC)
     hs = tl.load(h_ptr + h_off, mask=mask2, other=0.0).to(ACC)
     t = tl.load(h_ptr + h_off + N2, mask=mask2, other=0.0).to(ACC)
-    log_s, _ = _scale_terms(hs, c, SCALE, ACC)
-    y2 = x2 * tl.exp(log_s) + t
+    log_s, _, s, _ = _scale_terms(hs, c, SCALE, ACC)
+    y2 = x2 * s + t
     tl.store(out_ptr + x2_off, y2.to(out_ptr.dtype.element_ty), mask=mask2)
     # Masked lanes hold L(0), which is not 0 for the sigmoid scale: zero them before summing.
     part = tl.sum(tl.where(mask2, log_s, 0.0), axis=1)
@@ -276,8 +279,8 @@ def _affine_coupling_inv_kernel(
     y2 = tl.load(in_ptr + x2_off, mask=mask2, other=0.0).to(ACC)
     hs = tl.load(h_ptr + h_off, mask=mask2, other=0.0).to(ACC)
     t = tl.load(h_ptr + h_off + N2, mask=mask2, other=0.0).to(ACC)
-    log_s, _ = _scale_terms(hs, c, SCALE, ACC)
-    x2 = (y2 - t) * _inverse_scale(hs, log_s, SCALE)
+    log_s, _, _, inv_s = _scale_terms(hs, c, SCALE, ACC)
+    x2 = (y2 - t) * inv_s
     tl.store(out_ptr + x2_off, x2.to(out_ptr.dtype.element_ty), mask=mask2)
     part = -tl.sum(tl.where(mask2, log_s, 0.0), axis=1)
     tl.store(partial_ptr + rows * NBLK + col_blk, part, mask=row_ok)
@@ -310,13 +313,13 @@ def _affine_coupling_bwd_kernel(
     x2 = tl.load(x_ptr + x2_off, mask=mask2, other=0.0).to(ACC)
     hs = tl.load(h_ptr + h_off, mask=mask2, other=0.0).to(ACC)
     gl = tl.load(gl_ptr + rows, mask=row_ok, other=0.0).to(ACC)[:, None]
-    log_s, dlog_s = _scale_terms(hs, c, SCALE, ACC)
+    _, dlog_s, s, inv_s = _scale_terms(hs, c, SCALE, ACC)
     if REVERSE:
-        gin2 = g2 * _inverse_scale(hs, log_s, SCALE)
+        gin2 = g2 * inv_s
         gt = -gin2
         ghs = -(g2 * x2 + gl) * dlog_s
     else:
-        gin2 = g2 * tl.exp(log_s)
+        gin2 = g2 * s
         gt = g2
         ghs = (gin2 * x2 + gl) * dlog_s
     out_ty = gin_ptr.dtype.element_ty
@@ -356,11 +359,11 @@ def _affine_coupling_inv_bwd_kernel(
     hs = tl.load(h_ptr + h_off, mask=mask2, other=0.0).to(ACC)
     t = tl.load(h_ptr + h_off + N2, mask=mask2, other=0.0).to(ACC)
     gl = tl.load(gl_ptr + rows, mask=row_ok, other=0.0).to(ACC)[:, None]
-    log_s, dlog_s = _scale_terms(hs, c, SCALE, ACC)
+    _, dlog_s, s, inv_s = _scale_terms(hs, c, SCALE, ACC)
     shifted = y2 - t
     out_ty = gin_ptr.dtype.element_ty
-    tl.store(x_ptr + x2_off, (shifted * _inverse_scale(hs, log_s, SCALE)).to(out_ty), mask=mask2)
-    tl.store(gin_ptr + x2_off, (g2 * tl.exp(log_s)).to(out_ty), mask=mask2)
+    tl.store(x_ptr + x2_off, (shifted * inv_s).to(out_ty), mask=mask2)
+    tl.store(gin_ptr + x2_off, (g2 * s).to(out_ty), mask=mask2)
     tl.store(gh_ptr + h_off, ((g2 * shifted + gl) * dlog_s).to(out_ty), mask=mask2)
     tl.store(gh_ptr + h_off + N2, g2.to(out_ty), mask=mask2)
 
