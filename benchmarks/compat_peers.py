@@ -4,7 +4,7 @@
 
 For each model of the compat acceptance (nflows ``SimpleRealNVP(features=8, hidden_features=32,
 num_layers=4)``, zuko ``NICE(features=5, context=2)``, normflows ``GlowBlock`` x 4 on [4, 8, 8]
-with LU), and the variants whose couplings the ops fuse: the peer's state dict loaded into the
+with LU), their variants and a wider tabular size ([4096, 32]): the peer's state dict loaded into the
 compat model, the largest difference of the log-likelihoods in float64; then forward+backward of
 the negative log-likelihood in float32, peer and compat timed interleaved in this process.
 Writes docs/compat/measured.md (FrEIA: benchmarks/compat_freia.py, docs/compat/freia-measured.md).
@@ -26,28 +26,28 @@ import harness
 OUT = os.path.join(os.path.dirname(harness.BENCH_DIR), "docs", "compat", "measured.md")
 
 
-def nflows_case(volume_preserving: bool) -> tuple[Callable, Callable, Callable]:
+def nflows_case(volume_preserving: bool, features: int = 8) -> tuple[Callable, Callable, Callable, Callable]:
     peer = importlib.import_module("nflows.flows.realnvp")
     compat = importlib.import_module("invkernels.compat.nflows")
-    kwargs = dict(features=8, hidden_features=32, num_layers=4, num_blocks_per_layer=2,
+    kwargs = dict(features=features, hidden_features=32, num_layers=4, num_blocks_per_layer=2,
                   use_volume_preserving=volume_preserving, batch_norm_between_layers=False)
 
     def data(dtype, batch):
-        return (torch.randn(batch, 8, dtype=dtype),)
+        return (torch.randn(batch, features, dtype=dtype),)
 
     return (lambda: peer.SimpleRealNVP(**kwargs), lambda: compat.SimpleRealNVP(**kwargs),
             lambda model, x: model.log_prob(x), data)
 
 
-def zuko_case(additive: bool):
+def zuko_case(additive: bool, features: int = 5):
     zflows = importlib.import_module("zuko.flows")
     compat = importlib.import_module("invkernels.compat.zuko")
-    kwargs = dict(features=5, context=2)
+    kwargs = dict(features=features, context=2)
     if additive:
         kwargs.update(univariate=importlib.import_module("zuko.transforms").AdditiveTransform, shapes=[()])
 
     def data(dtype, batch):
-        return torch.randn(batch, 5, dtype=dtype), torch.randn(batch, 2, dtype=dtype)
+        return torch.randn(batch, features, dtype=dtype), torch.randn(batch, 2, dtype=dtype)
 
     return (lambda: zflows.NICE(**kwargs), lambda: compat.NICE(**kwargs),
             lambda model, x, c: model(c).log_prob(x), data)
@@ -72,8 +72,10 @@ def normflows_case(scale_map: str):
 CASES = {
     "nflows SimpleRealNVP (affine, nflows' default)": (lambda: nflows_case(False), 512),
     "nflows SimpleRealNVP (use_volume_preserving)": (lambda: nflows_case(True), 512),
+    "nflows SimpleRealNVP, 32 features (affine)": (lambda: nflows_case(False, 32), 4096),
     "zuko NICE(5, context=2) (affine, zuko's default)": (lambda: zuko_case(False), 512),
     "zuko NICE(5, context=2) (additive)": (lambda: zuko_case(True), 512),
+    "zuko NICE(32, context=2) (affine)": (lambda: zuko_case(False, 32), 4096),
     "normflows GlowBlock x 4, LU (scale_map='sigmoid', default)": (lambda: normflows_case("sigmoid"), 64),
     "normflows GlowBlock x 4, LU (scale_map='sigmoid_inv')": (lambda: normflows_case("sigmoid_inv"), 64),
 }

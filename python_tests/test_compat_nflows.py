@@ -15,13 +15,13 @@ import sys
 import pytest
 import torch
 from torch import nn
+from op_spy import spy
 
 C = importlib.import_module("nflows.transforms.coupling")  # a test extra: make env installs it
 nets = importlib.import_module("nflows.nn.nets")
 realnvp = importlib.import_module("nflows.flows.realnvp")
 import invkernels.compat as compat  # noqa: E402
 import invkernels.compat.nflows as N  # noqa: E402
-import invkernels.ops  # noqa: E402
 
 RTOL = 1e-10
 COUPLINGS = ["AffineCouplingTransform", "AdditiveCouplingTransform", "PiecewiseRationalQuadraticCouplingTransform"]
@@ -137,19 +137,6 @@ def test_spline_variants_equal_nflows(variant):
             assert_same(ref, new, x)
     else:
         assert_same(ref, new, x)
-
-
-def spy(monkeypatch, names):
-    calls = {name: 0 for name in names}
-    for name in names:
-        original = getattr(invkernels.ops, name)
-
-        def wrapper(*args, _original=original, _name=name, **kwargs):
-            calls[_name] += 1
-            return _original(*args, **kwargs)
-
-        monkeypatch.setattr(invkernels.ops, name, wrapper)
-    return calls
 
 
 OPS = ["additive_coupling_fwd", "additive_coupling_inv", "affine_coupling_fwd", "affine_coupling_inv",

@@ -16,13 +16,13 @@ import sys
 import pytest
 import torch
 from torch import nn
+from op_spy import spy
 
 nf = importlib.import_module("normflows")  # a test extra: make env installs it
 flows = importlib.import_module("normflows.flows")
 nets = importlib.import_module("normflows.nets")
 import invkernels.compat as compat  # noqa: E402
 import invkernels.compat.normflows as N  # noqa: E402
-import invkernels.ops  # noqa: E402
 
 RTOL = 1e-10
 CLASSES = ["ActNorm", "AffineConstFlow", "AffineCouplingBlock", "CoupledRationalQuadraticSpline", "GlowBlock",
@@ -250,19 +250,6 @@ OPS = ["additive_coupling_fwd", "additive_coupling_inv", "affine_coupling_fwd", 
        "rq_spline_inv"]
 
 
-def spy(monkeypatch):
-    calls = {name: 0 for name in OPS}
-    for name in OPS:
-        original = getattr(invkernels.ops, name)
-
-        def wrapper(*args, _original=original, _name=name, **kwargs):
-            calls[_name] += 1
-            return _original(*args, **kwargs)
-
-        monkeypatch.setattr(invkernels.ops, name, wrapper)
-    return calls
-
-
 def acb(scale, scale_map, split_mode="channel"):
     return N.AffineCouplingBlock(coupling_net(4, scale, split_mode), scale, scale_map, split_mode), (2, 4, 4, 4)
 
@@ -308,7 +295,7 @@ def test_fused_ops_run_where_normflows_math_is_theirs(monkeypatch, case):
     build, expected = CASES[case]
     torch.manual_seed(11)
     flow, shape = build()
-    calls = spy(monkeypatch)
+    calls = spy(monkeypatch, OPS)
     z = torch.rand(*shape)
     flow(z)
     flow.inverse(z)

@@ -15,13 +15,13 @@ import sys
 
 import pytest
 import torch
+from op_spy import spy
 
 zuko = importlib.import_module("zuko")  # a test extra: make env installs it
 zflows = importlib.import_module("zuko.flows")
 ztransforms = importlib.import_module("zuko.transforms")
 import invkernels.compat as compat  # noqa: E402
 import invkernels.compat.zuko as Z  # noqa: E402
-import invkernels.ops  # noqa: E402
 
 RTOL = 1e-10
 CONTEXT = 3
@@ -230,19 +230,6 @@ def test_flows_equal_zuko(name, kwargs):
     x = 1.5 * torch.randn(5, features, dtype=torch.float64)
     c = torch.randn(context, dtype=torch.float64) if context else None
     assert_same_flows(ref, new, x, c)
-
-
-def spy(monkeypatch, names):
-    calls = {name: 0 for name in names}
-    for name in names:
-        original = getattr(invkernels.ops, name)
-
-        def wrapper(*args, _original=original, _name=name, **kwargs):
-            calls[_name] += 1
-            return _original(*args, **kwargs)
-
-        monkeypatch.setattr(invkernels.ops, name, wrapper)
-    return calls
 
 
 OPS = ["additive_coupling_fwd", "additive_coupling_inv", "affine_coupling_fwd", "affine_coupling_inv",

@@ -29,10 +29,7 @@ unconditional transforms of the identity features; subclasses that override the 
 
 from __future__ import annotations
 
-import functools
-import warnings
 
-import numpy as np
 import torch
 from nflows.distributions.normal import StandardNormal
 from nflows.flows.realnvp import SimpleRealNVP as _SimpleRealNVP
@@ -44,6 +41,7 @@ from torch.nn import functional as TF
 
 import invkernels.ops as F
 from invkernels._validation import SPLINE_MIN_FRACTION
+from invkernels.compat._common import counted, nflows_spline_h
 from invkernels.compat._lazy import count
 
 _LIBRARY = "nflows"
@@ -71,17 +69,6 @@ def _assemble(inputs: torch.Tensor, transform, identity_split: torch.Tensor, tra
     outputs[:, transform.identity_features, ...] = identity_split
     outputs[:, transform.transform_features, ...] = transform_split
     return outputs
-
-
-def _counted(base: type):
-    """An ``__init__`` with ``base``'s signature that builds ``base`` and counts the object."""
-
-    @functools.wraps(base.__init__)
-    def __init__(self, *args, **kwargs):
-        base.__init__(self, *args, **kwargs)
-        count(self, _LIBRARY)
-
-    return __init__
 
 
 class _FusedCoupling:
@@ -135,7 +122,7 @@ class AffineCouplingTransform(_FusedCoupling, _coupling.AffineCouplingTransform)
     ``passthrough`` the identity features (nflows main's ``scale_activation``, when not its default,
     runs nflows' code)."""
 
-    __init__ = _counted(_coupling.AffineCouplingTransform)
+    __init__ = counted(_coupling.AffineCouplingTransform, _LIBRARY)
     _nflows_base = _coupling.AffineCouplingTransform
 
     def _default_scale(self) -> bool:
@@ -153,7 +140,7 @@ class AdditiveCouplingTransform(_FusedCoupling, _coupling.AdditiveCouplingTransf
     """nflows' ``AdditiveCouplingTransform`` (``z2 = x2 + t``, log-det 0), fused
     (``additive_coupling_fwd/inv`` with ``passthrough`` the number of identity features)."""
 
-    __init__ = _counted(_coupling.AdditiveCouplingTransform)
+    __init__ = counted(_coupling.AdditiveCouplingTransform, _LIBRARY)
     _nflows_base = _coupling.AdditiveCouplingTransform
 
     def _op(self, x: torch.Tensor, params: torch.Tensor, p: int, inverse: bool):
@@ -166,7 +153,7 @@ class PiecewiseRationalQuadraticCouplingTransform(_coupling.PiecewiseRationalQua
     is ``rq_spline_fwd/inv`` (``passthrough=p`` on the whole input when the ``p`` identity features
     come first, else on nflows' transform split)."""
 
-    __init__ = _counted(_coupling.PiecewiseRationalQuadraticCouplingTransform)
+    __init__ = counted(_coupling.PiecewiseRationalQuadraticCouplingTransform, _LIBRARY)
 
     def _settings_fusable(self) -> bool:
         bins = self.num_bins
@@ -187,22 +174,7 @@ class PiecewiseRationalQuadraticCouplingTransform(_coupling.PiecewiseRationalQua
                 float(self.min_derivative))
 
     def _op_params(self, params: torch.Tensor, x: torch.Tensor, transformed: int) -> torch.Tensor | None:
-        """The op's ``h`` from nflows' transform params: widths and heights scaled down as nflows
-        scales them (its warning included); None when ``params`` is not shaped as the op's ``h``."""
-        bins = self.num_bins
-        width = 3 * bins - 1
-        if params.dtype != x.dtype or params.shape != (x.shape[0], transformed * width, *x.shape[2:]):
-            return None
-        net = self.transform_net
-        if hasattr(net, "hidden_features"):
-            divisor = np.sqrt(net.hidden_features)
-        elif hasattr(net, "hidden_channels"):
-            divisor = np.sqrt(net.hidden_channels)
-        else:
-            warnings.warn("Inputs to the softmax are not scaled down: initialization might be bad.")
-            return params.contiguous()
-        blocks = params.unflatten(1, (transformed, width))
-        return torch.cat([blocks[:, :, : 2 * bins] / divisor, blocks[:, :, 2 * bins:]], 2).flatten(1, 2)
+        return nflows_spline_h(params, x, transformed, self.num_bins, self.transform_net)
 
     def _split_fusable(self, inputs: torch.Tensor) -> bool:
         return inputs.dim() in (2, 4) and inputs.dtype in _SPLINE_DTYPES and inputs.shape[1] >= 1 \

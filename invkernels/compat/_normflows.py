@@ -40,8 +40,6 @@ checkerboard splits, ``MaskedAffineFlow`` with a scale net, per-element ``Affine
 
 from __future__ import annotations
 
-import functools
-import warnings
 
 import numpy as np
 import torch
@@ -60,6 +58,7 @@ from torch import nn
 
 import invkernels.ops as F
 from invkernels._validation import SPLINE_MIN_FRACTION
+from invkernels.compat._common import counted, nflows_spline_h
 from invkernels.compat._lazy import count
 
 _LIBRARY = "normflows"
@@ -79,17 +78,6 @@ _GlowBlock = _glow.GlowBlock
 _PRQCoupling = _spline_coupling.PiecewiseRationalQuadraticCoupling
 _PRQCDF = _spline_coupling.PiecewiseRationalQuadraticCDF
 _CoupledRationalQuadraticSpline = _wrapper.CoupledRationalQuadraticSpline
-
-
-def _counted(base: type):
-    """An ``__init__`` with ``base``'s signature that builds ``base`` and counts the object."""
-
-    @functools.wraps(base.__init__)
-    def __init__(self, *args, **kwargs):
-        base.__init__(self, *args, **kwargs)
-        count(self, _LIBRARY)
-
-    return __init__
 
 
 def _versions(*tensors: torch.Tensor) -> tuple:
@@ -113,12 +101,25 @@ def _is_float(z) -> bool:
 # --- affine coupling ------------------------------------------------------------------------------
 
 
-class AffineCouplingBlock(_AffineCouplingBlock):
+class _FusedWhereLaidOut:
+    """``forward`` / ``inverse``: the fused path (``_fused``) where ``_layout`` finds the op's
+    layout in the input, normflows' code (``super()``) where it returns None."""
+
+    def forward(self, z):
+        layout = self._layout(z)
+        return super().forward(z) if layout is None else self._fused(z, layout, inverse=False)
+
+    def inverse(self, z):
+        layout = self._layout(z)
+        return super().inverse(z) if layout is None else self._fused(z, layout, inverse=True)
+
+
+class AffineCouplingBlock(_FusedWhereLaidOut, _AffineCouplingBlock):
     """normflows' ``AffineCouplingBlock`` (split, ``AffineCoupling``, merge); with a channel split,
     ``scale_map="sigmoid_inv"`` is ``affine_coupling_fwd/inv`` (``"sigmoid"``) and ``scale=False``
     ``additive_coupling_fwd/inv``."""
 
-    __init__ = _counted(_AffineCouplingBlock)
+    __init__ = counted(_AffineCouplingBlock, _LIBRARY)
 
     def _layout(self, z) -> tuple[int, int, bool] | None:
         """``(first chunk size, passthrough, rolled)`` when the block runs fused on ``z``, else None."""
@@ -135,14 +136,6 @@ class AffineCouplingBlock(_AffineCouplingBlock):
         if split.mode == "channel":
             return first, first, False
         return first, z.shape[1] - first, True
-
-    def forward(self, z):
-        layout = self._layout(z)
-        return super().forward(z) if layout is None else self._fused(z, layout, inverse=False)
-
-    def inverse(self, z):
-        layout = self._layout(z)
-        return super().inverse(z) if layout is None else self._fused(z, layout, inverse=True)
 
     def _fused(self, z: torch.Tensor, layout: tuple[int, int, bool], inverse: bool):
         first, p, rolled = layout
@@ -187,11 +180,11 @@ def _channel_mask(b: torch.Tensor):
     return ordered, perm, torch.argsort(perm), ident.numel()
 
 
-class MaskedAffineFlow(_MaskedAffineFlow):
+class MaskedAffineFlow(_FusedWhereLaidOut, _MaskedAffineFlow):
     """normflows' ``MaskedAffineFlow``; without a scale net (``s=None``, NICE) and with a 0/1 mask
     constant along each channel it is ``additive_coupling_fwd/inv``."""
 
-    __init__ = _counted(_MaskedAffineFlow)
+    __init__ = counted(_MaskedAffineFlow, _LIBRARY)
 
     def _layout(self, z):
         if self.s is not torch.zeros_like or not isinstance(self.t, nn.Module) or not _is_float(z):
@@ -202,14 +195,6 @@ class MaskedAffineFlow(_MaskedAffineFlow):
         if type(self).forward is not MaskedAffineFlow.forward or type(self).inverse is not MaskedAffineFlow.inverse:
             return None
         return _cached(self, "_invkernels_mask", (b,), lambda: _channel_mask(b))
-
-    def forward(self, z):
-        layout = self._layout(z)
-        return super().forward(z) if layout is None else self._fused(z, layout, inverse=False)
-
-    def inverse(self, z):
-        layout = self._layout(z)
-        return super().inverse(z) if layout is None else self._fused(z, layout, inverse=True)
 
     def _fused(self, z: torch.Tensor, layout, inverse: bool):
         ordered, perm, perm_inv, p = layout
@@ -265,7 +250,7 @@ class AffineConstFlow(_FusedAffineConst):
     """normflows' ``AffineConstFlow`` (``z * exp(s) + t``); per-channel parameters run
     ``actnorm_inv(z, -t, -s)`` (forward) and ``actnorm_fwd(x, -t, -s)`` (inverse)."""
 
-    __init__ = _counted(_AffineConstFlow)
+    __init__ = counted(_AffineConstFlow, _LIBRARY)
 
 
 class ActNorm(_ActNorm, _FusedAffineConst):
@@ -274,7 +259,7 @@ class ActNorm(_ActNorm, _FusedAffineConst):
 
     # MRO: ActNorm, normflows' ActNorm, _FusedAffineConst, normflows' AffineConstFlow: normflows'
     # ActNorm.forward initializes and calls super().forward, which is the fused one.
-    __init__ = _counted(_ActNorm)
+    __init__ = counted(_ActNorm, _LIBRARY)
 
 
 # --- invertible 1x1 convolution ---------------------------------------------------------------------
@@ -300,7 +285,7 @@ class Invertible1x1Conv(_Invertible1x1Conv):
     """normflows' ``Invertible1x1Conv`` (``forward``: ``W⁻¹ z``, ``inverse``: ``W x``) on ``conv1x1``;
     with ``use_lu=True`` the weights come from ``invconv_weight`` / ``invconv_inverse_weight``."""
 
-    __init__ = _counted(_Invertible1x1Conv)
+    __init__ = counted(_Invertible1x1Conv, _LIBRARY)
 
     def _perm(self) -> torch.Tensor | None:
         return _cached(self, "_invkernels_perm", (self.P, self.eye, self.sign_S), lambda: _lu_perm(self))
@@ -451,22 +436,8 @@ class _FusedPRQCoupling(_PRQCoupling):
             self.unconditional_transform.__class__ = _FusedCDF  # same parameters, fused _spline
 
     def _op_params(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
-        """The op's ``h`` from the net's params: widths and heights scaled down as normflows scales
-        them (its warning included); None when ``params`` is not shaped as the op's ``h``."""
-        bins, transformed = self.num_bins, x.shape[1]
-        width = 3 * bins - 1
-        if params.dtype != x.dtype or params.shape != (x.shape[0], transformed * width, *x.shape[2:]):
-            return None
-        net = self.transform_net
-        if hasattr(net, "hidden_features"):
-            divisor = np.sqrt(net.hidden_features)
-        elif hasattr(net, "hidden_channels"):
-            divisor = np.sqrt(net.hidden_channels)
-        else:
-            warnings.warn("Inputs to the softmax are not scaled down: initialization might be bad.")
-            return params.contiguous()
-        blocks = params.unflatten(1, (transformed, width))
-        return torch.cat([blocks[:, :, : 2 * bins] / divisor, blocks[:, :, 2 * bins:]], 2).flatten(1, 2)
+        """The op's ``h`` from the net's params (normflows scales them as nflows does)."""
+        return nflows_spline_h(params, x, x.shape[1], self.num_bins, self.transform_net)
 
     def _coupling_transform(self, inputs, transform_params, inverse=False):
         fusable = (inputs.dim() in (2, 4) and inputs.dtype in _SPLINE_DTYPES and inputs.shape[1] >= 1

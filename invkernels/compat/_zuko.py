@@ -42,28 +42,18 @@ from zuko.flows import coupling as _coupling
 from zuko.utils import broadcast, unpack
 
 import invkernels.ops as F
+from invkernels.compat._common import counted
 from invkernels.compat._lazy import count
 
 _LIBRARY = "zuko"
 _DEFAULT_SLOPE = inspect.signature(_transforms.MonotonicAffineTransform).parameters["slope"].default
 
 
-def _counted(base: type):
-    """An ``__init__`` with ``base``'s signature that builds ``base`` and counts the object."""
-
-    @functools.wraps(base.__init__)
-    def __init__(self, *args, **kwargs):
-        base.__init__(self, *args, **kwargs)
-        count(self, _LIBRARY)
-
-    return __init__
-
-
 class CouplingTransform(_transforms.CouplingTransform):
     """zuko's ``CouplingTransform`` (``y_a = x_a``, ``y_b = meta(x_a)(x_b)``); when ``meta(x_a)``
     is zuko's additive transformation, the coupling is ``additive_coupling_fwd/inv``."""
 
-    __init__ = _counted(_transforms.CouplingTransform)
+    __init__ = counted(_transforms.CouplingTransform, _LIBRARY)
 
     def _layout(self) -> tuple[bool, torch.Tensor, torch.Tensor]:
         """``(ordered, perm, inverse perm)``: ``ordered`` when the constant features are
@@ -180,7 +170,7 @@ class GeneralCouplingTransform(_coupling.GeneralCouplingTransform):
     1 it is zuko's ``ElementWiseTransform``, as zuko builds it."""
 
     __new__ = _coupling.GeneralCouplingTransform.__new__  # zuko's signature (inspect reads the first found)
-    __init__ = _counted(_coupling.GeneralCouplingTransform)
+    __init__ = counted(_coupling.GeneralCouplingTransform, _LIBRARY)
 
     def _affine_parameters(self, c, x: torch.Tensor):
         """zuko's ``meta`` up to the univariate transformation: ``(shift, raw scale, slope)`` of its
