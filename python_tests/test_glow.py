@@ -25,7 +25,8 @@ def unfused(step, x):
     return y, ld1 + ld2 + ld3
 
 
-@pytest.mark.parametrize("coupling,scale", [("affine", "sigmoid"), ("affine", "exp"), ("spline", "sigmoid")])
+@pytest.mark.parametrize("coupling,scale", [("affine", "sigmoid"), ("affine", "exp"), ("additive", "sigmoid"),
+                                            ("spline", "sigmoid")])
 @pytest.mark.parametrize("lu", [True, False])
 def test_folded_step_equals_the_three_layers(coupling, scale, lu):
     step = randomized(GlowStep(6, hidden=8, scale=scale, lu=lu, coupling=coupling, bins=4)).double()
@@ -44,7 +45,7 @@ def test_folded_step_equals_the_three_layers(coupling, scale, lu):
     assert_close(logdet_inv, -logdet.detach())
 
 
-@pytest.mark.parametrize("coupling", ["affine", "spline"])
+@pytest.mark.parametrize("coupling", ["affine", "additive", "spline"])
 def test_logdet_is_slogdet_of_dense_jacobian(coupling):
     step = randomized(GlowStep(4, hidden=8, coupling=coupling, bins=3, tail_bound=1.5)).double()
     x = torch.randn(1, 4, 2, 2, dtype=torch.float64)
@@ -77,13 +78,15 @@ def test_vectors_and_backends(backend):
     assert_close(step.inverse(y), x)
 
 
-def test_spline_step_memory_free_gradients_equal_stored_ones():
-    """A chain of spline Glow steps: the fused inverse-backward path (the coupling's
-    ``rq_spline_inv_bwd``, then the front's VJP) gives the stored chain's gradients."""
+@pytest.mark.parametrize("coupling", ["additive", "spline"])
+def test_step_memory_free_gradients_equal_stored_ones(coupling):
+    """A chain of spline or additive Glow steps: the fused inverse-backward path (the coupling's
+    ``rq_spline_inv_bwd`` or ``additive_coupling_inv_bwd``, then the front's VJP) gives the stored
+    chain's gradients."""
     from invkernels.nn import InvertibleSequential  # noqa: PLC0415
 
     torch.manual_seed(7)
-    chain = InvertibleSequential(*(randomized(GlowStep(4, hidden=8, coupling="spline", bins=4)) for _ in range(2)))
+    chain = InvertibleSequential(*(randomized(GlowStep(4, hidden=8, coupling=coupling, bins=4)) for _ in range(2)))
     chain = chain.double()
     x = torch.randn(3, 4, 2, 2, dtype=torch.float64, requires_grad=True)
     grads = {}
@@ -108,13 +111,14 @@ def test_compiles_fullgraph():
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError, match="scale should be one of 'exp', 'sigmoid', 'sigmoid_eps', 'atan', 'rational', got 'relu'"):
+    with pytest.raises(ValueError, match="scale should be one of 'exp', 'sigmoid', 'sigmoid_eps', 'atan', "
+                                         "'rational', got 'relu'"):
         GlowStep(4, scale="relu")
     with pytest.raises(ValueError, match=r"x should have shape \[B, 4, ...\], got \[2, 3, 4, 4\]"):
         GlowStep(4, hidden=8)(torch.randn(2, 3, 4, 4))
     with pytest.raises(ValueError, match="backend should be one of"):
         GlowStep(4, backend="fast")
-    with pytest.raises(ValueError, match="GlowStep: coupling should be 'affine' or 'spline', got 'rq'"):
+    with pytest.raises(ValueError, match="GlowStep: coupling should be 'affine', 'additive' or 'spline', got 'rq'"):
         GlowStep(4, coupling="rq")
     with pytest.raises(ValueError, match="RQSplineCoupling: bins should be"):
         GlowStep(4, coupling="spline", bins=0)

@@ -152,8 +152,8 @@ def test_bad_inputs_give_clear_errors():
         model.bits_per_dim(digits_like(), 1)
     with pytest.raises(ValueError, match="H and W should be divisible by 2 \\*\\* levels = 8"):
         Glow((1, 12, 12), levels=3)
-    with pytest.raises(ValueError, match="Glow: coupling should be 'affine' or 'spline', got 'additive'"):
-        Glow((1, 8, 8), coupling="additive")
+    with pytest.raises(ValueError, match="Glow: coupling should be 'affine', 'additive' or 'spline', got 'nice'"):
+        Glow((1, 8, 8), coupling="nice")
     with pytest.raises(ValueError, match="Glow: tail_bound should be"):
         Glow((1, 8, 8), coupling="spline", tail_bound=-1.0)
     with pytest.raises(ValueError, match="temperature should be a finite number >= 0, got -1"):

@@ -29,7 +29,7 @@ class Glow(FlowModel):
         prior: ``"gaussian"`` or ``"learned"`` prior of the factored-out halves.
         scale: affine coupling scale, ``"sigmoid"`` (Glow) or ``"exp"``.
         memory_free: train without storing the steps' activations.
-        coupling: ``"affine"`` (Glow's) or ``"spline"`` (:class:`RQSplineCoupling`, identity at
+        coupling: ``"affine"`` (Glow's), ``"additive"`` or ``"spline"`` (:class:`RQSplineCoupling`, identity at
             initialization).
         bins, tail_bound: the spline couplings' bins and range ``[-tail_bound, tail_bound]``.
         backend: ``"cpp"``, ``"triton"``, ``"reference"`` or None for ``invkernels.get_backend()``.

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from invkernels.nn.actnorm import ActNorm
-from invkernels.nn.coupling import AffineCoupling, resolve_subnet
+from invkernels.nn.coupling import AdditiveCoupling, AffineCoupling, resolve_subnet
 from invkernels.nn.invconv import InvConv1x1
 from invkernels.nn.spline import RQSplineCoupling
 from invkernels.nn.subnets import SubnetFactory, conv_subnet
@@ -15,18 +15,19 @@ from invkernels.ops import glow as glow_ops
 from invkernels.ops import invconv as invconv_ops
 
 
-COUPLINGS = ("affine", "spline")
+COUPLINGS = ("affine", "additive", "spline")
 
 
 def check_coupling(owner: str, coupling: str) -> None:
     """ValueError naming ``owner`` unless ``coupling`` is one of :data:`COUPLINGS`."""
     if coupling not in COUPLINGS:
-        raise ValueError(f"{owner}: coupling should be 'affine' or 'spline', got {coupling!r}")
+        raise ValueError(f"{owner}: coupling should be 'affine', 'additive' or 'spline', got {coupling!r}")
 
 
 class GlowStep(nn.Module):
     """One step of Glow's flow: ``ActNorm → InvConv1x1 → coupling``, the coupling an
-    :class:`AffineCoupling` (Glow) or an :class:`RQSplineCoupling` (``coupling="spline"``: neural
+    :class:`AffineCoupling` (Glow), an :class:`AdditiveCoupling` (``coupling="additive"``: Glow's
+    volume-preserving variant) or an :class:`RQSplineCoupling` (``coupling="spline"``: neural
     spline flows' image steps).
 
     ActNorm followed by the 1x1 convolution is computed as one GEMM with a bias,
@@ -40,7 +41,7 @@ class GlowStep(nn.Module):
             None for Glow's conv subnet of width ``hidden`` (512 by default). The arguments after it
             are keyword-only, as the couplings' are.
         hidden: width of the ``"mlp"`` / ``"conv"`` subnet (or of Glow's).
-        coupling: ``"affine"`` (Glow) or ``"spline"``.
+        coupling: ``"affine"`` (Glow), ``"additive"`` or ``"spline"``.
         scale: affine coupling scale, ``"sigmoid"`` (Glow) or ``"exp"`` (soft-clamped).
         clamp: soft clamp of ``"exp"``.
         bins, tail_bound: the spline coupling's bins and range ``[-tail_bound, tail_bound]``.
@@ -63,6 +64,8 @@ class GlowStep(nn.Module):
         if coupling == "affine":
             self.coupling = AffineCoupling(channels, subnet, scale=scale, clamp=clamp,
                                            context_channels=context_channels, backend=backend)
+        elif coupling == "additive":
+            self.coupling = AdditiveCoupling(channels, subnet, context_channels=context_channels, backend=backend)
         else:
             self.coupling = RQSplineCoupling(channels, subnet, bins=bins, tail_bound=tail_bound,
                                              context_channels=context_channels, backend=backend)
