@@ -6,16 +6,16 @@ from __future__ import annotations
 import invkernels.ops
 
 
-def spy(monkeypatch, names) -> dict[str, int]:
-    """Wrap ``invkernels.ops.<name>`` for each of ``names`` (undone by ``monkeypatch``); the returned
-    dict counts their calls."""
+def spy(monkeypatch, names, module=invkernels.ops) -> dict[str, int]:
+    """Wrap ``module.<name>`` (``invkernels.ops`` by default) for each of ``names`` (undone by
+    ``monkeypatch``); the returned dict counts their calls."""
     calls = {name: 0 for name in names}
     for name in names:
-        original = getattr(invkernels.ops, name)
+        original = getattr(module, name)
 
         def wrapper(*args, _original=original, _name=name, **kwargs):
             calls[_name] += 1
             return _original(*args, **kwargs)
 
-        monkeypatch.setattr(invkernels.ops, name, wrapper)
+        monkeypatch.setattr(module, name, wrapper)
     return calls

@@ -192,6 +192,8 @@ def sequence(cls, memory_free=None):
     inn = cls(4, 4, 4) if memory_free is None else cls(4, 4, 4, memory_free=memory_free)
     for k in range(3):
         inn.append(Cm.AllInOneBlock, subnet_constructor=conv, affine_clamping=2.0)
+        inn.append(Cm.AllInOneBlock, cond=0, cond_shape=(2, 4, 4), subnet_constructor=conv,
+                   global_affine_type="EXP" if k == 1 else "SIGMOID")
         inn.append(Cm.ActNorm)
         inn.append(Cm.PermuteRandom, seed=k)
         inn.append(Cm.GLOWCouplingBlock, cond=0, cond_shape=(2, 4, 4), subnet_constructor=conv,
@@ -200,7 +202,11 @@ def sequence(cls, memory_free=None):
     return inn.double()
 
 
-def test_memory_free_sequence_gives_the_gradients_of_freias_sequence_and_keeps_its_state_dict():
+def test_memory_free_sequence_gives_the_gradients_of_freias_sequence_and_keeps_its_state_dict(monkeypatch):
+    """AllInOneBlock's fused memory-free backward (affine_coupling_inv_bwd), the generic rebuild of
+    the other blocks (FrEIA's own NICECouplingBlock too): FrEIA's SequenceINN's gradients."""
+    from op_spy import spy  # noqa: PLC0415
+
     plain = sequence(Ff.SequenceINN)
     free = sequence(Cm.SequenceINN, memory_free=True)
     x = torch.randn(3, 4, 4, 4, dtype=torch.float64)
@@ -210,12 +216,14 @@ def test_memory_free_sequence_gives_the_gradients_of_freias_sequence_and_keeps_i
     free.load_state_dict(plain.state_dict())
     assert free.state_dict().keys() == plain.state_dict().keys()
     results = []
+    calls = spy(monkeypatch, ["affine_coupling_inv_bwd"], importlib.import_module("invkernels.ops.coupling"))
     for inn in (plain, free):
         leaf, cond = x.clone().requires_grad_(), c.clone().requires_grad_()
         z, logdet = inn(leaf, c=[cond])
         (z.pow(2).sum() / 2 - logdet.sum()).backward()
         results.append((z.detach(), logdet.detach(), leaf.grad, cond.grad,
                         [p.grad for p in inn.parameters() if p.requires_grad]))
+    assert calls["affine_coupling_inv_bwd"] == 6  # the six AllInOneBlocks, once each
     (z0, l0, gx0, gc0, gp0), (z1, l1, gx1, gc1, gp1) = results
     for a, b in [(z0, z1), (l0, l1), (gx0, gx1), (gc0, gc1), *zip(gp0, gp1)]:
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)

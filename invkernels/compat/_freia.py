@@ -31,9 +31,12 @@ from FrEIA.modules import InvertibleModule
 from torch import nn
 
 import invkernels.ops as F
+from invkernels.ops import coupling as coupling_ops
+from invkernels import _state
 from invkernels._validation import logdet_dtype
 from invkernels.compat._lazy import count
 from invkernels.nn.sequential import InvertibleSequential
+from invkernels.nn.subnets import subnet_vjp, vjp
 
 _LIBRARY = "freia"
 
@@ -347,6 +350,41 @@ class AllInOneBlock(InvertibleModule):
         y2, j2 = self._affine(x2, a, rev)
         return torch.cat((x1, y2), 1), j2
 
+    def fused_inverse_backward(self) -> bool:
+        """Whether :meth:`inverse_backward` applies: the coupling runs fused, without the Householder
+        reflections or the reversed pre-permutation."""
+        return not (self.GIN or self.householder or self.reverse_pre_permute) and self.splits[1] > 0 \
+            and _fusable_clamp(self.clamp)
+
+    def inverse_backward(self, y: torch.Tensor, grad_y: torch.Tensor, grad_logdet: torch.Tensor, c=()):
+        """Memory-free backward of the block (the compat ``SequenceINN`` calls it): from the output
+        ``y`` and the gradients of ``(y, logdet)``, ``(x, grad_x, grads)`` with ``grads`` the
+        ``(tensor, gradient)`` pairs of the parameters (and conditions) that require grad. The global
+        affine and the permutation are undone and differentiated in tensor ops; the coupling is
+        rebuilt and back-propagated by ``affine_coupling_inv_bwd``, its subnet run once, with grad."""
+        with torch.no_grad():
+            u, _ = self._permute(y, rev=True)
+        u_leaf = u.detach().requires_grad_()
+        global_params = [p for p in (self.global_scale, self.global_offset) if p.requires_grad]
+        with torch.enable_grad():
+            y_again, global_jac = self._permute(u_leaf, rev=False)
+            outer = (y_again * grad_y).sum()
+            if not self.GIN:
+                outer = outer + y[0, :1].numel() * global_jac * grad_logdet.sum()
+        grad_u, *grad_global = vjp([outer], [u_leaf, *global_params], [torch.ones_like(outer)])
+        p = self.splits[0]
+        x1 = u[:, :p].detach().requires_grad_()
+        conditions = [t for t in c if isinstance(t, torch.Tensor) and t.requires_grad]
+        extra = [*_state.trainable(_state.submodules(self.subnet)), *conditions]
+        with torch.enable_grad():
+            h = self.subnet(torch.cat([x1, *c], 1) if self.conditional else x1) * 0.1
+        x, grad_x, grad_h = coupling_ops.affine_coupling_inv_bwd(u, h.detach(), grad_u.contiguous(), grad_logdet, "exp",
+                                                      float(self.clamp), p)
+        grad_x1, *grad_extra = subnet_vjp(h, [x1, *extra], grad_h)
+        if grad_x1 is not None:
+            grad_x[:, :p].add_(grad_x1)
+        return x, grad_x, [*zip(global_params, grad_global), *zip(extra, grad_extra)]
+
     def forward(self, x, c=[], rev=False, jac=True):
         if tuple(x[0].shape[1:]) != self.dims_in[0]:
             raise RuntimeError(f"Expected input of shape {self.dims_in[0]}, got {tuple(x[0].shape[1:])}.")
@@ -476,6 +514,15 @@ class _ChainBlock(nn.Module):
         return self._run(y, context, True)[0]
 
 
+class _FusedChainBlock(_ChainBlock):
+    """A chain block whose module rebuilds its input and back-propagates in one pass
+    (``inverse_backward``, e.g. :class:`AllInOneBlock`)."""
+
+    def inverse_backward(self, y: torch.Tensor, grad_y: torch.Tensor, grad_logdet: torch.Tensor,
+                         context: torch.Tensor | None = None):
+        return self.module.inverse_backward(y, grad_y, grad_logdet, [context] if self.uses_context else [])
+
+
 class SequenceINN(_SequenceINN):
     """FrEIA's ``SequenceINN`` with ``memory_free``: with ``memory_free=True`` a forward that records
     gradients keeps no activations; backward rebuilds each block's input through its inverse
@@ -494,7 +541,8 @@ class SequenceINN(_SequenceINN):
         key = tuple(id(m) for m in self.module_list) + tuple(self.conditions)
         cached_key, chain = self._chain_cache
         if cached_key != key:
-            blocks = [_ChainBlock(m, cond is not None) for m, cond in zip(self.module_list, self.conditions)]
+            blocks = [(_FusedChainBlock if getattr(m, "fused_inverse_backward", lambda: False)() else _ChainBlock)(
+                m, cond is not None) for m, cond in zip(self.module_list, self.conditions)]
             chain = InvertibleSequential(*blocks, memory_free=True)
             object.__setattr__(self, "_chain_cache", (key, chain))
         return chain
