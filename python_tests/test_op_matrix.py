@@ -290,14 +290,15 @@ class _OpsCalled(TorchDispatchMode):
 def test_the_backends_share_the_double_backward(case):
     """What makes test_gradgradcheck on the C++ backend cover the Triton twins: a twin's backward
     calls its fused backward op, except with grad mode on inside backward (create_graph=True), where
-    it calls no invkernels op at all, only the family's reference formula."""
+    it calls no invkernels op at all, only the family's reference formula. The additive couplings'
+    backward is views of the output gradient (the reference formula) in both modes."""
     call, inputs = differentiable_call(case, "triton", "cpu")
     for create_graph in (False, True):
         out = [o for o in as_tuple(call(*inputs)) if o is not None and o.requires_grad]
         with _OpsCalled() as mode:
             torch.autograd.grad([o.sum() for o in out], inputs, create_graph=create_graph, allow_unused=True)
         fused = [n for n in mode.names if n.startswith("invkernels::")]
-        if create_graph:
+        if create_graph or case[0] in ("additive_coupling_fwd", "additive_coupling_inv"):
             assert fused == []
         else:
             assert fused and all(n.endswith("_bwd_triton") for n in fused), fused

@@ -182,6 +182,13 @@ class GeneralCouplingTransform(_coupling.GeneralCouplingTransform):
 
     def forward(self, c=None):
         t = CouplingTransform(functools.partial(self.meta, c), self.mask)
+        # The mask's layout, computed once per mask (zuko builds a CouplingTransform per call).
+        key = (self.mask.data_ptr(), self.mask._version, self.mask.device)
+        cached = self.__dict__.get("_invkernels_layout")
+        if cached is None or cached[0] != key:
+            cached = (key, t._layout())
+            self.__dict__["_invkernels_layout"] = cached
+        t._invkernels_layout = cached[1]
         if self.univariate is _transforms.MonotonicAffineTransform and len(self.shapes) == 2 \
                 and all(tuple(shape) == () for shape in self.shapes):
             t._invkernels_affine = functools.partial(self._affine_parameters, c)

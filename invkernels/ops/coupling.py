@@ -4,8 +4,9 @@ The C++ ops (``torch.ops.invkernels.affine_coupling_fwd`` ...) and their Triton 
 (``..._triton``, defined from the C++ schemas by invkernels.ops._registry) share one fake
 implementation per op and one autograd formula, registered here for both: the affine forward
 saves its input ``x`` and the subnet output ``h``; the affine inverse saves its output ``x`` and
-``h``; the additive ops save nothing; backward is the registered ``*_bwd`` op. Math:
-docs/ops/coupling.md.
+``h``; the additive ops save nothing. The affine backward is the registered ``*_bwd`` op; the
+additive one returns views of the output gradient (``additive_coupling_bwd`` computes the same
+as one op, for callers outside autograd). Math: docs/ops/coupling.md.
 """
 
 from __future__ import annotations
@@ -237,9 +238,11 @@ def _register_autograd(suffix: str, ops: CouplingOps) -> None:
     def save_additive(ctx, inputs):
         ctx.passthrough = inputs[2] if len(inputs) > 2 else None
 
+    # grad_x is grad_y and grad_h its transformed channels (negated for the inverse): views, not the
+    # copies the fused additive_coupling_bwd writes, and no op call (measured on zuko's NICE with
+    # additive couplings, [512, 5]: the op's backward node took 44 µs a call).
     def additive_grads(ctx, grad_out, reverse):
-        bwd = reference.additive_coupling_vjp if torch.is_grad_enabled() else ops.additive_bwd
-        grad_in, grad_h = bwd(grad_out, reverse, ctx.passthrough)
+        grad_in, grad_h = reference.additive_coupling_vjp(grad_out, reverse, ctx.passthrough)
         return grad_in if ctx.needs_input_grad[0] else None, grad_h if ctx.needs_input_grad[1] else None, None
 
     for op, reverse in (("additive_coupling_fwd", False), ("additive_coupling_inv", True)):
