@@ -283,3 +283,53 @@ def test_compat_module_imports_without_freia_and_names_it_on_use(monkeypatch):
     module = importlib.import_module("invkernels.compat.freia")
     with pytest.raises(ImportError, match=r"FrEIA is not installed \(pip install --no-deps FrEIA\)"):
         module.AllInOneBlock  # noqa: B018
+
+
+def test_memory_free_sequence_replays_dropout_in_train_mode():
+    """Subnets with dropout, in training mode: the memory-free backward (AllInOneBlock's fused one
+    and the generic rebuild of the two-sided blocks, whose inverse runs the halves in the other
+    order) replays the forward's random draws, so the gradients are FrEIA's."""
+    def dropout_conv(c_in, c_out):
+        return nn.Sequential(nn.Conv2d(c_in, 6, 3, padding=1), nn.Dropout(0.3), nn.Tanh(),
+                             nn.Conv2d(6, c_out, 3, padding=1))
+
+    def build(cls, **kwargs):
+        torch.manual_seed(11)
+        inn = cls(4, 4, 4, **kwargs)
+        for _ in range(2):
+            inn.append(Cm.AllInOneBlock, subnet_constructor=dropout_conv)
+            inn.append(Cm.GLOWCouplingBlock, subnet_constructor=dropout_conv)
+            inn.append(Cm.RNVPCouplingBlock, subnet_constructor=dropout_conv)
+            inn.append(Cm.NICECouplingBlock, subnet_constructor=dropout_conv)
+        return inn.double().train()
+
+    plain, free = build(Ff.SequenceINN), build(Cm.SequenceINN, memory_free=True)
+    free.load_state_dict(plain.state_dict())
+    x = torch.randn(3, 4, 4, 4, dtype=torch.float64)
+    grads = []
+    for inn in (plain, free):
+        torch.manual_seed(3)
+        leaf = x.clone().requires_grad_()
+        z, logdet = inn(leaf)
+        (z.pow(2).sum() - logdet.sum()).backward()
+        grads.append([leaf.grad, *(p.grad for p in inn.parameters() if p.requires_grad)])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
+
+
+def test_memory_free_sequence_refuses_a_foreign_block_with_dropout_in_training():
+    """FrEIA's own two-sided block draws other masks in its inverse: refused, not silently wrong."""
+    def dropout_mlp(c_in, c_out):
+        return nn.Sequential(nn.Linear(c_in, 8), nn.Dropout(0.2), nn.Linear(8, c_out))
+
+    inn = Cm.SequenceINN(4, memory_free=True)
+    inn.append(Cm.AllInOneBlock, subnet_constructor=dropout_mlp)
+    inn.append(Fm.GLOWCouplingBlock, subnet_constructor=dropout_mlp)
+    x = torch.randn(3, 4, requires_grad=True)
+    with pytest.raises(ValueError, match=r"cannot rebuild block 1 \(FrEIA.modules.coupling_layers.GLOWCouplingBlock\) "
+                                         r"with dropout in training mode"):
+        inn(x)
+    inn.eval()
+    z, logdet = inn(x)
+    (z.sum() + logdet.sum()).backward()
+    assert x.grad is not None

@@ -14,7 +14,10 @@ Where a block's math is that of a fused op, the op runs:
 - ``ActNorm``'s ``(x - loc) / exp(log_scale)`` is ``actnorm_fwd/inv(x, -loc, -log_scale)``.
 
 Everything else (callable clamps, GIN, the first half of the two-sided blocks, ``NICECouplingBlock``,
-permutations) runs in tensor ops, as in FrEIA.
+permutations) runs in tensor ops, as in FrEIA. The two-sided blocks mark the random state between
+their halves (``rng_mark``) and rewind to it in their inverse (``rng_rewind``): the memory-free
+``SequenceINN`` rebuilds them with the forward's dropout masks, although the inverse runs the
+halves in the other order (outside a memory-free rebuild both do nothing).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import torch.nn.functional as TF
 from FrEIA.framework import SequenceINN as _SequenceINN
 from FrEIA.modules import InvertibleModule
 from torch import nn
+from torch.nn.modules.dropout import _DropoutNd
 
 import invkernels.ops as F
 from invkernels.ops import coupling as coupling_ops
@@ -143,9 +147,12 @@ class NICECouplingBlock(_Coupling):
         x1, x2 = torch.split(x[0], [self.split_len1, self.split_len2], dim=1)
         if not rev:
             y1 = x1 + self.F(_with_conditions(x2, c, self.conditional))
+            _state.rng_mark()
             y2 = x2 + self.G(_with_conditions(y1, c, self.conditional))
         else:
+            _state.rng_rewind(1)
             y2 = x2 - self.G(_with_conditions(x1, c, self.conditional))
+            _state.rng_rewind(0)
             y1 = x1 - self.F(_with_conditions(y2, c, self.conditional))
         return (torch.cat((y1, y2), 1),), 0.0
 
@@ -167,11 +174,14 @@ class RNVPCouplingBlock(_Coupling):
         if not rev:
             u2 = _with_conditions(x2, c, cond)
             y1, j1 = self._affine(x1, self.subnet_s2(u2), self.subnet_t2(u2), False)
+            _state.rng_mark()
             y, j2 = self._transform_second(torch.cat((y1, x2), 1), self._a1(_with_conditions(y1, c, cond)), False)
             return (y,), j1 + j2
+        _state.rng_rewind(1)
         half, j2 = self._transform_second(x[0], self._a1(_with_conditions(x1, c, cond)), True)
         y2 = half[:, self.split_len1:]
         u2 = _with_conditions(y2, c, cond)
+        _state.rng_rewind(0)
         y1, j1 = self._affine(x1, self.subnet_s2(u2), self.subnet_t2(u2), True)
         return (torch.cat((y1, y2), 1),), j1 + j2
 
@@ -199,11 +209,14 @@ class GLOWCouplingBlock(_Coupling):
         cond = self.conditional
         if not rev:
             y1, j1 = self._first(x1, _with_conditions(x2, c, cond), False)
+            _state.rng_mark()
             y, j2 = self._transform_second(torch.cat((y1, x2), 1), self.subnet1(_with_conditions(y1, c, cond)),
                                            False)
             return (y,), j1 + j2
+        _state.rng_rewind(1)
         half, j2 = self._transform_second(x[0], self.subnet1(_with_conditions(x1, c, cond)), True)
         y2 = half[:, self.split_len1:]
+        _state.rng_rewind(0)
         y1, j1 = self._first(x1, _with_conditions(y2, c, cond), True)
         return (torch.cat((y1, y2), 1),), j1 + j2
 
@@ -547,9 +560,24 @@ class SequenceINN(_SequenceINN):
             object.__setattr__(self, "_chain_cache", (key, chain))
         return chain
 
+    def _check_rebuildable(self) -> None:
+        """ValueError naming the block when a block of another library has dropout in training mode:
+        its inverse may run its subnets in another order than its forward and so draw other masks
+        (this module's blocks replay each half's draws)."""
+        for i, module in enumerate(self.module_list):
+            if type(module).__module__ == __name__:
+                continue
+            if any(isinstance(m, _DropoutNd) and m.training and m.p > 0 for m in module.modules()):
+                raise ValueError(f"SequenceINN: memory_free=True cannot rebuild block {i} "
+                                 f"({type(module).__module__}.{type(module).__name__}) with dropout in training "
+                                 f"mode: its inverse may draw other dropout masks than its forward; use "
+                                 f"invkernels.compat.freia's {type(module).__name__}, eval mode, or "
+                                 f"memory_free=False")
+
     def forward(self, x_or_z, c=None, rev=False, jac=True):
         if not self.memory_free or rev or not torch.is_grad_enabled() or len(self.module_list) == 0:
             return super().forward(x_or_z, c, rev=rev, jac=jac)
+        self._check_rebuildable()
         x = x_or_z if torch.is_tensor(x_or_z) else x_or_z[0]
         indices = sorted({cond for cond in self.conditions if cond is not None})
         if len(indices) > 1:
