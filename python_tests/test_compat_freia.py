@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import importlib
-import sys
 
 import pytest
 import torch
@@ -272,17 +271,6 @@ def test_module_resolves_classes_lazily_and_counts_constructions():
     assert compat.constructed["freia.AllInOneBlock"] == before + 1
     assert issubclass(Cm.AllInOneBlock, Fm.InvertibleModule)
     assert issubclass(Cm.SequenceINN, Ff.SequenceINN)
-
-
-def test_compat_module_imports_without_freia_and_names_it_on_use(monkeypatch):
-    for name in [n for n in sys.modules if n == "FrEIA" or n.startswith("FrEIA.")]:
-        monkeypatch.delitem(sys.modules, name)
-    monkeypatch.delitem(sys.modules, "invkernels.compat._freia")
-    monkeypatch.delitem(sys.modules, "invkernels.compat.freia")
-    monkeypatch.setitem(sys.modules, "FrEIA", None)
-    module = importlib.import_module("invkernels.compat.freia")
-    with pytest.raises(ImportError, match=r"FrEIA is not installed \(pip install --no-deps FrEIA\)"):
-        module.AllInOneBlock  # noqa: B018
 
 
 def test_memory_free_sequence_replays_dropout_in_train_mode():

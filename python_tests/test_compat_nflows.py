@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import sys
 
 import pytest
 import torch
@@ -265,14 +264,3 @@ def test_module_resolves_classes_lazily_and_counts_constructions():
     for name in COUPLINGS:
         assert issubclass(getattr(N, name), getattr(C, name))
     assert issubclass(N.SimpleRealNVP, realnvp.SimpleRealNVP)
-
-
-def test_compat_module_imports_without_nflows_and_names_it_on_use(monkeypatch):
-    for name in [n for n in sys.modules if n == "nflows" or n.startswith("nflows.")]:
-        monkeypatch.delitem(sys.modules, name)
-    monkeypatch.delitem(sys.modules, "invkernels.compat._nflows", raising=False)
-    monkeypatch.delitem(sys.modules, "invkernels.compat.nflows")
-    monkeypatch.setitem(sys.modules, "nflows", None)
-    module = importlib.import_module("invkernels.compat.nflows")
-    with pytest.raises(ImportError, match=r"nflows is not installed \(pip install --no-deps nflows\)"):
-        module.AffineCouplingTransform  # noqa: B018

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import sys
 
 import pytest
 import torch
@@ -322,14 +321,3 @@ def test_module_resolves_classes_lazily_and_counts_constructions():
         key = f"normflows.{name}"
         assert after[key] == before.get(key, 0) + added
     assert not any(key.startswith("normflows._") for key in after)
-
-
-def test_compat_module_imports_without_normflows_and_names_it_on_use(monkeypatch):
-    for name in [n for n in sys.modules if n == "normflows" or n.startswith("normflows.")]:
-        monkeypatch.delitem(sys.modules, name)
-    monkeypatch.delitem(sys.modules, "invkernels.compat._normflows", raising=False)
-    monkeypatch.delitem(sys.modules, "invkernels.compat.normflows")
-    monkeypatch.setitem(sys.modules, "normflows", None)
-    module = importlib.import_module("invkernels.compat.normflows")
-    with pytest.raises(ImportError, match=r"normflows is not installed \(pip install --no-deps normflows\)"):
-        module.GlowBlock  # noqa: B018

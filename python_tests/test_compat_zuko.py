@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import sys
 
 import pytest
 import torch
@@ -324,14 +323,3 @@ def test_module_resolves_classes_lazily_and_counts_constructions():
         assert issubclass(getattr(Z, name), getattr(zflows, name))
     assert issubclass(Z.RealNVP, Z.NICE)
     assert issubclass(Z.CouplingTransform, ztransforms.CouplingTransform)
-
-
-def test_compat_module_imports_without_zuko_and_names_it_on_use(monkeypatch):
-    for name in [n for n in sys.modules if n == "zuko" or n.startswith("zuko.")]:
-        monkeypatch.delitem(sys.modules, name)
-    monkeypatch.delitem(sys.modules, "invkernels.compat._zuko", raising=False)
-    monkeypatch.delitem(sys.modules, "invkernels.compat.zuko")
-    monkeypatch.setitem(sys.modules, "zuko", None)
-    module = importlib.import_module("invkernels.compat.zuko")
-    with pytest.raises(ImportError, match=r"zuko is not installed \(pip install --no-deps zuko\)"):
-        module.NICE  # noqa: B018

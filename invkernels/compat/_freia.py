@@ -35,12 +35,12 @@ from torch import nn
 from torch.nn.modules.dropout import _DropoutNd
 
 import invkernels.ops as F
-from invkernels.ops import coupling as coupling_ops
 from invkernels import _state
 from invkernels._validation import logdet_dtype
 from invkernels.compat._lazy import count
 from invkernels.nn.sequential import InvertibleSequential
 from invkernels.nn.subnets import subnet_vjp, vjp
+from invkernels.ops import coupling as coupling_ops
 
 _LIBRARY = "freia"
 
@@ -355,8 +355,12 @@ class AllInOneBlock(InvertibleModule):
             return x * torch.exp(sub_jac) + a[:, ch:], torch.sum(sub_jac, dim=self.sum_dims)
         return (x - a[:, ch:]) * torch.exp(-sub_jac), -torch.sum(sub_jac, dim=self.sum_dims)
 
+    def _fused_coupling(self) -> bool:
+        """Whether the coupling runs as the fused op (not GIN's mean-free log-scales)."""
+        return not self.GIN and self.splits[1] > 0 and _fusable_clamp(self.clamp)
+
     def _coupling(self, x: torch.Tensor, a: torch.Tensor, rev: bool):
-        if not self.GIN and self.splits[1] > 0 and _fusable_clamp(self.clamp):
+        if self._fused_coupling():
             op = F.affine_coupling_inv if rev else F.affine_coupling_fwd
             return op(x.contiguous(), a * 0.1, "exp", float(self.clamp), self.splits[0])
         x1, x2 = torch.split(x, self.splits, dim=1)
@@ -366,8 +370,7 @@ class AllInOneBlock(InvertibleModule):
     def fused_inverse_backward(self) -> bool:
         """Whether :meth:`inverse_backward` applies: the coupling runs fused, without the Householder
         reflections or the reversed pre-permutation."""
-        return not (self.GIN or self.householder or self.reverse_pre_permute) and self.splits[1] > 0 \
-            and _fusable_clamp(self.clamp)
+        return self._fused_coupling() and not (self.householder or self.reverse_pre_permute)
 
     def inverse_backward(self, y: torch.Tensor, grad_y: torch.Tensor, grad_logdet: torch.Tensor, c=()):
         """Memory-free backward of the block (the compat ``SequenceINN`` calls it): from the output
@@ -381,18 +384,16 @@ class AllInOneBlock(InvertibleModule):
         global_params = [p for p in (self.global_scale, self.global_offset) if p.requires_grad]
         with torch.enable_grad():
             y_again, global_jac = self._permute(u_leaf, rev=False)
-            outer = (y_again * grad_y).sum()
-            if not self.GIN:
-                outer = outer + y[0, :1].numel() * global_jac * grad_logdet.sum()
+            outer = (y_again * grad_y).sum() + y[0, :1].numel() * global_jac * grad_logdet.sum()
         grad_u, *grad_global = vjp([outer], [u_leaf, *global_params], [torch.ones_like(outer)])
         p = self.splits[0]
         x1 = u[:, :p].detach().requires_grad_()
         conditions = [t for t in c if isinstance(t, torch.Tensor) and t.requires_grad]
         extra = [*_state.trainable(_state.submodules(self.subnet)), *conditions]
         with torch.enable_grad():
-            h = self.subnet(torch.cat([x1, *c], 1) if self.conditional else x1) * 0.1
-        x, grad_x, grad_h = coupling_ops.affine_coupling_inv_bwd(u, h.detach(), grad_u.contiguous(), grad_logdet, "exp",
-                                                      float(self.clamp), p)
+            h = self.subnet(_with_conditions(x1, c, self.conditional)) * 0.1
+        x, grad_x, grad_h = coupling_ops.affine_coupling_inv_bwd(u, h.detach(), grad_u.contiguous(), grad_logdet,
+                                                                 "exp", float(self.clamp), p)
         grad_x1, *grad_extra = subnet_vjp(h, [x1, *extra], grad_h)
         if grad_x1 is not None:
             grad_x[:, :p].add_(grad_x1)
@@ -411,7 +412,7 @@ class AllInOneBlock(InvertibleModule):
         elif self.reverse_pre_permute:
             x = (self._pre_permute(x[0], rev=False),)
         x1 = x[0][:, : self.splits[0]]
-        a1 = self.subnet(torch.cat([x1, *c], 1) if self.conditional else x1)
+        a1 = self.subnet(_with_conditions(x1, c, self.conditional))
         x_out, log_jac_det = self._coupling(x[0], a1, rev)
         if not rev:
             x_out, global_scaling_jac = self._permute(x_out, rev=False)

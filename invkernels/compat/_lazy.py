@@ -16,9 +16,9 @@ def count(obj: object, library: str) -> None:
 
 
 def resolver(module_name: str, library: str, distribution: str, names: list[str]):
-    """The module ``__getattr__`` of the compat module ``module_name``: the classes in ``names``
-    from ``invkernels.compat._<short name>``, which imports ``library``; ImportError naming the
-    library and how to install it when it is missing."""
+    """The module ``__getattr__`` and ``__dir__`` of the compat module ``module_name``: the classes in
+    ``names`` from ``invkernels.compat._<short name>``, which imports ``library``; ImportError naming
+    the library and how to install it when it is missing."""
     short = module_name.rsplit(".", 1)[1]
 
     def __getattr__(name: str):
@@ -33,4 +33,7 @@ def resolver(module_name: str, library: str, distribution: str, names: list[str]
                               f"installed (pip install --no-deps {distribution})") from error
         return getattr(impl, name)
 
-    return __getattr__
+    def __dir__() -> list[str]:
+        return sorted(names)
+
+    return __getattr__, __dir__

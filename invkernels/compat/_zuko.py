@@ -24,10 +24,10 @@ a fused op's math, the op runs:
 
 Everything else runs zuko's own code (``super()``): ``MonotonicRQSTransform``, whose
 parametrization (soft-clamped inputs, no minimum bin size, ``exp`` knot derivatives) is not nflows'
-that ``rq_spline_fwd/inv`` computes; any other univariate transformation; ``log_abs_det_jacobian(x, y)`` alone (no op computes only a
-log-det); empty inputs; subclasses that override ``split`` or ``merge``. ``NICE`` and
-``RealNVP`` are zuko's flows built from this module's ``GeneralCouplingTransform`` (same draws,
-same order).
+that ``rq_spline_fwd/inv`` computes; any other univariate transformation;
+``log_abs_det_jacobian(x, y)`` alone (no op computes only a log-det); empty inputs; subclasses that
+override ``split`` or ``merge``. ``NICE`` and ``RealNVP`` are zuko's flows built from this module's
+``GeneralCouplingTransform`` (same draws, same order).
 """
 
 from __future__ import annotations

@@ -42,8 +42,4 @@ __all__ = [
     "SequenceINN",
 ]
 
-__getattr__ = resolver(__name__, "FrEIA", "FrEIA", __all__)
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = resolver(__name__, "FrEIA", "FrEIA", __all__)

@@ -34,8 +34,4 @@ __all__ = [
     "SimpleRealNVP",
 ]
 
-__getattr__ = resolver(__name__, "nflows", "nflows", __all__)
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = resolver(__name__, "nflows", "nflows", __all__)

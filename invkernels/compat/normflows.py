@@ -41,8 +41,4 @@ __all__ = [
     "MaskedAffineFlow",
 ]
 
-__getattr__ = resolver(__name__, "normflows", "normflows", __all__)
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = resolver(__name__, "normflows", "normflows", __all__)

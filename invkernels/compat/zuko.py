@@ -36,8 +36,4 @@ __all__ = [
     "RealNVP",
 ]
 
-__getattr__ = resolver(__name__, "zuko", "zuko", __all__)
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = resolver(__name__, "zuko", "zuko", __all__)
