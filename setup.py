@@ -133,7 +133,7 @@ def _cuda_extra_includes() -> list[str]:
 
 def extensions():
     exts = []
-    main_sources = _sources("csrc/invkernels.cpp")
+    main_sources = _sources("csrc/invkernels.cpp") + _sources("csrc/autograd.cpp")
     defines = [f'-DINVK_CUDA_ARCHS="{CUDA_ARCHS}"']
     if WITH_CUDA:
         nvcc = OPT[:1] + ["-std=c++20", "-Xptxas=-v", "-Xptxas=-warn-spills", "-DINVK_WITH_CUDA"]

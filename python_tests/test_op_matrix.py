@@ -304,6 +304,32 @@ def test_the_backends_share_the_double_backward(case):
             assert fused and all(n.endswith("_bwd_triton") for n in fused), fused
 
 
+COUPLING_CASES = [p for p in DIFFERENTIABLE_CASES if p.values[0][0] in (
+    "affine_coupling_fwd", "affine_coupling_inv", "additive_coupling_fwd", "additive_coupling_inv")]
+
+
+@pytest.mark.parametrize("case", COUPLING_CASES)
+def test_cpp_coupling_backward_runs_the_fused_op(case):
+    """The C++ coupling ops' autograd (csrc/autograd.cpp) runs the fused backward op alone, and
+    under create_graph=True that op's Autograd kernel, which runs the reference formula and no op
+    of this package (what test_gradgradcheck checks on the C++ backend), as the Triton twins do;
+    the additive ones run no op of this package."""
+    call, inputs = differentiable_call(case, "cpp", "cpu")
+    additive = case[0].startswith("additive")
+    for create_graph in (False, True):
+        out = [o for o in as_tuple(call(*inputs)) if o is not None and o.requires_grad]
+        assert all("CppNode" in o.grad_fn.name() for o in out), [o.grad_fn.name() for o in out]
+        seeds = [torch.randn_like(o).requires_grad_(create_graph) for o in out]
+        with _OpsCalled() as mode:
+            grads = torch.autograd.grad(out, inputs, seeds, create_graph=create_graph, allow_unused=True)
+        fused = [n for n in mode.names if n.startswith("invkernels::")]
+        assert fused == ([] if additive or create_graph else ["invkernels::affine_coupling_bwd"]), fused
+        if not additive:
+            arithmetic = [n for n in mode.names if not n.startswith("invkernels::") and n != "aten::detach"]
+            assert bool(arithmetic) == create_graph, arithmetic
+        assert all(g is None or g.requires_grad == create_graph for g in grads)
+
+
 @pytest.mark.parametrize("requires_grad", [False, True], ids=["no-grad", "grad"])
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("backend_device", KERNEL_BACKENDS)

@@ -2,11 +2,13 @@
 
 The C++ ops (``torch.ops.invkernels.affine_coupling_fwd`` ...) and their Triton twins
 (``..._triton``, defined from the C++ schemas by invkernels.ops._registry) share one fake
-implementation per op and one autograd formula, registered here for both: the affine forward
-saves its input ``x`` and the subnet output ``h``; the affine inverse saves its output ``x`` and
-``h``; the additive ops save nothing. The affine backward is the registered ``*_bwd`` op; the
-additive one returns views of the output gradient (``additive_coupling_bwd`` computes the same
-as one op, for callers outside autograd). Math: docs/ops/coupling.md.
+implementation per op and one autograd formula: the affine forward saves its input ``x`` and the
+subnet output ``h``; the affine inverse saves its output ``x`` and ``h``; the additive ops save
+nothing. The affine backward is the registered ``*_bwd`` op; the additive one returns views of the
+output gradient (``additive_coupling_bwd`` computes the same as one op, for callers outside
+autograd). The Triton twins' autograd is registered here; the C++ ops' is compiled
+(csrc/autograd.cpp: a Python autograd kernel cost ~60 µs per forward+backward, more than the
+whole op on a tabular flow). Math: docs/ops/coupling.md.
 """
 
 from __future__ import annotations
@@ -203,10 +205,34 @@ _DEFS = {
 }
 
 
+# The Autograd kernel of the C++ backward op (kept alive with the module): it makes the fused
+# backward differentiable for csrc/autograd.cpp's coupling backward under create_graph=True.
+_BWD_AUTOGRAD = torch.library.Library("invkernels", "IMPL")
+
+
 def _register_autograd(suffix: str, ops: CouplingOps) -> None:
     """Autograd of the forward and inverse ops. The backward runs the fused ``*_bwd`` op; under
     ``create_graph=True`` (grad mode on inside backward) it runs the same formulas in
-    differentiable tensor ops instead, so higher derivatives are exact."""
+    differentiable tensor ops instead, so higher derivatives are exact.
+
+    The C++ ops have it in C++ (csrc/autograd.cpp, the same formulas): what is registered here for
+    them is the Autograd kernel of ``affine_coupling_bwd``, which that backward calls through the
+    dispatcher under ``create_graph=True``: the reference formula when grad mode is on and an
+    input requires grad, else the fused op."""
+    if not suffix:
+        for op in ("affine_coupling_fwd", "affine_coupling_inv", "additive_coupling_fwd", "additive_coupling_inv"):
+            if not torch._C._dispatch_has_kernel_for_dispatch_key(f"invkernels::{op}", "Autograd"):
+                raise RuntimeError(f"invkernels: the compiled extension has no autograd for invkernels::{op}; "
+                                   "rebuild it (`make build`)")
+
+        def bwd_autograd(grad_out, grad_logdet, x, h, scale, clamp, reverse, passthrough=None):
+            if torch.is_grad_enabled() and any(t.requires_grad for t in (grad_out, grad_logdet, x, h)):
+                return reference.affine_coupling_vjp(grad_out, grad_logdet, x, h, scale, clamp, reverse, passthrough)
+            with torch._C._AutoDispatchBelowAutograd():
+                return ops.affine_bwd(grad_out, grad_logdet, x, h, scale, clamp, reverse, passthrough)
+
+        _BWD_AUTOGRAD.impl("affine_coupling_bwd", bwd_autograd, "Autograd")
+        return
 
     def name(op: str) -> str:
         return f"invkernels::{op}{suffix}"
