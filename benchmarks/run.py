@@ -20,10 +20,11 @@ import bench_glow
 import bench_memory
 import bench_network
 import bench_spline
+import bench_tabular
 import harness
 
 SECTIONS = {"coupling": bench_coupling, "actnorm": bench_actnorm, "spline": bench_spline, "glow": bench_glow,
-            "memory": bench_memory, "network": bench_network}
+            "memory": bench_memory, "network": bench_network, "tabular": bench_tabular}
 ROOT = os.path.dirname(harness.BENCH_DIR)
 
 
