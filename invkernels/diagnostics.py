@@ -1,8 +1,10 @@
-"""How well a flow inverts: the error of rebuilding inputs from outputs, block by block.
+"""What memory-free backprop saves and what it costs in accuracy.
 
-Memory-free backprop (:class:`~invkernels.nn.InvertibleSequential`) rebuilds each block's input
-from its output; rounding makes the rebuilt inputs drift from the true ones, more with depth and
-in low precision. :func:`reconstruction_error` measures that drift for a model and a batch.
+Memory-free backprop (:class:`~invkernels.nn.InvertibleSequential`) keeps no activations and
+rebuilds each block's input from its output; rounding makes the rebuilt inputs drift from the true
+ones, more with depth and in low precision. :func:`saved_bytes` measures the memory a training
+step keeps, memory-free and stored; :func:`reconstruction_error` measures the drift for a model
+and a batch.
 """
 
 from __future__ import annotations
@@ -39,6 +41,69 @@ class ReconstructionReport:
     total: float
     per_block: list[float] = field(default_factory=list)
     local: list[float] = field(default_factory=list)
+
+
+@dataclass
+class SavedBytes:
+    """Bytes of activations one training forward keeps for backward: distinct storages autograd
+    saves (``torch.autograd.graph.saved_tensors_hooks``), the model's parameters and buffers and
+    the input excluded.
+
+    Attributes:
+        memory_free: with every :class:`InvertibleSequential` of the model memory-free.
+        stored: with every one storing its activations (plain autograd).
+        current: with the model's own settings (``memory_free="auto"`` decides per chain and input).
+    """
+
+    memory_free: int
+    stored: int
+    current: int
+
+    def __str__(self) -> str:
+        def mib(n: int) -> str:
+            return f"{n / 2**20:.3f} MiB"
+
+        return (f"saved activations per step: memory-free {mib(self.memory_free)}, stored {mib(self.stored)}, "
+                f"as set now {mib(self.current)}")
+
+
+def saved_bytes(model: nn.Module, x: torch.Tensor, context: torch.Tensor | None = None) -> SavedBytes:
+    """The activation bytes a training step of ``model`` on ``x`` keeps, memory-free and stored:
+    ``print(invkernels.diagnostics.saved_bytes(model, x))``.
+
+    Runs three forwards with grad (no backward) in the mode the model is in, and leaves the model
+    as it was: its chains' ``memory_free`` settings, the random state and what its blocks write to
+    buffers are restored; a model whose ActNorm layers are not initialized yet raises ValueError
+    (measuring never initializes them). The stored forward needs the memory it measures.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"saved_bytes: x should be a tensor, got {type(x).__name__}")
+    check_initialized(model, "saved_bytes")
+    kwargs = {} if context is None else {"context": context}
+    chains = {m: m.memory_free for m in model.modules() if isinstance(m, InvertibleSequential)}
+    owned = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers(), x)}
+
+    def measure(setting) -> int:
+        storages: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in owned:
+                storages[storage.data_ptr()] = storage.nbytes()
+            return t
+
+        for m, own in chains.items():
+            m.memory_free = own if setting is None else setting
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(x, **kwargs)
+        return sum(storages.values())
+
+    with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []), _state.scratch_buffers(model):
+        try:
+            return SavedBytes(memory_free=measure(True), stored=measure(False), current=measure(None))
+        finally:
+            for m, own in chains.items():
+                m.memory_free = own
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -90,15 +90,15 @@ def _untouched(model: nn.Module, train_mode: bool):
     block; its flags and buffers are put back after. Memory-free chains inside it store their
     activations meanwhile: the forward stops at the layer, whose output must carry the gradient
     to the input (a memory-free run computes its blocks without recording)."""
-    chains = [m for m in model.modules() if isinstance(m, InvertibleSequential) and m.memory_free]
+    chains = {m: m.memory_free for m in model.modules() if isinstance(m, InvertibleSequential) and m.memory_free}
     with _state.eval_mode(model, enabled=not train_mode), _state.scratch_buffers(model):
         for m in chains:
             m.memory_free = False
         try:
             yield model
         finally:
-            for m in chains:
-                m.memory_free = True
+            for m, setting in chains.items():
+                m.memory_free = setting
 
 
 def alpha_norm(x: torch.Tensor, alpha: float) -> torch.Tensor:

@@ -27,3 +27,11 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _auto_runs_memory_free(monkeypatch):
+    """``memory_free="auto"`` (the chains' and models' default) runs memory-free on the tests' tiny
+    inputs, which it would store otherwise: the tests written for the memory-free path keep
+    testing it. test_auto_memory_free.py sets the threshold it checks on its chains."""
+    monkeypatch.setattr(invkernels.nn.InvertibleSequential, "auto_memory_free_bytes", 0)

@@ -212,7 +212,7 @@ def test_state_dict_round_trip():
     ({"mixing": "shuffle"}, "mixing should be 'invconv', 'reverse' or 'random', got 'shuffle'"),
     ({"context_features": -1}, "context_features should be an integer >= 0, got -1"),
     ({"actnorm": 1}, "actnorm should be True or False, got 1"),
-    ({"memory_free": "yes"}, "memory_free should be True or False, got 'yes'"),
+    ({"memory_free": "yes"}, "memory_free should be True, False or 'auto', got 'yes'"),
     ({"backend": "cuda"}, "backend should be one of"),
 ])
 def test_bad_constructor_arguments(kwargs, message):

@@ -356,7 +356,7 @@ def test_check_reconstruction_records_small_errors():
 def test_bad_arguments():
     with pytest.raises(TypeError, match="block 1 should be an nn.Module, got int"):
         InvertibleSequential(ActNorm(2), 3)
-    with pytest.raises(ValueError, match="memory_free should be True or False, got 'yes'"):
+    with pytest.raises(ValueError, match="memory_free should be True, False or 'auto', got 'yes'"):
         InvertibleSequential(ActNorm(2), memory_free="yes")
     model = InvertibleSequential(nn.Conv2d(2, 2, 1))
     with pytest.raises(TypeError, match=r"block 0 \(Conv2d\) should return a tuple \(y, logdet\) of tensors, got Tensor"):

@@ -12,6 +12,7 @@ from torch import nn
 from invkernels import _backend
 from invkernels._validation import check_int
 from invkernels.nn import ActNorm, InvConv1x1, InvertibleSequential, Permute
+from invkernels.nn.sequential import check_memory_free
 
 _LOG_2PI = math.log(2 * math.pi)
 
@@ -34,7 +35,8 @@ def check_levels(name: str, levels) -> int:
     return check_int(name, "levels", levels, minimum=2)
 
 
-def vector_flow(cls: str, features: int, blocks: int, hidden: int, mixing: str, actnorm: bool, memory_free: bool,
+def vector_flow(cls: str, features: int, blocks: int, hidden: int, mixing: str, actnorm: bool,
+                memory_free: bool | str,
                 backend: str | None, coupling: Callable[[int, int], nn.Module]) -> nn.Module:
     """The flow of the vector models (RealNVP, NeuralSplineFlow), its arguments checked with
     errors naming ``cls``: ``blocks`` times an optional ActNorm, a channel mixing layer
@@ -47,9 +49,9 @@ def vector_flow(cls: str, features: int, blocks: int, hidden: int, mixing: str, 
     hidden = check_int(cls, "hidden", hidden)
     if mixing not in ("invconv", "reverse", "random"):
         raise ValueError(f"{cls}: mixing should be 'invconv', 'reverse' or 'random', got {mixing!r}")
-    for name, flag in (("actnorm", actnorm), ("memory_free", memory_free)):
-        if not isinstance(flag, bool):
-            raise ValueError(f"{cls}: {name} should be True or False, got {flag!r}")
+    if not isinstance(actnorm, bool):
+        raise ValueError(f"{cls}: actnorm should be True or False, got {actnorm!r}")
+    check_memory_free(cls, memory_free)
     if backend is not None and backend not in _backend.BACKENDS:
         raise ValueError(f"{cls}: backend should be one of {_backend.BACKENDS}, got {backend!r}")
     layers: list[nn.Module] = []

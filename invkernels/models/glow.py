@@ -28,7 +28,9 @@ class Glow(FlowModel):
         hidden: width of the coupling subnets (Glow uses 512).
         prior: ``"gaussian"`` or ``"learned"`` prior of the factored-out halves.
         scale: affine coupling scale, ``"sigmoid"`` (Glow) or ``"exp"``.
-        memory_free: train without storing the steps' activations.
+        memory_free: train without storing the steps' activations (True), storing them (False) or
+            ``"auto"`` (default): memory-free where the activations are large, per level
+            (:class:`~invkernels.nn.InvertibleSequential`'s rule).
         coupling: ``"affine"`` (Glow's), ``"additive"`` or ``"spline"`` (:class:`RQSplineCoupling`, identity at
             initialization).
         bins, tail_bound: the spline couplings' bins and range ``[-tail_bound, tail_bound]``.
@@ -43,7 +45,7 @@ class Glow(FlowModel):
     """
 
     def __init__(self, in_shape: tuple[int, int, int], levels: int = 3, steps: int = 8, hidden: int = 512,
-                 prior: str = "gaussian", scale: str = "sigmoid", memory_free: bool = True,
+                 prior: str = "gaussian", scale: str = "sigmoid", memory_free: bool | str = "auto",
                  backend: str | None = None, *, coupling: str = "affine", bins: int = 8, tail_bound: float = 3.0):
         super().__init__()
         cls = "Glow"
@@ -141,12 +143,15 @@ class RealNVP(FlowModel):
             ``"random"`` (fixed permutations).
         scale: coupling scale, ``"exp"`` (soft-clamped, default) or ``"sigmoid"``.
         actnorm: ActNorm in each block (initialized from the first training batch).
-        memory_free: train without storing the blocks' activations.
+        memory_free: train without storing the blocks' activations (True), storing them (False) or
+            ``"auto"`` (default): memory-free where the activations are large
+            (:class:`~invkernels.nn.InvertibleSequential`'s rule).
         backend: ``"cpp"``, ``"triton"``, ``"reference"`` or None for ``invkernels.get_backend()``.
     """
 
     def __init__(self, features: int, blocks: int = 8, hidden: int = 256, mixing: str = "invconv",
-                 scale: str = "exp", actnorm: bool = True, memory_free: bool = True, backend: str | None = None):
+                 scale: str = "exp", actnorm: bool = True, memory_free: bool | str = "auto",
+                 backend: str | None = None):
         super().__init__()
         self.flow = vector_flow("RealNVP", features, blocks, hidden, mixing, actnorm, memory_free, backend,
                                 lambda d, width: AffineCoupling(d, "mlp", hidden=width, scale=scale, backend=backend))

@@ -30,7 +30,9 @@ class NeuralSplineFlow(FlowModel):
         context_features: width of the conditioning vector ``context`` (0: unconditional). Each
             coupling's subnet reads ``[x1, context]``.
         actnorm: ActNorm in each block (initialized from the first training batch).
-        memory_free: train without storing the blocks' activations.
+        memory_free: train without storing the blocks' activations (True), storing them (False) or
+            ``"auto"`` (default): memory-free where the activations are large
+            (:class:`~invkernels.nn.InvertibleSequential`'s rule).
         backend: ``"cpp"``, ``"triton"``, ``"reference"`` or None for ``invkernels.get_backend()``.
 
     ``forward(x, context=None) -> (z, logdet)``; ``inverse(z, context=None, return_logdet=False) -> x``
@@ -41,8 +43,8 @@ class NeuralSplineFlow(FlowModel):
     """
 
     def __init__(self, features: int, blocks: int = 8, hidden: int = 128, bins: int = 8, mixing: str = "invconv",
-                 tail_bound: float = 3.0, context_features: int = 0, actnorm: bool = True, memory_free: bool = True,
-                 backend: str | None = None):
+                 tail_bound: float = 3.0, context_features: int = 0, actnorm: bool = True,
+                 memory_free: bool | str = "auto", backend: str | None = None):
         super().__init__()
         cls = "NeuralSplineFlow"
         check_spline_settings(cls, bins, tail_bound, 1e-3, 1e-3, 1e-3)

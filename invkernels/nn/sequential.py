@@ -24,7 +24,16 @@ from invkernels.nn.protocol import (
     takes_context,
 )
 
-__all__ = ["InvertibleSequential"]
+__all__ = ["AUTO_MEMORY_FREE_BYTES", "InvertibleSequential", "check_memory_free"]
+
+# memory_free="auto": memory-free from this many bytes between blocks on (InvertibleSequential).
+AUTO_MEMORY_FREE_BYTES = 16 * 2**20
+
+
+def check_memory_free(owner: str, memory_free) -> None:
+    """ValueError naming ``owner`` unless ``memory_free`` is True, False or ``"auto"``."""
+    if not (isinstance(memory_free, bool) or (isinstance(memory_free, str) and memory_free == "auto")):
+        raise ValueError(f"{owner}: memory_free should be True, False or 'auto', got {memory_free!r}")
 
 
 def _inverse_returns_logdet(block: nn.Module) -> bool:
@@ -39,7 +48,7 @@ class InvertibleSequential(nn.Module):
     summed, and ``inverse(y, context=None, return_logdet=False) -> x`` (or ``(x, logdet)``) through
     the blocks in reverse.
 
-    With ``memory_free=True`` (default) a training forward stores no activations: runs of blocks
+    With ``memory_free=True`` a training forward stores no activations: runs of blocks
     that can be inverted are computed without recording and only their output is kept; backward
     rebuilds each block's input from its output with the block's inverse and back-propagates
     block by block, so activation memory does not grow with depth. Blocks of this package do it
@@ -58,9 +67,20 @@ class InvertibleSequential(nn.Module):
     ``torch.compile`` each memory-free run is left to eager autograd (one graph break per run);
     the code around it is compiled.
 
+    With ``memory_free="auto"`` (default) a training forward runs memory-free when it pays, stored
+    otherwise: when the tensors it would hand between blocks, estimated as the input's bytes times
+    the number of blocks that can be rebuilt, reach :attr:`auto_memory_free_bytes` (16 MiB; a stored
+    step keeps several times that, the subnets' activations). Below it the activations are small
+    and rebuilding them would only cost time: a tabular flow on ``[512, 8]`` stores its 16 KiB per
+    block. The estimate does not see the subnets: a wide one keeps many times the tensors between
+    blocks, so a model whose stored step would not fit asks for ``memory_free=True``. The rule is
+    read at every forward (:meth:`runs_memory_free`); :func:`invkernels.diagnostics.saved_bytes`
+    measures what a step keeps either way.
+
     Args:
         *blocks: modules with ``forward(x[, context]) -> (y, logdet)`` and ``inverse(y[, context])``.
-        memory_free: rebuild activations in backward (True) or let autograd store them (False).
+        memory_free: rebuild activations in backward (True), let autograd store them (False), or
+            ``"auto"``: memory-free from :attr:`auto_memory_free_bytes` on.
         preserve_rng_state: replay the RNG in backward, for subnets with dropout.
         check_reconstruction: debug option: also keep each block's input during the forward and,
             in backward, record the relative error of the rebuilt input in
@@ -68,12 +88,17 @@ class InvertibleSequential(nn.Module):
             memory-free backprop saves.
     """
 
-    def __init__(self, *blocks: nn.Module, memory_free: bool = True, preserve_rng_state: bool = True,
+    #: The estimated bytes between blocks (input bytes x blocks that can be rebuilt) from which
+    #: ``memory_free="auto"`` runs memory-free; set on the class or on one chain.
+    auto_memory_free_bytes: int = AUTO_MEMORY_FREE_BYTES
+
+    def __init__(self, *blocks: nn.Module, memory_free: bool | str = "auto", preserve_rng_state: bool = True,
                  check_reconstruction: bool = False):
         super().__init__()
         for i, block in enumerate(blocks):
             check_block(i, block)
-        for name, flag in (("memory_free", memory_free), ("preserve_rng_state", preserve_rng_state),
+        check_memory_free("InvertibleSequential", memory_free)
+        for name, flag in (("preserve_rng_state", preserve_rng_state),
                            ("check_reconstruction", check_reconstruction)):
             if not isinstance(flag, bool):
                 raise ValueError(f"InvertibleSequential: {name} should be True or False, got {flag!r}")
@@ -83,6 +108,15 @@ class InvertibleSequential(nn.Module):
         self.check_reconstruction = check_reconstruction
         self.reconstruction_errors: list[tuple[int, float]] = []
         self._context = [takes_context(b) for b in blocks]
+
+    def runs_memory_free(self, x: torch.Tensor) -> bool:
+        """Whether a training forward on ``x`` runs memory-free under the chain's ``memory_free``
+        setting (for ``"auto"``: the input's bytes times the blocks that can be rebuilt, against
+        :attr:`auto_memory_free_bytes`)."""
+        if self.memory_free != "auto":
+            return bool(self.memory_free)
+        capable = sum(1 for block in self.blocks if memory_free_capable(block))
+        return x.numel() * x.element_size() * capable >= self.auto_memory_free_bytes
 
     def __len__(self) -> int:
         return len(self.blocks)
@@ -192,14 +226,14 @@ class InvertibleSequential(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"InvertibleSequential: x should be a tensor, got {type(x).__name__}")
-        records = torch.is_grad_enabled() and (
+        memory_free = torch.is_grad_enabled() and self.runs_memory_free(x) and (
             x.requires_grad or (context is not None and context.requires_grad)
             or any(p.requires_grad for m in _state.submodules(self) for p in m._parameters.values()
                    if p is not None))
         flow, logdet = Flow(x), None
         blocks = list(self.blocks)
         for capable, indices in self._runs():
-            if self.memory_free and records and capable:
+            if memory_free and capable:
                 out, run_logdet = memory_free_run(self, indices, flow.whole(), context)
                 flow, logdet = Flow(out), add_logdets(logdet, run_logdet)
             else:
@@ -236,4 +270,4 @@ class InvertibleSequential(nn.Module):
         return (flow.whole(), logdet) if return_logdet else flow.whole()
 
     def extra_repr(self) -> str:
-        return f"memory_free={self.memory_free}"
+        return f"memory_free={self.memory_free!r}"
