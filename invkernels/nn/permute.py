@@ -63,14 +63,21 @@ class Permute(nn.Module):
         self._update_swap()
 
     def _update_swap(self) -> None:
-        """Whether ``perm`` is the half swap, read again only after the buffer changed (moved,
-        replaced, or written in place)."""
-        key = (self.perm.device, self.perm.data_ptr(), _state.version(self.perm))
+        """Whether ``perm`` is the half swap, read again only after the buffer changed (replaced,
+        written in place, or converted: :meth:`_apply` forgets the answer). Called at every step
+        of a chain, so the key is what is cheapest to read (~0.3 µs, against 2.5 µs for the device
+        and address)."""
+        perm = self._buffers["perm"]
+        key = (id(perm), _state.version(perm) if perm.is_inference() else perm._version)
         if key != self._swap_key:
             c, half = self.channels, self.channels // 2
             swap = torch.cat([torch.arange(half, c), torch.arange(half)])
-            self._swap = c % 2 == 0 and self.perm.device.type != "meta" and torch.equal(self.perm.cpu(), swap)
+            self._swap = c % 2 == 0 and perm.device.type != "meta" and torch.equal(perm.cpu(), swap)
             self._swap_key = key
+
+    def _apply(self, fn, recurse=True):
+        self._swap_key = None
+        return super()._apply(fn, recurse)
 
     @property
     def split_channels(self) -> int | None:
