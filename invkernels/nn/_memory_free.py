@@ -316,9 +316,23 @@ class _MemoryFreeChain(torch.autograd.Function):
         return (None, None, None, grad_x, grad_context, *got)
 
 
-@torch._dynamo.disable
 def memory_free_run(seq, indices, x, context):
     """Runs one memory-free run eagerly: torch.compile leaves it to autograd (one graph break per
-    run), because its backward rebuilds activations by running the blocks' own code."""
+    run), because its backward rebuilds activations by running the blocks' own code
+    (:func:`prepare_compile_boundary` puts it behind ``torch.compiler.disable``)."""
     modules = run_modules(seq, indices)
     return _MemoryFreeChain.apply(seq, indices, modules, x, context, *trained_parameters(modules))
+
+
+_BOUNDARY: list = []
+
+
+def prepare_compile_boundary() -> None:
+    """Replace :func:`memory_free_run` by itself behind ``torch.compiler.disable``, once. The
+    decorator imports torch._dynamo, a second that ``import invkernels`` does not pay; a chain
+    pays it when it is built, because a compiled model is traced before any of its code runs. The
+    chain calls the function through this module, so it finds the replacement."""
+    global memory_free_run
+    if not _BOUNDARY:
+        memory_free_run = torch.compiler.disable(memory_free_run)
+        _BOUNDARY.append(memory_free_run)

@@ -13,7 +13,7 @@ from invkernels import _state
 from invkernels._validation import describe, logdet_dtype
 from invkernels.nn import _memory_free
 from invkernels.nn._halves import Flow, add_logdets
-from invkernels.nn._memory_free import gathered, memory_free_run
+from invkernels.nn._memory_free import gathered
 from invkernels.nn.protocol import (
     check_block,
     checked_result,
@@ -98,6 +98,7 @@ class InvertibleSequential(nn.Module):
         for i, block in enumerate(blocks):
             check_block(i, block)
         check_memory_free("InvertibleSequential", memory_free)
+        _memory_free.prepare_compile_boundary()
         for name, flag in (("preserve_rng_state", preserve_rng_state),
                            ("check_reconstruction", check_reconstruction)):
             if not isinstance(flag, bool):
@@ -234,7 +235,7 @@ class InvertibleSequential(nn.Module):
         blocks = list(self.blocks)
         for capable, indices in self._runs():
             if memory_free and capable:
-                out, run_logdet = memory_free_run(self, indices, flow.whole(), context)
+                out, run_logdet = _memory_free.memory_free_run(self, indices, flow.whole(), context)
                 flow, logdet = Flow(out), add_logdets(logdet, run_logdet)
             else:
                 for i in indices:
