@@ -106,6 +106,16 @@ def _check_backend(backend: str, device: str) -> tuple[float, float]:
     return round_trip, diff
 
 
+# How ``check`` names the keys of ``invkernels.build_info()`` whose bare names are ambiguous
+# (the others are printed with spaces for underscores).
+_BUILD_INFO_LABELS = {
+    "cpu": "cpu backend built",
+    "cuda": "cuda backend built",
+    "cuda_archs": "cuda archs built",
+    "cuda_available": "cuda available (a GPU is visible now)",
+}
+
+
 def _check(args: argparse.Namespace) -> int:
     import torch  # noqa: PLC0415
 
@@ -118,7 +128,7 @@ def _check(args: argparse.Namespace) -> int:
 
     info = invkernels.build_info()
     for key, value in info.items():
-        print(f"{key}: {value}")
+        print(f"{_BUILD_INFO_LABELS.get(key, key.replace('_', ' '))}: {value}")
     runs = [("cpp", "cpu"), ("triton", "cpu"), ("reference", "cpu")]
     if torch.cuda.is_available() and info.get("cuda"):
         runs += [("cpp", "cuda"), ("triton", "cuda")]
@@ -173,9 +183,14 @@ def _directory(text: str) -> str:
     return text
 
 
+# The most torch threads ``--threads`` takes per logical CPU (docs/models.md states it).
+THREADS_PER_CPU = 4
+
+
 def _threads(text: str) -> int:
     cpus = os.cpu_count() or 1
-    return _integer(0, 4 * cpus, f" (0: torch's default; at most 4 per logical CPU, {cpus} here)")(text)
+    note = f" (0: torch's default; at most {THREADS_PER_CPU} per logical CPU, {cpus} here)"
+    return _integer(0, THREADS_PER_CPU * cpus, note)(text)
 
 
 # sklearn's train_test_split takes seeds in [0, 2**32 - 1].
@@ -203,11 +218,12 @@ def _check_demo(args: argparse.Namespace) -> None:
 _INVERT_OUTPUTS = ("inversions.png", "results.json")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Runs the command line; returns the exit code (argparse exits with 2 for bad arguments)."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's parser: one subparser per command, each setting ``run`` (and ``parser``
+    for the commands whose arguments are checked further before they run)."""
     parser = argparse.ArgumentParser(prog="python -m invkernels", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    threads_help = "torch threads, at most 4 per logical CPU (default 0: torch's choice)"
+    threads_help = f"torch threads, at most {THREADS_PER_CPU} per logical CPU (default 0: torch's choice)"
     demo_parser = sub.add_parser("demo", help="train a memory-free Glow on scikit-learn's digits (demo spline: "
                                               "a neural spline flow's 2-D density of two moons)")
     demo_parser.add_argument("model", nargs="?", choices=["glow", "spline"], default="glow",
@@ -225,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     demo_parser.set_defaults(run=_demo, parser=demo_parser)
     invert_parser = sub.add_parser("invert", help="invert a CNN's layers on digits (optimization and decoder)")
     invert_parser.add_argument("--seed", type=_seed, default=0)
-    invert_parser.add_argument("--out", type=_directory, default="invert_output", help="directory for the PNG and results.json")
+    invert_parser.add_argument("--out", type=_directory, default="invert_output",
+                               help="directory for the PNG and results.json")
     invert_parser.add_argument("--threads", type=_threads, default=0, help=threads_help)
     invert_parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     invert_parser.set_defaults(run=_invert, parser=invert_parser)
@@ -235,7 +252,12 @@ def main(argv: list[str] | None = None) -> int:
     bench_parser.add_argument("--rounds", type=_integer(1), default=None,
                               help="timing rounds per benchmark (default: the benchmarks' own)")
     bench_parser.set_defaults(run=_bench)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the command line; returns the exit code (argparse exits with 2 for bad arguments)."""
+    args = build_parser().parse_args(argv)
     if args.command == "demo":
         _check_demo(args)
     if args.command in ("demo", "invert"):

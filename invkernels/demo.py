@@ -105,6 +105,12 @@ def _save_torch(obj, path: str) -> None:
         torch.save(obj, f)
 
 
+def _json_value(value):
+    """``value`` as JSON writes it natively (booleans, numbers, strings, None kept as they are); the
+    text of anything else."""
+    return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
+
+
 def _save_json(obj, path: str) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2)
@@ -305,7 +311,7 @@ def run(cfg: DemoConfig, progress: bool = True) -> dict:
     curve_png = writer.write(OUTPUT_FILES["training_curve"], lambda path: save_curve(history, baseline, path))
     results = {
         "backend": cfg.backend,
-        "build": {k: str(v) for k, v in invkernels.build_info().items()},
+        "build": {k: _json_value(v) for k, v in invkernels.build_info().items()},
         "train_images": len(train_x), "test_images": len(test_x),
         "parameters": sum(p.numel() for p in model.parameters()),
         "train_seconds": round(train_seconds, 1),

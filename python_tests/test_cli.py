@@ -12,8 +12,9 @@ import sys
 import pytest
 import torch
 
+import invkernels
 from invkernels import demo, invert_demo
-from invkernels.__main__ import main
+from invkernels.__main__ import THREADS_PER_CPU, main
 
 
 @pytest.fixture
@@ -40,7 +41,8 @@ def usage_error(capsys, argv) -> str:
     (["demo", "--threads", "-1"], "argument --threads: should be between 0 and"),
     (["demo", "--threads", "100000000000"], "argument --threads: should be between 0 and"),
     (["invert", "--threads", "-1"], "argument --threads: should be between 0 and"),
-    (["invert", "--threads", str(4 * (os.cpu_count() or 1) + 1)], "at most 4 per logical CPU"),
+    (["invert", "--threads", str(THREADS_PER_CPU * (os.cpu_count() or 1) + 1)],
+     f"at most {THREADS_PER_CPU} per logical CPU"),
     (["bench", "--rounds", "-1"], "argument --rounds: should be >= 1, got -1"),
     (["demo", "--seed", "-1"], "argument --seed: should be between 0 and 4294967295, got -1"),
 ])
@@ -102,6 +104,10 @@ def test_a_checkpoint_write_failing_after_training_keeps_the_work(capsys, monkey
     assert failure["error"].startswith("IsADirectoryError")
     assert (out / "samples.png").is_file() and (out / "training_curve.png").is_file()
     assert math.isfinite(results["test_bits_per_dim"]) and len(results["history"]) == 1
+    # JSON's own types, not their text: a reader gets the values build_info() returned.
+    assert results["build"] == invkernels.build_info()
+    assert results["build"]["cpu"] is True and isinstance(results["build"]["cuda"], bool)
+    assert isinstance(results["parameters"], int) and isinstance(results["train_seconds"], float)
 
 
 def test_check_command_exits_zero():
@@ -111,3 +117,9 @@ def test_check_command_exits_zero():
     assert out.returncode == 0, out.stdout + out.stderr
     assert "all checks passed" in out.stdout
     assert out.stdout.count(" ok") >= 3 and "FAILED" not in out.stdout
+    # The built backends and what runs here are told apart: no bare "cuda: True" above "cuda_available".
+    info = invkernels.build_info()
+    lines = out.stdout.splitlines()
+    assert f"cuda backend built: {info['cuda']}" in lines
+    assert f"cuda available (a GPU is visible now): {info['cuda_available']}" in lines
+    assert not any(line.startswith(("cuda:", "cuda_available:", "cpu:")) for line in lines)
