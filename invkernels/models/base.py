@@ -80,7 +80,8 @@ def check_temperature(name: str, temperature) -> float:
 
 class FlowModel(nn.Module):
     """Base of the flow models: ``forward(x) -> (z, logdet)``, ``inverse(z) -> x``,
-    ``log_prob(x)``, ``sample(n, temperature)`` and ``bits_per_dim(x, levels)``.
+    ``log_prob(x)``, ``sample(n, temperature)`` (no grad), ``rsample(n, temperature)`` and
+    ``sample_and_log_prob(n)`` (with grad) and ``bits_per_dim(x, levels)``.
 
     Subclasses define ``event_shape`` (the shape of one sample), ``forward``, ``inverse`` and
     ``_sample(n, temperature)``; ``forward``'s ``logdet`` already includes the log-density of
@@ -136,6 +137,33 @@ class FlowModel(nn.Module):
 
     def _sample(self, n: int, temperature: float) -> torch.Tensor:
         raise NotImplementedError
+
+    def rsample(self, n: int, temperature: float = 1.0) -> torch.Tensor:
+        """``n`` samples drawn as :meth:`sample` draws them, with grad: ``x = f^{-1}(z)`` for ``z``
+        drawn first, so ``x`` is differentiable in the parameters (the reparameterization used by
+        reverse-KL training and variational inference). An ActNorm layer not initialized yet
+        initializes from the latents, as every first training-mode inverse does."""
+        check_int(type(self).__name__, "n", n, minimum=0)
+        temperature = check_temperature(type(self).__name__, temperature)
+        return self._sample(n, temperature)
+
+    def sample_and_log_prob(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x, log p(x))`` for ``n`` samples, both with grad: the reverse-KL loss of a target
+        density ``p*`` is ``(log_p - log_p_star(x)).mean()``. ``log p(x)`` is the model's density at
+        its own samples, float32 or wider as :meth:`log_prob` gives it."""
+        check_int(type(self).__name__, "n", n, minimum=0)
+        return self._sample_and_log_prob(n)
+
+    def _sample_and_log_prob(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self._sample(n, 1.0)
+        return x, self.log_prob(x)
+
+
+def latent_log_prob(z: torch.Tensor, logdet_inverse: torch.Tensor) -> torch.Tensor:
+    """``log p(x)`` of ``x = f^{-1}(z)`` from its latent ``z`` and ``log |det dx/dz|`` (an
+    :class:`InvertibleSequential`'s ``inverse(z, return_logdet=True)``), float32 or wider."""
+    logdet_inverse = logdet_inverse.to(torch.promote_types(logdet_inverse.dtype, torch.float32))
+    return standard_normal_log_prob(z) - logdet_inverse
 
     def dequantize(self, x: torch.Tensor, levels: int) -> torch.Tensor:
         """Uniform dequantization of data in ``{0, 1/(levels-1), ..., 1}``: ``(k + u) / levels`` with

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from invkernels._validation import check_int, logdet_dtype
-from invkernels.models.base import FlowModel, check_unconditional, vector_flow
+from invkernels.models.base import FlowModel, check_unconditional, latent_log_prob, vector_flow
 from invkernels.nn import AffineCoupling, GlowStep, InvertibleSequential, Split, Squeeze
 from invkernels.nn.glow import check_coupling
 from invkernels.nn.spline import check_spline_settings
@@ -170,3 +170,9 @@ class RealNVP(FlowModel):
     def _sample(self, n: int, temperature: float) -> torch.Tensor:
         p = next(self.parameters())
         return self.flow.inverse(torch.randn((n, *self.event_shape), dtype=p.dtype, device=p.device) * temperature)
+
+    def _sample_and_log_prob(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        p = next(self.parameters())
+        z = torch.randn((n, *self.event_shape), dtype=p.dtype, device=p.device)
+        x, logdet = self.flow.inverse(z, return_logdet=True)
+        return x, latent_log_prob(z, logdet)

@@ -8,7 +8,13 @@ import math
 import torch
 
 from invkernels._validation import check_int
-from invkernels.models.base import FlowModel, check_temperature, standard_normal_log_prob, vector_flow
+from invkernels.models.base import (
+    FlowModel,
+    check_temperature,
+    latent_log_prob,
+    standard_normal_log_prob,
+    vector_flow,
+)
 from invkernels.nn import RQSplineCoupling
 from invkernels.nn.spline import check_spline_settings
 
@@ -103,6 +109,24 @@ class NeuralSplineFlow(FlowModel):
         temperature = check_temperature(cls, temperature)
         with torch.no_grad():
             return self._sample(n, temperature, context)
+
+    def rsample(self, n: int, context: torch.Tensor | None = None, temperature: float = 1.0) -> torch.Tensor:
+        """:meth:`sample` with grad (:meth:`FlowModel.rsample`), given ``context`` as :meth:`sample`."""
+        cls = type(self).__name__
+        check_int(cls, "n", n, minimum=0)
+        if context is not None and not isinstance(context, torch.Tensor):
+            raise TypeError(f"{cls}: context should be a tensor, got {type(context).__name__} (temperature is "
+                            f"the third argument: rsample(n, temperature=...))")
+        temperature = check_temperature(cls, temperature)
+        return self._sample(n, temperature, context)
+
+    def sample_and_log_prob(self, n: int, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x, log p(x | context))`` with grad (:meth:`FlowModel.sample_and_log_prob`)."""
+        check_int(type(self).__name__, "n", n, minimum=0)
+        p = next(self.parameters())
+        z = torch.randn((n, *self.event_shape), dtype=p.dtype, device=p.device)
+        x, logdet = self.flow.inverse(z, self._context(context, z, n), return_logdet=True)
+        return x, latent_log_prob(z, logdet)
 
     def _sample(self, n: int, temperature: float, context: torch.Tensor | None = None) -> torch.Tensor:
         p = next(self.parameters())
