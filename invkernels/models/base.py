@@ -78,6 +78,13 @@ def check_temperature(name: str, temperature) -> float:
     return float(temperature)
 
 
+def latent_log_prob(z: torch.Tensor, logdet_inverse: torch.Tensor) -> torch.Tensor:
+    """``log p(x)`` of ``x = f^{-1}(z)`` from its latent ``z`` and ``log |det dx/dz|`` (an
+    :class:`InvertibleSequential`'s ``inverse(z, return_logdet=True)``), float32 or wider."""
+    logdet_inverse = logdet_inverse.to(torch.promote_types(logdet_inverse.dtype, torch.float32))
+    return standard_normal_log_prob(z) - logdet_inverse
+
+
 class FlowModel(nn.Module):
     """Base of the flow models: ``forward(x) -> (z, logdet)``, ``inverse(z) -> x``,
     ``log_prob(x)``, ``sample(n, temperature)`` (no grad), ``rsample(n, temperature)`` and
@@ -157,13 +164,6 @@ class FlowModel(nn.Module):
     def _sample_and_log_prob(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         x = self._sample(n, 1.0)
         return x, self.log_prob(x)
-
-
-def latent_log_prob(z: torch.Tensor, logdet_inverse: torch.Tensor) -> torch.Tensor:
-    """``log p(x)`` of ``x = f^{-1}(z)`` from its latent ``z`` and ``log |det dx/dz|`` (an
-    :class:`InvertibleSequential`'s ``inverse(z, return_logdet=True)``), float32 or wider."""
-    logdet_inverse = logdet_inverse.to(torch.promote_types(logdet_inverse.dtype, torch.float32))
-    return standard_normal_log_prob(z) - logdet_inverse
 
     def dequantize(self, x: torch.Tensor, levels: int) -> torch.Tensor:
         """Uniform dequantization of data in ``{0, 1/(levels-1), ..., 1}``: ``(k + u) / levels`` with
