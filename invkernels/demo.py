@@ -100,11 +100,6 @@ class _Writer:
             return fallback
 
 
-def _save_torch(obj, path: str) -> None:
-    with open(path, "wb") as f:
-        torch.save(obj, f)
-
-
 def _json_value(value):
     """``value`` as JSON writes it natively (booleans, numbers, strings, None kept as they are); the
     text of anything else."""
@@ -281,8 +276,7 @@ def run(cfg: DemoConfig, progress: bool = True) -> dict:
     history = train(model, train_x, test_x, cfg, progress)
     train_seconds = time.perf_counter() - start
     model.eval()
-    checkpoint = writer.write(OUTPUT_FILES["checkpoint"],
-                              lambda path: _save_torch({"config": asdict(cfg), "state_dict": model.state_dict()}, path))
+    checkpoint = writer.write(OUTPUT_FILES["checkpoint"], lambda path: model.save(path, metadata=asdict(cfg)))
 
     torch.manual_seed(cfg.seed + 1)
     test_bpd = mean_bits_per_dim(model, test_x)
@@ -292,10 +286,9 @@ def run(cfg: DemoConfig, progress: bool = True) -> dict:
         torch.manual_seed(cfg.seed + 2)
         samples = model.sample(64, temperature=cfg.temperature)
 
-    loaded = torch.load(checkpoint, weights_only=True)
-    reloaded = build_model(DemoConfig(**loaded["config"]))
-    reloaded.load_state_dict(loaded["state_dict"])
-    reloaded.eval()
+    from invkernels.models import Glow  # noqa: PLC0415
+
+    reloaded = Glow.load(checkpoint)
     probe = uniform_dequantize(test_x[:256], LEVELS)
     with torch.no_grad():
         reload_diff = (model.log_prob(probe) - reloaded.log_prob(probe)).abs().max().item()

@@ -85,6 +85,10 @@ def latent_log_prob(z: torch.Tensor, logdet_inverse: torch.Tensor) -> torch.Tens
     return standard_normal_log_prob(z) - logdet_inverse
 
 
+# What a saved model file holds (FlowModel.save).
+SAVE_FORMAT = "invkernels.models/1"
+
+
 class FlowModel(nn.Module):
     """Base of the flow models: ``forward(x) -> (z, logdet)``, ``inverse(z) -> x``,
     ``log_prob(x)``, ``sample(n, temperature)`` (no grad), ``rsample(n, temperature)`` and
@@ -98,6 +102,41 @@ class FlowModel(nn.Module):
     """
 
     event_shape: tuple[int, ...]
+
+    def __init__(self, arguments: dict | None = None):
+        """``arguments``: the subclass's constructor arguments, ``locals()`` at the start of its
+        ``__init__`` (what :meth:`save` writes and :meth:`load` rebuilds the model from)."""
+        super().__init__()
+        self._arguments = {k: v for k, v in (arguments or {}).items() if k not in ("self", "__class__")}
+
+    def save(self, path, metadata: dict | None = None) -> None:
+        """Write the model to ``path``: its class, its constructor arguments and its state dict
+        (plus ``metadata``, e.g. a training configuration, kept as given), in a file that
+        :meth:`load` reads with ``torch.load(weights_only=True)``."""
+        saved = {"format": SAVE_FORMAT, "class": type(self).__name__, "arguments": self._arguments,
+                 "state_dict": self.state_dict(), "metadata": metadata}
+        with open(path, "wb") as f:  # an unwritable path raises the OSError that names it
+            torch.save(saved, f)
+
+    @classmethod
+    def load(cls, path, map_location=None) -> "FlowModel":
+        """The model saved by :meth:`save` at ``path``, built from its constructor arguments with its
+        state dict loaded (``torch.load(weights_only=True)``: the file cannot run code), in eval
+        mode. ``Glow.load`` checks that the file holds a Glow; ``FlowModel.load`` takes any model
+        of the package. The file's ``metadata`` is in the model's ``saved_metadata``."""
+        saved = torch.load(path, map_location=map_location, weights_only=True)
+        if not (isinstance(saved, dict) and saved.get("format") == SAVE_FORMAT):
+            raise ValueError(f"{cls.__name__}.load: {path} is not a model saved by FlowModel.save (format "
+                             f"{SAVE_FORMAT!r}); a bare state dict loads with model.load_state_dict")
+        classes = {c.__name__: c for c in _model_classes()}
+        model_cls = classes.get(saved["class"])
+        if model_cls is None or not issubclass(model_cls, cls):
+            raise ValueError(f"{cls.__name__}.load: {path} holds a {saved['class']}, not a {cls.__name__}"
+                             + (f"; use {saved['class']}.load" if model_cls is not None else ""))
+        model = model_cls(**saved["arguments"])
+        model.load_state_dict(saved["state_dict"])
+        model.saved_metadata = saved.get("metadata")
+        return model.eval()
 
     def _check_input(self, x: torch.Tensor, name: str = "x") -> None:
         cls = type(self).__name__
@@ -210,3 +249,13 @@ class FlowModel(nn.Module):
         dims = math.prod(self.event_shape)
         y = self.dequantize(x, levels)
         return -(self.log_prob(y) - dims * math.log(levels)) / (dims * math.log(2))
+
+
+def _model_classes() -> list[type]:
+    """Every subclass of :class:`FlowModel` defined so far (the package's models, a user's too)."""
+    found, todo = [], [FlowModel]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            found.append(sub)
+            todo.append(sub)
+    return found

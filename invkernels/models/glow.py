@@ -47,7 +47,7 @@ class Glow(FlowModel):
     def __init__(self, in_shape: tuple[int, int, int], levels: int = 3, steps: int = 8, hidden: int = 512,
                  prior: str = "gaussian", scale: str = "sigmoid", memory_free: bool | str = "auto",
                  backend: str | None = None, *, coupling: str = "affine", bins: int = 8, tail_bound: float = 3.0):
-        super().__init__()
+        super().__init__(locals())
         cls = "Glow"
         check_coupling(cls, coupling)
         if coupling == "spline":
@@ -152,7 +152,7 @@ class RealNVP(FlowModel):
     def __init__(self, features: int, blocks: int = 8, hidden: int = 256, mixing: str = "invconv",
                  scale: str = "exp", actnorm: bool = True, memory_free: bool | str = "auto",
                  backend: str | None = None):
-        super().__init__()
+        super().__init__(locals())
         self.flow = vector_flow("RealNVP", features, blocks, hidden, mixing, actnorm, memory_free, backend,
                                 lambda d, width: AffineCoupling(d, "mlp", hidden=width, scale=scale, backend=backend))
         self.event_shape = (features,)

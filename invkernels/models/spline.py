@@ -51,7 +51,7 @@ class NeuralSplineFlow(FlowModel):
     def __init__(self, features: int, blocks: int = 8, hidden: int = 128, bins: int = 8, mixing: str = "invconv",
                  tail_bound: float = 3.0, context_features: int = 0, actnorm: bool = True,
                  memory_free: bool | str = "auto", backend: str | None = None):
-        super().__init__()
+        super().__init__(locals())
         cls = "NeuralSplineFlow"
         check_spline_settings(cls, bins, tail_bound, 1e-3, 1e-3, 1e-3)
         context_features = check_int(cls, "context_features", context_features, minimum=0)
