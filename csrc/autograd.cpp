@@ -1,17 +1,19 @@
-// Autograd of the coupling ops in C++ (the Autograd dispatch key of invkernels::affine_coupling_fwd,
-// _inv, additive_coupling_fwd and _inv), for every device the C++ kernels serve. The formulas are
-// those of invkernels/ops/coupling.py's docstring: the affine forward saves x and h, the affine
-// inverse its output x and h, and the backward is the fused affine_coupling_bwd op; the additive
-// ops save nothing and their backward is views of the output gradient.
+// Autograd of the coupling and ActNorm ops in C++ (the Autograd dispatch key of
+// invkernels::affine_coupling_fwd, _inv, additive_coupling_fwd, _inv, actnorm_fwd and _inv), for
+// every device the C++ kernels serve. The formulas are those of invkernels/ops/coupling.py's and
+// actnorm.py's docstrings: the affine forward saves x and h, the affine inverse its output x and h,
+// and the backward is the fused affine_coupling_bwd op; the additive ops save nothing and their
+// backward is views of the output gradient; ActNorm saves x (the inverse: its output) and the
+// parameters, and its backward is actnorm_bwd.
 //
 // Why C++: on a tabular flow (x of shape [512, 8]) an op's work is a few microseconds, and a
 // Python autograd kernel (torch.library.register_autograd) added ~60 us to each forward+backward:
 // the Python kernel runs on every call, grad or not, and its backward node runs Python too.
 //
 // Higher derivatives: the backward runs the fused op below autograd when grad mode is off (the
-// usual backward). Under create_graph=True it calls affine_coupling_bwd through the dispatcher, whose
-// Autograd kernel (registered in Python by invkernels/ops/coupling.py) computes the same formula in
-// differentiable reference ops, as the Triton twins' backward does.
+// usual backward). Under create_graph=True it calls the backward op through the dispatcher, whose
+// Autograd kernel (registered in Python by invkernels/ops/_registry.py) computes the same formula
+// in differentiable reference ops, as the Triton twins' backward does.
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -53,15 +55,22 @@ additive_op(bool inverse) {
   return inverse ? inv : fwd;
 }
 
+// A backward op: below autograd in the usual backward, through its Autograd kernel (differentiable)
+// when grad mode is on.
+template <typename Sig, typename... Args>
+auto call_backward(const c10::TypedOperatorHandle<Sig>& op, Args&&... args) {
+  if (at::GradMode::is_enabled()) return op.call(std::forward<Args>(args)...);
+  at::AutoDispatchBelowADInplaceOrView below;
+  return op.call(std::forward<Args>(args)...);
+}
+
 Pair affine_bwd(const at::Tensor& grad_out, const at::Tensor& grad_logdet, const at::Tensor& x, const at::Tensor& h,
                 c10::string_view scale, double clamp, bool reverse, std::optional<int64_t> passthrough) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("invkernels::affine_coupling_bwd", "")
                              .typed<Pair(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                          c10::string_view, double, bool, std::optional<int64_t>)>();
-  if (at::GradMode::is_enabled()) return op.call(grad_out, grad_logdet, x, h, scale, clamp, reverse, passthrough);
-  at::AutoDispatchBelowADInplaceOrView below;
-  return op.call(grad_out, grad_logdet, x, h, scale, clamp, reverse, passthrough);
+  return call_backward(op, grad_out, grad_logdet, x, h, scale, clamp, reverse, passthrough);
 }
 
 std::optional<int64_t> passthrough_of(const AutogradContext* ctx) {
@@ -134,10 +143,61 @@ class AdditiveCoupling : public torch::autograd::Function<AdditiveCoupling> {
   }
 };
 
+using Triple = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+using ActNormSig = Pair(const at::Tensor&, const at::Tensor&, const at::Tensor&);
+
+class ActNorm : public torch::autograd::Function<ActNorm> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& in, const at::Tensor& bias,
+                               const at::Tensor& log_scale, bool inverse) {
+    static const auto fwd =
+        c10::Dispatcher::singleton().findSchemaOrThrow("invkernels::actnorm_fwd", "").typed<ActNormSig>();
+    static const auto inv =
+        c10::Dispatcher::singleton().findSchemaOrThrow("invkernels::actnorm_inv", "").typed<ActNormSig>();
+    Pair out;
+    {
+      at::AutoDispatchBelowADInplaceOrView below;
+      out = (inverse ? inv : fwd).call(in, bias, log_scale);
+    }
+    ctx->save_for_backward({inverse ? std::get<0>(out) : in, bias, log_scale});
+    ctx->saved_data["inverse"] = inverse;
+    return {std::get<0>(out), std::get<1>(out)};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto bwd = c10::Dispatcher::singleton()
+                                .findSchemaOrThrow("invkernels::actnorm_bwd", "")
+                                .typed<Triple(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                              const at::Tensor&, const at::Tensor&, bool)>();
+    variable_list result(4);
+    if (!ctx->needs_input_grad(0) && !ctx->needs_input_grad(1) && !ctx->needs_input_grad(2)) return result;
+    const variable_list saved = ctx->get_saved_variables();
+    auto [grad_in, grad_bias, grad_log_scale] =
+        call_backward(bwd, grads[0], grads[1], saved[0], saved[1], saved[2], ctx->saved_data.at("inverse").toBool());
+    if (ctx->needs_input_grad(0)) result[0] = grad_in;
+    if (ctx->needs_input_grad(1)) result[1] = grad_bias;
+    if (ctx->needs_input_grad(2)) result[2] = grad_log_scale;
+    return result;
+  }
+};
+
 // Without grad (grad mode off, or no input requiring it) the op runs without a node and without
 // the context's saved data.
 bool records(const at::Tensor& a, const at::Tensor& b) {
   return at::GradMode::is_enabled() && (a.requires_grad() || b.requires_grad());
+}
+
+template <bool Inverse>
+Pair actnorm(const at::Tensor& in, const at::Tensor& bias, const at::Tensor& log_scale) {
+  if (!records(in, bias) && !(at::GradMode::is_enabled() && log_scale.requires_grad())) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow(Inverse ? "invkernels::actnorm_inv" : "invkernels::actnorm_fwd", "")
+                               .typed<ActNormSig>();
+    at::AutoDispatchBelowADInplaceOrView below;
+    return op.call(in, bias, log_scale);
+  }
+  const variable_list out = ActNorm::apply(in, bias, log_scale, Inverse);
+  return {out[0], out[1]};
 }
 
 template <bool Inverse>
@@ -168,4 +228,6 @@ TORCH_LIBRARY_IMPL(invkernels, Autograd, m) {
   m.impl("affine_coupling_inv", &invk::affine_coupling<true>);
   m.impl("additive_coupling_fwd", &invk::additive_coupling<false>);
   m.impl("additive_coupling_inv", &invk::additive_coupling<true>);
+  m.impl("actnorm_fwd", &invk::actnorm<false>);
+  m.impl("actnorm_inv", &invk::actnorm<true>);
 }

@@ -169,6 +169,31 @@ def refused(*cases: tuple[int, Callable[[], object]]) -> Callable[[], list[tuple
     return lambda: [(position, make()) for position, make in cases]
 
 
+# The Autograd kernels of the C++ backward ops (compiled_autograd), kept alive with the module.
+_BACKWARD_AUTOGRAD = torch.library.Library("invkernels", "IMPL")
+
+
+def compiled_autograd(forward_ops: tuple[str, ...], backward_op: str, fused: Callable, reference_vjp: Callable,
+                      tensors: int) -> None:
+    """For ops whose autograd is compiled (csrc/autograd.cpp): checks that the extension has it for
+    ``forward_ops``, and registers the Autograd kernel of their backward op ``backward_op``, which
+    that autograd calls through the dispatcher under ``create_graph=True``: ``reference_vjp`` (the
+    same formula in differentiable tensor ops) when grad mode is on and one of the first ``tensors``
+    arguments requires grad, else ``fused`` (the op) below autograd."""
+    for op in forward_ops:
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(f"invkernels::{op}", "Autograd"):
+            raise RuntimeError(f"invkernels: the compiled extension has no autograd for invkernels::{op}; rebuild "
+                               "it (`make build`)")
+
+    def kernel(*args, **kwargs):
+        if torch.is_grad_enabled() and any(t.requires_grad for t in args[:tensors]):
+            return reference_vjp(*args, **kwargs)
+        with torch._C._AutoDispatchBelowAutograd():
+            return fused(*args, **kwargs)
+
+    _BACKWARD_AUTOGRAD.impl(backward_op, kernel, "Autograd")
+
+
 # Every op family made, by name (in the order they were made).
 FAMILIES: dict[str, "OpFamily"] = {}
 

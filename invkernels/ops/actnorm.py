@@ -15,7 +15,15 @@ from typing import Callable, NamedTuple
 import torch
 
 from invkernels import _validation
-from invkernels.ops._registry import Example, OpDef, OpFamily, contiguous_like, logdet_like, refused
+from invkernels.ops._registry import (
+    Example,
+    OpDef,
+    OpFamily,
+    compiled_autograd,
+    contiguous_like,
+    logdet_like,
+    refused,
+)
 from invkernels.reference import actnorm as reference
 from invkernels.reference.actnorm import actnorm_logdet, actnorm_logdet_grad
 
@@ -70,6 +78,13 @@ _DEFS = {
 
 
 def _register_autograd(suffix: str, ops: ActNormOps) -> None:
+    """Autograd of the forward and inverse ops: the fused ``actnorm_bwd``, or under
+    ``create_graph=True`` the reference formula. The C++ ops have it compiled (csrc/autograd.cpp;
+    :func:`compiled_autograd`)."""
+    if not suffix:
+        compiled_autograd(("actnorm_fwd", "actnorm_inv"), "actnorm_bwd", ops.bwd, reference.actnorm_vjp, 5)
+        return
+
     def setup(ctx, x, bias, log_scale):
         ctx.save_for_backward(x, bias, log_scale)
 

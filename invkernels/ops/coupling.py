@@ -19,7 +19,15 @@ from typing import Callable, NamedTuple
 import torch
 
 from invkernels import _validation
-from invkernels.ops._registry import Example, OpDef, OpFamily, contiguous_like, logdet_like, refused
+from invkernels.ops._registry import (
+    Example,
+    OpDef,
+    OpFamily,
+    compiled_autograd,
+    contiguous_like,
+    logdet_like,
+    refused,
+)
 from invkernels.reference import coupling as reference
 
 
@@ -205,33 +213,15 @@ _DEFS = {
 }
 
 
-# The Autograd kernel of the C++ backward op (kept alive with the module): it makes the fused
-# backward differentiable for csrc/autograd.cpp's coupling backward under create_graph=True.
-_BWD_AUTOGRAD = torch.library.Library("invkernels", "IMPL")
-
-
 def _register_autograd(suffix: str, ops: CouplingOps) -> None:
     """Autograd of the forward and inverse ops. The backward runs the fused ``*_bwd`` op; under
     ``create_graph=True`` (grad mode on inside backward) it runs the same formulas in
-    differentiable tensor ops instead, so higher derivatives are exact.
-
-    The C++ ops have it in C++ (csrc/autograd.cpp, the same formulas): what is registered here for
-    them is the Autograd kernel of ``affine_coupling_bwd``, which that backward calls through the
-    dispatcher under ``create_graph=True``: the reference formula when grad mode is on and an
-    input requires grad, else the fused op."""
+    differentiable tensor ops instead, so higher derivatives are exact. The C++ ops have it
+    compiled (csrc/autograd.cpp, the same formulas; :func:`compiled_autograd`)."""
     if not suffix:
-        for op in ("affine_coupling_fwd", "affine_coupling_inv", "additive_coupling_fwd", "additive_coupling_inv"):
-            if not torch._C._dispatch_has_kernel_for_dispatch_key(f"invkernels::{op}", "Autograd"):
-                raise RuntimeError(f"invkernels: the compiled extension has no autograd for invkernels::{op}; "
-                                   "rebuild it (`make build`)")
-
-        def bwd_autograd(grad_out, grad_logdet, x, h, scale, clamp, reverse, passthrough=None):
-            if torch.is_grad_enabled() and any(t.requires_grad for t in (grad_out, grad_logdet, x, h)):
-                return reference.affine_coupling_vjp(grad_out, grad_logdet, x, h, scale, clamp, reverse, passthrough)
-            with torch._C._AutoDispatchBelowAutograd():
-                return ops.affine_bwd(grad_out, grad_logdet, x, h, scale, clamp, reverse, passthrough)
-
-        _BWD_AUTOGRAD.impl("affine_coupling_bwd", bwd_autograd, "Autograd")
+        compiled_autograd(("affine_coupling_fwd", "affine_coupling_inv", "additive_coupling_fwd",
+                           "additive_coupling_inv"), "affine_coupling_bwd", ops.affine_bwd,
+                          reference.affine_coupling_vjp, 4)
         return
 
     def name(op: str) -> str:
