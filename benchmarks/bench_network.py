@@ -152,8 +152,8 @@ def build(device: str = "cpu", shape: tuple[int, ...] = SHAPE, depth: int = DEPT
     models = {
         "plain": (PlainStack(copy.deepcopy(fs), copy.deepcopy(gs)), False),
         "invkernels stored": (InvertibleSequential(*blocks(), memory_free=False), True),
-        "invkernels memory-free": (InvertibleSequential(*blocks()), True),
-        "invkernels couplings + user swap, memory-free": (InvertibleSequential(*swapped()), True),
+        "invkernels memory-free": (InvertibleSequential(*blocks(), memory_free=True), True),
+        "invkernels couplings + user swap, memory-free": (InvertibleSequential(*swapped(), memory_free=True), True),
     }
     if not missing_peers():
         import FrEIA.framework as Ff  # noqa: PLC0415
