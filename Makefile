@@ -101,7 +101,7 @@ bench-peers: env
 	$(PY) -m pip install --quiet --no-deps $(BENCH_PEERS)
 
 bench: build bench-peers
-	$(BENCH_ENV) $(PY) benchmarks/run.py --write docs/performance.md --plots docs/plots
+	$(BENCH_ENV) $(PY) benchmarks/run.py --write docs/performance.md --plots docs/plots --readme README.md
 
 # The whole-network benchmarks alone (benchmarks/bench_network.py), for a quick look: their report
 # goes to benchmarks/results/ (make bench puts them in docs/performance.md with the rest).

@@ -108,7 +108,39 @@ def device_note(res: harness.Results) -> str:
     return "No CUDA device was visible where this report was produced: it has CPU timings only."
 
 
-def write_report(res: harness.Results, args: argparse.Namespace) -> str:
+README_MARKERS = ("<!-- performance-summary: start (benchmarks/run.py --readme writes this) -->",
+                  "<!-- performance-summary: end -->")
+
+
+def summary(res: harness.Results, verdicts: list[str]) -> str:
+    """Every goal of the run in one table (what was measured, against which goal, met or not),
+    dated and with the machine named, and what ran on a GPU."""
+    rows = []
+    for line in verdicts:
+        what, _, status = line.removeprefix("- ").rpartition(": ")
+        rows.append([what, "met" if status == "met" else f"**{status}**"])
+    met = sum(row[1] == "met" for row in rows)
+    gpu = ("GPU: measured in this run" if res.device == "cuda" else
+           "GPU: not measured in this run (`make gpu-check` on a machine with one writes docs/performance-gpu.md)")
+    return (f"Measured {res.meta['date']} on {res.meta['machine']}, commit {res.commit}: {met} of {len(rows)} "
+            f"goals met. {gpu}.\n\n{harness.markdown_table(['measured (goal)', 'verdict'], rows)}")
+
+
+def write_readme_summary(path: str, table: str) -> None:
+    """Replace what stands between :data:`README_MARKERS` in ``path`` by ``table``."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    start, end = README_MARKERS
+    if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
+        raise SystemExit(f"run.py --readme: {path} should hold the markers {start!r} and {end!r} once each, in order")
+    head, rest = text.split(start)
+    _, tail = rest.split(end)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(f"{head}{start}\n{table}\n{end}{tail}")
+
+
+def write_report(res: harness.Results, args: argparse.Namespace) -> tuple[str, list[str]]:
+    """The report, and the goal verdicts it lists."""
     texts, verdicts = [], []
     for module in SECTIONS.values():
         if module.RESULT_SECTIONS & res.sections():
@@ -122,10 +154,11 @@ def write_report(res: harness.Results, args: argparse.Namespace) -> str:
 
 Written by {command}; every number below comes from one run.
 
-{header(res)}
+## Summary
 
-Goals:
-{chr(10).join(verdicts)}
+{summary(res, verdicts)}
+
+{header(res)}
 
 {(chr(10) * 2).join(texts)}
 {failures(res)}{device_note(res)}
@@ -140,7 +173,7 @@ Goals:
         where = os.path.relpath(args.plots, os.path.dirname(os.path.abspath(args.write))) if args.write else args.plots
         if made:
             report += "\nPlots: " + " and ".join(f"`{where}/{m}" for m in made) + ".\n"
-    return report
+    return report, verdicts
 
 
 def main() -> int:
@@ -155,6 +188,8 @@ def main() -> int:
                         "benchmarks/results/benchmarks-DEVICE.json)")
     parser.add_argument("--from-json", metavar="PATH", help="write the report from this JSON instead of running")
     parser.add_argument("--csv", default=os.path.join(harness.BENCH_DIR, "results", "results.csv"))
+    parser.add_argument("--readme", metavar="MARKDOWN", help="also write the summary table into this file (README.md), "
+                        "between its performance-summary markers")
     args = parser.parse_args()
     for name in ("threads", "rounds"):
         if getattr(args, name) < 1:
@@ -176,11 +211,13 @@ def main() -> int:
             print(f"run.py: the benchmarks did not run (pytest exit {code}); no report written", file=sys.stderr)
             return code or 1
     res = harness.Results(json_path)
-    report = write_report(res, args)
+    report, verdicts = write_report(res, args)
     print(report)
     if args.write:
         with open(args.write, "w", encoding="utf-8") as f:
             f.write(report)
+    if args.readme:
+        write_readme_summary(args.readme, summary(res, verdicts))
     os.makedirs(os.path.dirname(args.csv), exist_ok=True)
     new = not os.path.exists(args.csv)
     with open(args.csv, "a", newline="", encoding="utf-8") as f:
