@@ -101,24 +101,23 @@ class NeuralSplineFlow(FlowModel):
         """``n`` samples (given ``context``: one row per sample, or one row for all), drawn with the
         latent scaled by ``temperature`` (0 gives the mode path); uses torch's global generator.
         Runs without grad."""
-        cls = type(self).__name__
-        check_int(cls, "n", n, minimum=0)
-        if context is not None and not isinstance(context, torch.Tensor):
-            raise TypeError(f"{cls}: context should be a tensor, got {type(context).__name__} (temperature is "
-                            f"the third argument: sample(n, temperature=...))")
-        temperature = check_temperature(cls, temperature)
+        temperature = self._check_sample(n, context, temperature, "sample")
         with torch.no_grad():
             return self._sample(n, temperature, context)
 
     def rsample(self, n: int, context: torch.Tensor | None = None, temperature: float = 1.0) -> torch.Tensor:
         """:meth:`sample` with grad (:meth:`FlowModel.rsample`), given ``context`` as :meth:`sample`."""
+        temperature = self._check_sample(n, context, temperature, "rsample")
+        return self._sample(n, temperature, context)
+
+    def _check_sample(self, n: int, context, temperature, method: str) -> float:
+        """``n``, ``context`` and ``temperature`` of ``method`` checked: the temperature as a float."""
         cls = type(self).__name__
         check_int(cls, "n", n, minimum=0)
         if context is not None and not isinstance(context, torch.Tensor):
             raise TypeError(f"{cls}: context should be a tensor, got {type(context).__name__} (temperature is "
-                            f"the third argument: rsample(n, temperature=...))")
-        temperature = check_temperature(cls, temperature)
-        return self._sample(n, temperature, context)
+                            f"the third argument: {method}(n, temperature=...))")
+        return check_temperature(cls, temperature)
 
     def sample_and_log_prob(self, n: int, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x, log p(x | context))`` with grad (:meth:`FlowModel.sample_and_log_prob`)."""
