@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import invkernels.ops  # noqa: F401  (makes every family of the package)
 from invkernels._validation import logdet_dtype
@@ -163,3 +164,34 @@ def layouts(x):
 
 def as_double(*ts):
     return [None if t is None else t.detach().double() for t in ts]
+
+
+def differentiable_positions(name, args):
+    return [i for i in differentiable(name) if args[i] is not None]
+
+
+def differentiable_call(case, backend, device):
+    """``(call, inputs)``: the op of ``case`` as a function of its differentiable float64 arguments."""
+    name, args = case[0], list(case_args(case, spatial=(2,), dtype=torch.float64, device=device))
+    positions = differentiable_positions(name, args)
+    inputs = [args[i].clone().requires_grad_() for i in positions]
+
+    def call(*tensors):
+        full = list(args)
+        for i, t in zip(positions, tensors):
+            full[i] = t
+        return op(name, backend)(*full)
+
+    return call, inputs
+
+
+class OpsCalled(TorchDispatchMode):
+    """Records the name of every op dispatched (backward included)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.name())
+        return func(*args, **(kwargs or {}))

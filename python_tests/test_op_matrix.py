@@ -10,16 +10,18 @@ import os
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from optest import (
     KERNEL_BACKENDS,
     NS,
+    OpsCalled,
     as_tuple,
     bad_arguments,
     case_args,
     descriptor,
     differentiable,
+    differentiable_call,
+    differentiable_positions,
     in_float64,
     on_meta,
     op,
@@ -227,25 +229,6 @@ def test_empty_inputs(backend_device, case, sizes):
             assert_close(g, w)
 
 
-def differentiable_positions(name, args):
-    return [i for i in differentiable(name) if args[i] is not None]
-
-
-def differentiable_call(case, backend, device):
-    """``(call, inputs)``: the op of ``case`` as a function of its differentiable float64 arguments."""
-    name, args = case[0], list(case_args(case, spatial=(2,), dtype=torch.float64, device=device))
-    positions = differentiable_positions(name, args)
-    inputs = [args[i].clone().requires_grad_() for i in positions]
-
-    def call(*tensors):
-        full = list(args)
-        for i, t in zip(positions, tensors):
-            full[i] = t
-        return op(name, backend)(*full)
-
-    return call, inputs
-
-
 def interpreted(backend, device):
     return backend == "triton" and device == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -273,18 +256,6 @@ def test_gradgradcheck(backend_device, case):
     assert torch.autograd.gradgradcheck(*differentiable_call(case, *backend_device))
 
 
-class _OpsCalled(TorchDispatchMode):
-    """Records the name of every op dispatched (backward included)."""
-
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(func.name())
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.triton
 @pytest.mark.parametrize("case", DIFFERENTIABLE_CASES)
 def test_the_backends_share_the_double_backward(case):
@@ -295,44 +266,13 @@ def test_the_backends_share_the_double_backward(case):
     call, inputs = differentiable_call(case, "triton", "cpu")
     for create_graph in (False, True):
         out = [o for o in as_tuple(call(*inputs)) if o is not None and o.requires_grad]
-        with _OpsCalled() as mode:
+        with OpsCalled() as mode:
             torch.autograd.grad([o.sum() for o in out], inputs, create_graph=create_graph, allow_unused=True)
         fused = [n for n in mode.names if n.startswith("invkernels::")]
         if create_graph or case[0] in ("additive_coupling_fwd", "additive_coupling_inv"):
             assert fused == []
         else:
             assert fused and all(n.endswith("_bwd_triton") for n in fused), fused
-
-
-# The ops whose C++ autograd is compiled (csrc/autograd.cpp), and the backward op each one runs
-# (None: views of the output gradient, no op).
-COMPILED_AUTOGRAD = {"affine_coupling_fwd": "affine_coupling_bwd", "affine_coupling_inv": "affine_coupling_bwd",
-                     "additive_coupling_fwd": None, "additive_coupling_inv": None,
-                     "actnorm_fwd": "actnorm_bwd", "actnorm_inv": "actnorm_bwd"}
-COMPILED_CASES = [p for p in DIFFERENTIABLE_CASES if p.values[0][0] in COMPILED_AUTOGRAD]
-
-
-@pytest.mark.parametrize("case", COMPILED_CASES)
-def test_compiled_autograd_runs_the_fused_backward(case):
-    """The C++ autograd of the coupling and ActNorm ops (csrc/autograd.cpp) runs the fused backward
-    op alone, and under create_graph=True that op's Autograd kernel, which runs the reference
-    formula and no op of this package (what test_gradgradcheck checks on the C++ backend), as the
-    Triton twins do; the additive couplings run no op of this package."""
-    call, inputs = differentiable_call(case, "cpp", "cpu")
-    backward = COMPILED_AUTOGRAD[case[0]]
-    additive = backward is None
-    for create_graph in (False, True):
-        out = [o for o in as_tuple(call(*inputs)) if o is not None and o.requires_grad]
-        assert all("CppNode" in o.grad_fn.name() for o in out), [o.grad_fn.name() for o in out]
-        seeds = [torch.randn_like(o).requires_grad_(create_graph) for o in out]
-        with _OpsCalled() as mode:
-            grads = torch.autograd.grad(out, inputs, seeds, create_graph=create_graph, allow_unused=True)
-        fused = [n for n in mode.names if n.startswith("invkernels::")]
-        assert fused == ([] if additive or create_graph else [f"invkernels::{backward}"]), fused
-        if not additive:
-            arithmetic = [n for n in mode.names if not n.startswith("invkernels::") and n != "aten::detach"]
-            assert bool(arithmetic) == create_graph, arithmetic
-        assert all(g is None or g.requires_grad == create_graph for g in grads)
 
 
 @pytest.mark.parametrize("requires_grad", [False, True], ids=["no-grad", "grad"])
