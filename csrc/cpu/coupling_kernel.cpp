@@ -2,8 +2,14 @@
 //
 // One parallel pass: each task transforms kChunk elements of one sample's transformed half with
 // the shared formulas of csrc/kernels/coupling.h (writing one partial log-det) and copies a
-// matching piece of the passthrough half. This file is compiled once per CPU
+// matching piece of the passthrough half. Samples of only a few transformed elements go to the
+// kernels of coupling_rows.cpp instead (groups of samples per task). This file is compiled once per CPU
 // capability (DEFAULT, AVX2, AVX512) into its own library; Python loads the one matching the CPU.
+//
+// Rounding hazard: GCC contracts a multiplication and an addition into one FMA across inlined calls (its default
+// -ffp-contract=fast) depending on how the code around them was inlined, so an edit anywhere in this file can move
+// results by an ulp (measured: making run_tasks' parallel grain a computed value moved float16 log-dets of the atan
+// scale's inverse, AVX2 and AVX512).
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -17,6 +23,7 @@
 
 #include "../checks.h"
 #include "../kernels/coupling.h"
+#include "coupling_rows.h"
 #include "lanes.h"
 #include "vec_math.h"
 
@@ -41,7 +48,7 @@ void run_tasks(const CouplingShape& sh, const std::array<PassCopy<scalar_t>, N>&
   const int64_t n1 = sh.n1(), n2 = sh.n2();
   const int64_t chunks = num_chunks(n2, kChunk);
   const int64_t piece = chunks == 0 ? 0 : num_chunks(n1, chunks);
-  at::parallel_for(0, sh.batch * chunks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, sh.batch * chunks, grain_tasks(std::min(kChunk, n2) + piece), [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / chunks, j = task % chunks;
       transform(task, b, j * kChunk, std::min(kChunk, n2 - j * kChunk));
@@ -139,6 +146,10 @@ std::tuple<at::Tensor, at::Tensor> affine_coupling(const at::Tensor& in_, const 
   const at::Tensor in = in_.contiguous(), h = h_.contiguous();
   at::Tensor out = at::empty(in.sizes(), in.options());
   at::Tensor logdet = at::empty({sh.batch}, in.options().dtype(logdet_dtype(in.scalar_type())));
+  if (CPU_CAPABILITY::rows_path(sh, in.scalar_type(), RowsOp::kAffineLogdet)) {
+    CPU_CAPABILITY::affine_coupling_rows(Inverse, kind, clamp, sh, in, h, out, logdet);
+    return {out, logdet};
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.scalar_type(), op, [&] {
     dispatch_scale(kind, [&](auto k) { affine_apply<decltype(k)::value, Inverse, scalar_t>(in, h, out, logdet, sh, clamp); });
   });
@@ -157,6 +168,10 @@ std::tuple<at::Tensor, at::Tensor> affine_coupling_bwd(const at::Tensor& g_, con
   const at::Tensor g = g_.contiguous(), gl = gl_.contiguous(), x = x_.contiguous(), h = h_.contiguous();
   at::Tensor gin = at::empty(x.sizes(), x.options());
   at::Tensor gh = at::empty(h.sizes(), h.options());
+  if (CPU_CAPABILITY::rows_path(sh, x.scalar_type(), RowsOp::kAffineBackward)) {
+    CPU_CAPABILITY::affine_coupling_bwd_rows(reverse, kind, clamp, sh, g, gl, x, h, gin, gh);
+    return {gin, gh};
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), op, [&] {
     dispatch_scale(kind, [&](auto k) {
       if (reverse) {
@@ -214,6 +229,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_coupling_inv_bwd(const at:
   at::Tensor x = at::empty(y.sizes(), y.options());
   at::Tensor gin = at::empty(y.sizes(), y.options());
   at::Tensor gh = at::empty(h.sizes(), h.options());
+  if (CPU_CAPABILITY::rows_path(sh, y.scalar_type(), RowsOp::kAffineBackward)) {
+    CPU_CAPABILITY::affine_coupling_inv_bwd_rows(kind, clamp, sh, y, h, g, gl, x, gin, gh);
+    return {x, gin, gh};
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), op, [&] {
     dispatch_scale(kind, [&](auto k) {
       affine_inv_bwd_apply<decltype(k)::value, scalar_t>(y, h, g, gl, x, gin, gh, sh, clamp);
@@ -228,6 +247,10 @@ at::Tensor additive_coupling(const at::Tensor& in_, const at::Tensor& h_, std::o
   const CouplingShape sh = check_coupling(op, in_, h_, /*affine=*/false, Inverse ? "y" : "x", passthrough);
   const at::Tensor in = in_.contiguous(), h = h_.contiguous();
   at::Tensor out = at::empty(in.sizes(), in.options());
+  if (CPU_CAPABILITY::rows_path(sh, in.scalar_type(), RowsOp::kAdditive)) {
+    CPU_CAPABILITY::additive_coupling_rows(Inverse, sh, in, h, out);
+    return out;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.scalar_type(), op, [&] {
     const scalar_t* in_p = in.const_data_ptr<scalar_t>();
     const scalar_t* t_p = h.const_data_ptr<scalar_t>();
@@ -252,6 +275,10 @@ std::tuple<at::Tensor, at::Tensor> additive_coupling_bwd(const at::Tensor& g_, b
   const at::Tensor g = g_.contiguous();
   at::Tensor gin = at::empty(g.sizes(), g.options());
   at::Tensor gh = at::empty(additive_shift_sizes(g, sh), g.options());
+  if (CPU_CAPABILITY::rows_path(sh, g.scalar_type(), RowsOp::kAdditive)) {
+    CPU_CAPABILITY::additive_coupling_bwd_rows(reverse, sh, g, gin, gh);
+    return {gin, gh};
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g.scalar_type(), op, [&] {
     const scalar_t* g_p = g.const_data_ptr<scalar_t>();
     scalar_t* gin_p = gin.mutable_data_ptr<scalar_t>();
@@ -278,6 +305,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> additive_coupling_inv_bwd(const a
   at::Tensor x = at::empty(y.sizes(), y.options());
   at::Tensor gin = at::empty(y.sizes(), y.options());
   at::Tensor gh = at::empty(h.sizes(), h.options());
+  if (CPU_CAPABILITY::rows_path(sh, y.scalar_type(), RowsOp::kAdditive)) {
+    CPU_CAPABILITY::additive_coupling_inv_bwd_rows(sh, y, h, g, x, gin, gh);
+    return {x, gin, gh};
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), op, [&] {
     const scalar_t* y_p = y.const_data_ptr<scalar_t>();
     const scalar_t* t_p = h.const_data_ptr<scalar_t>();

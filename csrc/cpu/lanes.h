@@ -23,6 +23,7 @@
 #include <array>
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <type_traits>
 
 namespace invk::cpu {
@@ -137,6 +138,49 @@ inline acc_t<scalar_t> sum_lanes(int64_t n, const Body& body) {
     using C = typename decltype(lane)::type;
     return std::array<C, 1>{body(lane, i)};
   })[0];
+}
+
+// sums[r] = the sum of the row terms[r * n, r * n + n) for r in [0, rows), each in the order in which sum_lanes
+// (Remainder::kVector) adds the same terms: per vector lane l the terms l, l + V, l + 2V, ... from 0 (V = 1 for the
+// element-wise types), then the lanes in lane order. So a loop that computes the terms of many sums at once (packed
+// rows of several samples) gets each sum bit for bit as sum_lanes does. What sum_lanes adds beyond that is left out:
+// its padded lanes add exact zeros (keep()), and so do the lanes l >= n that no term reaches when n < V; a lane's sum
+// and the total start at +0, so they are never -0 (x + y is -0 only for x = y = -0), and x + (+0) is x for every
+// other x, NaN included. The terms are taken as rounded: where the compiler fuses a term's last multiplication into
+// sum_lanes' accumulation (an FMA), a lane of two or more full-vector terms rounds differently there. V rows at a
+// time go side by side in the lanes of a vector (their terms gathered), so that a row's chain of dependent scalar
+// additions becomes one vector addition per term of V rows; the rows left over go one by one.
+template <typename scalar_t>
+inline void sum_rows_in_lane_order(const acc_t<scalar_t>* terms, int64_t rows, int64_t n, acc_t<scalar_t>* sums) {
+  using A = acc_t<scalar_t>;
+  constexpr int64_t V = kVectorized<scalar_t> ? Vec<scalar_t>::size() : 1;
+  int64_t r = 0;
+  if constexpr (kVectorized<scalar_t>) {
+    using I = at::vec::Vectorized<at::vec::int_same_size_t<scalar_t>>;
+    if (n <= std::numeric_limits<at::vec::int_same_size_t<scalar_t>>::max() / V) {
+      const I row_starts = I::arange(0, n);
+      for (; r + V <= rows; r += V) {
+        Vec<scalar_t> total(A(0));
+        for (int64_t l = 0; l < std::min(V, n); ++l) {
+          Vec<scalar_t> lane(A(0));
+          for (int64_t i = l; i < n; i += V) {
+            lane = lane + at::vec::gather<sizeof(scalar_t)>(terms + r * n + i, row_starts);
+          }
+          total = total + lane;
+        }
+        total.store(sums + r);
+      }
+    }
+  }
+  for (; r < rows; ++r) {
+    A total = 0;
+    for (int64_t l = 0; l < std::min(V, n); ++l) {
+      A lane = 0;
+      for (int64_t i = r * n + l; i < r * n + n; i += V) lane += terms[i];
+      total += lane;
+    }
+    sums[r] = total;
+  }
 }
 
 // Calls body(lane, i) over [0, n) in steps of lane.count.
