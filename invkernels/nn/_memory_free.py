@@ -102,18 +102,23 @@ class _Watched(NamedTuple):
     """Every parameter and buffer of a run of blocks that rebuilding their inputs reads, with its
     version at the end of the forward, frozen parameters included (not the running statistics of
     a train-mode normalization, which its output does not read). ``where[k]`` names
-    ``tensors[k]`` for :func:`_watched_name`. ``modules``: each block's :func:`_state.submodules`
-    in the forward; ``training``: every submodule's train/eval flag then, which the rebuild replays."""
+    ``tensors[k]`` for :func:`_watched_name`; ``tables[k]`` is the module's table holding it
+    (``_parameters`` or ``_buffers``). ``modules``: each block's :func:`_state.submodules` in the
+    forward; ``training``: every submodule's train/eval flag then, which the rebuild replays;
+    ``scratch[k]``: whether block ``k`` has buffers a rebuild may write (see
+    :func:`_state.scratch_buffers`)."""
 
     where: list[tuple]
     tensors: list[torch.Tensor]
+    tables: list[dict]
     versions: list[int | None]
     modules: list[list[nn.Module]]
     training: list[tuple[nn.Module, bool]]
+    scratch: list[bool]
 
 
 def _watched(indices, modules: list[list[nn.Module]]) -> _Watched:
-    seen, where, tensors, training = set(), [], [], []
+    seen, where, tensors, tables, training, scratch = set(), [], [], [], [], []
 
     def watch(i, m, kind, items):
         for key, t in items.items():
@@ -121,17 +126,22 @@ def _watched(indices, modules: list[list[nn.Module]]) -> _Watched:
                 seen.add(id(t))
                 where.append((i, m, kind, key))
                 tensors.append(t)
+                tables.append(items)
 
     for i, block_modules in zip(indices, modules):
+        writable = False
         for m in block_modules:
             training.append((m, m.training))
             if m._parameters:
                 watch(i, m, "parameter", m._parameters)
-            # A train-mode batch or instance norm normalizes with the batch's own statistics: the
-            # rebuild (which replays train mode) reads none of its buffers, only writes copies.
-            if m._buffers and not (m.training and isinstance(m, nn.modules.batchnorm._NormBase)):
-                watch(i, m, "buffer", m._buffers)
-    return _Watched(where, tensors, _versions(tensors), modules, training)
+            if m._buffers:
+                writable = writable or not getattr(type(m), "buffers_read_only", False)
+                # A train-mode batch or instance norm normalizes with the batch's own statistics: the
+                # rebuild (which replays train mode) reads none of its buffers, only writes copies.
+                if not (m.training and isinstance(m, nn.modules.batchnorm._NormBase)):
+                    watch(i, m, "buffer", m._buffers)
+        scratch.append(writable)
+    return _Watched(where, tensors, tables, _versions(tensors), modules, training, scratch)
 
 
 def run_modules(seq, indices) -> list[list[nn.Module]]:
@@ -151,12 +161,6 @@ def _watched_name(seq, where: tuple) -> str:
     return f"{kind} blocks.{i}.{path}"
 
 
-def _held(where: tuple) -> torch.Tensor | None:
-    """The tensor the module of ``where`` (see :class:`_Watched`) holds under its key now."""
-    _, module, kind, key = where
-    return (module._parameters if kind == "parameter" else module._buffers).get(key)
-
-
 def _check_unchanged(seq, indices, watched: _Watched) -> None:
     """RuntimeError when a tensor the rebuild reads was modified in place, or replaced (itself or a
     module holding it), between the forward and this backward (as autograd raises for the
@@ -169,12 +173,13 @@ def _check_unchanged(seq, indices, watched: _Watched) -> None:
                 f"between the forward and the memory-free backward, which rebuilds the activations with the "
                 f"modules the forward ran. Run backward first.")
     now_versions = _versions(watched.tensors)
-    held = [_held(where) is t for where, t in zip(watched.where, watched.tensors)]
-    if now_versions == watched.versions and all(held):
+    if now_versions == watched.versions and all(
+            table.get(where[3]) is t for table, where, t in zip(watched.tables, watched.where, watched.tensors)):
         return
-    for where, still, version, now_version in zip(watched.where, held, watched.versions, now_versions):
+    for where, table, t, version, now_version in zip(watched.where, watched.tables, watched.tensors,
+                                                       watched.versions, now_versions):
         changed = now_version != version
-        if changed or not still:
+        if changed or table.get(where[3]) is not t:
             what = (f"was modified by an inplace operation (version {version} -> {now_version})" if changed
                     else "was replaced by another tensor")
             raise RuntimeError(
@@ -260,14 +265,16 @@ class _MemoryFreeChain(torch.autograd.Function):
                     rng.restore()
                 block_modules = ctx.watched.modules[k]
                 block = block_modules[0]
-                # The rebuild reruns the block (train-mode subnets included): what it writes to
-                # buffers (BatchNorm running statistics) goes to copies, so the forward's update counts once.
-                scratch = _state.scratch_buffers(block, block_modules) if any(m._buffers for m in block_modules) \
-                    else contextlib.nullcontext()
-                with scratch, gathered(block, block_modules) if sharded else contextlib.nullcontext(), \
-                        _state.replaying_rng(states):
-                    flow, grad, pairs = seq._inverse_backward(i, block, flow, grad, grad_logdet, context, rng,
-                                                              x_in if k == 0 else None)
+                like = x_in if k == 0 else None
+                if ctx.watched.scratch[k] or sharded:
+                    # The rebuild reruns the block (train-mode subnets included): what it writes to buffers
+                    # (BatchNorm running statistics) goes to copies, so the forward's update counts once.
+                    with _state.scratch_buffers(block, block_modules), gathered(block, block_modules), \
+                            _state.replaying_rng(states):
+                        flow, grad, pairs = seq._inverse_backward(i, block, flow, grad, grad_logdet, context, rng, like)
+                else:
+                    with _state.replaying_rng(states):
+                        flow, grad, pairs = seq._inverse_backward(i, block, flow, grad, grad_logdet, context, rng, like)
                 for t, g in pairs:
                     if g is not None:
                         previous = grads.get(id(t))
