@@ -86,10 +86,32 @@ class ReversibleBlock(nn.Module):
             self.g = factory(self.c1 + context_channels, self._g_channels)
 
     def _hf(self, x2, context, dtype):
-        return subnet_h(type(self).__name__, self.f, x2, context, self.context_channels, self._f_channels, dtype)
+        try:
+            return subnet_h(type(self).__name__, self.f, x2, context, self.context_channels, self._f_channels, dtype)
+        except Exception as error:
+            self._name_subnet(error, "f", x2)
+            raise
 
     def _hg(self, y1, context, dtype):
-        return subnet_h(type(self).__name__, self.g, y1, context, self.context_channels, self._g_channels, dtype)
+        try:
+            return subnet_h(type(self).__name__, self.g, y1, context, self.context_channels, self._g_channels, dtype)
+        except Exception as error:
+            self._name_subnet(error, "g", y1)
+            raise
+
+    def _name_subnet(self, error: Exception, label: str, a: torch.Tensor) -> None:
+        """Adds a note to ``error``, raised while computing subnet ``label`` (``"f"`` or ``"g"``) on
+        ``a``: which subnet, its input's shape and the output shape it should have. Only the error
+        path pays for it (a ``try`` costs nothing until something raises)."""
+        arg, other = ("x2", "x1") if label == "f" else ("y1", "x2")
+        what = "shift" if self.coupling == "additive" else "log-scale and shift"
+        channels = self._f_channels if label == "f" else self._g_channels
+        spatial = list(a.shape[2:])
+        given = [a.shape[0], a.shape[1] + self.context_channels, *spatial]
+        want = [a.shape[0], channels, *spatial]
+        with_context = f" ({arg} and context)" if self.context_channels else ""
+        error.add_note(f"{type(self).__name__}: in subnet {label} ({label}({arg}) is the {what} of {other}): its input "
+                       f"has shape {given}{with_context}, its output should have shape {want}")
 
     @property
     def split_channels(self) -> int:
