@@ -239,8 +239,8 @@ class _MemoryFreeChain(torch.autograd.Function):
             logdet = x.new_zeros(x.shape[0], dtype=logdet_dtype(x.dtype))
         ctx.params = params
         ctx.watched = _watched(indices, modules)
-        # The chain's input is saved too, only for create_graph=True (its storage is the caller's
-        # tensor or the previous chain's saved output, so it costs no memory of its own).
+        # The chain's input is saved too, for create_graph=True (docs/memory.md, "What a memory-free
+        # run keeps": no memory of its own where the caller or the layer before keeps it).
         ctx.save_for_backward(x_in, x, context)
         return x, logdet
 
