@@ -98,6 +98,8 @@ class RngState:
     """The RNG state now, of the CPU generator and of ``x``'s CUDA device when ``x`` is on one, to
     replay later as torch.utils.checkpoint does (so dropout draws the same mask)."""
 
+    __slots__ = ("cpu", "cuda")
+
     def __init__(self, x: torch.Tensor):
         self.cpu = torch.get_rng_state()
         self.cuda = (x.device, torch.cuda.get_rng_state(x.device)) if x.is_cuda else None
@@ -125,32 +127,44 @@ _TAPE = _RngTape()
 class recording_rng:  # noqa: N801 - used as a context manager, like contextlib's
     """Within the block, each :func:`rng_mark` appends ``capture()`` (an object with ``restore()``)
     to ``states``. The memory-free chain records a block's forward this way, ``states[0]`` being
-    the state before the block. (A class, not a generator: the chain enters one per block.)"""
+    the state before the block; it enters one for a run of blocks and moves it to each block's
+    list with :meth:`into`. (A class, not a generator: entered once per run or per block.)"""
 
     __slots__ = ("_record", "_saved")
 
-    def __init__(self, states: list, capture: Callable[[], object]):
-        self._record = (states, capture)
+    def __init__(self, states: list | None, capture: Callable[[], object]):
+        self._record = [states, capture]
+
+    def into(self, states: list) -> None:
+        """The marks from now on append to ``states``."""
+        self._record[0] = states
 
     def __enter__(self):
         self._saved = _TAPE.record
         _TAPE.record = self._record
+        return self
 
     def __exit__(self, *exc):
         _TAPE.record = self._saved
 
 
 class replaying_rng:  # noqa: N801 - used as a context manager, like contextlib's
-    """Within the block, :func:`rng_rewind` restores the states recorded by :func:`recording_rng`."""
+    """Within the block, :func:`rng_rewind` restores the states recorded by :func:`recording_rng`;
+    entered once for a run of blocks, :meth:`into` moves it to another block's states."""
 
     __slots__ = ("_states", "_saved")
 
     def __init__(self, states: list | None):
         self._states = states
 
+    def into(self, states: list | None) -> None:
+        """The rewinds from now on restore ``states`` (while entered)."""
+        _TAPE.replay = states
+
     def __enter__(self):
         self._saved = _TAPE.replay
         _TAPE.replay = self._states
+        return self
 
     def __exit__(self, *exc):
         _TAPE.replay = self._saved

@@ -188,17 +188,16 @@ def _check_unchanged(seq, indices, watched: _Watched) -> None:
                 f"step, load_state_dict or a buffer update before backward). Run backward first.")
 
 
-def _check_input_kept(seq, i: int, before: list[int | None], inputs: tuple[torch.Tensor, ...]) -> None:
-    """RuntimeError when block ``i`` wrote its input in place during the memory-free forward (which
-    runs without recording, where plain autograd would raise): the rebuild needs the input as the
-    block read it, and the caller's tensor must not change."""
-    if _versions(list(inputs)) != before:
-        block = seq.blocks[i]
-        raise RuntimeError(
-            f"InvertibleSequential: block {i} ({type(block).__name__}) modified its input in place during the "
-            f"memory-free forward (for example a subnet whose first layer works in place, such as "
-            f"nn.ReLU(inplace=True), on the half it reads). The input is needed as it was to rebuild the "
-            f"activations in backward, and plain autograd refuses this too: make that layer out of place.")
+def _input_modified(seq, i: int) -> None:
+    """RuntimeError for block ``i``, which wrote its input in place during the memory-free forward
+    (which runs without recording, where plain autograd would raise): the rebuild needs the input
+    as the block read it, and the caller's tensor must not change."""
+    block = seq.blocks[i]
+    raise RuntimeError(
+        f"InvertibleSequential: block {i} ({type(block).__name__}) modified its input in place during the "
+        f"memory-free forward (for example a subnet whose first layer works in place, such as "
+        f"nn.ReLU(inplace=True), on the half it reads). The input is needed as it was to rebuild the "
+        f"activations in backward, and plain autograd refuses this too: make that layer out of place.")
 
 
 class _MemoryFreeChain(torch.autograd.Function):
@@ -217,23 +216,23 @@ class _MemoryFreeChain(torch.autograd.Function):
         logdet = None
         flow = Flow(x)
         capture = functools.partial(_state.RngState, x)
-        for i, block_modules in zip(indices, modules):
-            block = block_modules[0]
-            inputs = flow.tensors()
-            if ctx.check:
-                ctx.debug_inputs.append(flow.whole())
-            before = _versions(inputs)
-            if seq.preserve_rng_state:
+        preserve = seq.preserve_rng_state
+        with _state.recording_rng(None, capture) if preserve else contextlib.nullcontext() as recording:
+            for i, block_modules in zip(indices, modules):
+                block = block_modules[0]
+                inputs = flow.tensors()
+                if ctx.check:
+                    ctx.debug_inputs.append(flow.whole())
+                before = _versions(inputs)
                 # The state before the block, and before each further subnet call the block marks.
-                states = [capture()]
+                states = [capture()] if preserve else None
                 ctx.rng.append(states)
-                with _state.recording_rng(states, capture):
-                    flow, block_logdet = seq.forward_flow(i, flow, context, block)
-            else:
-                ctx.rng.append(None)
+                if preserve:
+                    recording.into(states)
                 flow, block_logdet = seq.forward_flow(i, flow, context, block)
-            _check_input_kept(seq, i, before, inputs)
-            logdet = add_logdets(logdet, block_logdet)
+                if _versions(inputs) != before:
+                    _input_modified(seq, i)
+                logdet = add_logdets(logdet, block_logdet)
         x = flow.whole()
         if logdet is None:
             logdet = x.new_zeros(x.shape[0], dtype=logdet_dtype(x.dtype))
@@ -257,7 +256,7 @@ class _MemoryFreeChain(torch.autograd.Function):
         flow, grad = Flow(y), Flow(grad_y)
         sharded = dist.is_available() and dist.is_initialized()
         with torch.random.fork_rng(devices=devices, enabled=seq.preserve_rng_state), ctx.autocast(), \
-                _state.training_flags(ctx.watched.training):
+                _state.training_flags(ctx.watched.training), _state.replaying_rng(None) as replaying:
             for k in reversed(range(len(ctx.indices))):
                 i, states = ctx.indices[k], ctx.rng[k]
                 rng = states[0] if states is not None else None
@@ -266,15 +265,14 @@ class _MemoryFreeChain(torch.autograd.Function):
                 block_modules = ctx.watched.modules[k]
                 block = block_modules[0]
                 like = x_in if k == 0 else None
+                replaying.into(states)
                 if ctx.watched.scratch[k] or sharded:
                     # The rebuild reruns the block (train-mode subnets included): what it writes to buffers
                     # (BatchNorm running statistics) goes to copies, so the forward's update counts once.
-                    with _state.scratch_buffers(block, block_modules), gathered(block, block_modules), \
-                            _state.replaying_rng(states):
+                    with _state.scratch_buffers(block, block_modules), gathered(block, block_modules):
                         flow, grad, pairs = seq._inverse_backward(i, block, flow, grad, grad_logdet, context, rng, like)
                 else:
-                    with _state.replaying_rng(states):
-                        flow, grad, pairs = seq._inverse_backward(i, block, flow, grad, grad_logdet, context, rng, like)
+                    flow, grad, pairs = seq._inverse_backward(i, block, flow, grad, grad_logdet, context, rng, like)
                 for t, g in pairs:
                     if g is not None:
                         previous = grads.get(id(t))

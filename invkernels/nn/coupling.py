@@ -91,10 +91,9 @@ def subnet_h(owner: str, subnet: nn.Module, a: torch.Tensor, context: torch.Tens
         a = torch.cat([a, broadcast_context(owner, context, a, context_channels)], dim=1)
     elif context is not None:
         raise ValueError(f"{owner}: context was given but the layer was built with context_channels=0")
-    want = [a.shape[0], h_channels, *a.shape[2:]]
     # Under autocast the subnet may return a lower precision than x; the coupling itself runs
     # in x's dtype, which keeps the inverse exact to that precision.
-    h = call_subnet(owner, subnet, a, want)
+    h = call_subnet(owner, subnet, a, h_channels)
     return h if h.dtype == dtype else h.to(dtype)
 
 

@@ -198,7 +198,7 @@ class Split(nn.Module):
             raise ValueError(f"Split: z2 should be on the device of x1 ({x1.device}), got {z2.device}")
 
     def _mean_log_std(self, x1: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        h = call_subnet("Split", self.subnet, x1, [x1.shape[0], 2 * self.c2, *x1.shape[2:]])
+        h = call_subnet("Split", self.subnet, x1, 2 * self.c2)
         mean, hs = h.to(dtype).chunk(2, dim=1)
         return mean, self.clamp * torch.tanh(hs / self.clamp)
 

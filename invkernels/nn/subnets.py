@@ -58,11 +58,11 @@ def subnet_vjp(h: torch.Tensor, inputs: list[torch.Tensor], grad_h: torch.Tensor
     return vjp([h], inputs, [grad_h])
 
 
-def call_subnet(owner: str, subnet: nn.Module, x: torch.Tensor, want: list[int]) -> torch.Tensor:
+def call_subnet(owner: str, subnet: nn.Module, x: torch.Tensor, channels: int) -> torch.Tensor:
     """``subnet(x)``, with errors that name ``owner`` when the input's dtype is not the subnet's
-    (outside autocast) or the subnet returns anything but a tensor of shape ``want``. The dtypes
-    are compared only when the subnet fails or returns another dtype than ``x``'s, so a call that
-    works costs no walk over the subnet's parameters."""
+    (outside autocast) or the subnet returns anything but a tensor of ``x``'s shape with
+    ``channels`` channels. The dtypes are compared only when the subnet fails or returns another
+    dtype than ``x``'s, so a call that works costs no walk over the subnet's parameters."""
     try:
         h = subnet(x)
     except RuntimeError as error:
@@ -72,12 +72,17 @@ def call_subnet(owner: str, subnet: nn.Module, x: torch.Tensor, want: list[int])
             raise mismatch from error
         raise
     if not isinstance(h, torch.Tensor):
-        raise TypeError(f"{owner}: the subnet should return a tensor of shape {want}, got {describe(h)}")
+        raise TypeError(f"{owner}: the subnet should return a tensor of shape {_want(x, channels)}, got {describe(h)}")
     if h.dtype != x.dtype:
         _check_subnet_dtype(owner, subnet, x)
-    if list(h.shape) != want:
-        raise ValueError(f"{owner}: the subnet output should have shape {want}, got {list(h.shape)}")
+    shape, given = h.shape, x.shape
+    if not (len(shape) == len(given) and shape[1] == channels and shape[0] == given[0] and shape[2:] == given[2:]):
+        raise ValueError(f"{owner}: the subnet output should have shape {_want(x, channels)}, got {list(shape)}")
     return h
+
+
+def _want(x: torch.Tensor, channels: int) -> list[int]:
+    return [x.shape[0], channels, *x.shape[2:]]
 
 
 def mlp_subnet(hidden: int = 256, layers: int = 2) -> SubnetFactory:
