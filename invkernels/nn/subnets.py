@@ -44,18 +44,25 @@ def vjp(outputs: list[torch.Tensor], inputs: list[torch.Tensor], grads: list[tor
     helpers) is the largest fixed cost of a memory-free block's backward, and the callers here
     hand over lists of plain tensors. Any output whose gradient differs from it in shape or dtype
     goes through ``torch.autograd.grad``, which raises its own error."""
-    if all(type(g) is torch.Tensor and g.shape == o.shape and g.dtype == o.dtype for o, g in zip(outputs, grads)):
+    if all(_engine_ready(o, g) for o, g in zip(outputs, grads)):
         return list(_engine_run_backward(tuple(outputs), tuple(grads), False, False, tuple(inputs), True, False))
     return list(torch.autograd.grad(outputs, inputs, grads, allow_unused=True))
+
+
+def _engine_ready(output: torch.Tensor, grad) -> bool:
+    """Whether ``grad`` is a plain tensor of ``output``'s shape and dtype (what the engine takes as is)."""
+    return type(grad) is torch.Tensor and grad.shape == output.shape and grad.dtype == output.dtype
 
 
 def subnet_vjp(h: torch.Tensor, inputs: list[torch.Tensor], grad_h: torch.Tensor) -> list[torch.Tensor | None]:
     """The gradients of ``inputs`` for ``grad_h`` through a subnet output ``h`` computed with grad
     (None for an input ``h`` does not depend on), also when ``h`` depends on none of them (a subnet
-    whose output ignores its input and has no trained parameter)."""
+    whose output ignores its input and has no trained parameter). :func:`vjp` for one output."""
     if not h.requires_grad:
         return [None] * len(inputs)
-    return vjp([h], inputs, [grad_h])
+    if _engine_ready(h, grad_h):
+        return list(_engine_run_backward((h,), (grad_h,), False, False, tuple(inputs), True, False))
+    return list(torch.autograd.grad([h], inputs, [grad_h], allow_unused=True))
 
 
 def call_subnet(owner: str, subnet: nn.Module, x: torch.Tensor, channels: int) -> torch.Tensor:
