@@ -17,6 +17,7 @@ import bench_actnorm
 import bench_bandwidth
 import bench_coupling
 import bench_glow
+import bench_import
 import bench_memory
 import bench_network
 import bench_spline
@@ -24,7 +25,8 @@ import bench_tabular
 import harness
 
 SECTIONS = {"coupling": bench_coupling, "actnorm": bench_actnorm, "spline": bench_spline, "glow": bench_glow,
-            "memory": bench_memory, "network": bench_network, "tabular": bench_tabular}
+            "memory": bench_memory, "network": bench_network, "tabular": bench_tabular,
+            "import": bench_import}
 ROOT = os.path.dirname(harness.BENCH_DIR)
 
 
