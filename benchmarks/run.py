@@ -20,13 +20,14 @@ import bench_glow
 import bench_import
 import bench_memory
 import bench_network
+import bench_overhead
 import bench_spline
 import bench_tabular
 import harness
 
 SECTIONS = {"coupling": bench_coupling, "actnorm": bench_actnorm, "spline": bench_spline, "glow": bench_glow,
             "memory": bench_memory, "network": bench_network, "tabular": bench_tabular,
-            "import": bench_import}
+            "overhead": bench_overhead, "import": bench_import}
 ROOT = os.path.dirname(harness.BENCH_DIR)
 
 

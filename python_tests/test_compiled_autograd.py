@@ -1,4 +1,4 @@
-"""The compiled autograd of the coupling and ActNorm ops (csrc/autograd.cpp): its backward runs the
+"""The compiled autograd of the coupling, ActNorm and 1x1-convolution ops (csrc/autograd.cpp): its backward runs the
 fused backward op alone, and under create_graph=True the reference formula, as the Triton twins'
 autograd does (the formulas themselves: gradcheck and gradgradcheck in test_op_matrix.py)."""
 
@@ -13,13 +13,14 @@ DIFFERENTIABLE_CASES = [p for p in op_cases() if differentiable(p.values[0][0])]
 # (None: views of the output gradient, no op).
 COMPILED_AUTOGRAD = {"affine_coupling_fwd": "affine_coupling_bwd", "affine_coupling_inv": "affine_coupling_bwd",
                      "additive_coupling_fwd": None, "additive_coupling_inv": None,
-                     "actnorm_fwd": "actnorm_bwd", "actnorm_inv": "actnorm_bwd"}
+                     "actnorm_fwd": "actnorm_bwd", "actnorm_inv": "actnorm_bwd",
+                     "invconv_weight": "invconv_weight_bwd", "conv1x1": "conv1x1_bwd"}
 COMPILED_CASES = [p for p in DIFFERENTIABLE_CASES if p.values[0][0] in COMPILED_AUTOGRAD]
 
 
 @pytest.mark.parametrize("case", COMPILED_CASES)
 def test_compiled_autograd_runs_the_fused_backward(case):
-    """The C++ autograd of the coupling and ActNorm ops (csrc/autograd.cpp) runs the fused backward
+    """The C++ autograd of the coupling, ActNorm and 1x1-convolution ops (csrc/autograd.cpp) runs the fused backward
     op alone, and under create_graph=True that op's Autograd kernel, which runs the reference
     formula and no op of this package (what test_gradgradcheck checks on the C++ backend), as the
     Triton twins do; the additive couplings run no op of this package."""

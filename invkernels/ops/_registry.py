@@ -179,14 +179,14 @@ def compiled_autograd(forward_ops: tuple[str, ...], backward_op: str, fused: Cal
     ``forward_ops``, and registers the Autograd kernel of their backward op ``backward_op``, which
     that autograd calls through the dispatcher under ``create_graph=True``: ``reference_vjp`` (the
     same formula in differentiable tensor ops) when grad mode is on and one of the first ``tensors``
-    arguments requires grad, else ``fused`` (the op) below autograd."""
+    arguments (tensors or None) requires grad, else ``fused`` (the op) below autograd."""
     for op in forward_ops:
         if not torch._C._dispatch_has_kernel_for_dispatch_key(f"invkernels::{op}", "Autograd"):
             raise RuntimeError(f"invkernels: the compiled extension has no autograd for invkernels::{op}; rebuild "
                                "it (`make build`)")
 
     def kernel(*args, **kwargs):
-        if torch.is_grad_enabled() and any(t.requires_grad for t in args[:tensors]):
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:tensors]):
             return reference_vjp(*args, **kwargs)
         with torch._C._AutoDispatchBelowAutograd():
             return fused(*args, **kwargs)

@@ -20,7 +20,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from invkernels import _validation
-from invkernels.ops._registry import Example, OpDef, OpFamily, contiguous_like, refused
+from invkernels.ops._registry import Example, OpDef, OpFamily, compiled_autograd, contiguous_like, refused
 from invkernels.reference import invconv as reference
 
 
@@ -109,7 +109,13 @@ _DEFS = {
 
 
 def _register_autograd(suffix: str, ops: InvConvOps) -> None:
-    """``perm`` and ``sign`` are constants of the parameterization: they get no gradient."""
+    """``perm`` and ``sign`` are constants of the parameterization: they get no gradient. The backward
+    runs the fused ``*_bwd`` op; under ``create_graph=True`` the reference formula in differentiable
+    tensor ops. The C++ ops have it compiled (csrc/autograd.cpp; :func:`compiled_autograd`)."""
+    if not suffix:
+        compiled_autograd(("invconv_weight",), "invconv_weight_bwd", ops.weight_bwd, reference.invconv_weight_vjp, 6)
+        compiled_autograd(("conv1x1",), "conv1x1_bwd", ops.conv1x1_bwd, reference.conv1x1_vjp, 5)
+        return
 
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*inputs)
