@@ -43,7 +43,7 @@ def perturbed(c, lu=True):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("c", [1, 5, 16])
+@pytest.mark.parametrize("c", [1, 5, 16, 40])  # the C++ backend assembles C <= 32 by loops, larger by BLAS
 def test_weight_matches_reference(backend, dtype, c):
     fs = factors(c, dtype)
     w = F.invconv_weight(*fs, backend=backend)
@@ -56,6 +56,20 @@ def test_weight_matches_reference(backend, dtype, c):
     expected = torch.autograd.grad(R.invconv_weight(*inputs64), [inputs64[i] for i in (1, 2, 4)], g.double())
     for got, want in zip(grads, expected):
         assert_close(got, want, reduce_len=c)
+
+
+@pytest.mark.parametrize("c", [5, 40])
+@pytest.mark.parametrize("bad", [-1, "c"])
+def test_cpp_weight_ops_refuse_a_perm_entry_outside_the_rows(c, bad):
+    """The C++ ops index by perm (by loops for small C): an entry outside [0, C) is a ValueError
+    naming perm, for the weight and its VJP alike, whichever path assembles it."""
+    perm, *rest = factors(c)
+    perm[1] = c if bad == "c" else bad
+    ops = F.cpp_ops()
+    with pytest.raises(ValueError, match=r"invconv_weight: perm should hold row indices in \[0, "):
+        ops.weight(perm, *rest)
+    with pytest.raises(ValueError, match=r"invconv_weight_bwd: perm should hold row indices in \[0, "):
+        ops.weight_bwd(torch.randn(c, c, dtype=torch.float64), perm, *rest)
 
 
 def test_weight_bwd_op_matches_reference_vjp():
