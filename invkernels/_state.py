@@ -112,6 +112,12 @@ class RngState:
         if self.cuda is not None:
             torch.cuda.set_rng_state(self.cuda[1], self.cuda[0])
 
+    def advanced(self) -> bool:
+        """Whether random numbers were drawn since this state was taken (the state differs now)."""
+        if not torch.equal(self.cpu, torch.get_rng_state()):
+            return True
+        return self.cuda is not None and not torch.equal(self.cuda[1], torch.cuda.get_rng_state(self.cuda[0]))
+
 
 class _RngTape(threading.local):
     """The RNG states of one block's subnet calls: recorded during a memory-free forward, replayed

@@ -136,3 +136,29 @@ def test_a_chain_of_every_kind_with_dropout_and_batchnorm_subnets_gives_plain_au
     x = torch.randn(3, 4, 4, 4, dtype=torch.float64)
     want = gradients(model(False), x)
     assert_same(gradients(model(True), x), want)
+
+
+def nested_chain(memory_free, inner_memory_free):
+    """A memory-free (or stored) chain whose second block is a chain of two-sided blocks."""
+    torch.manual_seed(1)
+    inner = InvertibleSequential(ReversibleBlock(6, dropout_mlp), ReversibleBlock(6, dropout_mlp),
+                                 memory_free=inner_memory_free)
+    return randomized(InvertibleSequential(ReversibleBlock(6, dropout_mlp), inner, memory_free=memory_free).double())
+
+
+@pytest.mark.parametrize("inner_memory_free", [False, True])
+def test_a_nested_chain_that_draws_random_numbers_is_refused_by_name(inner_memory_free):
+    """A chain inside a memory-free chain cannot replay its blocks' dropout in its inverse (it would
+    rebuild a wrong input, silently): the outer chain refuses it, naming the block, once it drew."""
+    x = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(NotImplementedError, match=r"block 1 \(InvertibleSequential\) drew random numbers"):
+        nested_chain(True, inner_memory_free)(x)
+
+
+@pytest.mark.parametrize("inner_memory_free", [False, True])
+def test_a_nested_chain_without_random_numbers_gives_plain_autograd_gradients(inner_memory_free):
+    """In eval mode (no dropout drawn) the nested chain is rebuilt by its inverse: gradients equal
+    plain autograd's."""
+    x = torch.randn(5, 6, dtype=torch.float64)
+    want = gradients(nested_chain(False, False).eval(), x)
+    assert_same(gradients(nested_chain(True, inner_memory_free).eval(), x), want)

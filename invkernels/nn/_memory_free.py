@@ -200,6 +200,19 @@ def _input_modified(seq, i: int) -> None:
         f"activations in backward, and plain autograd refuses this too: make that layer out of place.")
 
 
+def _draws_not_replayed(seq, i: int) -> None:
+    """NotImplementedError for block ``i``, which drew random numbers in the memory-free forward but
+    whose inverse cannot replay them in the order its forward drew them (``inverse_replays_rng =
+    False``: a chain of blocks inside the chain): the rebuilt input would be silently wrong."""
+    block = seq.blocks[i]
+    raise NotImplementedError(
+        f"InvertibleSequential: block {i} ({type(block).__name__}) drew random numbers (dropout in a subnet?) "
+        f"during the memory-free forward, and its inverse cannot replay them block by block, so the memory-free "
+        f"backward would rebuild a wrong input. Pass its blocks to the outer chain instead of nesting the chain, "
+        f"or run it outside the memory-free chain, or build the outer chain with preserve_rng_state=False if the "
+        f"random numbers need not be replayed.")
+
+
 class _MemoryFreeChain(torch.autograd.Function):
     """Forward of a run of memory-free blocks without recording, saving only the output; backward
     rebuilds each block's input from its output and back-propagates block by block."""
@@ -232,6 +245,8 @@ class _MemoryFreeChain(torch.autograd.Function):
                 flow, block_logdet = seq.forward_flow(i, flow, context, block)
                 if _versions(inputs) != before:
                     _input_modified(seq, i)
+                if preserve and not getattr(type(block), "inverse_replays_rng", True) and states[0].advanced():
+                    _draws_not_replayed(seq, i)
                 logdet = add_logdets(logdet, block_logdet)
         x = flow.whole()
         if logdet is None:

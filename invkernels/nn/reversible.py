@@ -110,6 +110,8 @@ class ReversibleBlock(nn.Module):
         given = [a.shape[0], a.shape[1] + self.context_channels, *spatial]
         want = [a.shape[0], channels, *spatial]
         with_context = f" ({arg} and context)" if self.context_channels else ""
+        if not hasattr(error, "add_note"):  # Python 3.10: exceptions have no notes
+            return
         error.add_note(f"{type(self).__name__}: in subnet {label} ({label}({arg}) is the {what} of {other}): its input "
                        f"has shape {given}{with_context}, its output should have shape {want}")
 

@@ -91,6 +91,9 @@ class InvertibleSequential(nn.Module):
     #: The estimated bytes between blocks (input bytes x blocks that can be rebuilt) from which
     #: ``memory_free="auto"`` runs memory-free; set on the class or on one chain.
     auto_memory_free_bytes: int = AUTO_MEMORY_FREE_BYTES
+    # As a block of a memory-free chain, its inverse (a run of its blocks' inverses) cannot replay
+    # the random numbers each block drew: the outer chain refuses it when it drew some.
+    inverse_replays_rng = False
 
     def __init__(self, *blocks: nn.Module, memory_free: bool | str = "auto", preserve_rng_state: bool = True,
                  check_reconstruction: bool = False):
