@@ -59,16 +59,16 @@ def test_weight_matches_reference(backend, dtype, c):
 
 
 @pytest.mark.parametrize("c", [5, 40])
-@pytest.mark.parametrize("bad", [-1, "c"])
-def test_cpp_weight_ops_refuse_a_perm_entry_outside_the_rows(c, bad):
-    """The C++ ops index by perm (by loops for small C): an entry outside [0, C) is a ValueError
-    naming perm, for the weight and its VJP alike, whichever path assembles it."""
+@pytest.mark.parametrize("bad", ["-1", "c", "twice"])
+def test_cpp_weight_ops_refuse_a_perm_that_is_not_a_permutation(c, bad):
+    """The C++ ops index by perm (by loops for small C): an entry outside [0, C) or an entry twice
+    is a ValueError naming perm, for the weight and its VJP alike, whichever path assembles it."""
     perm, *rest = factors(c)
-    perm[1] = c if bad == "c" else bad
+    perm[1] = {"-1": -1, "c": c, "twice": perm[0].item()}[bad]
     ops = F.cpp_ops()
-    with pytest.raises(ValueError, match=r"invconv_weight: perm should hold row indices in \[0, "):
+    with pytest.raises(ValueError, match=r"invconv_weight: perm should be a permutation of \[0, "):
         ops.weight(perm, *rest)
-    with pytest.raises(ValueError, match=r"invconv_weight_bwd: perm should hold row indices in \[0, "):
+    with pytest.raises(ValueError, match=r"invconv_weight_bwd: perm should be a permutation of \[0, "):
         ops.weight_bwd(torch.randn(c, c, dtype=torch.float64), perm, *rest)
 
 

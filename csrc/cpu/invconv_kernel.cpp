@@ -24,13 +24,17 @@ constexpr int64_t kDirectChannels = 32;
 
 bool direct(const at::Tensor& lower) { return lower.size(0) <= kDirectChannels; }
 
-// Every entry of perm must be a row of the matrix (the loops index by it).
-void check_perm_range(const char* op, const at::Tensor& perm_) {
+// perm must be a permutation of the rows: the loops index by it, and with an entry twice W would be
+// singular while the log-det still reported sum(log_s) (and the VJP, which writes dM by perm, wrong).
+void check_perm(const char* op, const at::Tensor& perm_) {
   const at::Tensor perm = perm_.contiguous();
   const int64_t c = perm.size(0);
   const int64_t* p = perm.const_data_ptr<int64_t>();
+  std::vector<bool> seen(c, false);
   for (int64_t i = 0; i < c; ++i) {
-    INVK_CHECK(p[i] >= 0 && p[i] < c, op, "perm should hold row indices in [0, ", c, "), got ", p[i], " at ", i);
+    INVK_CHECK(p[i] >= 0 && p[i] < c, op, "perm should be a permutation of [0, ", c, "), got ", p[i], " at ", i);
+    INVK_CHECK(!seen[p[i]], op, "perm should be a permutation of [0, ", c, "), got ", p[i], " twice");
+    seen[p[i]] = true;
   }
 }
 
@@ -126,7 +130,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> invconv_weight_bwd_direct(const a
 at::Tensor invconv_weight(const at::Tensor& perm, const at::Tensor& lower, const at::Tensor& upper,
                           const at::Tensor& sign, const at::Tensor& log_s) {
   check_invconv_factors("invconv_weight", perm, lower, upper, sign, log_s);
-  check_perm_range("invconv_weight", perm);
+  check_perm("invconv_weight", perm);
   if (!direct(lower)) return invk::invconv_weight(perm, lower, upper, sign, log_s);
   return invconv_weight_direct(perm, lower, upper, sign, log_s);
 }
@@ -137,7 +141,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> invconv_weight_bwd(const at::Tens
   constexpr const char* op = "invconv_weight_bwd";
   check_invconv_factors(op, perm, lower, upper, sign, log_s);
   check_grad(op, grad_w, lower, "grad_w", "lower");
-  check_perm_range(op, perm);
+  check_perm(op, perm);
   if (!direct(lower)) return invk::invconv_weight_bwd(grad_w, perm, lower, upper, sign, log_s);
   return invconv_weight_bwd_direct(grad_w, perm, lower, upper, sign, log_s);
 }
