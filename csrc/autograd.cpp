@@ -188,19 +188,23 @@ class ActNorm : public torch::autograd::Function<ActNorm> {
 using WeightBwdSig = Triple(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                             const at::Tensor&, const at::Tensor&);
 
+using WeightSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                              const at::Tensor&);
+
+const c10::TypedOperatorHandle<WeightSig>& invconv_weight_op() {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("invkernels::invconv_weight", "").typed<WeightSig>();
+  return op;
+}
+
 class InvConvWeight : public torch::autograd::Function<InvConvWeight> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& perm, const at::Tensor& lower,
                                const at::Tensor& upper, const at::Tensor& sign, const at::Tensor& log_s) {
-    static const auto op =
-        c10::Dispatcher::singleton()
-            .findSchemaOrThrow("invkernels::invconv_weight", "")
-            .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                              const at::Tensor&)>();
     at::Tensor w;
     {
       at::AutoDispatchBelowADInplaceOrView below;
-      w = op.call(perm, lower, upper, sign, log_s);
+      w = invconv_weight_op().call(perm, lower, upper, sign, log_s);
     }
     ctx->save_for_backward({perm, lower, upper, sign, log_s});
     return {w};
@@ -339,13 +343,8 @@ at::Tensor additive_coupling(const at::Tensor& in, const at::Tensor& h, std::opt
 at::Tensor invconv_weight(const at::Tensor& perm, const at::Tensor& lower, const at::Tensor& upper,
                           const at::Tensor& sign, const at::Tensor& log_s) {
   if (!records(lower, upper) && !(at::GradMode::is_enabled() && log_s.requires_grad())) {
-    static const auto op =
-        c10::Dispatcher::singleton()
-            .findSchemaOrThrow("invkernels::invconv_weight", "")
-            .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                              const at::Tensor&)>();
     at::AutoDispatchBelowADInplaceOrView below;
-    return op.call(perm, lower, upper, sign, log_s);
+    return invconv_weight_op().call(perm, lower, upper, sign, log_s);
   }
   return InvConvWeight::apply(perm, lower, upper, sign, log_s)[0];
 }
