@@ -107,8 +107,10 @@ class InvConv1x1(nn.Module):
         perm, lower, upper, sign, log_s = self._state_tensors()
         dtype = lower.dtype if dtype is None else dtype
         compute = torch.promote_types(lower.dtype, dtype)
-        lower, upper, sign, log_s = (t.to(compute) for t in (lower, upper, sign, log_s))
-        return F.invconv_weight(perm, lower, upper, sign, log_s, backend=self.backend).to(dtype)
+        if not (lower.dtype == upper.dtype == sign.dtype == log_s.dtype == compute):
+            lower, upper, sign, log_s = (t.to(compute) for t in (lower, upper, sign, log_s))
+        w = F.invconv_weight(perm, lower, upper, sign, log_s, backend=self.backend)
+        return w if w.dtype == dtype else w.to(dtype)
 
     def _build_inverse(self, dtype: torch.dtype) -> torch.Tensor:
         if self.lu:
