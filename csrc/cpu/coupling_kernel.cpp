@@ -32,19 +32,12 @@ namespace {
 
 constexpr int64_t kChunk = 8192;  // transformed elements per task (one partial log-det)
 
-// A passthrough half to copy from src to dst (skipped when dst is null).
-template <typename scalar_t>
-struct PassCopy {
-  const scalar_t* src;
-  scalar_t* dst;
-};
-
 // Runs transform(task, b, start, n) over the chunks of every sample's transformed half and copies
 // the passthrough halves of `copies`: the task of chunk j of a sample also copies the j-th of
 // `chunks` equal pieces of that sample's passthrough half, so every task carries the same work and
 // the threads stay balanced.
 template <typename scalar_t, size_t N, typename Transform>
-void run_tasks(const CouplingShape& sh, const std::array<PassCopy<scalar_t>, N>& copies, const Transform& transform) {
+void run_tasks(const CouplingShape& sh, const std::array<Copy<scalar_t>, N>& copies, const Transform& transform) {
   const int64_t n1 = sh.n1(), n2 = sh.n2();
   const int64_t chunks = num_chunks(n2, kChunk);
   const int64_t piece = chunks == 0 ? 0 : num_chunks(n1, chunks);
@@ -55,7 +48,7 @@ void run_tasks(const CouplingShape& sh, const std::array<PassCopy<scalar_t>, N>&
       const int64_t start = j * piece;
       if (start >= n1) continue;
       const int64_t off = sh.x1_offset(b) + start;
-      for (const PassCopy<scalar_t>& c : copies) {
+      for (const Copy<scalar_t>& c : copies) {
         if (c.dst != nullptr) std::memcpy(c.dst + off, c.src + off, sizeof(scalar_t) * std::min(piece, n1 - start));
       }
     }
@@ -64,7 +57,7 @@ void run_tasks(const CouplingShape& sh, const std::array<PassCopy<scalar_t>, N>&
 
 template <typename scalar_t, typename Transform>
 void run_tasks(const CouplingShape& sh, const scalar_t* src, scalar_t* dst, const Transform& transform) {
-  run_tasks<scalar_t, 1>(sh, {PassCopy<scalar_t>{src, dst}}, transform);
+  run_tasks<scalar_t, 1>(sh, {Copy<scalar_t>{src, dst}}, transform);
 }
 
 template <typename scalar_t>
@@ -196,7 +189,7 @@ void affine_inv_bwd_apply(const at::Tensor& y, const at::Tensor& h, const at::Te
   scalar_t* gin_p = gin.mutable_data_ptr<scalar_t>();
   scalar_t* gh_p = gh.mutable_data_ptr<scalar_t>();
   const ScaleParams<A> p{A(clamp), A(1.0 / clamp)};
-  run_tasks<scalar_t, 2>(sh, {PassCopy<scalar_t>{y_p, x_p}, PassCopy<scalar_t>{g_p, gin_p}},
+  run_tasks<scalar_t, 2>(sh, {Copy<scalar_t>{y_p, x_p}, Copy<scalar_t>{g_p, gin_p}},
                          [&](int64_t, int64_t b, int64_t start, int64_t n) {
     const int64_t xo = sh.x2_offset(b) + start;
     const int64_t so = sh.affine_scale_offset(b) + start;
@@ -316,7 +309,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> additive_coupling_inv_bwd(const a
     scalar_t* x_p = x.mutable_data_ptr<scalar_t>();
     scalar_t* gin_p = gin.mutable_data_ptr<scalar_t>();
     scalar_t* gh_p = gh.mutable_data_ptr<scalar_t>();
-    run_tasks<scalar_t, 2>(sh, {PassCopy<scalar_t>{y_p, x_p}, PassCopy<scalar_t>{g_p, gin_p}},
+    run_tasks<scalar_t, 2>(sh, {Copy<scalar_t>{y_p, x_p}, Copy<scalar_t>{g_p, gin_p}},
                            [&](int64_t, int64_t b, int64_t start, int64_t n) {
       const int64_t xo = sh.x2_offset(b) + start, to = sh.additive_shift_offset(b) + start;
       for_lanes<scalar_t>(n, [&](auto lane, int64_t i) {

@@ -122,24 +122,17 @@ class RowGroup {
   alignas(64) scalar_t buf_[kBuffers][kGroupElems<scalar_t>];
 };
 
-// A tensor whose whole rows (passthrough and transformed halves) are copied from src to dst.
-template <typename scalar_t>
-struct RowCopy {
-  const scalar_t* src;
-  scalar_t* dst;
-};
-
 // Runs group(b0, rows) over groups of whole samples (group_rows of them, the last group fewer) after copying the
 // group's rows of `copies` whole: one copy, not one per sample's passthrough half; group() overwrites the
 // transformed halves. A sample's results come from its own elements, whatever the number of threads.
 template <typename scalar_t, size_t N, typename Group>
-void run_groups(const CouplingShape& sh, const std::array<RowCopy<scalar_t>, N>& copies, const Group& group) {
+void run_groups(const CouplingShape& sh, const std::array<Copy<scalar_t>, N>& copies, const Group& group) {
   const int64_t rows = group_rows<scalar_t>(sh);
   at::parallel_for(0, num_chunks(sh.batch, rows), grain_tasks(rows * sh.x_stride()), [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b0 = task * rows, count = std::min(rows, sh.batch - b0);
       const int64_t off = sh.x1_offset(b0);
-      for (const RowCopy<scalar_t>& c : copies) {
+      for (const Copy<scalar_t>& c : copies) {
         std::memcpy(c.dst + off, c.src + off, sizeof(scalar_t) * count * sh.x_stride());
       }
       group(b0, count);
@@ -156,7 +149,7 @@ void affine_rows(double clamp, const CouplingShape& sh, const at::Tensor& in, co
   scalar_t* logdet_p = logdet.mutable_data_ptr<scalar_t>();
   const ScaleParams<scalar_t> p{scalar_t(clamp), scalar_t(1.0 / clamp)};
   const int64_t xs = sh.x_stride(), hs_stride = 2 * sh.n2();
-  run_groups<scalar_t, 1>(sh, {RowCopy<scalar_t>{in_p, out_p}}, [&](int64_t b0, int64_t rows) {
+  run_groups<scalar_t, 1>(sh, {Copy<scalar_t>{in_p, out_p}}, [&](int64_t b0, int64_t rows) {
     RowGroup<scalar_t> grp(b0, rows, sh.n2());
     const scalar_t* x2 = grp.gather(in_p + sh.x2_offset(0), xs);
     const scalar_t* hs = grp.gather(h_p + sh.affine_scale_offset(0), hs_stride);
@@ -195,7 +188,7 @@ void affine_bwd_rows(double clamp, const CouplingShape& sh, const at::Tensor& g,
   scalar_t* gh_p = gh.mutable_data_ptr<scalar_t>();
   const ScaleParams<scalar_t> p{scalar_t(clamp), scalar_t(1.0 / clamp)};
   const int64_t xs = sh.x_stride(), hs_stride = 2 * sh.n2();
-  run_groups<scalar_t, 1>(sh, {RowCopy<scalar_t>{g_p, gin_p}}, [&](int64_t b0, int64_t rows) {
+  run_groups<scalar_t, 1>(sh, {Copy<scalar_t>{g_p, gin_p}}, [&](int64_t b0, int64_t rows) {
     RowGroup<scalar_t> grp(b0, rows, sh.n2());
     const scalar_t* go = grp.gather(g_p + sh.x2_offset(0), xs);
     const scalar_t* glr = grp.splat(gl_p);
@@ -233,7 +226,7 @@ void affine_inv_bwd_rows(double clamp, const CouplingShape& sh, const at::Tensor
   scalar_t* gh_p = gh.mutable_data_ptr<scalar_t>();
   const ScaleParams<scalar_t> p{scalar_t(clamp), scalar_t(1.0 / clamp)};
   const int64_t xs = sh.x_stride(), hs_stride = 2 * sh.n2();
-  run_groups<scalar_t, 2>(sh, {RowCopy<scalar_t>{y_p, x_p}, RowCopy<scalar_t>{g_p, gin_p}},
+  run_groups<scalar_t, 2>(sh, {Copy<scalar_t>{y_p, x_p}, Copy<scalar_t>{g_p, gin_p}},
                           [&](int64_t b0, int64_t rows) {
     RowGroup<scalar_t> grp(b0, rows, sh.n2());
     const scalar_t* y2 = grp.gather(y_p + sh.x2_offset(0), xs);
@@ -320,7 +313,7 @@ void additive_coupling_rows(bool inverse, const CouplingShape& sh, const at::Ten
     const scalar_t* in_p = in.const_data_ptr<scalar_t>();
     const scalar_t* t_p = h.const_data_ptr<scalar_t>();
     scalar_t* out_p = out.mutable_data_ptr<scalar_t>();
-    run_groups<scalar_t, 1>(sh, {RowCopy<scalar_t>{in_p, out_p}}, [&](int64_t b0, int64_t rows) {
+    run_groups<scalar_t, 1>(sh, {Copy<scalar_t>{in_p, out_p}}, [&](int64_t b0, int64_t rows) {
       for (int64_t b = b0; b < b0 + rows; ++b) {
         const int64_t xo = sh.x2_offset(b), to = sh.additive_shift_offset(b);
         for_lanes<scalar_t>(sh.n2(), [&](auto lane, int64_t i) {
@@ -341,7 +334,7 @@ void additive_coupling_bwd_rows(bool reverse, const CouplingShape& sh, const at:
     const scalar_t* g_p = g.const_data_ptr<scalar_t>();
     scalar_t* gin_p = gin.mutable_data_ptr<scalar_t>();
     scalar_t* gh_p = gh.mutable_data_ptr<scalar_t>();
-    run_groups<scalar_t, 1>(sh, {RowCopy<scalar_t>{g_p, gin_p}}, [&](int64_t b0, int64_t rows) {
+    run_groups<scalar_t, 1>(sh, {Copy<scalar_t>{g_p, gin_p}}, [&](int64_t b0, int64_t rows) {
       for (int64_t b = b0; b < b0 + rows; ++b) {
         const int64_t xo = sh.x2_offset(b), to = sh.additive_shift_offset(b);
         for_lanes<scalar_t>(sh.n2(), [&](auto lane, int64_t i) {
@@ -366,7 +359,7 @@ void additive_coupling_inv_bwd_rows(const CouplingShape& sh, const at::Tensor& y
     scalar_t* x_p = x.mutable_data_ptr<scalar_t>();
     scalar_t* gin_p = gin.mutable_data_ptr<scalar_t>();
     scalar_t* gh_p = gh.mutable_data_ptr<scalar_t>();
-    run_groups<scalar_t, 2>(sh, {RowCopy<scalar_t>{y_p, x_p}, RowCopy<scalar_t>{g_p, gin_p}},
+    run_groups<scalar_t, 2>(sh, {Copy<scalar_t>{y_p, x_p}, Copy<scalar_t>{g_p, gin_p}},
                             [&](int64_t b0, int64_t rows) {
       for (int64_t b = b0; b < b0 + rows; ++b) {
         const int64_t xo = sh.x2_offset(b), to = sh.additive_shift_offset(b);

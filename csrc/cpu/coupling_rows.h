@@ -20,6 +20,14 @@ inline int64_t grain_tasks(int64_t elems) {
   return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, elems));
 }
 
+// A tensor whose passthrough halves (on the paths of coupling_rows.cpp: whole rows) an op copies from src to dst;
+// coupling_kernel.cpp's tasks skip a null dst.
+template <typename scalar_t>
+struct Copy {
+  const scalar_t* src;
+  scalar_t* dst;
+};
+
 // The kinds of op that take the paths of coupling_rows.cpp from different sample lengths on.
 enum class RowsOp { kAffineLogdet, kAffineBackward, kAdditive };
 

@@ -57,12 +57,10 @@ def _engine_ready(output: torch.Tensor, grad) -> bool:
 def subnet_vjp(h: torch.Tensor, inputs: list[torch.Tensor], grad_h: torch.Tensor) -> list[torch.Tensor | None]:
     """The gradients of ``inputs`` for ``grad_h`` through a subnet output ``h`` computed with grad
     (None for an input ``h`` does not depend on), also when ``h`` depends on none of them (a subnet
-    whose output ignores its input and has no trained parameter). :func:`vjp` for one output."""
+    whose output ignores its input and has no trained parameter)."""
     if not h.requires_grad:
         return [None] * len(inputs)
-    if _engine_ready(h, grad_h):
-        return list(_engine_run_backward((h,), (grad_h,), False, False, tuple(inputs), True, False))
-    return list(torch.autograd.grad([h], inputs, [grad_h], allow_unused=True))
+    return vjp([h], inputs, [grad_h])
 
 
 def call_subnet(owner: str, subnet: nn.Module, x: torch.Tensor, channels: int) -> torch.Tensor:
