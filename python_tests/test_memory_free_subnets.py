@@ -63,3 +63,33 @@ def test_a_subnet_that_ignores_its_input(block, trained):
         grads.append([leaf.grad] + [p.grad for p in model.parameters() if p.requires_grad])
     for got, want in zip(grads[1], grads[0]):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_compiled_subnets_in_a_memory_free_chain():
+    """Subnets compiled with AOT autograd run their compiled backward inside the chain's backward,
+    where the autograd engine is entered directly (nn/subnets.py, vjp): gradients stay plain
+    autograd's, and the chain's backward leaves the outer backward's state as it found it, for
+    the compiled block whose backward runs after it."""
+    def mlp(c_in, c_out):
+        return torch.compile(nn.Sequential(nn.Linear(c_in, 8), nn.Tanh(), nn.Linear(8, c_out)), backend="aot_eager")
+
+    def chain(memory_free):
+        torch.manual_seed(0)
+        first = InvertibleSequential(AffineCoupling(6, mlp), memory_free=False)
+        blocks = [ReversibleBlock(6, mlp), AffineCoupling(6, mlp), ReversibleBlock(6, mlp)]
+        return nn.ModuleList([first, InvertibleSequential(*blocks, memory_free=memory_free)]).double()
+
+    torch._dynamo.reset()
+    x = torch.randn(4, 6, dtype=torch.float64)
+    grads = []
+    for memory_free in (False, True):
+        model = chain(memory_free)
+        leaf = x.clone().requires_grad_()
+        y, logdet_first = model[0](leaf)
+        z, logdet = model[1](y)
+        (z.square().sum() + (logdet + logdet_first).sum()).backward()
+        assert not torch._C._is_key_in_tls("context")
+        grads.append([leaf.grad] + [p.grad for p in model.parameters()])
+    assert all(g is not None for g in grads[1])
+    for got, want in zip(grads[1], grads[0]):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)

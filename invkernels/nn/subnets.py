@@ -6,16 +6,20 @@ keeps deep flows stable at the start of training.
 
 from __future__ import annotations
 
+import logging
 from typing import Callable
 
 import torch
 from torch import nn
-from torch.autograd.graph import _engine_run_backward
+from torch.autograd import Variable
+from torch.autograd.graph import _engine_run_backward, log as _autograd_log
 
 from invkernels import _state
 from invkernels._validation import check_int, describe
 
 SubnetFactory = Callable[[int, int], nn.Module]
+
+_ENGINE = Variable._execution_engine
 
 
 def _check_subnet_dtype(owner: str, subnet: nn.Module, x: torch.Tensor) -> None:
@@ -43,9 +47,18 @@ def vjp(outputs: list[torch.Tensor], inputs: list[torch.Tensor], grads: list[tor
     that normalization (~13 µs a call on CPU, most of it comparing shapes through the symbolic-shape
     helpers) is the largest fixed cost of a memory-free block's backward, and the callers here
     hand over lists of plain tensors. Any output whose gradient differs from it in shape or dtype
-    goes through ``torch.autograd.grad``, which raises its own error."""
+    goes through ``torch.autograd.grad``, which raises its own error.
+
+    Inside a backward (a memory-free chain's), the engine is entered directly: the outer
+    ``backward`` or ``torch.autograd.grad`` already left its context for compiled backwards in the
+    thread's state, where torch's wrapper would store it again and then erase it (~3 µs a call),
+    also for the rest of the outer backward. Outside one, and with autograd's debug logging on,
+    the call goes through that wrapper."""
     if all(_engine_ready(o, g) for o, g in zip(outputs, grads)):
-        return list(_engine_run_backward(tuple(outputs), tuple(grads), False, False, tuple(inputs), True, False))
+        args = (tuple(outputs), tuple(grads), False, False, tuple(inputs), True, False)
+        if torch._C._is_key_in_tls("context") and not _autograd_log.isEnabledFor(logging.DEBUG):
+            return list(_ENGINE.run_backward(*args))
+        return list(_engine_run_backward(*args))
     return list(torch.autograd.grad(outputs, inputs, grads, allow_unused=True))
 
 
