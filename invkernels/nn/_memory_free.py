@@ -146,7 +146,8 @@ def _watched(indices, modules: list[list[nn.Module]]) -> _Watched:
 
 def run_modules(seq, indices) -> list[list[nn.Module]]:
     """:func:`_state.submodules` of each block ``indices`` of ``seq``."""
-    return [_state.submodules(seq.blocks[i]) for i in indices]
+    blocks = list(seq.blocks)
+    return [_state.submodules(blocks[i]) for i in indices]
 
 
 def trained_parameters(modules: list[list[nn.Module]]) -> list[torch.Tensor]:
