@@ -88,7 +88,8 @@ def test_compiled_subnets_in_a_memory_free_chain():
         y, logdet_first = model[0](leaf)
         z, logdet = model[1](y)
         (z.square().sum() + (logdet + logdet_first).sum()).backward()
-        assert not torch._C._is_key_in_tls("context")
+        in_tls = getattr(torch._C, "_is_key_in_tls", None)
+        assert in_tls is None or not in_tls("context")
         grads.append([leaf.grad] + [p.grad for p in model.parameters()])
     assert all(g is not None for g in grads[1])
     for got, want in zip(grads[1], grads[0]):

@@ -20,6 +20,8 @@ from invkernels._validation import check_int, describe
 SubnetFactory = Callable[[int, int], nn.Module]
 
 _ENGINE = Variable._execution_engine
+# Whether torch's engine wrapper left its context for compiled backwards (older torch keeps none).
+_CONTEXT_IN_TLS = getattr(torch._C, "_is_key_in_tls", None)
 
 
 def _check_subnet_dtype(owner: str, subnet: nn.Module, x: torch.Tensor) -> None:
@@ -56,7 +58,7 @@ def vjp(outputs: list[torch.Tensor], inputs: list[torch.Tensor], grads: list[tor
     the call goes through that wrapper."""
     if all(_engine_ready(o, g) for o, g in zip(outputs, grads)):
         args = (tuple(outputs), tuple(grads), False, False, tuple(inputs), True, False)
-        if torch._C._is_key_in_tls("context") and not _autograd_log.isEnabledFor(logging.DEBUG):
+        if (_CONTEXT_IN_TLS is None or _CONTEXT_IN_TLS("context")) and not _autograd_log.isEnabledFor(logging.DEBUG):
             return list(_ENGINE.run_backward(*args))
         return list(_engine_run_backward(*args))
     return list(torch.autograd.grad(outputs, inputs, grads, allow_unused=True))
