@@ -43,3 +43,29 @@ def test_the_documented_block_runs_and_gives_plain_autograd_gradients():
     want = [leaf.grad] + [p.grad for p in stored.parameters()]
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_optional_attributes_are_read_from_the_instance_and_its_class():
+    """``memory_free_invertible`` and ``split_channels`` count wherever a block defines them: on its
+    class, on the instance (set in ``__init__``), or not at all (the defaults)."""
+    from invkernels.nn.protocol import memory_free_capable, split_of  # noqa: PLC0415
+
+    coupling = AffineCoupling(4, "mlp")
+    assert memory_free_capable(coupling) and split_of(coupling) is None
+    coupling.memory_free_invertible = False
+    assert not memory_free_capable(coupling)
+
+    class OnHalves(ReversibleBlock):
+        memory_free_invertible = False
+
+    assert not memory_free_capable(OnHalves(4, "mlp")) and split_of(OnHalves(4, "mlp")) == 2
+    class Halves(torch.nn.Module):
+        def __init__(self, c1):
+            super().__init__()
+            self.split_channels = c1
+
+        def forward_split(self, x1, x2):
+            return x1, x2, None
+
+    assert split_of(ReversibleBlock(6, "mlp")) == 3 and split_of(Halves(2)) == 2
+    assert split_of(Halves(True)) is None and split_of(Halves(None)) is None

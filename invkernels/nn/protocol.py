@@ -94,11 +94,21 @@ def takes_context(block: nn.Module) -> bool:
         return False
 
 
+def _attribute(block: nn.Module, name: str, default):
+    """``getattr(block, name, default)``, without the miss of ``nn.Module.__getattr__`` (an
+    AttributeError raised and caught, ~1 µs) for the optional attributes the chain reads on every
+    block at every step when a block does not have them."""
+    if (name in block.__dict__ or hasattr(type(block), name) or name in block._parameters or name in block._buffers
+            or name in block._modules):
+        return getattr(block, name)
+    return default
+
+
 def memory_free_capable(block: nn.Module) -> bool:
     """Whether ``block`` can be rebuilt from its output: it has an ``inverse`` and does not set
     ``memory_free_invertible = False`` (as :class:`~invkernels.nn.Split` does, whose inverse needs
     the factored-out half)."""
-    return callable(getattr(block, "inverse", None)) and getattr(block, "memory_free_invertible", True)
+    return callable(getattr(block, "inverse", None)) and _attribute(block, "memory_free_invertible", True)
 
 
 def split_of(block: nn.Module) -> int | None:
@@ -108,7 +118,7 @@ def split_of(block: nn.Module) -> int | None:
     ``inverse_backward_split(y1, y2, grad_y1, grad_y2, grad_logdet[, context], out=None) ->
     (x1, x2, grad_x1, grad_x2, grads)`` (``out``: two tensors to write the input gradients into),
     with ``x1 = x[:, :C1]`` and ``x2 = x[:, C1:]`` (a log-det of None is 0)."""
-    c1 = getattr(block, "split_channels", None)
+    c1 = _attribute(block, "split_channels", None)
     return c1 if isinstance(c1, int) and not isinstance(c1, bool) and callable(getattr(block, "forward_split", None)) \
         else None
 

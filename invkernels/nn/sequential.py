@@ -232,8 +232,7 @@ class InvertibleSequential(nn.Module):
             raise TypeError(f"InvertibleSequential: x should be a tensor, got {type(x).__name__}")
         memory_free = torch.is_grad_enabled() and self.runs_memory_free(x) and (
             x.requires_grad or (context is not None and context.requires_grad)
-            or any(p.requires_grad for m in _state.submodules(self) for p in m._parameters.values()
-                   if p is not None))
+            or any(p.requires_grad for p in self.parameters()))
         flow, logdet = Flow(x), None
         blocks = list(self.blocks)
         for capable, indices in self._runs():
