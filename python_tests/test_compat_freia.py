@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import importlib
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -230,6 +231,45 @@ def test_memory_free_sequence_gives_the_gradients_of_freias_sequence_and_keeps_i
     torch.testing.assert_close(back, x, rtol=1e-10, atol=1e-10)
     clone = copy.deepcopy(free)
     torch.testing.assert_close(clone(x, c=[c])[0], z1, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
+@pytest.mark.parametrize("shape", [(4, 4, 4), (5,)], ids=["image", "vector"])
+def test_memory_free_all_in_one_block_global_affine_and_permutations(shape, soft):
+    """AllInOneBlock's memory-free backward undoes its global affine and hard permutation in closed
+    form (every global scale activation, frozen global parameters too) and a soft permutation
+    through autograd: the gradients of the same sequence run stored. FrEIA keeps the soft
+    permutation's rotation and its transpose (the inverse) in float32, so its rebuild is exact to
+    float32's precision, not float64's."""
+    subnet = conv if len(shape) == 3 else mlp
+
+    def build(memory_free):
+        torch.manual_seed(6)
+        np.random.seed(6)  # the soft permutation's rotation (scipy)
+        inn = Cm.SequenceINN(*shape, memory_free=memory_free)
+        for kind in ("SOFTPLUS", "SIGMOID", "EXP"):
+            inn.append(Cm.AllInOneBlock, subnet_constructor=subnet, global_affine_type=kind, permute_soft=soft)
+        inn.module_list[-1].global_scale.requires_grad_(False)
+        inn.module_list[0].global_offset.requires_grad_(False)
+        inn = inn.double()
+        with torch.no_grad():
+            for p in inn.parameters():
+                if p.requires_grad:
+                    p.add_(0.1 * torch.randn_like(p))
+        return inn
+
+    x = torch.randn(3, *shape, dtype=torch.float64)
+    grads = []
+    for memory_free in (False, True):
+        inn = build(memory_free)
+        leaf = x.clone().requires_grad_()
+        z, logdet = inn(leaf)
+        (z.pow(2).sum() / 2 - 1.7 * logdet.sum()).backward()
+        grads.append([leaf.grad] + [p.grad for p in inn.parameters() if p.requires_grad])
+    assert all(g is not None for g in grads[1])
+    tol = 1e-5 if soft else 1e-10
+    for got, want in zip(grads[1], grads[0]):
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
 
 
 def test_memory_free_sequence_refuses_what_it_cannot_run():

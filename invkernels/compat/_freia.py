@@ -372,20 +372,49 @@ class AllInOneBlock(InvertibleModule):
         reflections or the reversed pre-permutation."""
         return self._fused_coupling() and not (self.householder or self.reverse_pre_permute)
 
+    def _global_affine_vjp(self, y: torch.Tensor, grad_y: torch.Tensor, grad_logdet: torch.Tensor):
+        """The global affine and the hard permutation, ``y = (u * s + t)[:, w_perm]`` with log-det
+        ``pixels * sum(log s)``, undone and differentiated in closed form: ``(u, grad_u, pairs)`` with
+        ``pairs`` the ``(parameter, gradient)`` of ``global_scale`` and ``global_offset`` that
+        require grad (one gather of ``y`` and of ``grad_y``, where autograd ran the permutation's
+        indexing backward)."""
+        a = self.global_scale
+        scale = self.global_scale_activation(a)
+        u = (y.index_select(1, self.w_perm_inv) - self.global_offset) / scale
+        grad_z = grad_y.index_select(1, self.w_perm_inv)
+        dims = (0, *range(2, y.dim()))
+        pairs = []
+        if a.requires_grad:
+            grad_scale = (grad_z * u).sum(dims, keepdim=True) + y[0, :1].numel() * grad_logdet.sum() / scale
+            if self.global_affine_type == "SIGMOID":
+                slope = scale * (1.0 - 0.1 * scale)
+            elif self.global_affine_type == "SOFTPLUS":
+                slope = 0.1 * torch.sigmoid(0.5 * a)
+            else:
+                slope = scale
+            pairs.append((a, (grad_scale * slope).to(a.dtype)))
+        if self.global_offset.requires_grad:
+            pairs.append((self.global_offset, grad_z.sum(dims, keepdim=True)))
+        return u, grad_z * scale, pairs
+
     def inverse_backward(self, y: torch.Tensor, grad_y: torch.Tensor, grad_logdet: torch.Tensor, c=()):
         """Memory-free backward of the block (the compat ``SequenceINN`` calls it): from the output
         ``y`` and the gradients of ``(y, logdet)``, ``(x, grad_x, grads)`` with ``grads`` the
         ``(tensor, gradient)`` pairs of the parameters (and conditions) that require grad. The global
         affine and the permutation are undone and differentiated in tensor ops; the coupling is
         rebuilt and back-propagated by ``affine_coupling_inv_bwd``, its subnet run once, with grad."""
-        with torch.no_grad():
-            u, _ = self._permute(y, rev=True)
-        u_leaf = u.detach().requires_grad_()
-        global_params = [p for p in (self.global_scale, self.global_offset) if p.requires_grad]
-        with torch.enable_grad():
-            y_again, global_jac = self._permute(u_leaf, rev=False)
-            outer = (y_again * grad_y).sum() + y[0, :1].numel() * global_jac * grad_logdet.sum()
-        grad_u, *grad_global = vjp([outer], [u_leaf, *global_params], [torch.ones_like(outer)])
+        if self._matrix_permutation:
+            with torch.no_grad():
+                u, _ = self._permute(y, rev=True)
+            u_leaf = u.detach().requires_grad_()
+            global_params = [p for p in (self.global_scale, self.global_offset) if p.requires_grad]
+            with torch.enable_grad():
+                y_again, global_jac = self._permute(u_leaf, rev=False)
+                outer = (y_again * grad_y).sum() + y[0, :1].numel() * global_jac * grad_logdet.sum()
+            grad_u, *grad_global = vjp([outer], [u_leaf, *global_params], [torch.ones_like(outer)])
+            global_pairs = list(zip(global_params, grad_global))
+        else:
+            u, grad_u, global_pairs = self._global_affine_vjp(y, grad_y, grad_logdet)
         p = self.splits[0]
         x1 = u[:, :p].detach().requires_grad_()
         conditions = [t for t in c if isinstance(t, torch.Tensor) and t.requires_grad]
@@ -397,7 +426,7 @@ class AllInOneBlock(InvertibleModule):
         grad_x1, *grad_extra = subnet_vjp(h, [x1, *extra], grad_h)
         if grad_x1 is not None:
             grad_x[:, :p].add_(grad_x1)
-        return x, grad_x, [*zip(global_params, grad_global), *zip(extra, grad_extra)]
+        return x, grad_x, [*global_pairs, *zip(extra, grad_extra)]
 
     def forward(self, x, c=[], rev=False, jac=True):
         if tuple(x[0].shape[1:]) != self.dims_in[0]:
