@@ -322,7 +322,9 @@ class AllInOneBlock(InvertibleModule):
     def permute_function(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         if self._matrix_permutation:
             return (TF.linear, TF.conv1d, TF.conv2d, TF.conv3d)[self.input_rank](x, w)
-        return x[:, w]
+        # FrEIA's x[:, w], as a gather along the channels (the same values; its backward scatters
+        # without the accumulating index_put of advanced indexing).
+        return x.index_select(1, w)
 
     def _construct_householder_permutation(self) -> torch.Tensor:
         w = self.w_0
