@@ -261,12 +261,23 @@ def build_allinone(device: str = "cpu"):
         import FrEIA.framework as Ff  # noqa: PLC0415
         import FrEIA.modules as Fm  # noqa: PLC0415
 
+        import invkernels.compat.freia as Cm  # noqa: PLC0415
+
         freia = Ff.SequenceINN(*AIO_SHAPE[1:])
         constructor = _FixedSubnets(subs)
         for _ in range(DEPTH):
             freia.append(Fm.AllInOneBlock, subnet_constructor=constructor, affine_clamping=AIO_CLAMP,
                          permute_soft=False)
         models = {"FrEIA AllInOneBlock (stored)": freia, **models}
+        for memory_free in (False, True):
+            # The drop-in: FrEIA's network with one import changed (the compat blocks follow FrEIA's main
+            # branch, which permutes by index where the installed FrEIA multiplies by a permutation matrix).
+            compat = Cm.SequenceINN(*AIO_SHAPE[1:], memory_free=memory_free)
+            constructor = _FixedSubnets(subs)
+            for _ in range(DEPTH):
+                compat.append(Cm.AllInOneBlock, subnet_constructor=constructor, affine_clamping=AIO_CLAMP,
+                              permute_soft=False)
+            models[f"invkernels.compat.freia {'memory-free' if memory_free else 'stored'}"] = compat
     providers = {name: fwd_bwd(model.to(device)) for name, model in models.items()}
     h = torch.randn(AIO_SHAPE[0], c1, *AIO_SHAPE[2:], device=device)
 
@@ -404,7 +415,8 @@ forward + those swaps: {harness.fmt_ratio(swap_floor)} plain.{' Not installed (n
 softplus per-channel affine, a fixed permutation applied as a 1x1 convolution) against
 `InvertibleSequential` of `AffineCoupling(clamp={AIO_CLAMP})` + `ActNorm` + `Permute("random")`, the same
 subnets conv3x3-ReLU-conv3x3 of width {AIO_WIDTH} (last layer drawn with std 0.01), loss
-`y.pow(2).mean() - logdet.mean()`, forward+backward. Speed-up = FrEIA time / provider time. The
+`y.pow(2).mean() - logdet.mean()`, forward+backward; and FrEIA's network with one import changed
+(`invkernels.compat.freia`, the same subnets), stored and memory-free (not goals of their own). Speed-up = FrEIA time / provider time. The
 subnets' forward alone takes {sub:.2f} ms.{' FrEIA not installed (not timed).' if freia is None else ''}
 
 {harness.markdown_table(["provider", "ms", "speed-up vs FrEIA" if freia is not None else "vs invkernels stored"], rows)}
