@@ -47,7 +47,8 @@ def test_the_documented_block_runs_and_gives_plain_autograd_gradients():
 
 def test_optional_attributes_are_read_from_the_instance_and_its_class():
     """``memory_free_invertible`` and ``split_channels`` count wherever a block defines them: on its
-    class, on the instance (set in ``__init__``), or not at all (the defaults)."""
+    class, on the instance (set in ``__init__``), on the module a wrapper forwards to, or not at all
+    (the defaults)."""
     from invkernels.nn.protocol import memory_free_capable, split_of  # noqa: PLC0415
 
     coupling = AffineCoupling(4, "mlp")
@@ -59,6 +60,9 @@ def test_optional_attributes_are_read_from_the_instance_and_its_class():
         memory_free_invertible = False
 
     assert not memory_free_capable(OnHalves(4, "mlp")) and split_of(OnHalves(4, "mlp")) == 2
+    # torch.compile's wrapper forwards attribute reads to the module it compiles.
+    compiled = torch.compile(OnHalves(4, "mlp"), backend="eager")
+    assert not memory_free_capable(compiled) and split_of(compiled) == 2
     class Halves(torch.nn.Module):
         def __init__(self, c1):
             super().__init__()

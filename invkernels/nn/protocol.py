@@ -97,10 +97,12 @@ def takes_context(block: nn.Module) -> bool:
 def _attribute(block: nn.Module, name: str, default):
     """``getattr(block, name, default)``, without the miss of ``nn.Module.__getattr__`` (an
     AttributeError raised and caught, ~1 µs) for the optional attributes the chain reads on every
-    block at every step when a block does not have them."""
-    if (name in block.__dict__ or hasattr(type(block), name) or name in block._parameters or name in block._buffers
-            or name in block._modules):
-        return getattr(block, name)
+    block at every step when a block does not have them. A class with a ``__getattr__`` of its
+    own (``torch.compile``'s wrapper forwards to the compiled module) is asked as ``getattr`` asks."""
+    cls = type(block)
+    if (cls.__getattr__ is not nn.Module.__getattr__ or name in block.__dict__ or hasattr(cls, name)
+            or name in block._parameters or name in block._buffers or name in block._modules):
+        return getattr(block, name, default)
     return default
 
 
