@@ -249,7 +249,12 @@ def test_memory_free_all_in_one_block_global_affine_and_permutations(shape, soft
         inn = Cm.SequenceINN(*shape, memory_free=memory_free)
         for kind in ("SOFTPLUS", "SIGMOID", "EXP"):
             inn.append(Cm.AllInOneBlock, subnet_constructor=subnet, global_affine_type=kind, permute_soft=soft)
-        inn.module_list[-1].global_scale.requires_grad_(False)
+        if not soft:
+            # Scales at their extremes: the sigmoid's near its cap of 10, the softplus where it is linear.
+            inn.append(Cm.AllInOneBlock, subnet_constructor=subnet, global_affine_type="SIGMOID",
+                       global_affine_init=9.9999999)
+            inn.append(Cm.AllInOneBlock, subnet_constructor=subnet, global_affine_init=4.2)
+        inn.module_list[2].global_scale.requires_grad_(False)
         inn.module_list[0].global_offset.requires_grad_(False)
         inn = inn.double()
         with torch.no_grad():

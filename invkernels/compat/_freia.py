@@ -388,10 +388,14 @@ class AllInOneBlock(InvertibleModule):
         pairs = []
         if a.requires_grad:
             grad_scale = (grad_z * u).sum(dims, keepdim=True) + y[0, :1].numel() * grad_logdet.sum() / scale
+            # d scale / d a, as autograd takes it: sigma(1 - sigma) from the sigmoid itself (not from the
+            # scale, whose 1 - scale / 10 cancels near the cap); softplus is linear above its threshold.
             if self.global_affine_type == "SIGMOID":
-                slope = scale * (1.0 - 0.1 * scale)
+                sigma = torch.sigmoid(a - 2.0)
+                slope = 10.0 * sigma * (1.0 - sigma)
             elif self.global_affine_type == "SOFTPLUS":
-                slope = 0.1 * torch.sigmoid(0.5 * a)
+                beta, threshold = self.softplus.beta, self.softplus.threshold
+                slope = 0.1 * torch.where(a * beta > threshold, 1.0, torch.sigmoid(a * beta))
             else:
                 slope = scale
             pairs.append((a, (grad_scale * slope).to(a.dtype)))
