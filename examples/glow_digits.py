@@ -26,12 +26,12 @@ import time
 
 import torch
 
-from invkernels.demo import LEVELS, check_out_dir, gaussian_baseline_bits_per_dim, load_digits_split, \
+from invkernels.demo import LEVELS, gaussian_baseline_bits_per_dim, load_digits_split, \
     mean_bits_per_dim, save_grid
 from invkernels.diagnostics import saved_bytes
 from invkernels.models import Glow
 
-from cli_types import non_negative_int, positive_float, positive_int
+from cli_types import add_out_option, check_out_option, non_negative_int, positive_float, positive_int
 
 FIGURE = "samples.png"
 
@@ -50,8 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--samples", type=positive_int, default=64, help="samples in the grid (default: 64)")
     parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default: 0.8)")
     parser.add_argument("--seed", type=non_negative_int, default=0, help="random seed (default: 0)")
-    parser.add_argument("--out", default=os.path.join("examples_output", "glow_digits"),
-                        help="output directory (default: examples_output/glow_digits)")
+    add_out_option(parser, "glow_digits")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -62,10 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
         parser.error(f"argument --temperature: should be a finite number >= 0, got {args.temperature!r}")
-    try:
-        check_out_dir("glow_digits.py", args.out, (FIGURE,))
-    except ValueError as e:
-        parser.error(f"argument --out: {e}")
+    check_out_option(parser, args, "glow_digits", (FIGURE,))
     return args
 
 

@@ -34,10 +34,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from invkernels import diagnostics
-from invkernels.demo import check_out_dir, load_labelled_digits
+from invkernels.demo import load_labelled_digits
 from invkernels.nn import InvertibleSequential, ReversibleBlock, Squeeze
 
-from cli_types import non_negative_int, positive_float, positive_int
+from cli_types import add_out_option, check_out_option, non_negative_int, positive_float, positive_int
 
 FIGURE = "revnet_backbone.png"
 RESULTS = "results.json"
@@ -66,8 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: 0)")
     parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch CPU threads (default: torch's default, one per core)")
-    parser.add_argument("--out", default=os.path.join("examples_output", "revnet_backbone"),
-                        help="output directory (default: examples_output/revnet_backbone)")
+    add_out_option(parser, "revnet_backbone")
     return parser
 
 
@@ -81,10 +80,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.stages > MAX_STAGES:
         parser.error(f"argument --stages: should be at most {MAX_STAGES} (the 8x8 images halve to 1x1 after "
                      f"{MAX_STAGES - 1} squeezes), got {args.stages}")
-    try:
-        check_out_dir("revnet_backbone.py", args.out, (FIGURE, RESULTS))
-    except ValueError as e:
-        parser.error(f"argument --out: {e}")
+    check_out_option(parser, args, "revnet_backbone", (FIGURE, RESULTS))
     return args
 
 

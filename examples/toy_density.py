@@ -25,10 +25,9 @@ import time
 
 import torch
 
-from invkernels.demo import check_out_dir
 from invkernels.models import RealNVP
 
-from cli_types import non_negative_int, positive_float, positive_int
+from cli_types import add_out_option, check_out_option, non_negative_int, positive_float, positive_int
 
 DATASETS = ("ring", "moons")
 FIGURE = "toy_density.png"
@@ -49,8 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--samples", type=positive_int, default=5000, help="samples drawn for the figure "
                         "(default: 5000)")
     parser.add_argument("--seed", type=non_negative_int, default=0, help="random seed (default: 0)")
-    parser.add_argument("--out", default=os.path.join("examples_output", "toy_density"),
-                        help="output directory (default: examples_output/toy_density)")
+    add_out_option(parser, "toy_density")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -64,10 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                      f"got {args.train_points}")
     if args.grid < 2:
         parser.error(f"argument --grid: should be at least 2, got {args.grid}")
-    try:
-        check_out_dir("toy_density.py", args.out, (FIGURE, CHECKPOINT))
-    except ValueError as e:
-        parser.error(f"argument --out: {e}")
+    check_out_option(parser, args, "toy_density", (FIGURE, CHECKPOINT))
     return args
 
 

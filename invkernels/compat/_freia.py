@@ -382,8 +382,8 @@ class AllInOneBlock(InvertibleModule):
         indexing backward)."""
         a = self.global_scale
         scale = self.global_scale_activation(a)
-        u = (y.index_select(1, self.w_perm_inv) - self.global_offset) / scale
-        grad_z = grad_y.index_select(1, self.w_perm_inv)
+        u = (self.permute_function(y, self.w_perm_inv) - self.global_offset) / scale
+        grad_z = self.permute_function(grad_y, self.w_perm_inv)
         dims = (0, *range(2, y.dim()))
         pairs = []
         if a.requires_grad:
