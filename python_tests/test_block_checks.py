@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from invkernels.nn import ActNorm, AffineCoupling, InvConv1x1, InvertibleSequential, ReversibleBlock
+from invkernels.nn import ActNorm, AffineCoupling, InvConv1x1, InvertibleSequential, Permute, ReversibleBlock
 
 
 class HalfDone(nn.Module):
@@ -150,4 +150,23 @@ def test_a_block_whose_backward_returns_a_wrong_shape_is_named():
     with pytest.raises(ValueError, match=r"block 0 \(ShiftOnHalves\)\.inverse_backward_split returned item 2 of "
                                          r"\[3, 1\] torch.float64; it should have the shape and dtype of the "
                                          r"rebuilt input \(item 0\), \[3, 2\] torch.float64"):
+        (y.sum() + logdet.sum()).backward()
+
+
+class HalfPrecisionPermute(Permute):
+    """A subclass of one of this package's blocks whose memory-free backward returns the rebuilt
+    input in another dtype: the chain trusts only the classes that declare their results tested
+    in their own body, so this one is checked."""
+
+    def inverse_backward(self, y, grad_y, grad_logdet):
+        x, grad_x, pairs = super().inverse_backward(y, grad_y, grad_logdet)
+        return x.half(), grad_x, pairs
+
+
+def test_a_subclass_of_a_trusted_block_is_checked_again():
+    assert Permute.__dict__.get("results_tested") and "results_tested" not in HalfPrecisionPermute.__dict__
+    model = InvertibleSequential(HalfPrecisionPermute(4, "reverse"), memory_free=True)
+    y, logdet = model(torch.randn(3, 4, dtype=torch.float64, requires_grad=True))
+    with pytest.raises(ValueError, match=r"block 0 \(HalfPrecisionPermute\)\.inverse_backward returned item 0 of "
+                                         r"\[3, 4\] torch.float16; it should have the dtype of the block's output"):
         (y.sum() + logdet.sum()).backward()

@@ -73,3 +73,34 @@ def test_optional_attributes_are_read_from_the_instance_and_its_class():
 
     assert split_of(ReversibleBlock(6, "mlp")) == 3 and split_of(Halves(2)) == 2
     assert split_of(Halves(True)) is None and split_of(Halves(None)) is None
+
+
+def test_the_blocks_the_chain_trusts_return_what_it_would_check():
+    """The classes that set ``results_tested`` are not checked by the chain (``checked_result``):
+    their memory-free backward returns tensors in the output's dtype and shape, in float64 and
+    float32, on whole tensors and on halves."""
+    from invkernels.nn import GlowStep, RQSplineCoupling  # noqa: PLC0415
+    from invkernels.nn.protocol import checked_result  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    blocks = [ActNorm(4), AdditiveCoupling(4, "mlp"), AffineCoupling(4, "mlp"), InvConv1x1(4), Permute(4, "swap"),
+              ReversibleBlock(4, "mlp"), RQSplineCoupling(4, "mlp"), GlowStep(4, hidden=8), Squeeze()]
+    import invkernels.nn  # noqa: PLC0415
+
+    declared = {cls for cls in vars(invkernels.nn).values() if isinstance(cls, type) and "results_tested" in vars(cls)}
+    assert declared == {type(b) for b in blocks}
+    untrusted = object()  # checked_result checks every result of a block of another class
+    for dtype in (torch.float64, torch.float32):
+        for block in blocks:
+            block = block.to(dtype)
+            shape = (3, 4, 4, 4) if isinstance(block, (GlowStep, Squeeze)) else (3, 4)
+            x = torch.randn(shape, dtype=dtype)
+            with torch.no_grad():
+                y, logdet = block(x)
+            grad_y, grad_logdet = torch.randn_like(y), torch.randn_like(logdet)
+            checked_result(0, untrusted, "inverse_backward", block.inverse_backward(y, grad_y, grad_logdet), 3,
+                           (y,), False)
+            if isinstance(block, BlockOnHalves):
+                halves, grads = y.split([2, 2], dim=1), grad_y.split([2, 2], dim=1)
+                checked_result(0, untrusted, "inverse_backward_split",
+                               block.inverse_backward_split(*halves, *grads, grad_logdet), 5, halves, True)

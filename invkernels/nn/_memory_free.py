@@ -18,6 +18,7 @@ from torch import nn
 from invkernels import _state
 from invkernels._validation import logdet_dtype
 from invkernels.nn._halves import Flow, add_logdets
+from invkernels.nn.protocol import split_of
 from invkernels.nn.subnets import trained_tensors, vjp
 
 class _AutocastState:
@@ -223,6 +224,8 @@ class _MemoryFreeChain(torch.autograd.Function):
         ctx.seq, ctx.indices = seq, indices
         x_in = x
         ctx.rng = []
+        # Each block's split_of, read once for the forward and the backward.
+        ctx.splits = []
         ctx.debug_inputs = []
         # The debug option as it was in the forward (switching it on before backward finds no inputs kept).
         ctx.check = seq.check_reconstruction
@@ -243,7 +246,9 @@ class _MemoryFreeChain(torch.autograd.Function):
                 ctx.rng.append(states)
                 if preserve:
                     recording.into(states)
-                flow, block_logdet = seq.forward_flow(i, flow, context, block)
+                c1 = split_of(block)
+                ctx.splits.append(c1)
+                flow, block_logdet = seq.forward_flow(i, flow, context, block, c1)
                 if _versions(inputs) != before:
                     _input_modified(seq, i)
                 if preserve and not getattr(type(block), "inverse_replays_rng", True) and states[0].advanced():
@@ -286,9 +291,11 @@ class _MemoryFreeChain(torch.autograd.Function):
                     # The rebuild reruns the block (train-mode subnets included): what it writes to buffers
                     # (BatchNorm running statistics) goes to copies, so the forward's update counts once.
                     with _state.scratch_buffers(block, block_modules), gathered(block, block_modules):
-                        flow, grad, pairs = seq._inverse_backward(i, block, flow, grad, grad_logdet, context, rng, like)
+                        flow, grad, pairs = seq._inverse_backward(i, block, ctx.splits[k], flow, grad, grad_logdet,
+                                                                      context, rng, like)
                 else:
-                    flow, grad, pairs = seq._inverse_backward(i, block, flow, grad, grad_logdet, context, rng, like)
+                    flow, grad, pairs = seq._inverse_backward(i, block, ctx.splits[k], flow, grad, grad_logdet,
+                                                                  context, rng, like)
                 for t, g in pairs:
                     if g is not None:
                         previous = grads.get(id(t))

@@ -177,6 +177,8 @@ class AffineCoupling(_Coupling):
     ``forward(x, context=None) -> (y, logdet)``; ``inverse(y, context=None) -> x``.
     """
 
+    results_tested = True  # the chain trusts its memory-free results (protocol.checked_result)
+
     def __init__(self, channels: int, subnet: str | SubnetFactory = "mlp", *, hidden: int | None = None,
                  scale: str = "exp", clamp: float = 2.0, context_channels: int = 0, passthrough: int | None = None,
                  backend: str | None = None):
@@ -216,6 +218,8 @@ class AdditiveCoupling(_Coupling):
 
     Arguments as :class:`AffineCoupling`, without ``scale`` and ``clamp``.
     """
+
+    results_tested = True  # the chain trusts its memory-free results (protocol.checked_result)
 
     def __init__(self, channels: int, subnet: str | SubnetFactory = "mlp", *, hidden: int | None = None,
                  context_channels: int = 0, passthrough: int | None = None, backend: str | None = None):

@@ -52,6 +52,8 @@ class GlowStep(nn.Module):
     ``forward(x, context=None) -> (y, logdet)``; ``inverse(y, context=None) -> x``.
     """
 
+    results_tested = True  # the chain trusts its memory-free results (protocol.checked_result)
+
     def __init__(self, channels: int, subnet: str | SubnetFactory | None = None, *, hidden: int | None = None,
                  scale: str = "sigmoid", clamp: float = 2.0, lu: bool = True, context_channels: int = 0,
                  backend: str | None = None, coupling: str = "affine", bins: int = 8, tail_bound: float = 3.0):

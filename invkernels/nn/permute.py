@@ -25,6 +25,8 @@ class Permute(nn.Module):
     chain every permutation is undone by index (``inverse_backward``), never by the generic rebuild.
     """
 
+    results_tested = True  # the chain trusts its memory-free results (protocol.checked_result)
+
     # perm and inverse_perm are fixed: the memory-free backward need not copy them (_state).
     buffers_read_only = True
 

@@ -157,7 +157,11 @@ def checked_result(i: int, block: nn.Module, method: str, result, count: int, ou
     their shapes too with ``same_shape``: halves at the same split), then their gradients (each of
     its input's shape and dtype), then a list of ``(tensor, gradient)`` pairs. TypeError or
     ValueError naming the block otherwise, so that a third-party block cannot hand the chain
-    tensors it would misread."""
+    tensors it would misread. A class of this package that sets ``results_tested = True`` in its own
+    body (not inherited: a subclass may override the methods) returns what its tests check, and is
+    not checked again here."""
+    if type(block).__dict__.get("results_tested", False):
+        return result
     n = len(outputs)
     if type(result) is tuple and len(result) == count and isinstance(result[-1], (list, tuple)):
         for k in range(n):

@@ -47,6 +47,8 @@ class ReversibleBlock(nn.Module):
     ``inverse_backward_split`` for memory-free chains (each subnet runs once, with grad).
     """
 
+    results_tested = True  # the chain trusts its memory-free results (protocol.checked_result)
+
     def __init__(self, channels: int, subnet: str | SubnetFactory = "conv", *, hidden: int | None = None,
                  coupling: str = "additive", scale: str = "exp", clamp: float = 2.0, context_channels: int = 0,
                  f: nn.Module | None = None, g: nn.Module | None = None):

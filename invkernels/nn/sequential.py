@@ -172,14 +172,15 @@ class InvertibleSequential(nn.Module):
             with torch.no_grad():
                 return x, -self._checked_forward(i, block, x, context)[1]
 
-    def _inverse_backward(self, i: int, block: nn.Module, flow: Flow, grad: Flow, grad_logdet: torch.Tensor,
-                          context: torch.Tensor | None, rng: _state.RngState | None, like: torch.Tensor | None):
+    def _inverse_backward(self, i: int, block: nn.Module, c1: int | None, flow: Flow, grad: Flow,
+                          grad_logdet: torch.Tensor, context: torch.Tensor | None, rng: _state.RngState | None,
+                          like: torch.Tensor | None):
         """Block ``i``'s memory-free backward on the flows of its output and of its gradient: the
-        flows of its input and of that input's gradient, and the ``(tensor, gradient)`` pairs. With
-        ``like`` (the chain's input, for the chain's first block) the input gradient of a block
-        working on halves is written into one new tensor shaped as ``like``."""
+        flows of its input and of that input's gradient, and the ``(tensor, gradient)`` pairs.
+        ``c1``: the block's :func:`split_of`. With ``like`` (the chain's input, for the chain's first
+        block) the input gradient of a block working on halves is written into one new tensor
+        shaped as ``like``."""
         kwargs = self._kwargs(i, context)
-        c1 = split_of(block)
         if c1 is not None:
             out = None
             if like is not None:
@@ -202,14 +203,12 @@ class InvertibleSequential(nn.Module):
             x, grad_x, pairs = _memory_free.generic_inverse_backward(block, y, grad_y, grad_logdet, kwargs, rng)
         return Flow(x), Flow(grad_x), pairs
 
-    def forward_flow(self, i: int, flow: Flow, context: torch.Tensor | None, block: nn.Module | None = None):
-        """Block ``i`` on the flow of its input: the flow of its output and its log-det (None for
-        a block on halves whose log-det is 0). A block on halves takes its halves directly, unless
-        something waits in ``nn.Module.__call__`` (hooks, FSDP2's unshard, ``block.compile()``):
-        then it is called as any module, on the whole tensor. ``block``: ``self.blocks[i]`` when the
-        caller has it."""
-        block = self.blocks[i] if block is None else block
-        c1 = split_of(block)
+    def forward_flow(self, i: int, flow: Flow, context: torch.Tensor | None, block: nn.Module, c1: int | None):
+        """Block ``i`` (``block``) on the flow of its input: the flow of its output and its log-det
+        (None for a block on halves whose log-det is 0). ``c1``: the block's :func:`split_of`. A
+        block on halves takes its halves directly, unless something waits in
+        ``nn.Module.__call__`` (hooks, FSDP2's unshard, ``block.compile()``): then it is called as
+        any module, on the whole tensor."""
         if c1 is None or entered_by_call(block):
             y, logdet = self._checked_forward(i, block, flow.whole(), context)
             return Flow(y), logdet
@@ -241,7 +240,7 @@ class InvertibleSequential(nn.Module):
                 flow, logdet = Flow(out), add_logdets(logdet, run_logdet)
             else:
                 for i in indices:
-                    flow, block_logdet = self.forward_flow(i, flow, context, blocks[i])
+                    flow, block_logdet = self.forward_flow(i, flow, context, blocks[i], split_of(blocks[i]))
                     logdet = add_logdets(logdet, block_logdet)
         y = flow.whole()
         return y, logdet if logdet is not None else y.new_zeros(y.shape[0], dtype=logdet_dtype(y.dtype))

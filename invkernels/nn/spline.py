@@ -61,6 +61,8 @@ class RQSplineCoupling(_Coupling):
     their ``passthrough``: the transformed half is never sliced out and concatenated back.
     """
 
+    results_tested = True  # the chain trusts its memory-free results (protocol.checked_result)
+
     def __init__(self, channels: int, subnet: str | SubnetFactory = "mlp", *, hidden: int | None = None,
                  bins: int = 8, tail_bound: float = 3.0, min_bin_width: float = 1e-3, min_bin_height: float = 1e-3,
                  min_derivative: float = 1e-3, context_channels: int = 0, passthrough: int | None = None,
