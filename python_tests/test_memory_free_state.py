@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from invkernels import _state
+from invkernels.nn import _memory_free
 from invkernels.nn import AffineCoupling, InvConv1x1, InvertibleSequential, Split
 from invkernels.nn.subnets import vjp
 
@@ -185,4 +186,96 @@ def test_a_second_forward_before_backward_with_train_mode_batchnorm():
     with torch.no_grad():
         model[0].subnet[1].running_var.mul_(2)
     with pytest.raises(RuntimeError, match=r"buffer blocks\.0\.subnet\.1\.running_var, needed to rebuild"):
+        loss.backward()
+
+
+def stored_grads(model, x):
+    """The gradients of ``run(model, x)`` with the same blocks run stored (plain autograd)."""
+    stored = InvertibleSequential(*model.blocks, memory_free=False)
+    stored.zero_grad(set_to_none=True)
+    leaf = x.clone().requires_grad_()
+    run(stored, leaf).backward()
+    grads = [leaf.grad] + [p.grad for p in stored.parameters()]
+    stored.zero_grad(set_to_none=True)
+    return grads
+
+
+def memory_free_grads(model, x):
+    model.zero_grad(set_to_none=True)
+    leaf = x.clone().requires_grad_()
+    run(model, leaf).backward()
+    grads = [leaf.grad] + [p.grad for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+def assert_same_grads(got, want):
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert (g is None) == (w is None)
+        if g is not None:
+            torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+def test_the_run_plan_is_reused_while_the_structure_holds_and_rebuilt_when_it_changes():
+    """The walk over a memory-free run's modules is reused at the next step; replacing a subnet,
+    freezing a parameter or switching a subnet to eval between steps builds it again, and the
+    gradients stay those of plain autograd after each change."""
+    model = coupling_chain(subnet=lambda c_in, c_out: nn.Sequential(nn.Conv2d(c_in, 8, 3, padding=1), nn.Tanh(),
+                                                                    nn.Dropout(0.3), nn.Conv2d(8, c_out, 1)))
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    indices = (0, 1, 2)
+
+    def plan():
+        return _memory_free._PLANS[model][indices]
+
+    def check_step():
+        torch.manual_seed(1)
+        got = memory_free_grads(model, x)
+        torch.manual_seed(1)
+        assert_same_grads(got, stored_grads(model, x))
+
+    check_step()
+    first = plan()
+    check_step()
+    assert plan() is first
+    model[2].subnet[3] = nn.Conv2d(8, 4, 1).double()
+    check_step()
+    assert plan() is not first and any(m is model[2].subnet[3] for m in plan().flat)
+    second = plan()
+    model[0].subnet[0].weight.requires_grad_(False)
+    check_step()
+    assert plan() is not second and all(p is not model[0].subnet[0].weight for p in plan().params)
+    third = plan()
+    model[0].subnet.eval()
+    check_step()
+    assert plan() is not third
+
+
+class LazyScale(nn.Module):
+    """A subnet that registers a buffer in its first forward (a cache some user code keeps)."""
+
+    def __init__(self, c_in, c_out):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, 3, padding=1)
+
+    def forward(self, a):
+        if not hasattr(self, "scale"):
+            self.register_buffer("scale", torch.full((1, a.shape[1], 1, 1), 0.5, dtype=a.dtype))
+        return self.conv(a * self.scale)
+
+
+def test_a_block_that_registers_a_buffer_in_its_forward_trains_with_exact_gradients():
+    model = coupling_chain(subnet=LazyScale)
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    got = memory_free_grads(model, x)
+    assert_same_grads(got, stored_grads(model, x))
+
+
+def test_a_parameter_registered_before_backward_is_an_error():
+    model = coupling_chain()
+    loss = run(model, torch.randn(2, 4, 5, 5, dtype=torch.float64))
+    model[0].subnet[0].register_parameter("extra", nn.Parameter(torch.zeros(1, dtype=torch.float64)))
+    with pytest.raises(RuntimeError, match=r"a table of parameters, buffers or submodules of the memory-free run "
+                                           r"changed between the forward and the backward"):
         loss.backward()

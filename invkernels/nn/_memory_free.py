@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import NamedTuple
+import itertools
+import operator
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -99,95 +101,146 @@ def _versions(tensors: list[torch.Tensor]) -> list[int | None]:
         return [_state.version(t) for t in tensors]
 
 
-class _Watched(NamedTuple):
-    """Every parameter and buffer of a run of blocks that rebuilding their inputs reads, with its
-    version at the end of the forward, frozen parameters included (not the running statistics of
-    a train-mode normalization, which its output does not read). ``where[k]`` names
-    ``tensors[k]`` for :func:`_watched_name`; ``tables[k]`` is the module's table holding it
-    (``_parameters`` or ``_buffers``). ``modules``: each block's :func:`_state.submodules` in the
-    forward; ``training``: every submodule's train/eval flag then, which the rebuild replays;
-    ``scratch[k]``: whether block ``k`` has buffers a rebuild may write (see
-    :func:`_state.scratch_buffers`)."""
+class _Plan:
+    """What a memory-free run reads of its blocks' structure, gathered by walking their modules
+    and reused at the next step while :meth:`holds` (a training loop runs the same structure at
+    every step; only versions change, which are read at every step).
 
-    where: list[tuple]
-    tensors: list[torch.Tensor]
-    tables: list[dict]
-    versions: list[int | None]
-    modules: list[list[nn.Module]]
-    training: list[tuple[nn.Module, bool]]
-    scratch: list[bool]
+    ``blocks``: the run's blocks; ``modules``: each block's :func:`_state.submodules`; ``flat``:
+    all of them, and ``training`` their train/eval flags, which the rebuild replays. ``tables``:
+    every non-empty ``_modules``, ``_parameters`` and ``_buffers`` table of them (``where`` names
+    each for :func:`_watched_name`, ``keys`` its keys) and ``held`` the objects they held, in
+    order: a table that gains, loses or swaps an entry no longer holds them; ``empty``: the empty
+    tables. ``tensors``: the parameters and buffers that rebuilding the inputs reads, each once,
+    frozen parameters included (not the running statistics of a train-mode normalization, which
+    its output does not read); ``params``: the parameters that require grad (the run's inputs),
+    and ``grad_flags`` every parameter's ``requires_grad``. ``scratch[k]``: whether block ``k``
+    has buffers a rebuild may write (see :func:`_state.scratch_buffers`)."""
 
+    __slots__ = ("blocks", "modules", "flat", "training", "tables", "where", "keys", "empty", "held", "tensors",
+                 "params", "all_params", "grad_flags", "scratch")
 
-def _watched(indices, modules: list[list[nn.Module]]) -> _Watched:
-    seen, where, tensors, tables, training, scratch = set(), [], [], [], [], []
+    def __init__(self, seq, indices):
+        blocks = list(seq.blocks)
+        self.blocks = [blocks[i] for i in indices]
+        self.modules = [_state.submodules(block) for block in self.blocks]
+        self.flat = [m for block_modules in self.modules for m in block_modules]
+        self.training = [m.training for m in self.flat]
+        self.tables, self.where, self.keys, self.empty, self.scratch, seen = [], [], [], [], [], set()
+        self.tensors, self.all_params = [], []
+        for i, block_modules in zip(indices, self.modules):
+            writable = False
+            for m in block_modules:
+                for kind, table in (("submodule", m._modules), ("parameter", m._parameters), ("buffer", m._buffers)):
+                    if table:
+                        self.tables.append(table)
+                        self.where.append((i, m, kind, table))
+                        self.keys.append(tuple(table))
+                    else:
+                        self.empty.append(table)
+                if m._parameters:
+                    self.all_params += [p for p in m._parameters.values() if p is not None]
+                    self._watch(m._parameters, seen)
+                if m._buffers:
+                    writable = writable or not getattr(type(m), "buffers_read_only", False)
+                    # A train-mode batch or instance norm normalizes with the batch's own statistics: the
+                    # rebuild (which replays train mode) reads none of its buffers, only writes copies.
+                    if not (m.training and isinstance(m, nn.modules.batchnorm._NormBase)):
+                        self._watch(m._buffers, seen)
+            self.scratch.append(writable)
+        self.held = self._now()
+        self.grad_flags = [p.requires_grad for p in self.all_params]
+        self.params = _state.trainable(self.flat)
 
-    def watch(i, m, kind, items):
-        for key, t in items.items():
+    def _watch(self, table: dict, seen: set) -> None:
+        for t in table.values():
             if t is not None and id(t) not in seen:
                 seen.add(id(t))
-                where.append((i, m, kind, key))
-                tensors.append(t)
-                tables.append(items)
+                self.tensors.append(t)
 
-    for i, block_modules in zip(indices, modules):
-        writable = False
-        for m in block_modules:
-            training.append((m, m.training))
-            if m._parameters:
-                watch(i, m, "parameter", m._parameters)
-            if m._buffers:
-                writable = writable or not getattr(type(m), "buffers_read_only", False)
-                # A train-mode batch or instance norm normalizes with the batch's own statistics: the
-                # rebuild (which replays train mode) reads none of its buffers, only writes copies.
-                if not (m.training and isinstance(m, nn.modules.batchnorm._NormBase)):
-                    watch(i, m, "buffer", m._buffers)
-        scratch.append(writable)
-    return _Watched(where, tensors, tables, _versions(tensors), modules, training, scratch)
+    def _now(self) -> list:
+        return [*itertools.chain.from_iterable(table.values() for table in self.tables)]
 
+    def same_structure(self, seq, indices) -> bool:
+        """Whether the run's blocks are the same and each table holds what it held."""
+        blocks = list(seq.blocks)
+        now = self._now()
+        return (all(map(operator.is_, [blocks[i] for i in indices], self.blocks)) and len(now) == len(self.held)
+                and all(map(operator.is_, now, self.held)) and not any(map(len, self.empty)))
 
-def run_modules(seq, indices) -> list[list[nn.Module]]:
-    """:func:`_state.submodules` of each block ``indices`` of ``seq``."""
-    blocks = list(seq.blocks)
-    return [_state.submodules(blocks[i]) for i in indices]
+    def holds(self, seq, indices) -> bool:
+        """Whether the plan still describes the run: :meth:`same_structure`, and the same train/eval
+        flags and ``requires_grad`` flags."""
+        return (self.same_structure(seq, indices) and [m.training for m in self.flat] == self.training
+                and [p.requires_grad for p in self.all_params] == self.grad_flags)
+
+    def replayed_flags(self) -> list[tuple[nn.Module, bool]]:
+        return list(zip(self.flat, self.training))
 
 
-def trained_parameters(modules: list[list[nn.Module]]) -> list[torch.Tensor]:
-    """The parameters of a run's modules (:func:`run_modules`) that require grad, each once."""
-    return _state.trainable([m for block_modules in modules for m in block_modules])
+_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _watched_name(seq, where: tuple) -> str:
-    i, module, kind, key = where
+def run_plan(seq, indices) -> _Plan:
+    """The :class:`_Plan` of the run ``indices`` of ``seq``: the last one while it holds, else a
+    new one (kept per chain, dropped with it)."""
+    plans = _PLANS.get(seq)
+    if plans is None:
+        plans = _PLANS[seq] = {}
+    plan = plans.get(indices)
+    if plan is None or not plan.holds(seq, indices):
+        plan = plans[indices] = _Plan(seq, indices)
+    return plan
+
+
+def _replan(seq, indices) -> _Plan:
+    plan = _PLANS[seq][indices] = _Plan(seq, indices)
+    return plan
+
+
+def _watched_name(seq, where: tuple, key) -> str:
+    i, module, kind, _ = where
     prefix = next((name for name, m in seq.blocks[i].named_modules() if m is module), None)
     path = key if not prefix else f"{prefix}.{key}"
     return f"{kind} blocks.{i}.{path}"
 
 
-def _check_unchanged(seq, indices, watched: _Watched) -> None:
+def _changed(seq, plan: _Plan, t, what: str) -> RuntimeError:
+    held = iter(plan.held)
+    where, key = next((where, key) for where, keys in zip(plan.where, plan.keys) for key in keys if next(held) is t)
+    return RuntimeError(
+        f"InvertibleSequential: the {_watched_name(seq, where, key)}, needed to rebuild the activations in the "
+        f"memory-free backward, {what} between the forward and the backward (for example an optimizer step, "
+        f"load_state_dict or a buffer update before backward). Run backward first.")
+
+
+def _check_unchanged(seq, indices, plan: _Plan, versions: list) -> None:
     """RuntimeError when a tensor the rebuild reads was modified in place, or replaced (itself or a
-    module holding it), between the forward and this backward (as autograd raises for the
-    tensors it saved)."""
+    module holding it), or a table of the run's modules changed, between the forward and this
+    backward (as autograd raises for the tensors it saved). ``versions``: those of
+    ``plan.tensors`` at the end of the forward."""
+    now_versions = _versions(plan.tensors)
+    if now_versions == versions and plan.same_structure(seq, indices):
+        return
     blocks = list(seq.blocks)
-    for i, block_modules in zip(indices, watched.modules):
+    for i, block_modules in zip(indices, plan.modules):
         if _state.submodules(blocks[i]) != block_modules:
             raise RuntimeError(
                 f"InvertibleSequential: a submodule of block {i} ({type(blocks[i]).__name__}) was replaced "
                 f"between the forward and the memory-free backward, which rebuilds the activations with the "
                 f"modules the forward ran. Run backward first.")
-    now_versions = _versions(watched.tensors)
-    if now_versions == watched.versions and all(
-            table.get(where[3]) is t for table, where, t in zip(watched.tables, watched.where, watched.tensors)):
-        return
-    for where, table, t, version, now_version in zip(watched.where, watched.tables, watched.tensors,
-                                                       watched.versions, now_versions):
-        changed = now_version != version
-        if changed or table.get(where[3]) is not t:
-            what = (f"was modified by an inplace operation (version {version} -> {now_version})" if changed
-                    else "was replaced by another tensor")
-            raise RuntimeError(
-                f"InvertibleSequential: the {_watched_name(seq, where)}, needed to rebuild the activations in the "
-                f"memory-free backward, {what} between the forward and the backward (for example an optimizer "
-                f"step, load_state_dict or a buffer update before backward). Run backward first.")
+    for t, version, now_version in zip(plan.tensors, versions, now_versions):
+        if now_version != version:
+            raise _changed(seq, plan, t, f"was modified by an inplace operation (version {version} -> {now_version})")
+    held = iter(plan.held)
+    for where, keys in zip(plan.where, plan.keys):
+        for key in keys:
+            was = next(held)
+            if where[2] != "submodule" and was is not None and where[3].get(key) is not was:
+                raise _changed(seq, plan, was, "was replaced by another tensor")
+    raise RuntimeError("InvertibleSequential: a table of parameters, buffers or submodules of the memory-free run "
+                       "changed between the forward and the backward, which rebuilds the activations with what the "
+                       "forward read. Run backward first.")
 
 
 def _input_modified(seq, i: int) -> None:
@@ -220,7 +273,7 @@ class _MemoryFreeChain(torch.autograd.Function):
     rebuilds each block's input from its output and back-propagates block by block."""
 
     @staticmethod
-    def forward(ctx, seq, indices, modules, x, context, *params):
+    def forward(ctx, seq, indices, plan, x, context, *params):
         ctx.seq, ctx.indices = seq, indices
         x_in = x
         ctx.rng = []
@@ -235,8 +288,7 @@ class _MemoryFreeChain(torch.autograd.Function):
         capture = functools.partial(_state.RngState, x)
         preserve = seq.preserve_rng_state
         with _state.recording_rng(None, capture) if preserve else contextlib.nullcontext() as recording:
-            for i, block_modules in zip(indices, modules):
-                block = block_modules[0]
+            for i, block in zip(indices, plan.blocks):
                 inputs = flow.tensors()
                 if ctx.check:
                     ctx.debug_inputs.append(flow.whole())
@@ -258,7 +310,10 @@ class _MemoryFreeChain(torch.autograd.Function):
         if logdet is None:
             logdet = x.new_zeros(x.shape[0], dtype=logdet_dtype(x.dtype))
         ctx.params = params
-        ctx.watched = _watched(indices, modules)
+        if not plan.same_structure(seq, indices):
+            # A block registered or replaced something in its forward: the rebuild reads what it holds now.
+            plan = _replan(seq, indices)
+        ctx.plan, ctx.versions = plan, _versions(plan.tensors)
         # The chain's input is saved too, for create_graph=True (docs/memory.md, "What a memory-free
         # run keeps": no memory of its own where the caller or the layer before keeps it).
         ctx.save_for_backward(x_in, x, context)
@@ -268,7 +323,7 @@ class _MemoryFreeChain(torch.autograd.Function):
     def backward(ctx, grad_y, grad_logdet):
         seq = ctx.seq
         x_in, y, context = ctx.saved_tensors
-        _check_unchanged(seq, ctx.indices, ctx.watched)
+        _check_unchanged(seq, ctx.indices, ctx.plan, ctx.versions)
         if torch.is_grad_enabled():
             return _MemoryFreeChain._backward_with_graph(ctx, x_in, context, grad_y, grad_logdet)
         grads: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -277,17 +332,17 @@ class _MemoryFreeChain(torch.autograd.Function):
         flow, grad = Flow(y), Flow(grad_y)
         sharded = dist.is_available() and dist.is_initialized()
         with torch.random.fork_rng(devices=devices, enabled=seq.preserve_rng_state), ctx.autocast(), \
-                _state.training_flags(ctx.watched.training), _state.replaying_rng(None) as replaying:
+                _state.training_flags(ctx.plan.replayed_flags()), _state.replaying_rng(None) as replaying:
             for k in reversed(range(len(ctx.indices))):
                 i, states = ctx.indices[k], ctx.rng[k]
                 rng = states[0] if states is not None else None
                 if rng is not None:
                     rng.restore()
-                block_modules = ctx.watched.modules[k]
+                block_modules = ctx.plan.modules[k]
                 block = block_modules[0]
                 like = x_in if k == 0 else None
                 replaying.into(states)
-                if ctx.watched.scratch[k] or sharded:
+                if ctx.plan.scratch[k] or sharded:
                     # The rebuild reruns the block (train-mode subnets included): what it writes to buffers
                     # (BatchNorm running statistics) goes to copies, so the forward's update counts once.
                     with _state.scratch_buffers(block, block_modules), gathered(block, block_modules):
@@ -323,8 +378,8 @@ class _MemoryFreeChain(torch.autograd.Function):
         seq = ctx.seq
         devices = ctx.rng[0][0].devices() if ctx.rng and ctx.rng[0] is not None else []
         with torch.random.fork_rng(devices=devices, enabled=seq.preserve_rng_state), ctx.autocast(), \
-                _state.training_flags(ctx.watched.training), contextlib.ExitStack() as scratch:
-            for i, block_modules in zip(ctx.indices, ctx.watched.modules):
+                _state.training_flags(ctx.plan.replayed_flags()), contextlib.ExitStack() as scratch:
+            for i, block_modules in zip(ctx.indices, ctx.plan.modules):
                 scratch.enter_context(_state.scratch_buffers(seq.blocks[i], block_modules))
             # The forward is run again in its own order from the state before the run.
             if ctx.rng and ctx.rng[0] is not None:
@@ -348,8 +403,8 @@ def memory_free_run(seq, indices, x, context):
     """Runs one memory-free run eagerly: torch.compile leaves it to autograd (one graph break per
     run), because its backward rebuilds activations by running the blocks' own code
     (:func:`prepare_compile_boundary` puts it behind ``torch.compiler.disable``)."""
-    modules = run_modules(seq, indices)
-    return _MemoryFreeChain.apply(seq, indices, modules, x, context, *trained_parameters(modules))
+    plan = run_plan(seq, indices)
+    return _MemoryFreeChain.apply(seq, indices, plan, x, context, *plan.params)
 
 
 _BOUNDARY: list = []
