@@ -168,6 +168,10 @@ class _Plan:
         return (all(map(operator.is_, [blocks[i] for i in indices], self.blocks)) and len(now) == len(self.held)
                 and all(map(operator.is_, now, self.held)) and not any(map(len, self.empty)))
 
+    def entries(self) -> int:
+        """How many entries the tables hold now, the empty ones included."""
+        return sum(map(len, self.tables)) + sum(map(len, self.empty))
+
     def holds(self, seq, indices) -> bool:
         """Whether the plan still describes the run: :meth:`same_structure`, and the same train/eval
         flags and ``requires_grad`` flags."""
@@ -310,8 +314,9 @@ class _MemoryFreeChain(torch.autograd.Function):
         if logdet is None:
             logdet = x.new_zeros(x.shape[0], dtype=logdet_dtype(x.dtype))
         ctx.params = params
-        if not plan.same_structure(seq, indices):
-            # A block registered or replaced something in its forward: the rebuild reads what it holds now.
+        if plan.entries() != len(plan.held):
+            # A block registered something in its forward (a subnet's buffer made at its first call): the
+            # rebuild reads what its modules hold now.
             plan = _replan(seq, indices)
         ctx.plan, ctx.versions = plan, _versions(plan.tensors)
         # The chain's input is saved too, for create_graph=True (docs/memory.md, "What a memory-free
