@@ -189,23 +189,15 @@ def test_a_second_forward_before_backward_with_train_mode_batchnorm():
         loss.backward()
 
 
-def stored_grads(model, x):
-    """The gradients of ``run(model, x)`` with the same blocks run stored (plain autograd)."""
-    stored = InvertibleSequential(*model.blocks, memory_free=False)
-    stored.zero_grad(set_to_none=True)
+def grads_of(model, x, memory_free: bool):
+    """The gradients of ``run(model, x)`` (input first), the chain's blocks run memory-free or
+    stored (plain autograd)."""
+    chain = model if memory_free else InvertibleSequential(*model.blocks, memory_free=False)
+    chain.zero_grad(set_to_none=True)
     leaf = x.clone().requires_grad_()
-    run(stored, leaf).backward()
-    grads = [leaf.grad] + [p.grad for p in stored.parameters()]
-    stored.zero_grad(set_to_none=True)
-    return grads
-
-
-def memory_free_grads(model, x):
-    model.zero_grad(set_to_none=True)
-    leaf = x.clone().requires_grad_()
-    run(model, leaf).backward()
-    grads = [leaf.grad] + [p.grad for p in model.parameters()]
-    model.zero_grad(set_to_none=True)
+    run(chain, leaf).backward()
+    grads = [leaf.grad] + [p.grad for p in chain.parameters()]
+    chain.zero_grad(set_to_none=True)
     return grads
 
 
@@ -231,9 +223,9 @@ def test_the_run_plan_is_reused_while_the_structure_holds_and_rebuilt_when_it_ch
 
     def check_step():
         torch.manual_seed(1)
-        got = memory_free_grads(model, x)
+        got = grads_of(model, x, memory_free=True)
         torch.manual_seed(1)
-        assert_same_grads(got, stored_grads(model, x))
+        assert_same_grads(got, grads_of(model, x, memory_free=False))
 
     check_step()
     first = plan()
@@ -268,8 +260,7 @@ class LazyScale(nn.Module):
 def test_a_block_that_registers_a_buffer_in_its_forward_trains_with_exact_gradients():
     model = coupling_chain(subnet=LazyScale)
     x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
-    got = memory_free_grads(model, x)
-    assert_same_grads(got, stored_grads(model, x))
+    assert_same_grads(grads_of(model, x, memory_free=True), grads_of(model, x, memory_free=False))
 
 
 def test_a_parameter_registered_before_backward_is_an_error():
