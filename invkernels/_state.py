@@ -197,11 +197,12 @@ def rng_rewind(call: int) -> None:
 def training_flags(flags: list[tuple[nn.Module, bool]]):
     """Set each module's ``training`` to the recorded flag for the block, then restore the flags
     the modules had (nothing to do when they did not change)."""
+    # Set, not flipped: a module shared by several blocks is listed once per block.
     changed = [(m, m.training) for m, flag in flags if m.training != flag]
-    for m, _ in changed:
-        m.training = not m.training
+    for m, flag in flags:
+        m.training = flag
     try:
         yield
     finally:
-        for m, flag in changed:
+        for m, flag in reversed(changed):
             m.training = flag

@@ -267,6 +267,68 @@ def test_a_parameter_registered_before_backward_is_an_error():
     model = coupling_chain()
     loss = run(model, torch.randn(2, 4, 5, 5, dtype=torch.float64))
     model[0].subnet[0].register_parameter("extra", nn.Parameter(torch.zeros(1, dtype=torch.float64)))
-    with pytest.raises(RuntimeError, match=r"a table of parameters, buffers or submodules of the memory-free run "
-                                           r"changed between the forward and the backward"):
+    with pytest.raises(RuntimeError, match=r"the parameter blocks\.0\.subnet\.0\.extra was added to the modules of "
+                                           r"the memory-free run between the forward and the backward"):
         loss.backward()
+
+
+class RunningScale(nn.Module):
+    """A subnet that keeps a running statistic in a buffer and updates it by assignment (a new
+    tensor at every forward), as exponential moving averages are often written."""
+
+    def __init__(self, c_in, c_out):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.register_buffer("running", torch.zeros(1))
+
+    def forward(self, a):
+        if self.training:
+            self.running = 0.9 * self.running + 0.1 * a.detach().mean()
+        return self.conv(a)
+
+
+def test_a_subnet_that_reassigns_a_buffer_in_its_forward_trains_with_exact_gradients():
+    model = coupling_chain(subnet=RunningScale)
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    for _ in range(2):
+        assert_same_grads(grads_of(model, x, memory_free=True), grads_of(model, x, memory_free=False))
+
+
+def test_a_subnet_shared_by_two_blocks_is_rebuilt_in_its_forward_mode_after_eval():
+    torch.manual_seed(0)
+    shared = nn.Sequential(nn.Linear(2, 8), nn.Dropout(0.5), nn.Tanh(), nn.Linear(8, 4))
+    model = InvertibleSequential(AffineCoupling(4, lambda c_in, c_out: shared), InvConv1x1(4),
+                                 AffineCoupling(4, lambda c_in, c_out: shared)).double()
+    x = torch.randn(6, 4, dtype=torch.float64)
+    grads = []
+    for memory_free in (True, False):
+        chain = model if memory_free else InvertibleSequential(*model.blocks, memory_free=False)
+        chain.train()
+        chain.zero_grad(set_to_none=True)
+        torch.manual_seed(3)
+        loss = run(chain, x)
+        chain.eval()
+        loss.backward()
+        grads.append([p.grad.clone() for p in chain.parameters()])
+    assert_same_grads(*grads)
+    assert not shared.training
+
+
+def test_a_parameter_frozen_in_the_forward_gets_no_gradient_when_unfrozen_before_backward():
+    model = coupling_chain()
+    frozen = model[0].subnet[0].weight
+    frozen.requires_grad_(False)
+    loss = run(model, torch.randn(2, 4, 5, 5, dtype=torch.float64))
+    frozen.requires_grad_(True)
+    loss.backward()
+    assert frozen.grad is None and model[0].subnet[0].bias.grad is not None
+
+
+def test_the_plans_of_runs_that_no_longer_exist_are_dropped():
+    model = coupling_chain()
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    run(model, x).backward()
+    assert list(_memory_free._PLANS[model]) == [(0, 1, 2)]
+    model[1].memory_free_invertible = False  # block 1 now stores its activations: two memory-free runs
+    run(model, x).backward()
+    assert sorted(_memory_free._PLANS[model]) == [(0,), (2,)]

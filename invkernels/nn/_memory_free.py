@@ -111,14 +111,15 @@ class _Plan:
     every non-empty ``_modules``, ``_parameters`` and ``_buffers`` table of them (``where`` names
     each for :func:`_watched_name`, ``keys`` its keys) and ``held`` the objects they held, in
     order: a table that gains, loses or swaps an entry no longer holds them; ``empty``: the empty
-    tables. ``tensors``: the parameters and buffers that rebuilding the inputs reads, each once,
+    tables (``empty_where`` names them). ``tensors``: the parameters and buffers that rebuilding the inputs reads, each once,
     frozen parameters included (not the running statistics of a train-mode normalization, which
-    its output does not read); ``params``: the parameters that require grad (the run's inputs),
-    and ``grad_flags`` every parameter's ``requires_grad``. ``scratch[k]``: whether block ``k``
-    has buffers a rebuild may write (see :func:`_state.scratch_buffers`)."""
+    its output does not read); ``params``: the parameters that require grad (the run's inputs);
+    ``grad_flags``: every parameter's ``requires_grad``, and ``frozen`` the ids of those without
+    it. ``scratch[k]``: whether block ``k`` has buffers a rebuild may write (see
+    :func:`_state.scratch_buffers`)."""
 
     __slots__ = ("blocks", "modules", "flat", "training", "tables", "where", "keys", "empty", "held", "tensors",
-                 "params", "all_params", "grad_flags", "scratch")
+                 "params", "all_params", "grad_flags", "frozen", "scratch", "empty_where")
 
     def __init__(self, seq, indices):
         blocks = list(seq.blocks)
@@ -126,7 +127,8 @@ class _Plan:
         self.modules = [_state.submodules(block) for block in self.blocks]
         self.flat = [m for block_modules in self.modules for m in block_modules]
         self.training = [m.training for m in self.flat]
-        self.tables, self.where, self.keys, self.empty, self.scratch, seen = [], [], [], [], [], set()
+        self.tables, self.where, self.keys, self.empty, self.empty_where = [], [], [], [], []
+        self.scratch, seen = [], set()
         self.tensors, self.all_params = [], []
         for i, block_modules in zip(indices, self.modules):
             writable = False
@@ -138,6 +140,7 @@ class _Plan:
                         self.keys.append(tuple(table))
                     else:
                         self.empty.append(table)
+                        self.empty_where.append((i, m, kind, table))
                 if m._parameters:
                     self.all_params += [p for p in m._parameters.values() if p is not None]
                     self._watch(m._parameters, seen)
@@ -150,6 +153,7 @@ class _Plan:
             self.scratch.append(writable)
         self.held = self._now()
         self.grad_flags = [p.requires_grad for p in self.all_params]
+        self.frozen = {id(p) for p, flag in zip(self.all_params, self.grad_flags) if not flag}
         self.params = _state.trainable(self.flat)
 
     def _watch(self, table: dict, seen: set) -> None:
@@ -161,16 +165,15 @@ class _Plan:
     def _now(self) -> list:
         return [*itertools.chain.from_iterable(table.values() for table in self.tables)]
 
+    def tables_hold(self) -> bool:
+        """Whether each table holds what it held (the empty ones nothing)."""
+        now = self._now()
+        return len(now) == len(self.held) and all(map(operator.is_, now, self.held)) and not any(map(len, self.empty))
+
     def same_structure(self, seq, indices) -> bool:
         """Whether the run's blocks are the same and each table holds what it held."""
         blocks = list(seq.blocks)
-        now = self._now()
-        return (all(map(operator.is_, [blocks[i] for i in indices], self.blocks)) and len(now) == len(self.held)
-                and all(map(operator.is_, now, self.held)) and not any(map(len, self.empty)))
-
-    def entries(self) -> int:
-        """How many entries the tables hold now, the empty ones included."""
-        return sum(map(len, self.tables)) + sum(map(len, self.empty))
+        return all(map(operator.is_, [blocks[i] for i in indices], self.blocks)) and self.tables_hold()
 
     def holds(self, seq, indices) -> bool:
         """Whether the plan still describes the run: :meth:`same_structure`, and the same train/eval
@@ -193,12 +196,17 @@ def run_plan(seq, indices) -> _Plan:
         plans = _PLANS[seq] = {}
     plan = plans.get(indices)
     if plan is None or not plan.holds(seq, indices):
-        plan = plans[indices] = _Plan(seq, indices)
+        plan = _replan(seq, indices)
     return plan
 
 
 def _replan(seq, indices) -> _Plan:
-    plan = _PLANS[seq][indices] = _Plan(seq, indices)
+    """A new plan for the run ``indices``, replacing those of the runs it overlaps (the chain's
+    blocks changed): a plan keeps its modules alive."""
+    plans = _PLANS[seq]
+    for key in [key for key in plans if not set(key).isdisjoint(indices)]:
+        del plans[key]
+    plan = plans[indices] = _Plan(seq, indices)
     return plan
 
 
@@ -209,9 +217,7 @@ def _watched_name(seq, where: tuple, key) -> str:
     return f"{kind} blocks.{i}.{path}"
 
 
-def _changed(seq, plan: _Plan, t, what: str) -> RuntimeError:
-    held = iter(plan.held)
-    where, key = next((where, key) for where, keys in zip(plan.where, plan.keys) for key in keys if next(held) is t)
+def _changed(seq, where: tuple, key: str, what: str) -> RuntimeError:
     return RuntimeError(
         f"InvertibleSequential: the {_watched_name(seq, where, key)}, needed to rebuild the activations in the "
         f"memory-free backward, {what} between the forward and the backward (for example an optimizer step, "
@@ -233,18 +239,27 @@ def _check_unchanged(seq, indices, plan: _Plan, versions: list) -> None:
                 f"InvertibleSequential: a submodule of block {i} ({type(blocks[i]).__name__}) was replaced "
                 f"between the forward and the memory-free backward, which rebuilds the activations with the "
                 f"modules the forward ran. Run backward first.")
-    for t, version, now_version in zip(plan.tensors, versions, now_versions):
-        if now_version != version:
-            raise _changed(seq, plan, t, f"was modified by an inplace operation (version {version} -> {now_version})")
+    changed = {id(t): (version, now) for t, version, now in zip(plan.tensors, versions, now_versions) if now != version}
     held = iter(plan.held)
     for where, keys in zip(plan.where, plan.keys):
         for key in keys:
             was = next(held)
-            if where[2] != "submodule" and was is not None and where[3].get(key) is not was:
-                raise _changed(seq, plan, was, "was replaced by another tensor")
-    raise RuntimeError("InvertibleSequential: a table of parameters, buffers or submodules of the memory-free run "
-                       "changed between the forward and the backward, which rebuilds the activations with what the "
-                       "forward read. Run backward first.")
+            if id(was) in changed:
+                version, now = changed[id(was)]
+                raise _changed(seq, where, key, f"was modified by an inplace operation (version {version} -> {now})")
+            if where[2] != "submodule" and where[3].get(key) is not was:
+                raise _changed(seq, where, key, "was replaced by another tensor")
+    for where, keys in [*zip(plan.where, plan.keys), *((where, ()) for where in plan.empty_where)]:
+        now_keys = tuple(where[3])
+        if now_keys != keys:
+            key = next((k for k in now_keys if k not in keys), None) or next(k for k in keys if k not in now_keys)
+            what = "was added to" if key in now_keys else "was removed from"
+            raise RuntimeError(
+                f"InvertibleSequential: the {_watched_name(seq, where, key)} {what} the modules of the memory-free "
+                f"run between the forward and the backward, which rebuilds the activations with what the forward "
+                f"read. Run backward first.")
+    raise RuntimeError("InvertibleSequential: the modules of the memory-free run changed between the forward and the "
+                       "backward, which rebuilds the activations with what the forward read. Run backward first.")
 
 
 def _input_modified(seq, i: int) -> None:
@@ -314,9 +329,10 @@ class _MemoryFreeChain(torch.autograd.Function):
         if logdet is None:
             logdet = x.new_zeros(x.shape[0], dtype=logdet_dtype(x.dtype))
         ctx.params = params
-        if plan.entries() != len(plan.held):
-            # A block registered something in its forward (a subnet's buffer made at its first call): the
-            # rebuild reads what its modules hold now.
+        if not plan.tables_hold():
+            # A block registered or reassigned something in its forward (a subnet's buffer made at its first
+            # call, a buffer updated by assignment, FSDP2 keeping its gathered parameters): the rebuild reads
+            # what the modules hold now.
             plan = _replan(seq, indices)
         ctx.plan, ctx.versions = plan, _versions(plan.tensors)
         # The chain's input is saved too, for create_graph=True (docs/memory.md, "What a memory-free
@@ -368,9 +384,11 @@ class _MemoryFreeChain(torch.autograd.Function):
             seq.reconstruction_errors = sorted(errors)
         returned = {id(p) for p in ctx.params} | ({id(context)} if context is not None else set())
         for t, g in grads.values():
-            if id(t) not in returned:
+            if id(t) not in returned and id(t) not in ctx.plan.frozen:
                 # The gathered copy of an FSDP-sharded parameter (not an input of this function):
-                # its gradient goes where autograd would put it, for FSDP to reduce-scatter.
+                # its gradient goes where autograd would put it, for FSDP to reduce-scatter. A
+                # parameter frozen in the forward and unfrozen before backward gets none, as with
+                # plain autograd.
                 t.grad = g if t.grad is None else t.grad + g
         grad_context = grads[id(context)][1] if context is not None and id(context) in grads else None
         return (None, None, None, grad.whole(), grad_context,
