@@ -111,12 +111,12 @@ class _Plan:
     every non-empty ``_modules``, ``_parameters`` and ``_buffers`` table of them (``where`` names
     each for :func:`_watched_name`, ``keys`` its keys) and ``held`` the objects they held, in
     order: a table that gains, loses or swaps an entry no longer holds them; ``empty``: the empty
-    tables (``empty_where`` names them). ``tensors``: the parameters and buffers that rebuilding the inputs reads, each once,
-    frozen parameters included (not the running statistics of a train-mode normalization, which
-    its output does not read); ``params``: the parameters that require grad (the run's inputs);
-    ``grad_flags``: every parameter's ``requires_grad``, and ``frozen`` the ids of those without
-    it. ``scratch[k]``: whether block ``k`` has buffers a rebuild may write (see
-    :func:`_state.scratch_buffers`)."""
+    tables (``empty_where`` names them). ``tensors``: the parameters and buffers that rebuilding
+    the inputs reads, each once, frozen parameters included (not the running statistics of a
+    train-mode normalization, which its output does not read); ``params``: the parameters that
+    require grad (the run's inputs); ``grad_flags``: every parameter's ``requires_grad``, and
+    ``frozen`` the ids of those without it. ``scratch[k]``: whether block ``k`` has buffers a
+    rebuild may write (see :func:`_state.scratch_buffers`)."""
 
     __slots__ = ("blocks", "modules", "flat", "training", "tables", "where", "keys", "empty", "held", "tensors",
                  "params", "all_params", "grad_flags", "frozen", "scratch", "empty_where")
