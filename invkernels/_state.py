@@ -195,9 +195,8 @@ def rng_rewind(call: int) -> None:
 
 @contextlib.contextmanager
 def training_flags(flags: list[tuple[nn.Module, bool]]):
-    """Set each module's ``training`` to the recorded flag for the block, then restore the flags
-    the modules had (nothing to do when they did not change)."""
-    # Set, not flipped: a module shared by several blocks is listed once per block.
+    """Set each module's ``training`` to the recorded flag, then restore the flags that changed.
+    Set, not flipped: a module shared by several blocks is listed once per block."""
     changed = [(m, m.training) for m, flag in flags if m.training != flag]
     for m, flag in flags:
         m.training = flag

@@ -57,9 +57,10 @@ def vjp(outputs: list[torch.Tensor], inputs: list[torch.Tensor], grads: list[tor
     also for the rest of the outer backward. Outside one, and with autograd's debug logging on,
     the call goes through that wrapper."""
     if all(map(_engine_ready, outputs, grads)):
+        args = (tuple(outputs), tuple(grads), False, False, tuple(inputs), True, False)
         if (_CONTEXT_IN_TLS is None or _CONTEXT_IN_TLS("context")) and not _autograd_log.isEnabledFor(logging.DEBUG):
-            return list(_ENGINE.run_backward(tuple(outputs), tuple(grads), False, False, tuple(inputs), True, False))
-        return list(_engine_run_backward(tuple(outputs), tuple(grads), False, False, tuple(inputs), True, False))
+            return list(_ENGINE.run_backward(*args))
+        return list(_engine_run_backward(*args))
     return list(torch.autograd.grad(outputs, inputs, grads, allow_unused=True))
 
 
