@@ -107,19 +107,20 @@ class _Plan:
     every step; only versions change, which are read at every step).
 
     ``blocks``: the run's blocks; ``modules``: each block's :func:`_state.submodules`; ``flat``:
-    all of them, and ``training`` their train/eval flags, which the rebuild replays. ``tables``:
-    every non-empty ``_modules``, ``_parameters`` and ``_buffers`` table of them (``where`` names
-    each for :func:`_watched_name`, ``keys`` its keys) and ``held`` the objects they held, in
-    order: a table that gains, loses or swaps an entry no longer holds them; ``empty``: the empty
-    tables (``empty_where`` names them). ``tensors``: the parameters and buffers that rebuilding
+    all of them, ``training`` their train/eval flags and ``flags`` the pairs of both, which the
+    rebuild replays. ``where``: every non-empty ``_modules``, ``_parameters`` and ``_buffers``
+    table of them as ``(block index, module, kind, table)`` (named by :func:`_watched_name`),
+    ``keys`` its keys, ``tables`` the tables alone, and ``held`` the objects they held, in order:
+    a table that gains, loses or swaps an entry no longer holds them; ``empty_where``, ``empty``:
+    the empty tables alike. ``tensors``: the parameters and buffers that rebuilding
     the inputs reads, each once, frozen parameters included (not the running statistics of a
     train-mode normalization, which its output does not read); ``params``: the parameters that
     require grad (the run's inputs); ``grad_flags``: every parameter's ``requires_grad``, and
     ``frozen`` the ids of those without it. ``scratch[k]``: whether block ``k`` has buffers a
     rebuild may write (see :func:`_state.scratch_buffers`)."""
 
-    __slots__ = ("blocks", "modules", "flat", "training", "tables", "where", "keys", "empty", "held", "tensors",
-                 "params", "all_params", "grad_flags", "frozen", "scratch", "empty_where")
+    __slots__ = ("blocks", "modules", "flat", "training", "flags", "tables", "where", "keys", "empty", "held",
+                 "tensors", "params", "all_params", "grad_flags", "frozen", "scratch", "empty_where")
 
     def __init__(self, seq, indices):
         blocks = list(seq.blocks)
@@ -127,7 +128,8 @@ class _Plan:
         self.modules = [_state.submodules(block) for block in self.blocks]
         self.flat = [m for block_modules in self.modules for m in block_modules]
         self.training = [m.training for m in self.flat]
-        self.tables, self.where, self.keys, self.empty, self.empty_where = [], [], [], [], []
+        self.flags = list(zip(self.flat, self.training))
+        self.where, self.keys, self.empty_where = [], [], []
         self.scratch, seen = [], set()
         self.tensors, self.all_params = [], []
         for i, block_modules in zip(indices, self.modules):
@@ -135,11 +137,9 @@ class _Plan:
             for m in block_modules:
                 for kind, table in (("submodule", m._modules), ("parameter", m._parameters), ("buffer", m._buffers)):
                     if table:
-                        self.tables.append(table)
                         self.where.append((i, m, kind, table))
                         self.keys.append(tuple(table))
                     else:
-                        self.empty.append(table)
                         self.empty_where.append((i, m, kind, table))
                 if m._parameters:
                     self.all_params += [p for p in m._parameters.values() if p is not None]
@@ -151,6 +151,8 @@ class _Plan:
                     if not (m.training and isinstance(m, nn.modules.batchnorm._NormBase)):
                         self._watch(m._buffers, seen)
             self.scratch.append(writable)
+        self.tables = [where[3] for where in self.where]
+        self.empty = [where[3] for where in self.empty_where]
         self.held = self._now()
         self.grad_flags = [p.requires_grad for p in self.all_params]
         self.frozen = {id(p) for p, flag in zip(self.all_params, self.grad_flags) if not flag}
@@ -180,9 +182,6 @@ class _Plan:
         flags and ``requires_grad`` flags."""
         return (self.same_structure(seq, indices) and [m.training for m in self.flat] == self.training
                 and [p.requires_grad for p in self.all_params] == self.grad_flags)
-
-    def replayed_flags(self) -> list[tuple[nn.Module, bool]]:
-        return list(zip(self.flat, self.training))
 
 
 _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -353,7 +352,7 @@ class _MemoryFreeChain(torch.autograd.Function):
         flow, grad = Flow(y), Flow(grad_y)
         sharded = dist.is_available() and dist.is_initialized()
         with torch.random.fork_rng(devices=devices, enabled=seq.preserve_rng_state), ctx.autocast(), \
-                _state.training_flags(ctx.plan.replayed_flags()), _state.replaying_rng(None) as replaying:
+                _state.training_flags(ctx.plan.flags), _state.replaying_rng(None) as replaying:
             for k in reversed(range(len(ctx.indices))):
                 i, states = ctx.indices[k], ctx.rng[k]
                 rng = states[0] if states is not None else None
@@ -401,7 +400,7 @@ class _MemoryFreeChain(torch.autograd.Function):
         seq = ctx.seq
         devices = ctx.rng[0][0].devices() if ctx.rng and ctx.rng[0] is not None else []
         with torch.random.fork_rng(devices=devices, enabled=seq.preserve_rng_state), ctx.autocast(), \
-                _state.training_flags(ctx.plan.replayed_flags()), contextlib.ExitStack() as scratch:
+                _state.training_flags(ctx.plan.flags), contextlib.ExitStack() as scratch:
             for i, block_modules in zip(ctx.indices, ctx.plan.modules):
                 scratch.enter_context(_state.scratch_buffers(seq.blocks[i], block_modules))
             # The forward is run again in its own order from the state before the run.

@@ -37,7 +37,7 @@ def _check_subnet_dtype(owner: str, subnet: nn.Module, x: torch.Tensor) -> None:
 def trained_tensors(module: nn.Module, context: torch.Tensor | None) -> list[torch.Tensor]:
     """What a backward through ``module`` (called with ``context``) gives gradients to: its
     parameters that require grad, each once, then ``context`` when it requires grad."""
-    found = _state.trainable(_state.submodules(module) if module._modules else (module,))
+    found = _state.trainable(_state.submodules(module))
     if context is not None and context.requires_grad:
         found.append(context)
     return found
