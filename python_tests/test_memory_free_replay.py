@@ -162,3 +162,62 @@ def test_a_nested_chain_without_random_numbers_gives_plain_autograd_gradients(in
     x = torch.randn(5, 6, dtype=torch.float64)
     want = gradients(nested_chain(False, False).eval(), x)
     assert_same(gradients(nested_chain(True, inner_memory_free).eval(), x), want)
+
+
+def permuted_chain(memory_free, first=None):
+    """Permutations by index (the run applies them itself) first, between and last, around blocks
+    that draw random numbers."""
+    from invkernels.nn import Permute  # noqa: PLC0415
+
+    torch.manual_seed(1)
+    blocks = [first or Permute(6, perm=[4, 0, 5, 2, 1, 3]), AffineCoupling(6, dropout_mlp), Permute(6),
+              ReversibleBlock(6, dropout_mlp), Permute(6, perm=[1, 2, 0, 5, 3, 4])]
+    return randomized(InvertibleSequential(*blocks, memory_free=memory_free).double())
+
+
+def test_permutations_applied_by_index_keep_the_replay_of_the_blocks_around_them():
+    x = torch.randn(5, 6, dtype=torch.float64)
+    assert_same(gradients(permuted_chain(True), x), gradients(permuted_chain(False), x))
+
+
+def test_permutations_applied_by_index_under_create_graph():
+    """Double backward reruns the forward from the state before the run, which starts with a
+    permutation that keeps no RNG state of its own."""
+    def grad_norm_grads(model):
+        x = torch.randn(5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2)).requires_grad_()
+        torch.manual_seed(7)
+        y, logdet = model(x)
+        (gx,) = torch.autograd.grad(y.sin().sum() + logdet.sum(), x, create_graph=True)
+        return torch.autograd.grad(gx.square().sum(), [x, *model.parameters()], allow_unused=True)
+
+    assert_same(grad_norm_grads(permuted_chain(True)), grad_norm_grads(permuted_chain(False)))
+
+
+def test_permutations_applied_by_index_are_in_the_reconstruction_diagnostics():
+    from invkernels.diagnostics import reconstruction_error  # noqa: PLC0415
+
+    report = reconstruction_error(permuted_chain(True), torch.randn(5, 6, dtype=torch.float64))
+    assert len(report.per_block) == 5 and max(report.per_block) < 1e-12, report
+
+
+def test_a_permutation_with_a_hook_or_of_a_subclass_is_called_as_a_module():
+    """What waits in ``nn.Module.__call__`` runs, and a subclass's own forward is called: only the
+    class itself, without hooks, is applied by index."""
+    from invkernels.nn import Permute  # noqa: PLC0415
+
+    calls = []
+
+    class CountingPermute(Permute):
+        def forward(self, x, context=None):
+            calls.append("subclass")
+            return super().forward(x, context)
+
+    hooked = Permute(6, perm=[4, 0, 5, 2, 1, 3])
+    hooked.register_forward_hook(lambda module, args, out: calls.append("hook"))
+    x = torch.randn(5, 6, dtype=torch.float64)
+    for first in (hooked, CountingPermute(6, perm=[4, 0, 5, 2, 1, 3])):
+        calls.clear()
+        got = gradients(permuted_chain(True, first), x)
+        assert calls == [calls[0]], calls
+        calls.clear()
+        assert_same(got, gradients(permuted_chain(False, first), x))

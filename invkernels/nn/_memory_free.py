@@ -20,7 +20,8 @@ from torch import nn
 from invkernels import _state
 from invkernels._validation import logdet_dtype
 from invkernels.nn._halves import Flow, add_logdets
-from invkernels.nn.protocol import split_of
+from invkernels.nn.permute import Permute
+from invkernels.nn.protocol import entered_by_call, split_of
 from invkernels.nn.subnets import trained_tensors, vjp
 
 class _AutocastState:
@@ -286,6 +287,15 @@ def _draws_not_replayed(seq, i: int) -> None:
         f"random numbers need not be replayed.")
 
 
+def _by_index(block: nn.Module, c1: int | None) -> bool:
+    """Whether the run applies ``block`` itself, by index: a :class:`Permute` (this class exactly)
+    that does not exchange halves (``c1`` None: those the chain hands on without moving data) and
+    has nothing waiting in ``nn.Module.__call__``. It draws no random numbers and has a log-det of
+    0, so the run keeps no RNG state and adds no log-det for it; its buffers are checked as every
+    block's are."""
+    return c1 is None and type(block) is Permute and not entered_by_call(block)
+
+
 class _MemoryFreeChain(torch.autograd.Function):
     """Forward of a run of memory-free blocks without recording, saving only the output; backward
     rebuilds each block's input from its output and back-propagates block by block."""
@@ -295,6 +305,8 @@ class _MemoryFreeChain(torch.autograd.Function):
         ctx.seq, ctx.indices = seq, indices
         x_in = x
         ctx.rng = []
+        # Each block that the run applies by index (_by_index).
+        ctx.by_index = []
         # Each block's split_of, read once for the forward and the backward.
         ctx.splits = []
         ctx.debug_inputs = []
@@ -305,19 +317,27 @@ class _MemoryFreeChain(torch.autograd.Function):
         flow = Flow(x)
         capture = functools.partial(_state.RngState, x)
         preserve = seq.preserve_rng_state
+        # The state before the run (for the devices to fork and the rerun under create_graph=True).
+        ctx.start_rng = capture() if preserve else None
         with _state.recording_rng(None, capture) if preserve else contextlib.nullcontext() as recording:
             for i, block in zip(indices, plan.blocks):
-                inputs = flow.tensors()
                 if ctx.check:
                     ctx.debug_inputs.append(flow.whole())
+                c1 = split_of(block)
+                ctx.splits.append(c1)
+                by_index = _by_index(block, c1)
+                ctx.by_index.append(by_index)
+                if by_index:
+                    ctx.rng.append(None)
+                    flow = Flow(block.permuted(flow.whole()))
+                    continue
+                inputs = flow.tensors()
                 before = _versions(inputs)
                 # The state before the block, and before each further subnet call the block marks.
                 states = [capture()] if preserve else None
                 ctx.rng.append(states)
                 if preserve:
                     recording.into(states)
-                c1 = split_of(block)
-                ctx.splits.append(c1)
                 flow, block_logdet = seq.forward_flow(i, flow, context, block, c1)
                 if _versions(inputs) != before:
                     _input_modified(seq, i)
@@ -348,13 +368,19 @@ class _MemoryFreeChain(torch.autograd.Function):
             return _MemoryFreeChain._backward_with_graph(ctx, x_in, context, grad_y, grad_logdet)
         grads: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         errors = []
-        devices = ctx.rng[0][0].devices() if ctx.rng and ctx.rng[0] is not None else []
+        devices = ctx.start_rng.devices() if ctx.start_rng is not None else []
         flow, grad = Flow(y), Flow(grad_y)
         sharded = dist.is_available() and dist.is_initialized()
         with torch.random.fork_rng(devices=devices, enabled=seq.preserve_rng_state), ctx.autocast(), \
                 _state.training_flags(ctx.plan.flags), _state.replaying_rng(None) as replaying:
             for k in reversed(range(len(ctx.indices))):
                 i, states = ctx.indices[k], ctx.rng[k]
+                if ctx.by_index[k]:
+                    block = ctx.plan.blocks[k]
+                    flow, grad = Flow(block.unpermuted(flow.whole(), "y")), Flow(block.unpermuted(grad.whole(), "grad_y"))
+                    if ctx.check:
+                        errors.append(_reconstruction_error(i, flow, ctx.debug_inputs[k]))
+                    continue
                 rng = states[0] if states is not None else None
                 if rng is not None:
                     rng.restore()
@@ -376,9 +402,7 @@ class _MemoryFreeChain(torch.autograd.Function):
                         previous = grads.get(id(t))
                         grads[id(t)] = (t, g if previous is None else previous[1] + g)
                 if ctx.check:
-                    stored = ctx.debug_inputs[k]
-                    scale = stored.detach().double().norm().clamp_min(torch.finfo(torch.float64).tiny)
-                    errors.append((i, ((flow.whole().double() - stored.double()).norm() / scale).item()))
+                    errors.append(_reconstruction_error(i, flow, ctx.debug_inputs[k]))
         if ctx.check:
             seq.reconstruction_errors = sorted(errors)
         returned = {id(p) for p in ctx.params} | ({id(context)} if context is not None else set())
@@ -398,14 +422,14 @@ class _MemoryFreeChain(torch.autograd.Function):
         """Under ``create_graph=True``: run the forward again with grad from the saved input and
         back-propagate through it with a graph, so higher derivatives are exact."""
         seq = ctx.seq
-        devices = ctx.rng[0][0].devices() if ctx.rng and ctx.rng[0] is not None else []
+        devices = ctx.start_rng.devices() if ctx.start_rng is not None else []
         with torch.random.fork_rng(devices=devices, enabled=seq.preserve_rng_state), ctx.autocast(), \
                 _state.training_flags(ctx.plan.flags), contextlib.ExitStack() as scratch:
             for i, block_modules in zip(ctx.indices, ctx.plan.modules):
                 scratch.enter_context(_state.scratch_buffers(seq.blocks[i], block_modules))
             # The forward is run again in its own order from the state before the run.
-            if ctx.rng and ctx.rng[0] is not None:
-                ctx.rng[0][0].restore()
+            if ctx.start_rng is not None:
+                ctx.start_rng.restore()
             with torch.enable_grad():
                 out, logdet = x, None
                 for i in ctx.indices:
@@ -419,6 +443,13 @@ class _MemoryFreeChain(torch.autograd.Function):
         grad_x = next(got) if x.requires_grad else None
         grad_context = next(got) if given_context else None
         return (None, None, None, grad_x, grad_context, *got)
+
+
+def _reconstruction_error(i: int, flow: Flow, stored: torch.Tensor) -> tuple[int, float]:
+    """Block ``i``'s relative error of the rebuilt input (``flow``) against the ``stored`` one
+    (``check_reconstruction``)."""
+    scale = stored.detach().double().norm().clamp_min(torch.finfo(torch.float64).tiny)
+    return i, ((flow.whole().double() - stored.double()).norm() / scale).item()
 
 
 def memory_free_run(seq, indices, x, context):

@@ -116,20 +116,27 @@ class Permute(nn.Module):
         if x.dim() < 2 or x.shape[1] != self.channels:
             raise ValueError(f"Permute: {name} should have shape [B, {self.channels}, ...], got {list(x.shape)}")
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def permuted(self, x: torch.Tensor) -> torch.Tensor:
+        """``x[:, perm]``, checked (the forward without its log-det, which is 0)."""
         self._check(x, "x")
-        return x.index_select(1, self.perm), x.new_zeros(x.shape[0], dtype=_validation.logdet_dtype(x.dtype))
+        return x.index_select(1, self.perm)
+
+    def unpermuted(self, y: torch.Tensor, name: str = "y") -> torch.Tensor:
+        """``y[:, argsort(perm)]``, checked (``name``: the argument named in the error)."""
+        self._check(y, name)
+        return y.index_select(1, self.inverse_perm)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.permuted(x), x.new_zeros(x.shape[0], dtype=_validation.logdet_dtype(x.dtype))
 
     def inverse(self, y: torch.Tensor, context: torch.Tensor | None = None, return_logdet: bool = False):
-        self._check(y, "y")
-        x = y.index_select(1, self.inverse_perm)
+        x = self.unpermuted(y)
         return (x, y.new_zeros(y.shape[0], dtype=_validation.logdet_dtype(y.dtype))) if return_logdet else x
 
     def inverse_backward(self, y: torch.Tensor, grad_y: torch.Tensor, grad_logdet: torch.Tensor):
         """Memory-free backward: ``(x, grad_x, [])``, both the permutation undone by index
         (``grad_x = grad_y[:, argsort(perm)]``: the Jacobian is the permutation matrix)."""
-        self._check(y, "y")
-        return y.index_select(1, self.inverse_perm), grad_y.index_select(1, self.inverse_perm), []
+        return self.unpermuted(y), self.unpermuted(grad_y, "grad_y"), []
 
     def _check_halves(self, a: torch.Tensor, b: torch.Tensor, names: tuple[str, str]) -> None:
         half = self.channels // 2
