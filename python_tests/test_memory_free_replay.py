@@ -193,16 +193,71 @@ def test_permutations_applied_by_index_under_create_graph():
     assert_same(grad_norm_grads(permuted_chain(True)), grad_norm_grads(permuted_chain(False)))
 
 
-def test_permutations_applied_by_index_are_in_the_reconstruction_diagnostics():
-    from invkernels.diagnostics import reconstruction_error  # noqa: PLC0415
+def test_permutations_applied_by_index_are_in_the_reconstruction_check():
+    model = permuted_chain(True)
+    model.check_reconstruction = True
+    gradients(model, torch.randn(5, 6, dtype=torch.float64))
+    assert [i for i, _ in model.reconstruction_errors] == list(range(5))
+    assert max(error for _, error in model.reconstruction_errors) < 1e-12, model.reconstruction_errors
 
-    report = reconstruction_error(permuted_chain(True), torch.randn(5, 6, dtype=torch.float64))
-    assert len(report.per_block) == 5 and max(report.per_block) < 1e-12, report
+
+class HalfScale(nn.Module):
+    """A user block whose log-det comes in its parameter's dtype (the chain checks only its shape)."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.s = nn.Parameter(torch.full((channels,), 1.0))
+
+    def forward(self, x, context=None):
+        return x * self.s.exp(), (self.s.sum() * 10000).expand(x.shape[0])
+
+    def inverse(self, y, context=None):
+        return y * (-self.s).exp()
+
+
+@pytest.mark.parametrize("order", ["between", "first"])
+def test_permutations_applied_by_index_keep_summing_half_log_dets_in_float32(order):
+    """Around a permutation the log-dets are summed as the chain that calls it sums them: its zeros
+    are float32 for a float16 input, so two float16 log-dets of 40000 make 80000, not inf."""
+    from invkernels.nn import Permute  # noqa: PLC0415
+
+    def run(memory_free):
+        torch.manual_seed(0)
+        blocks = [HalfScale(4), Permute(4, perm=[2, 0, 3, 1]), HalfScale(4)]
+        if order == "first":
+            blocks = [blocks[1], blocks[0], blocks[2]]
+        model = InvertibleSequential(*blocks, memory_free=memory_free).half()
+        x = torch.randn(3, 4).half().requires_grad_()
+        y, logdet = model(x)
+        (y.float().sum() + logdet.sum()).backward()
+        return logdet, x.grad, [p.grad for p in model.parameters()]
+
+    want, got = run(False), run(True)
+    assert got[0].dtype == want[0].dtype == torch.float32
+    assert torch.equal(got[0], want[0]) and want[0].isfinite().all()
+    assert_same([got[1], *got[2]], [want[1], *want[2]], rtol=0)
+
+
+@pytest.mark.parametrize("blocks", ["permutation", "additive"])
+def test_create_graph_through_a_run_whose_log_det_is_constant(blocks):
+    from invkernels.nn import AdditiveCoupling, Permute  # noqa: PLC0415
+
+    def second_order(memory_free):
+        torch.manual_seed(1)
+        made = [Permute(6)] if blocks == "permutation" else [AdditiveCoupling(6, dropout_mlp) for _ in range(2)]
+        model = randomized(InvertibleSequential(*made, memory_free=memory_free).double())
+        x = torch.randn(5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2)).requires_grad_()
+        torch.manual_seed(7)
+        y, logdet = model(x)
+        (gx,) = torch.autograd.grad(y.sin().sum() + logdet.sum(), x, create_graph=True)
+        return torch.autograd.grad(gx.square().sum(), [x, *model.parameters()], allow_unused=True)
+
+    assert_same(second_order(True), second_order(False))
 
 
 def test_a_permutation_with_a_hook_or_of_a_subclass_is_called_as_a_module():
-    """What waits in ``nn.Module.__call__`` runs, and a subclass's own forward is called: only the
-    class itself, without hooks, is applied by index."""
+    """What waits in ``nn.Module.__call__`` runs, and a subclass's or an instance's own forward is
+    called: only the class itself, without hooks, is applied by index."""
     from invkernels.nn import Permute  # noqa: PLC0415
 
     calls = []
@@ -214,8 +269,11 @@ def test_a_permutation_with_a_hook_or_of_a_subclass_is_called_as_a_module():
 
     hooked = Permute(6, perm=[4, 0, 5, 2, 1, 3])
     hooked.register_forward_hook(lambda module, args, out: calls.append("hook"))
+    patched = Permute(6, perm=[4, 0, 5, 2, 1, 3])
+    patched_forward = patched.forward
+    patched.forward = lambda x, context=None: (calls.append("instance"), patched_forward(x, context))[1]
     x = torch.randn(5, 6, dtype=torch.float64)
-    for first in (hooked, CountingPermute(6, perm=[4, 0, 5, 2, 1, 3])):
+    for first in (hooked, CountingPermute(6, perm=[4, 0, 5, 2, 1, 3]), patched):
         calls.clear()
         got = gradients(permuted_chain(True, first), x)
         assert calls == [calls[0]], calls

@@ -288,12 +288,23 @@ def _draws_not_replayed(seq, i: int) -> None:
 
 
 def _by_index(block: nn.Module, c1: int | None) -> bool:
-    """Whether the run applies ``block`` itself, by index: a :class:`Permute` (this class exactly)
-    that does not exchange halves (``c1`` None: those the chain hands on without moving data) and
-    has nothing waiting in ``nn.Module.__call__``. It draws no random numbers and has a log-det of
-    0, so the run keeps no RNG state and adds no log-det for it; its buffers are checked as every
-    block's are."""
-    return c1 is None and type(block) is Permute and not entered_by_call(block)
+    """Whether the run applies ``block`` itself, by index: a :class:`Permute` (this class exactly,
+    its ``forward`` not replaced on the instance) with nothing waiting in ``nn.Module.__call__``,
+    unless it exchanges halves (``c1`` not None), which the chain hands on without moving data. It
+    draws no random numbers and its log-det is 0, so the run keeps no RNG state for it; its
+    buffers are checked as every block's are."""
+    return (c1 is None and type(block) is Permute and "forward" not in block.__dict__
+            and not entered_by_call(block))
+
+
+def _logdet_after_permute(logdet: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """The running log-det after a permutation applied by index at ``x``: as if its zeros, in
+    ``logdet_dtype(x.dtype)``, were added (the sum of a block's half-precision log-dets goes on in
+    float32, as in a chain that calls the permutation)."""
+    dtype = logdet_dtype(x.dtype)
+    if logdet is None:
+        return x.new_zeros(x.shape[0], dtype=dtype)
+    return logdet if logdet.dtype == dtype else logdet.to(torch.promote_types(logdet.dtype, dtype))
 
 
 class _MemoryFreeChain(torch.autograd.Function):
@@ -320,7 +331,7 @@ class _MemoryFreeChain(torch.autograd.Function):
         # The state before the run (for the devices to fork and the rerun under create_graph=True).
         ctx.start_rng = capture() if preserve else None
         with _state.recording_rng(None, capture) if preserve else contextlib.nullcontext() as recording:
-            for i, block in zip(indices, plan.blocks):
+            for k, (i, block) in enumerate(zip(indices, plan.blocks)):
                 if ctx.check:
                     ctx.debug_inputs.append(flow.whole())
                 c1 = split_of(block)
@@ -329,12 +340,14 @@ class _MemoryFreeChain(torch.autograd.Function):
                 ctx.by_index.append(by_index)
                 if by_index:
                     ctx.rng.append(None)
-                    flow = Flow(block.permuted(flow.whole()))
+                    whole = flow.whole()
+                    logdet = _logdet_after_permute(logdet, whole)
+                    flow = Flow(block.permuted(whole))
                     continue
                 inputs = flow.tensors()
                 before = _versions(inputs)
                 # The state before the block, and before each further subnet call the block marks.
-                states = [capture()] if preserve else None
+                states = ([ctx.start_rng] if k == 0 else [capture()]) if preserve else None
                 ctx.rng.append(states)
                 if preserve:
                     recording.into(states)
@@ -377,7 +390,8 @@ class _MemoryFreeChain(torch.autograd.Function):
                 i, states = ctx.indices[k], ctx.rng[k]
                 if ctx.by_index[k]:
                     block = ctx.plan.blocks[k]
-                    flow, grad = Flow(block.unpermuted(flow.whole(), "y")), Flow(block.unpermuted(grad.whole(), "grad_y"))
+                    flow = Flow(block.unpermuted(flow.whole(), "y"))
+                    grad = Flow(block.unpermuted(grad.whole(), "grad_y"))
                     if ctx.check:
                         errors.append(_reconstruction_error(i, flow, ctx.debug_inputs[k]))
                     continue
@@ -438,7 +452,9 @@ class _MemoryFreeChain(torch.autograd.Function):
         given_context = context is not None and context.requires_grad
         inputs = [t for t in (x, context if given_context else None, *ctx.params)
                   if t is not None and t.requires_grad]
-        got = iter(torch.autograd.grad((out, logdet), inputs, (grad_y, grad_logdet), create_graph=True,
+        # A log-det that depends on nothing (only permutations or additive couplings) has no graph.
+        outputs = [(t, g) for t, g in ((out, grad_y), (logdet, grad_logdet)) if t.requires_grad]
+        got = iter(torch.autograd.grad([t for t, _ in outputs], inputs, [g for _, g in outputs], create_graph=True,
                                        allow_unused=True))
         grad_x = next(got) if x.requires_grad else None
         grad_context = next(got) if given_context else None

@@ -21,8 +21,9 @@ class Permute(nn.Module):
 
     ``forward(x) -> (y, zeros[B])``; ``inverse(y) -> x``. Inputs ``[B, C, *spatial]`` or ``[B, C]``.
     A half swap of even ``C`` is bookkeeping in a chain: :class:`~invkernels.nn.InvertibleSequential`
-    hands the two halves on exchanged (``forward_split``), without moving data. In a memory-free
-    chain every permutation is undone by index (``inverse_backward``), never by the generic rebuild.
+    hands the two halves on exchanged (``forward_split``), without moving data. A memory-free run
+    applies any other permutation by index itself, with no RNG state or log-det of its own, and
+    undoes it by index in backward (a subclass, or one with hooks, through ``inverse_backward``).
     """
 
     results_tested = True  # the chain trusts its memory-free results (protocol.checked_result)
